@@ -1,0 +1,40 @@
+"""Dense and sliding-window causal multi-head attention with RoPE (the hybrid's other heads and baselines).
+
+Weight layout (the official release's): ``w_qkv [3*D*H, h]`` as an ``nn.Linear`` weight whose output features
+are grouped per head as ``[q | k | v]``, and ``w_o [h, D*H]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .rope import apply_rope, rope_cos_sin
+
+
+def project_qkv(x, w_qkv, n_heads: int, rope_dims: int, rope_base: float, positions=None):
+    """x [B, T, h] -> q, k, v each [B, H, T, D], RoPE applied to q and k at ``positions`` (default 0..T-1)."""
+    B, T, _ = x.shape
+    q, k, v = F.linear(x, w_qkv).view(B, T, n_heads, -1).transpose(1, 2).chunk(3, dim=-1)
+    if rope_dims:
+        pos = torch.arange(T, device=x.device) if positions is None else positions
+        cos, sin = rope_cos_sin(pos, rope_dims, rope_base, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k, v
+
+
+def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
+    """Boolean [T, T]: query i sees key j iff i - window < j <= i (``window`` keys, itself included)."""
+    i = torch.arange(T, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < window)
+
+
+def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0, window: int | None = None):
+    """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens."""
+    B, T, _ = x.shape
+    q, k, v = project_qkv(x, w_qkv, n_heads, rope_dims, rope_base)
+    if window is None or window >= T:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(T, window, x.device))
+    return F.linear(o.transpose(1, 2).reshape(B, T, -1), w_o)

@@ -1,0 +1,90 @@
+"""The MoSA operator: per-head sparse attention over selected tokens, and its backend switch.
+
+``sparse_attention`` is the part every sparse head shares (MoSA and the fixed-sparse baseline): given,
+per head, the kept positions and their scores, gather the tokens, project them to Q, K, V, apply RoPE at
+the original positions, attend causally among them, scale each output by its score, project with W_O and
+scatter-add back to the sequence. ``mosa`` adds expert-choice routing in front of it.
+
+Weight layout (the official release's): ``w_router [E, h]``, ``w_qkv [E, h, 3D]`` with the last dim
+``[q | k | v]``, ``w_o [E, D, h]``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .rope import apply_rope, rope_cos_sin
+from .routing import check_sparsity, num_selected, router_scores, select_topk
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float = 10000.0):
+    """Plain-torch reference of ``sparse_attention``; states the math, runs anywhere.
+
+    x [B, T, h]; scores [B, E, k]; idx [B, E, k] int64 positions (any order); returns [B, T, h].
+    """
+    B, T, h = x.shape
+    E, k = idx.shape[1], idx.shape[2]
+    D = w_qkv.shape[-1] // 3
+    flat = idx.reshape(B, E * k)
+    xg = x.gather(1, flat[..., None].expand(-1, -1, h)).reshape(B, E, k, h)
+    q, kk, v = torch.einsum("bekh,ehd->bekd", xg, w_qkv).split(D, dim=-1)
+    cos, sin = rope_cos_sin(idx, rope_dims, rope_base, q.dtype)
+    q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+    causal = idx[..., :, None] >= idx[..., None, :]
+    o = F.scaled_dot_product_attention(q, kk, v, attn_mask=causal)
+    o = o * scores[..., None].to(o.dtype)
+    y = torch.einsum("bekd,edh->bekh", o, w_o).reshape(B * E * k, h)
+    rows = (flat + torch.arange(B, device=x.device)[:, None] * T).reshape(-1)
+    return x.new_zeros(B * T, h).index_add_(0, rows, y).view(B, T, h)
+
+
+def _triton_backend() -> Callable | None:
+    try:
+        from .triton_mosa import sparse_attention_triton  # noqa: WPS433 (optional dependency)
+    except ImportError:
+        return None
+    return sparse_attention_triton
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and _triton_backend() is not None else "torch"
+    if backend == "triton" and _triton_backend() is None:
+        raise RuntimeError("backend='triton' needs the triton package and mosa_attention.ops.triton_mosa")
+    return backend
+
+
+def sparse_attention(x, scores, idx, w_qkv, w_o, *, rope_dims: int, rope_base: float = 10000.0, backend: str = "auto"):
+    """Sparse heads over given selections; see the module docstring. Returns [B, T, h]."""
+    name = resolve_backend(backend, x)
+    fn = sparse_attention_reference if name == "torch" else _triton_backend()
+    return fn(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
+
+
+def mosa(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    w_qkv: torch.Tensor,
+    w_o: torch.Tensor,
+    sparsity: float,
+    *,
+    include_first: bool = False,
+    rope_dims: int,
+    rope_base: float = 10000.0,
+    backend: str = "auto",
+    return_selection: bool = False,
+):
+    """MoSA heads: expert-choice top-k routing, then ``sparse_attention``. x [B, T, h] -> [B, T, h].
+
+    With ``return_selection`` also returns (scores [B, E, k], positions [B, E, k]) of the kept tokens.
+    """
+    k = num_selected(x.shape[1], check_sparsity(sparsity))
+    scores, idx = select_topk(router_scores(x, w_router), k, include_first)
+    y = sparse_attention(x, scores, idx, w_qkv, w_o, rope_dims=rope_dims, rope_base=rope_base, backend=backend)
+    return (y, (scores, idx)) if return_selection else y

@@ -1,0 +1,49 @@
+"""Expert-choice token selection: which tokens each MoSA head keeps."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def num_selected(seq_len: int, sparsity: float) -> int:
+    """k = min(max(T // sparsity, 2), T), the paper's number of tokens each head keeps."""
+    return min(max(int(seq_len // sparsity), 2), seq_len)
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) or sparsity < 1:
+        raise ValueError(f"sparsity must be a finite number >= 1, got sparsity={sparsity!r}")
+    return float(sparsity)
+
+
+def router_scores(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
+    """Router scores r = sigmoid(x W_r) for every token and head: [B, T, h] x [E, h] -> [B, E, T]."""
+    return torch.sigmoid(torch.einsum("bth,eh->bet", x, w_router))
+
+
+def select_topk(scores: torch.Tensor, k: int, include_first: bool = False):
+    """Top-k tokens per head and sequence, returned sorted by position.
+
+    scores: [B, E, T] router scores. Returns (kept scores [B, E, k], positions [B, E, k] int64, ascending).
+    With ``include_first`` token 0 is always kept and the other k-1 are the best among tokens 1..T-1.
+    Sorting by position makes the causal mask among kept tokens plain lower-triangular.
+    """
+    T = scores.shape[-1]
+    if not 1 <= k <= T:
+        raise ValueError(f"k must be in [1, T={T}], got k={k}")
+    if include_first:
+        if k == 1:
+            idx = torch.zeros(*scores.shape[:-1], 1, dtype=torch.long, device=scores.device)
+        else:
+            tail = torch.topk(scores[..., 1:], k - 1, dim=-1, sorted=False).indices + 1
+            idx = torch.cat([torch.zeros_like(tail[..., :1]), tail], dim=-1)
+    else:
+        idx = torch.topk(scores, k, dim=-1, sorted=False).indices
+    idx = idx.sort(dim=-1).values
+    return scores.gather(-1, idx), idx
+
+
+def strided_positions(seq_len: int, stride: int, device=None) -> torch.Tensor:
+    """The fixed-sparse baseline's kept positions 0, stride, 2*stride, ... < seq_len."""
+    return torch.arange(0, seq_len, max(int(stride), 1), device=device)
