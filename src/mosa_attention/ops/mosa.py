@@ -24,13 +24,15 @@ BACKENDS = ("auto", "torch", "triton")
 def sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float = 10000.0):
     """Plain-torch reference of ``sparse_attention``; states the math, runs anywhere.
 
-    x [B, T, h]; scores [B, E, k]; idx [B, E, k] int64 positions (any order); returns [B, T, h].
+    x [B, T, h]; scores [B, E, k]; idx [B, E, k] int64 positions in [0, T], any order; returns [B, T, h].
+    A position equal to T marks a padding slot (used when heads keep different numbers of tokens): it is
+    nobody's key (the causal rule excludes it, T > every real position) and its output is dropped.
     """
     B, T, h = x.shape
     E, k = idx.shape[1], idx.shape[2]
     D = w_qkv.shape[-1] // 3
     flat = idx.reshape(B, E * k)
-    xg = x.gather(1, flat[..., None].expand(-1, -1, h)).reshape(B, E, k, h)
+    xg = x.gather(1, flat.clamp(max=T - 1)[..., None].expand(-1, -1, h)).reshape(B, E, k, h)
     q, kk, v = torch.einsum("bekh,ehd->bekd", xg, w_qkv).split(D, dim=-1)
     cos, sin = rope_cos_sin(idx, rope_dims, rope_base, q.dtype)
     q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
@@ -38,8 +40,8 @@ def sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_
     o = F.scaled_dot_product_attention(q, kk, v, attn_mask=causal)
     o = o * scores[..., None].to(o.dtype)
     y = torch.einsum("bekd,edh->bekh", o, w_o).reshape(B * E * k, h)
-    rows = (flat + torch.arange(B, device=x.device)[:, None] * T).reshape(-1)
-    return x.new_zeros(B * T, h).index_add_(0, rows, y).view(B, T, h)
+    rows = (flat + torch.arange(B, device=x.device)[:, None] * (T + 1)).reshape(-1)
+    return x.new_zeros(B, T + 1, h).view(-1, h).index_add_(0, rows, y).view(B, T + 1, h)[:, :T]
 
 
 def _triton_backend() -> Callable | None:
