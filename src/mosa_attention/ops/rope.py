@@ -16,9 +16,11 @@ def rope_dims_for(head_dim: int, rope_fraction: float) -> int:
 
 
 def rope_cos_sin(positions: torch.Tensor, rope_dims: int, base: float, dtype: torch.dtype):
-    """cos and sin tables of shape ``positions.shape + (rope_dims,)``, computed in float32."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=positions.device, dtype=torch.float32) / rope_dims))
-    angles = positions.to(torch.float32)[..., None] * inv_freq
+    """cos and sin tables of shape ``positions.shape + (rope_dims,)``, computed in float32 (float64 for
+    float64 outputs) and returned in ``dtype``."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=positions.device, dtype=work) / rope_dims))
+    angles = positions.to(work)[..., None] * inv_freq
     emb = torch.cat((angles, angles), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -47,3 +47,25 @@ def select_topk(scores: torch.Tensor, k: int, include_first: bool = False):
 def strided_positions(seq_len: int, stride: int, device=None) -> torch.Tensor:
     """The fixed-sparse baseline's kept positions 0, stride, 2*stride, ... < seq_len."""
     return torch.arange(0, seq_len, max(int(stride), 1), device=device)
+
+
+def select_threshold(scores: torch.Tensor, threshold: torch.Tensor, include_first: bool = False):
+    """Causal selection: a head keeps a token iff its score exceeds the head's threshold.
+
+    The decision depends on that token alone, so a prefix gets the same selection as the whole sequence.
+    scores [B, E, T], threshold [E]. Heads keep different numbers of tokens, so the result is padded to the
+    largest count: (kept scores [B, E, n], positions [B, E, n] ascending, padding slots at position T).
+    Finding n reads one number back from the device.
+    """
+    B, E, T = scores.shape
+    keep = scores > threshold.to(scores.dtype)[None, :, None]
+    if include_first:
+        keep[..., 0] = True
+    n = max(int(keep.sum(-1).max()), 1)
+    pos = torch.arange(T, device=scores.device).expand(B, E, T)
+    # kept positions first (ascending), the rest become padding at T
+    key = torch.where(keep, pos, pos + T)
+    idx = key.sort(dim=-1).values[..., :n]
+    idx = torch.where(idx >= T, torch.full_like(idx, T), idx)
+    kept = scores.gather(-1, idx.clamp(max=T - 1)) * (idx < T)
+    return kept, idx

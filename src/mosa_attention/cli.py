@@ -1,0 +1,36 @@
+"""The ``mosa`` command. Thin: each subcommand lives in its application module, which exposes
+``configure_parser(parser)`` and ``run(args) -> int``; modules load only when their subcommand runs."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "flops": ("mosa_attention.flops_cli", "FLOPs of a dense model and the FLOP-matched MoSA hybrid"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mosa", description="Mixture of Sparse Attention: train, evaluate, generate, measure.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # argument definitions live beside the application; import only its light parser hook
+        importlib.import_module(module).configure_parser(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

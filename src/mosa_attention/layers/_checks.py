@@ -1,0 +1,23 @@
+"""Input validation shared by the attention layers: clear errors that name the argument and value."""
+from __future__ import annotations
+
+import torch
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+    return value
+
+
+def check_input(x, d_model: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape [batch, seq_len, d_model], got x.shape={tuple(x.shape)}")
+    if x.shape[-1] != d_model:
+        raise ValueError(f"x's last dim must be d_model={d_model}, got x.shape={tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"x must hold at least one token, got x.shape={tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got x.dtype={x.dtype}")

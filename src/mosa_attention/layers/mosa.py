@@ -1,0 +1,97 @@
+"""The MoSA attention layer: MoSA heads, optionally beside dense or local heads (the paper's hybrid)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops import num_selected, rope_dims_for, router_scores, select_topk, sparse_attention
+from ..ops.routing import check_sparsity, select_threshold
+from ._checks import check_input, check_positive_int
+from .dense import DenseAttention
+
+DENSE_KINDS = ("dense", "local")
+ROUTINGS = ("topk", "threshold")
+
+
+class MoSAAttention(nn.Module):
+    """Mixture of Sparse Attention.
+
+    Each of ``num_mosa_heads`` heads scores every token with r = sigmoid(x W_r), keeps the top
+    k = min(max(T // sparsity, 2), T) tokens of each sequence, attends causally among them with RoPE at their
+    original positions, scales each output by its score, projects it with its own W_O and adds it back at
+    the token's position. ``num_dense_heads`` ordinary causal heads (``dense_kind="dense"``) or sliding-window
+    heads of window k (``dense_kind="local"``) are added beside them.
+
+    ``routing="threshold"`` replaces top-k by a per-head score threshold (the ``threshold`` buffer): a causal
+    rule, so that generation token by token matches a full forward pass.
+    """
+
+    def __init__(self, d_model: int, num_mosa_heads: int, sparsity: float, head_dim: int = 64,
+                 num_dense_heads: int = 0, dense_kind: str = "dense", include_first: bool = False,
+                 rope_fraction: float = 0.5, rope_base: float = 10000.0, routing: str = "topk",
+                 backend: str = "auto"):
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+        self.num_mosa_heads = check_positive_int("num_mosa_heads", num_mosa_heads, minimum=0)
+        self.num_dense_heads = check_positive_int("num_dense_heads", num_dense_heads, minimum=0)
+        if num_mosa_heads + num_dense_heads == 0:
+            raise ValueError("MoSAAttention needs at least one head, got num_mosa_heads=0 and num_dense_heads=0")
+        self.sparsity = check_sparsity(sparsity)
+        self.head_dim = check_positive_int("head_dim", head_dim)
+        if dense_kind not in DENSE_KINDS:
+            raise ValueError(f"dense_kind must be one of {DENSE_KINDS}, got dense_kind={dense_kind!r}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got routing={routing!r}")
+        if not 0.0 <= rope_fraction <= 1.0:
+            raise ValueError(f"rope_fraction must be in [0, 1], got rope_fraction={rope_fraction!r}")
+        self.dense_kind = dense_kind
+        self.include_first = bool(include_first)
+        self.rope_dims = rope_dims_for(head_dim, rope_fraction)
+        self.rope_base = float(rope_base)
+        self.routing = routing
+        self.backend = backend
+        E, D = num_mosa_heads, head_dim
+        self.router = nn.Parameter(torch.empty(E, d_model))
+        self.W_QKV = nn.Parameter(torch.empty(E, d_model, 3 * D))
+        self.W_O = nn.Parameter(torch.empty(E, D, d_model))
+        self.register_buffer("threshold", torch.full((E,), 0.5))
+        self.dense = (DenseAttention(d_model, num_dense_heads, head_dim, rope_fraction, rope_base)
+                      if num_dense_heads else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official release's initialisation."""
+        h, E, D = self.d_model, self.num_mosa_heads, self.head_dim
+        for w, fan in ((self.router, h), (self.W_QKV, 3 * D), (self.W_O, h * max(E, 1))):
+            bound = 1.0 / math.sqrt(fan)
+            nn.init.uniform_(w, -bound, bound)
+
+    def num_selected(self, seq_len: int) -> int:
+        return num_selected(seq_len, self.sparsity)
+
+    def select(self, x: torch.Tensor):
+        """(scores [B, E, k], positions [B, E, k] ascending) of the tokens each MoSA head keeps."""
+        scores = router_scores(x, self.router)
+        if self.routing == "threshold":
+            return select_threshold(scores, self.threshold, self.include_first)
+        return select_topk(scores, self.num_selected(x.shape[1]), self.include_first)
+
+    def forward(self, x: torch.Tensor, return_selection: bool = False):
+        check_input(x, self.d_model)
+        y = 0
+        selection = None
+        if self.num_mosa_heads:
+            selection = self.select(x)
+            y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
+                                 rope_base=self.rope_base, backend=self.backend)
+        if self.dense is not None:
+            window = self.num_selected(x.shape[1]) if self.dense_kind == "local" else None
+            y = y + self.dense(x, window=window)
+        return (y, selection) if return_selection else y
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_mosa_heads={self.num_mosa_heads}, sparsity={self.sparsity:g}, "
+                f"head_dim={self.head_dim}, num_dense_heads={self.num_dense_heads}, dense_kind={self.dense_kind!r}, "
+                f"include_first={self.include_first}, routing={self.routing!r}")

@@ -1,0 +1,185 @@
+"""MoSAAttention against a per-head, per-sequence loop written here from the paper's equations."""
+import math
+
+import pytest
+import torch
+
+from mosa_attention import MoSAAttention
+from mosa_attention.ops import mosa, sparse_attention_reference
+
+
+def rope_loop(v, pos, n_rot, base):
+    """Rotate-half RoPE of one vector at one position, written out."""
+    if n_rot == 0:
+        return v
+    half = n_rot // 2
+    out = v.clone()
+    for i in range(half):
+        theta = pos * base ** (-2 * i / n_rot)
+        c, s = math.cos(theta), math.sin(theta)
+        a, b = v[i], v[i + half]
+        out[i] = a * c - b * s
+        out[i + half] = b * c + a * s
+    return out
+
+
+def mosa_loop(x, layer):
+    """The paper's MoSA (plus dense/local heads) for every sequence and head, one at a time."""
+    B, T, h = x.shape
+    D, E = layer.head_dim, layer.num_mosa_heads
+    k = min(max(int(T // layer.sparsity), 2), T)
+    n_rot, base = layer.rope_dims, layer.rope_base
+    out = []
+    for b in range(B):
+        y = torch.zeros(T, h, dtype=x.dtype)
+        for e in range(E):
+            r = torch.sigmoid(x[b] @ layer.router[e])
+            if layer.include_first:
+                rest = torch.topk(r[1:], k - 1).indices + 1
+                keep = sorted([0] + rest.tolist())
+            else:
+                keep = sorted(torch.topk(r, k).indices.tolist())
+            qkv = x[b, keep] @ layer.W_QKV[e]
+            q, kk, v = qkv[:, :D], qkv[:, D:2 * D], qkv[:, 2 * D:]
+            q = torch.stack([rope_loop(q[i], p, n_rot, base) for i, p in enumerate(keep)])
+            kk = torch.stack([rope_loop(kk[i], p, n_rot, base) for i, p in enumerate(keep)])
+            for i, pi in enumerate(keep):
+                js = [j for j, pj in enumerate(keep) if pj <= pi]
+                w = torch.softmax(torch.stack([q[i] @ kk[j] for j in js]) / math.sqrt(D), 0)
+                o = sum(w[n] * v[j] for n, j in enumerate(js))
+                y[pi] = y[pi] + (r[pi] * o) @ layer.W_O[e]
+        if layer.dense is not None:
+            H = layer.num_dense_heads
+            qkv = (x[b] @ layer.dense.W_QKV.weight.T).view(T, H, 3 * D)
+            window = k if layer.dense_kind == "local" else T
+            heads = []
+            for hd in range(H):
+                q, kk, v = qkv[:, hd, :D], qkv[:, hd, D:2 * D], qkv[:, hd, 2 * D:]
+                q = torch.stack([rope_loop(q[p], p, n_rot, base) for p in range(T)])
+                kk = torch.stack([rope_loop(kk[p], p, n_rot, base) for p in range(T)])
+                rows = []
+                for i in range(T):
+                    js = list(range(max(0, i - window + 1), i + 1))
+                    w = torch.softmax(torch.stack([q[i] @ kk[j] for j in js]) / math.sqrt(D), 0)
+                    rows.append(sum(w[n] * v[j] for n, j in enumerate(js)))
+                heads.append(torch.stack(rows))
+            y = y + torch.cat(heads, -1) @ layer.dense.W_O.weight.T
+        out.append(y)
+    return torch.stack(out)
+
+
+CASES = [
+    # B, T, h, E, sparsity, D, dense heads, dense kind, include_first, rope_fraction
+    (2, 17, 12, 3, 4, 8, 0, "dense", False, 0.5),   # T not divisible by sparsity
+    (1, 9, 8, 2, 100, 4, 0, "dense", False, 0.5),   # k = 2 (floor), batch 1
+    (2, 6, 8, 2, 1, 4, 0, "dense", True, 1.0),      # k = T, full rotation
+    (3, 11, 10, 4, 3, 6, 2, "dense", True, 0.5),    # hybrid dense, include_first
+    (2, 13, 8, 2, 4, 8, 1, "local", False, 0.25),   # hybrid local: window k = 3
+    (1, 8, 8, 1, 2.5, 4, 0, "dense", False, 0.0),   # float sparsity, no RoPE
+]
+
+
+@pytest.mark.parametrize("B,T,h,E,rho,D,Hd,kind,first,frac", CASES)
+def test_layer_matches_loop(B, T, h, E, rho, D, Hd, kind, first, frac):
+    layer = MoSAAttention(h, E, rho, head_dim=D, num_dense_heads=Hd, dense_kind=kind, include_first=first,
+                          rope_fraction=frac).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0, 0.5)
+    x = torch.randn(B, T, h, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    ref = mosa_loop(x, layer)
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad((y * g).sum(), [x, *layer.parameters()])
+    ref_grads = torch.autograd.grad((ref * g).sum(), [x, *layer.parameters()])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_router_gets_gradient():
+    layer = MoSAAttention(8, 2, 2, head_dim=4)
+    layer(torch.randn(2, 10, 8)).square().sum().backward()
+    assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dense", [0, 1])
+def test_gradcheck_float64(dense):
+    layer = MoSAAttention(6, 2, 3, head_dim=4, num_dense_heads=dense).double()
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    params = list(layer.parameters())
+    names = [n for n, _ in layer.named_parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *[p.detach().requires_grad_() for p in params]))
+
+
+def test_no_dependence_on_later_tokens_with_selection_fixed():
+    torch.manual_seed(1)
+    B, T, h, E, D = 2, 16, 8, 3, 4
+    x = torch.randn(B, T, h, dtype=torch.float64)
+    wr, wq, wo = torch.randn(E, h, dtype=torch.float64), torch.randn(E, h, 3 * D, dtype=torch.float64), torch.randn(E, D, h, dtype=torch.float64)
+    _, (scores, idx) = mosa(x, wr, wq, wo, 4, rope_dims=2, return_selection=True)
+    t = 9
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randn(B, T - t - 1, h, dtype=torch.float64)
+    # same selection, future tokens changed (their scores too: the output at <= t must not move)
+    s2 = torch.where(idx > t, torch.rand_like(scores), scores)
+    y1 = sparse_attention_reference(x, scores, idx, wq, wo, 2)
+    y2 = sparse_attention_reference(x2, s2, idx, wq, wo, 2)
+    torch.testing.assert_close(y1[:, : t + 1], y2[:, : t + 1])
+    assert not torch.allclose(y1[:, t + 1:], y2[:, t + 1:])
+
+
+def test_batch_routes_independently():
+    layer = MoSAAttention(8, 3, 4, head_dim=4, num_dense_heads=1)
+    x = torch.randn(5, 12, 8)
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    torch.testing.assert_close(layer(x)[perm], layer(x[perm]))
+    torch.testing.assert_close(layer(x[:1]), layer(x)[:1])
+
+
+def test_bfloat16_close_to_float32():
+    layer = MoSAAttention(32, 4, 4, head_dim=16, num_dense_heads=2)
+    x = torch.randn(2, 32, 32)
+    y32 = layer(x)
+    y16 = layer.to(torch.bfloat16)(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    # the selection can flip where router scores tie in bf16, so compare in aggregate
+    assert (y16.float() - y32).norm() / y32.norm() < 0.05
+
+
+def test_torch_compile_smoke():
+    layer = MoSAAttention(16, 2, 4, head_dim=8, num_dense_heads=1)
+    x = torch.randn(2, 16, 16)
+    compiled = torch.compile(layer, backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda l: l(torch.randn(4, 8)), "x must have shape"),
+    (lambda l: l(torch.randn(1, 4, 7)), "d_model=8"),
+    (lambda l: l(torch.randn(1, 0, 8)), "at least one token"),
+    (lambda l: l(torch.ones(1, 4, 8, dtype=torch.long)), "floating-point"),
+])
+def test_bad_input(bad, match):
+    layer = MoSAAttention(8, 2, 2, head_dim=4)
+    with pytest.raises((ValueError, TypeError), match=match):
+        bad(layer)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sparsity=0.5), "sparsity"),
+    (dict(sparsity=float("inf")), "sparsity"),
+    (dict(sparsity=float("nan")), "sparsity"),
+    (dict(num_mosa_heads=0), "at least one head"),
+    (dict(dense_kind="sliding"), "dense_kind"),
+    (dict(head_dim=0), "head_dim"),
+    (dict(routing="random"), "routing"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    args = dict(d_model=8, num_mosa_heads=2, sparsity=2, head_dim=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        MoSAAttention(**args)
