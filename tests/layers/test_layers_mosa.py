@@ -151,10 +151,15 @@ def test_bfloat16_close_to_float32():
 
 
 def test_torch_compile_smoke():
+    """One graph, no breaks, forward and backward through AOTAutograd (inductor works too but is slow on CI)."""
     layer = MoSAAttention(16, 2, 4, head_dim=8, num_dense_heads=1)
-    x = torch.randn(2, 16, 16)
-    compiled = torch.compile(layer, backend="eager")
-    torch.testing.assert_close(compiled(x), layer(x))
+    x = torch.randn(2, 16, 16, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x))
+    g_compiled, = torch.autograd.grad(y.sum(), x)
+    g_eager, = torch.autograd.grad(layer(x).sum(), x)
+    torch.testing.assert_close(g_compiled, g_eager)
 
 
 @pytest.mark.parametrize("bad,match", [
