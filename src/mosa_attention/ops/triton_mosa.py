@@ -1,0 +1,628 @@
+"""Fused Triton kernels for ``sparse_attention`` (the MoSA heads), forward and backward.
+
+``sparse_attention_triton`` has the signature and the semantics of ``sparse_attention_reference`` (see
+``mosa.py``): gather the kept tokens, project them to Q, K, V, RoPE at the original positions, causal
+attention among them, scale by the router score, project with W_O and scatter-add back.
+
+Layout. Head ``e`` owns ``R = B*k`` packed rows: row ``r`` is slot ``r % k`` of sequence ``r // k``. Every
+kernel works on blocks of these rows, so one block may hold several short sequences (k = 16 heads fill a
+64-row tile with four sequences) and one weight tile serves all of them: the projections are grouped GEMMs
+over heads. Attention masks on ``same sequence and pos_q >= pos_k``, which is the reference's rule for any
+order of ``idx``; when a sequence's positions are ascending (``select_topk`` sorts them) the kernels also
+skip the key blocks after the query block. Sortedness is checked on the device, per block, so unsorted
+input is slower, never wrong, and nothing is read back to the host (CUDA graphs can capture the op).
+
+Forward: ``_qkv_fwd`` (gather + QKV projection + RoPE) then ``_attn_fwd`` (flash attention + score +
+W_O projection + scatter-add, fp32 atomics). Backward: ``_out_bwd`` (dO, d score), ``_dwo``,
+``_attn_bwd_dkdv``, ``_attn_bwd_dq`` (both with RoPE backward), ``_qkv_bwd_dx`` (scatter-add into dx) and
+``_dwqkv``. Weight gradients are reductions inside one program, never atomics. With
+``deterministic=True`` (default: ``torch.are_deterministic_algorithms_enabled()``) the two scatter-adds write
+per-row results and reduce them with ``index_put_(accumulate=True)`` instead of atomics.
+
+Supported: x, w_qkv, w_o all float16, bfloat16 or float32 (float32 runs exact fp32 dots, no tf32);
+head dim D <= 128 (any D, padded to a power of two in registers); any k >= 1. Non-contiguous inputs are
+copied. Float64 falls back to the reference. Under autocast the inputs are cast to the autocast dtype.
+Positions must lie in [0, T]; T marks a padding slot (no real query's key, output dropped).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .mosa import sparse_attention_reference
+
+_MAX_HEAD_DIM = 128
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _rot(t, R: tl.constexpr, DP: tl.constexpr, TRANSPOSE: tl.constexpr, PREC: tl.constexpr):
+    """rotate_half on the first R columns of t [M, DP], as a product with a signed permutation matrix
+    (exact: one nonzero term per output). TRANSPOSE applies its transpose (= its inverse = minus it)."""
+    H: tl.constexpr = R // 2
+    i = tl.arange(0, DP)[:, None]
+    c = tl.arange(0, DP)[None, :]
+    if TRANSPOSE:
+        i, c = c, i
+    p = tl.where((c < H) & (i == c + H), -1.0, tl.where((c >= H) & (c < R) & (i == c - H), 1.0, 0.0))
+    return tl.dot(t, p.to(t.dtype), input_precision=PREC)
+
+
+@triton.jit
+def _rope(t, pos, cos_ptr, sin_ptr, R: tl.constexpr, DP: tl.constexpr, DT: tl.constexpr,
+          BACKWARD: tl.constexpr, PREC: tl.constexpr):
+    """RoPE of t [M, DP] (fp32) at positions pos [M]; BACKWARD gives the gradient map (the transpose)."""
+    H: tl.constexpr = R // 2
+    cols = tl.arange(0, DP)
+    f = cols % H
+    m = (cols < R)[None, :]
+    off = pos.to(tl.int64)[:, None] * H + f[None, :]
+    cs = tl.load(cos_ptr + off, mask=m, other=1.0)
+    sn = tl.load(sin_ptr + off, mask=m, other=0.0)
+    if BACKWARD:
+        return t * cs + _rot((t * sn).to(DT), R, DP, True, PREC)
+    return t * cs + _rot(t.to(DT), R, DP, False, PREC) * sn
+
+
+@triton.jit
+def _seqs_sorted(idx_ptr, e, E, K, s_first, s_last, BS: tl.constexpr):
+    """True iff the positions of head e in sequences s_first..s_last are ascending."""
+    bad = tl.sum(tl.zeros([BS], tl.int32), 0)
+    end = (s_last + 1) * K
+    for r0 in range(s_first * K, end, BS):
+        r = r0 + tl.arange(0, BS)
+        j = r % K
+        m = (r < end) & (j < K - 1)
+        p = idx_ptr + ((r // K) * E + e) * K + j
+        a = tl.load(p, mask=m, other=0)
+        b = tl.load(p + 1, mask=m, other=0)
+        bad += tl.sum((a > b).to(tl.int32), 0)
+    return bad == 0
+
+
+@triton.jit
+def _row_info(idx_ptr, rows, e, E, K, R):
+    """Sequence, slot offset into [B, E, k] and position of packed rows."""
+    m = rows < R
+    b = rows // K
+    sel = (b * E + e) * K + rows % K
+    pos = tl.load(idx_ptr + sel, mask=m, other=0)
+    return m, b, sel, pos
+
+
+@triton.jit
+def _key_range(idx_ptr, e, E, K, R, r0, BLOCK: tl.constexpr, BS: tl.constexpr):
+    """Keys that queries r0..r0+BLOCK-1 may see: from their first sequence's start to the block's end when
+    positions are ascending, else to their last sequence's end."""
+    last = tl.minimum(r0 + BLOCK, R) - 1
+    start = (r0 // K) * K
+    seq_end = (last // K + 1) * K
+    if _seqs_sorted(idx_ptr, e, E, K, r0 // K, last // K, BS):
+        end = last + 1
+    else:
+        end = seq_end
+    return start, end
+
+
+@triton.jit
+def _query_range(idx_ptr, e, E, K, R, n0, BLOCK: tl.constexpr, BS: tl.constexpr):
+    """Queries that may see keys n0..n0+BLOCK-1 (the mirror of _key_range)."""
+    last = tl.minimum(n0 + BLOCK, R) - 1
+    end = (last // K + 1) * K
+    if _seqs_sorted(idx_ptr, e, E, K, n0 // K, last // K, BS):
+        start = n0
+    else:
+        start = (n0 // K) * K
+    return start, end
+
+
+# --------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K,
+             D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+             PREC: tl.constexpr):
+    """qkv[part, e, rows] = RoPE(x[b, pos] @ w_qkv[e][:, part*D:(part+1)*D]) for part in q, k, v."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    part = tl.program_id(2)
+    DT: tl.constexpr = qkv_ptr.dtype.element_ty
+    rows = pid * BM + tl.arange(0, BM)
+    rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+    xoff = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64) * h
+    cols = tl.arange(0, DP)
+    cm = cols < D
+    wbase = w_ptr + e.to(tl.int64) * h * 3 * D + part * D
+    acc = tl.zeros([BM, DP], tl.float32)
+    for k0 in range(0, h, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < h
+        xa = tl.load(x_ptr + xoff[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        wa = tl.load(wbase + kk[:, None] * (3 * D) + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+        acc = tl.dot(xa, wa, acc, input_precision=PREC)
+    if ROPE > 0:
+        if part < 2:
+            acc = _rope(acc, tl.minimum(tl.maximum(pos, 0), T), cos_ptr, sin_ptr, ROPE, DP, DT, False, PREC)
+    out = qkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(out, acc.to(DT), mask=rm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E, R, K, qk_scale,
+              D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
+              BS: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr):
+    """Causal attention of one block of query rows, then y = (o * score) @ w_o[e] added to out."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    DT: tl.constexpr = qkv_ptr.dtype.element_ty
+    r0 = pid * BM
+    rows = r0 + tl.arange(0, BM)
+    rm, bq, sel, posq = _row_info(idx_ptr, rows, e, E, K, R)
+    cols = tl.arange(0, DP)
+    cm = cols < D
+    q_ptr = qkv_ptr + (e * R).to(tl.int64) * D
+    k_ptr = qkv_ptr + ((E + e) * R).to(tl.int64) * D
+    v_ptr = qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D
+    q = tl.load(q_ptr + rows[:, None] * D + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+    start, end = _key_range(idx_ptr, e, E, K, R, r0, BM, BS)
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, DP], tl.float32)
+    for n0 in range(start, end, BN):
+        kr = n0 + tl.arange(0, BN)
+        km = kr < end
+        bk = kr // K
+        posk = tl.load(idx_ptr + (bk * E + e) * K + kr % K, mask=km, other=0)
+        kt = tl.load(k_ptr + kr[None, :] * D + cols[:, None], mask=km[None, :] & cm[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        ok = km[None, :] & (bq[:, None] == bk[None, :]) & (posq[:, None] >= posk[None, :])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + kr[:, None] * D + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PREC)
+        m_i = m_new
+    l_i = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + (e * R + rows).to(tl.int64)[:, None] * D + cols[None, :], o.to(DT),
+             mask=rm[:, None] & cm[None, :])
+    tl.store(lse_ptr + e * R + rows, m_i + tl.log2(l_i), mask=rm)
+    # score scaling + output projection + scatter-add; padding slots (pos == T) are dropped
+    sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
+    os = (o.to(DT).to(tl.float32) * sc[:, None]).to(DT)
+    keep = rm & (posq >= 0) & (posq < T)
+    if ATOMIC:
+        orow = (bq * T + posq).to(tl.int64) * h
+    else:
+        orow = (e * R + rows).to(tl.int64) * h
+    wbase = wo_ptr + e.to(tl.int64) * D * h
+    for n0 in range(0, h, BH):
+        nn = n0 + tl.arange(0, BH)
+        nm = nn < h
+        w = tl.load(wbase + cols[:, None] * h + nn[None, :], mask=cm[:, None] & nm[None, :], other=0.0)
+        y = tl.dot(os, w, input_precision=PREC)
+        if ATOMIC:
+            tl.atomic_add(out_ptr + orow[:, None] + nn[None, :], y, mask=keep[:, None] & nm[None, :])
+        else:
+            tl.store(out_ptr + orow[:, None] + nn[None, :], y, mask=rm[:, None] & nm[None, :])
+
+
+# --------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K,
+             D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+    """dO = score * (dy[b, pos] @ w_o[e]^T); d score = rowsum(dy[b, pos] @ w_o[e]^T * o); delta = rowsum(dO*o)."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    DT: tl.constexpr = o_ptr.dtype.element_ty
+    rows = pid * BM + tl.arange(0, BM)
+    rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+    keep = rm & (pos >= 0) & (pos < T)
+    grow = (b * T + pos).to(tl.int64) * h
+    cols = tl.arange(0, DP)
+    cm = cols < D
+    wbase = wo_ptr + e.to(tl.int64) * D * h
+    acc = tl.zeros([BM, DP], tl.float32)
+    for n0 in range(0, h, BH):
+        nn = n0 + tl.arange(0, BH)
+        nm = nn < h
+        g = tl.load(dy_ptr + grow[:, None] + nn[None, :], mask=keep[:, None] & nm[None, :], other=0.0)
+        wt = tl.load(wbase + cols[None, :] * h + nn[:, None], mask=cm[None, :] & nm[:, None], other=0.0)
+        acc = tl.dot(g, wt, acc, input_precision=PREC)
+    ooff = (e * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
+    o = tl.load(o_ptr + ooff, mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+    dsc = tl.sum(acc * o, 1)
+    tl.store(dsc_ptr + sel, dsc, mask=rm)
+    sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
+    do = (acc * sc[:, None]).to(DT)
+    tl.store(do_ptr + ooff, do, mask=rm[:, None] & cm[None, :])
+    tl.store(delta_ptr + e * R + rows, tl.sum(do.to(tl.float32) * o, 1), mask=rm)
+
+
+@triton.jit
+def _dwo(dy_ptr, idx_ptr, sc_ptr, o_ptr, dwo_ptr, T, h, E, R, K,
+         D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+    """dw_o[e][:, cols] = sum over rows of (o * score)^T dy[b, pos]."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    DT: tl.constexpr = o_ptr.dtype.element_ty
+    nn = pid * BH + tl.arange(0, BH)
+    nm = nn < h
+    cols = tl.arange(0, DP)
+    cm = cols < D
+    acc = tl.zeros([DP, BH], tl.float32)
+    for r0 in range(0, R, BR):
+        rows = r0 + tl.arange(0, BR)
+        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+        keep = rm & (pos >= 0) & (pos < T)
+        g = tl.load(dy_ptr + (b * T + pos).to(tl.int64)[:, None] * h + nn[None, :],
+                    mask=keep[:, None] & nm[None, :], other=0.0)
+        ot = tl.load(o_ptr + (e * R + rows).to(tl.int64)[None, :] * D + cols[:, None],
+                     mask=rm[None, :] & cm[:, None], other=0.0).to(tl.float32)
+        sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
+        acc = tl.dot((ot * sc[None, :]).to(DT), g, acc, input_precision=PREC)
+    tl.store(dwo_ptr + e.to(tl.int64) * D * h + cols[:, None] * h + nn[None, :], acc.to(DT),
+             mask=cm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _attn_bwd_dkdv(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr, sin_ptr, T, E, R, K,
+                   qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    DT: tl.constexpr = qkv_ptr.dtype.element_ty
+    n0 = pid * BN
+    kr = n0 + tl.arange(0, BN)
+    km, bk, _, posk = _row_info(idx_ptr, kr, e, E, K, R)
+    cols = tl.arange(0, DP)
+    cm = cols < D
+    q_ptr = qkv_ptr + (e * R).to(tl.int64) * D
+    koff = kr.to(tl.int64)[:, None] * D + cols[None, :]
+    kmask = km[:, None] & cm[None, :]
+    k = tl.load(qkv_ptr + ((E + e) * R).to(tl.int64) * D + koff, mask=kmask, other=0.0)
+    v = tl.load(qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D + koff, mask=kmask, other=0.0)
+    dk = tl.zeros([BN, DP], tl.float32)
+    dv = tl.zeros([BN, DP], tl.float32)
+    start, end = _query_range(idx_ptr, e, E, K, R, n0, BN, BS)
+    for m0 in range(start, end, BM):
+        qr = m0 + tl.arange(0, BM)
+        qm = qr < end
+        bq = qr // K
+        posq = tl.load(idx_ptr + (bq * E + e) * K + qr % K, mask=qm, other=0)
+        qoff = qr.to(tl.int64)[:, None] * D + cols[None, :]
+        qmask = qm[:, None] & cm[None, :]
+        q = tl.load(q_ptr + qoff, mask=qmask, other=0.0)
+        do = tl.load(do_ptr + (e * R).to(tl.int64) * D + qoff, mask=qmask, other=0.0)
+        lse = tl.load(lse_ptr + e * R + qr, mask=qm, other=0.0)
+        delta = tl.load(delta_ptr + e * R + qr, mask=qm, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        ok = qm[:, None] & km[None, :] & (bq[:, None] == bk[None, :]) & (posq[:, None] >= posk[None, :])
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dv = tl.dot(tl.trans(p.to(DT)), do, dv, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(DT)), q, dk, input_precision=PREC)
+    dk = dk * sm_scale
+    if ROPE > 0:
+        dk = _rope(dk, tl.minimum(tl.maximum(posk, 0), T), cos_ptr, sin_ptr, ROPE, DP, DT, True, PREC)
+    tl.store(dqkv_ptr + ((E + e) * R).to(tl.int64) * D + koff, dk.to(DT), mask=kmask)
+    tl.store(dqkv_ptr + ((2 * E + e) * R).to(tl.int64) * D + koff, dv.to(DT), mask=kmask)
+
+
+@triton.jit
+def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr, sin_ptr, T, E, R, K,
+                 qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    DT: tl.constexpr = qkv_ptr.dtype.element_ty
+    r0 = pid * BM
+    rows = r0 + tl.arange(0, BM)
+    rm, bq, _, posq = _row_info(idx_ptr, rows, e, E, K, R)
+    cols = tl.arange(0, DP)
+    cm = cols < D
+    qoff = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    qmask = rm[:, None] & cm[None, :]
+    q = tl.load(qkv_ptr + (e * R).to(tl.int64) * D + qoff, mask=qmask, other=0.0)
+    do = tl.load(do_ptr + (e * R).to(tl.int64) * D + qoff, mask=qmask, other=0.0)
+    lse = tl.load(lse_ptr + e * R + rows, mask=rm, other=0.0)
+    delta = tl.load(delta_ptr + e * R + rows, mask=rm, other=0.0)
+    k_ptr = qkv_ptr + ((E + e) * R).to(tl.int64) * D
+    v_ptr = qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D
+    dq = tl.zeros([BM, DP], tl.float32)
+    start, end = _key_range(idx_ptr, e, E, K, R, r0, BM, BS)
+    for n0 in range(start, end, BN):
+        kr = n0 + tl.arange(0, BN)
+        km = kr < end
+        bk = kr // K
+        posk = tl.load(idx_ptr + (bk * E + e) * K + kr % K, mask=km, other=0)
+        koff = kr.to(tl.int64)[:, None] * D + cols[None, :]
+        kmask = km[:, None] & cm[None, :]
+        k = tl.load(k_ptr + koff, mask=kmask, other=0.0)
+        v = tl.load(v_ptr + koff, mask=kmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        ok = rm[:, None] & km[None, :] & (bq[:, None] == bk[None, :]) & (posq[:, None] >= posk[None, :])
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(DT), k, dq, input_precision=PREC)
+    dq = dq * sm_scale
+    if ROPE > 0:
+        dq = _rope(dq, tl.minimum(tl.maximum(posq, 0), T), cos_ptr, sin_ptr, ROPE, DP, DT, True, PREC)
+    tl.store(dqkv_ptr + (e * R).to(tl.int64) * D + qoff, dq.to(DT), mask=qmask)
+
+
+@triton.jit
+def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K,
+                D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+                ATOMIC: tl.constexpr):
+    """dx[b, pos] += [dq | dk | dv] @ w_qkv[e]^T for one block of rows and columns."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    pn = tl.program_id(2)
+    rows = pid * BM + tl.arange(0, BM)
+    rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+    cols = tl.arange(0, DP)
+    cm = cols < D
+    nn = pn * BH + tl.arange(0, BH)
+    nm = nn < h
+    wbase = w_ptr + e.to(tl.int64) * h * 3 * D
+    acc = tl.zeros([BM, BH], tl.float32)
+    for part in range(3):
+        d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=rm[:, None] & cm[None, :], other=0.0)
+        wt = tl.load(wbase + nn[None, :] * (3 * D) + part * D + cols[:, None], mask=cm[:, None] & nm[None, :],
+                     other=0.0)
+        acc = tl.dot(d, wt, acc, input_precision=PREC)
+    if ATOMIC:
+        keep = rm & (pos >= 0) & (pos < T)
+        tl.atomic_add(dx_ptr + (b * T + pos).to(tl.int64)[:, None] * h + nn[None, :], acc,
+                      mask=keep[:, None] & nm[None, :])
+    else:
+        tl.store(dx_ptr + (e * R + rows).to(tl.int64)[:, None] * h + nn[None, :], acc,
+                 mask=rm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K,
+           D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    part = tl.program_id(2)
+    nn = pid * BH + tl.arange(0, BH)
+    nm = nn < h
+    cols = tl.arange(0, DP)
+    cm = cols < D
+    acc = tl.zeros([BH, DP], tl.float32)
+    for r0 in range(0, R, BR):
+        rows = r0 + tl.arange(0, BR)
+        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+        xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
+        xt = tl.load(x_ptr + xrow[None, :] * h + nn[:, None], mask=rm[None, :] & nm[:, None], other=0.0)
+        d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=rm[:, None] & cm[None, :], other=0.0)
+        acc = tl.dot(xt, d, acc, input_precision=PREC)
+    tl.store(dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :],
+             acc.to(dw_ptr.dtype.element_ty), mask=nm[:, None] & cm[None, :])
+
+
+# --------------------------------------------------------------------------------------------- launchers
+_ROPE_TABLES: dict = {}
+
+
+def _rope_tables(rope_dims: int, base: float, length: int, device):
+    """cos, sin [L, rope_dims/2] float32 at positions 0..L-1, bit-equal to rope.rope_cos_sin's float32
+    values; cached per device and grown on demand, so steady-state calls launch nothing for them."""
+    half = max(rope_dims // 2, 1)
+    key = (device, rope_dims, float(base))
+    hit = _ROPE_TABLES.get(key)
+    if hit is None or hit[0].shape[0] < length:
+        n = max(length, 2 * hit[0].shape[0] if hit is not None else 1024)
+        if rope_dims:
+            inv = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims))
+            ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv
+            hit = (ang.cos().contiguous(), ang.sin().contiguous())
+        else:
+            z = torch.zeros(n, half, device=device, dtype=torch.float32)
+            hit = (z, z)
+        _ROPE_TABLES[key] = hit
+    return hit
+
+
+def _cfg(D: int, dtype: torch.dtype):
+    DP = max(16, triton.next_power_of_2(D))
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    big = DP >= 128 or dtype == torch.float32
+    return dict(DP=DP, PREC=prec, BM=32 if big else 64, BN=32 if big else 64, BK=32 if big else 64,
+                BH=64, BS=128, BR=32 if big else 64)
+
+
+def _dims(x, idx, w_qkv):
+    B, T, h = x.shape
+    E, K = idx.shape[1], idx.shape[2]
+    D = w_qkv.shape[-1] // 3
+    return B, T, h, E, K, D, B * K
+
+
+def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool):
+    B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
+    c = _cfg(D, x.dtype)
+    dev = x.device
+    cos, sin = _rope_tables(rope_dims, rope_base, T + 1, dev)
+    qkv = torch.empty(3, E, R, D, device=dev, dtype=x.dtype)
+    o = torch.empty(E, R, D, device=dev, dtype=x.dtype)
+    lse = torch.empty(E, R, device=dev, dtype=torch.float32)
+    _qkv_fwd[(triton.cdiv(R, c["BM"]), E, 3)](
+        x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, D=D, DP=c["DP"], ROPE=rope_dims, BM=c["BM"], BK=c["BK"],
+        PREC=c["PREC"], num_warps=4)
+    if deterministic:
+        buf = torch.empty(E * R, h, device=dev, dtype=torch.float32)
+    else:
+        buf = torch.zeros(B, T, h, device=dev, dtype=torch.float32)
+    _attn_fwd[(triton.cdiv(R, c["BM"]), E)](
+        qkv, idx, scores, w_o, o, lse, buf, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
+        D=D, DP=c["DP"], BM=c["BM"], BN=c["BN"], BH=c["BH"], BS=c["BS"], PREC=c["PREC"],
+        ATOMIC=not deterministic, num_warps=4)
+    if deterministic:
+        buf = _scatter_rows(buf, idx, B, T, h)
+    return buf.to(x.dtype).contiguous(), qkv, o, lse
+
+
+def _scatter_rows(rows, idx, B, T, h):
+    """Sum per-row results [E*R, h] (head-major) into [B, T, h] without atomics: index_put_ with
+    accumulate sorts by destination and adds in a fixed order. Padding slots land in a dropped row T."""
+    E, K = idx.shape[1], idx.shape[2]
+    dest = idx.transpose(0, 1).reshape(E, B * K) + (torch.arange(B, device=idx.device) * (T + 1)).repeat_interleave(K)
+    out = torch.zeros(B * (T + 1), h, device=rows.device, dtype=torch.float32)
+    out.index_put_((dest.reshape(-1).clamp(0, B * (T + 1) - 1),), rows, accumulate=True)
+    return out.view(B, T + 1, h)[:, :T]
+
+
+def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, rope_dims: int, rope_base: float,
+              deterministic: bool):
+    B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
+    c = _cfg(D, x.dtype)
+    dev = x.device
+    dy = dy.to(x.dtype).contiguous()
+    cos, sin = _rope_tables(rope_dims, rope_base, T + 1, dev)
+    do = torch.empty(E, R, D, device=dev, dtype=x.dtype)
+    delta = torch.empty(E, R, device=dev, dtype=torch.float32)
+    dsc = torch.empty(B, E, K, device=dev, dtype=torch.float32)
+    _out_bwd[(triton.cdiv(R, c["BM"]), E)](
+        dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, D=D, DP=c["DP"], BM=c["BM"], BH=c["BH"],
+        PREC=c["PREC"], num_warps=4)
+    dwo = torch.empty_like(w_o)
+    _dwo[(triton.cdiv(h, c["BH"]), E)](
+        dy, idx, scores, o, dwo, T, h, E, R, K, D=D, DP=c["DP"], BR=c["BR"], BH=c["BH"], PREC=c["PREC"],
+        num_warps=4)
+    dqkv = torch.empty_like(qkv)
+    qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
+    common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BM=c["BM"], BN=c["BN"], BS=c["BS"], PREC=c["PREC"], num_warps=4)
+    _attn_bwd_dkdv[(triton.cdiv(R, c["BN"]), E)](
+        qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, **common)
+    _attn_bwd_dq[(triton.cdiv(R, c["BM"]), E)](
+        qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, **common)
+    if deterministic:
+        buf = torch.empty(E * R, h, device=dev, dtype=torch.float32)
+    else:
+        buf = torch.zeros(B, T, h, device=dev, dtype=torch.float32)
+    _qkv_bwd_dx[(triton.cdiv(R, c["BM"]), E, triton.cdiv(h, c["BH"]))](
+        dqkv, idx, w_qkv, buf, T, h, E, R, K, D=D, DP=c["DP"], BM=c["BM"], BH=c["BH"], PREC=c["PREC"],
+        ATOMIC=not deterministic, num_warps=4)
+    if deterministic:
+        buf = _scatter_rows(buf, idx, B, T, h)
+    dwqkv = torch.empty_like(w_qkv)
+    _dwqkv[(triton.cdiv(h, c["BH"]), E, 3)](
+        x, idx, dqkv, dwqkv, T, h, E, R, K, D=D, DP=c["DP"], BR=c["BR"], BH=c["BH"], PREC=c["PREC"], num_warps=4)
+    return buf.to(x.dtype).contiguous(), dsc.to(scores.dtype), dwqkv, dwo
+
+
+# --------------------------------------------------------------------------------------------- torch ops
+@torch.library.custom_op("mosa_attention::sparse_attention_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
+            rope_dims: int, rope_base: float, deterministic: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic)
+
+
+@_fwd_op.register_fake
+def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic):
+    B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
+    return (x.new_empty(B, T, h), x.new_empty(3, E, R, D), x.new_empty(E, R, D),
+            x.new_empty(E, R, dtype=torch.float32))
+
+
+@torch.library.custom_op("mosa_attention::sparse_attention_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor,
+            w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, rope_dims: int,
+            rope_base: float, deterministic: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, rope_dims, rope_base, deterministic)
+
+
+@_bwd_op.register_fake
+def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, rope_dims, rope_base, deterministic):
+    return torch.empty_like(x), torch.empty_like(scores), torch.empty_like(w_qkv), torch.empty_like(w_o)
+
+
+def _setup_context(ctx, inputs, output):
+    x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic = inputs
+    _, qkv, o, lse = output
+    ctx.save_for_backward(x, scores, idx, w_qkv, w_o, qkv, o, lse)
+    ctx.rope = (rope_dims, rope_base, deterministic)
+    ctx.mark_non_differentiable(qkv, o, lse)
+
+
+def _backward(ctx, dy, *_):
+    x, scores, idx, w_qkv, w_o, qkv, o, lse = ctx.saved_tensors
+    dx, dsc, dwqkv, dwo = _bwd_op(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, *ctx.rope)
+    return dx, dsc, None, dwqkv, dwo, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------- entry point
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check(x, scores, idx, w_qkv, w_o, rope_dims):
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, h], got x.shape={tuple(x.shape)}")
+    B, T, h = x.shape
+    if idx.dim() != 3 or idx.shape[0] != B:
+        raise ValueError(f"idx must be [B={B}, E, k], got idx.shape={tuple(idx.shape)}")
+    E, K = idx.shape[1], idx.shape[2]
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"idx must be int64 or int32, got idx.dtype={idx.dtype}")
+    if tuple(scores.shape) != (B, E, K) or not scores.is_floating_point():
+        raise ValueError(f"scores must be floating [B, E, k]={(B, E, K)}, got scores {scores.dtype} {tuple(scores.shape)}")
+    if w_qkv.dim() != 3 or w_qkv.shape[0] != E or w_qkv.shape[1] != h or w_qkv.shape[2] % 3:
+        raise ValueError(f"w_qkv must be [E={E}, h={h}, 3D], got w_qkv.shape={tuple(w_qkv.shape)}")
+    D = w_qkv.shape[2] // 3
+    if tuple(w_o.shape) != (E, D, h):
+        raise ValueError(f"w_o must be [E, D, h]={(E, D, h)}, got w_o.shape={tuple(w_o.shape)}")
+    if D > _MAX_HEAD_DIM:
+        raise ValueError(f"the triton backend supports head dims up to {_MAX_HEAD_DIM}, got D={D} (use backend='torch')")
+    if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
+        raise ValueError(f"rope_dims must be even and in [0, D={D}], got rope_dims={rope_dims}")
+    for name, t in (("scores", scores), ("idx", idx), ("w_qkv", w_qkv), ("w_o", w_o)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if x.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the triton backend runs on CUDA tensors, got x.device={x.device} (use backend='torch')")
+    for name, t in (("w_qkv", w_qkv), ("w_o", w_o)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name}.dtype={t.dtype} must match x.dtype={x.dtype}")
+
+
+def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float = 10000.0, *,
+                            deterministic: bool | None = None):
+    """Fused Triton ``sparse_attention``; same arguments and result as ``sparse_attention_reference``.
+
+    ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``) avoids atomics, so two
+    runs on the same input give the same bits. Differentiable in x, scores, w_qkv and w_o.
+    """
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type):
+        dt = torch.get_autocast_dtype(dev_type)
+        x, w_qkv, w_o = x.to(dt), w_qkv.to(dt), w_o.to(dt)
+    if x.dtype == torch.float64:  # documented fallback: no fp64 kernels
+        return sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
+    rope_dims = int(rope_dims)
+    _check(x, scores, idx, w_qkv, w_o, rope_dims)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    x, scores, idx, w_qkv, w_o = (t.contiguous() for t in (x, scores, idx, w_qkv, w_o))
+    return _fwd_op(x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base), bool(deterministic))[0]

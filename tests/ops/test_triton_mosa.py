@@ -1,0 +1,123 @@
+"""Triton MoSA kernels against the plain-torch reference, on CPU through Triton's interpreter.
+
+Output and every gradient (x, scores, w_qkv, w_o), float32 and float16 (bf16 dots are broken in the
+interpreter), small shapes: k = 2, k = T, T not a multiple of the block, batch 1, padding slots, unsorted
+positions, head dims 32 and 64, several blocks per sequence.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CI has no GPU
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("triton was imported without the interpreter and there is no GPU", allow_module_level=True)
+
+from mosa_attention.ops.mosa import sparse_attention_reference  # noqa: E402
+from mosa_attention.ops import triton_mosa  # noqa: E402
+from mosa_attention.ops.triton_mosa import sparse_attention_triton  # noqa: E402
+
+if not torch.cuda.is_available() and type(triton_mosa._qkv_fwd).__name__ != "InterpretedFunction":
+    # another module imported the kernels before TRITON_INTERPRET was set: they were compiled for a GPU
+    pytest.skip("triton_mosa was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+def _inputs(B, T, h, E, k, D, dtype, pad=0, unsorted=False):
+    x = torch.randn(B, T, h, dtype=dtype)
+    scores = torch.rand(B, E, k, dtype=dtype)
+    idx = torch.stack([torch.stack([torch.randperm(T)[:k].sort().values for _ in range(E)]) for _ in range(B)])
+    if pad:
+        idx[..., k - pad:] = T
+    if unsorted:
+        idx = idx[..., torch.randperm(k)]
+    w_qkv = torch.randn(E, h, 3 * D, dtype=dtype) / h ** 0.5
+    w_o = torch.randn(E, D, h, dtype=dtype) / D ** 0.5
+    return [t.to(DEVICE) for t in (x, scores, idx, w_qkv, w_o)]
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def _compare(B, T, h, E, k, D, rope_dims, dtype, pad=0, unsorted=False, deterministic=False):
+    x, scores, idx, w_qkv, w_o = _inputs(B, T, h, E, k, D, dtype, pad, unsorted)
+    leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
+    y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], rope_dims, 10000.0,
+                                deterministic=deterministic)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, scores, w_qkv, w_o)]
+    y_ref = sparse_attention_reference(ref_leaves[0], ref_leaves[1], idx, ref_leaves[2], ref_leaves[3], rope_dims, 10000.0)
+    y_ref.backward(dy.double())
+    assert y.dtype == dtype and y.shape == (B, T, h)
+    errs = {"y": _rel(y, y_ref)}
+    errs.update({n: _rel(a.grad, b.grad) for n, a, b in zip(("x", "scores", "w_qkv", "w_o"), leaves, ref_leaves)})
+    assert all(e < TOL[dtype] for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "B,T,h,E,k,D,rope_dims,pad,unsorted",
+    [
+        (2, 40, 48, 3, 17, 32, 16, 0, False),  # T, k off the block size, rope on half the dims
+        (1, 20, 32, 2, 2, 32, 16, 0, False),  # k = 2, batch 1
+        (2, 20, 32, 2, 20, 64, 64, 0, False),  # k = T, full rotation, head dim 64
+        (2, 30, 32, 2, 10, 64, 0, 3, False),  # padding slots, no rope
+        (2, 30, 32, 2, 10, 32, 16, 2, True),  # unsorted positions with padding
+        (1, 150, 32, 2, 100, 32, 16, 0, False),  # several key blocks per sequence
+    ],
+)
+def test_matches_reference(B, T, h, E, k, D, rope_dims, pad, unsorted, dtype):
+    _compare(B, T, h, E, k, D, rope_dims, dtype, pad, unsorted)
+
+
+def test_unsorted_multiblock():
+    _compare(1, 150, 32, 2, 100, 32, 16, torch.float32, pad=5, unsorted=True)
+
+
+def test_odd_head_dim():
+    _compare(2, 50, 40, 3, 33, 24, 10, torch.float32)
+
+
+def test_deterministic_is_bitwise_repeatable():
+    _compare(2, 30, 32, 2, 10, 32, 8, torch.float32, pad=2, deterministic=True)
+    x, scores, idx, w_qkv, w_o = _inputs(2, 30, 32, 2, 10, 32, torch.float32)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
+        y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], 16, deterministic=True)
+        y.sum().backward()
+        runs.append([y.detach()] + [t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_bad_input_is_rejected():
+    x, scores, idx, w_qkv, w_o = _inputs(1, 8, 32, 2, 4, 32, torch.float32)
+    with pytest.raises(ValueError, match="w_qkv.dtype"):
+        sparse_attention_triton(x, scores, idx, w_qkv.half(), w_o, 16)
+    with pytest.raises(ValueError, match="rope_dims"):
+        sparse_attention_triton(x, scores, idx, w_qkv, w_o, 7)
+    with pytest.raises(ValueError, match="D=160"):
+        big = torch.randn(2, 32, 480)
+        sparse_attention_triton(x, scores, idx, big, torch.randn(2, 160, 32), 16)
+    with pytest.raises(ValueError, match="x.shape"):
+        sparse_attention_triton(x[0], scores, idx, w_qkv, w_o, 16)
+
+
+def test_non_contiguous_input_is_copied():
+    x, scores, idx, w_qkv, w_o = _inputs(2, 12, 32, 2, 6, 32, torch.float32)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+    y = sparse_attention_triton(xt, scores, idx, w_qkv, w_o, 16)
+    y_ref = sparse_attention_reference(x.double(), scores.double(), idx, w_qkv.double(), w_o.double(), 16)
+    assert _rel(y, y_ref) < 1e-5
+
+
+def test_float64_falls_back_to_reference():
+    x, scores, idx, w_qkv, w_o = _inputs(1, 8, 32, 2, 4, 32, torch.float64)
+    y = sparse_attention_triton(x, scores, idx, w_qkv, w_o, 16)
+    torch.testing.assert_close(y, sparse_attention_reference(x, scores, idx, w_qkv, w_o, 16))
