@@ -188,3 +188,21 @@ def test_bad_constructor_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         MoSAAttention(**args)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(rope_dims=3), "rope_dims must be even"),
+    (dict(rope_dims=10), "rope_dims must be even"),
+    (dict(w_o=torch.randn(2, 5, 8)), "w_o must be"),
+    (dict(w_qkv=torch.randn(2, 8, 13)), "w_qkv must be"),
+    (dict(scores=torch.rand(1, 2, 4)), "scores must have"),
+    (dict(idx=torch.zeros(1, 2, 3)), "idx must be an integer"),
+])
+def test_functional_op_checks(change, match):
+    from mosa_attention.ops import sparse_attention
+
+    args = dict(x=torch.randn(1, 6, 8), scores=torch.rand(1, 2, 3), idx=torch.tensor([[[0, 2, 4], [1, 3, 5]]]),
+                w_qkv=torch.randn(2, 8, 12), w_o=torch.randn(2, 4, 8), rope_dims=2)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        sparse_attention(**args)

@@ -32,6 +32,9 @@ def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
 def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0, window: int | None = None):
     """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens."""
     B, T, _ = x.shape
+    D = w_qkv.shape[0] // (3 * n_heads)
+    if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
+        raise ValueError(f"rope_dims must be even and in [0, head_dim={D}], got rope_dims={rope_dims}")
     q, k, v = project_qkv(x, w_qkv, n_heads, rope_dims, rope_base)
     if window is None or window >= T:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -62,8 +62,28 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
+def check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims: int) -> None:
+    """Shape and dtype checks shared by every backend, each naming the argument and the value."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, h], got x.shape={tuple(x.shape)}")
+    B, T, h = x.shape
+    if idx.dim() != 3 or idx.shape[0] != B or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"idx must be an integer tensor [B={B}, E, k], got idx.shape={tuple(idx.shape)}, dtype={idx.dtype}")
+    E, k = idx.shape[1], idx.shape[2]
+    if tuple(scores.shape) != (B, E, k):
+        raise ValueError(f"scores must have idx's shape {(B, E, k)}, got scores.shape={tuple(scores.shape)}")
+    if w_qkv.dim() != 3 or w_qkv.shape[0] != E or w_qkv.shape[1] != h or w_qkv.shape[2] % 3:
+        raise ValueError(f"w_qkv must be [E={E}, h={h}, 3*D], got w_qkv.shape={tuple(w_qkv.shape)}")
+    D = w_qkv.shape[2] // 3
+    if tuple(w_o.shape) != (E, D, h):
+        raise ValueError(f"w_o must be [E={E}, D={D}, h={h}], got w_o.shape={tuple(w_o.shape)}")
+    if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
+        raise ValueError(f"rope_dims must be even and in [0, head_dim={D}], got rope_dims={rope_dims}")
+
+
 def sparse_attention(x, scores, idx, w_qkv, w_o, *, rope_dims: int, rope_base: float = 10000.0, backend: str = "auto"):
     """Sparse heads over given selections; see the module docstring. Returns [B, T, h]."""
+    check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims)
     name = resolve_backend(backend, x)
     fn = sparse_attention_reference if name == "torch" else _triton_backend()
     return fn(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
