@@ -6,8 +6,8 @@ import math
 import torch
 from torch import nn
 
-from ..ops import num_selected, rope_dims_for, router_scores, select_topk, sparse_attention
-from ..ops.routing import check_sparsity, select_threshold
+from ..ops import num_selected, rope_dims_for, select_topk, sparse_attention
+from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
 from ._checks import check_input, check_positive_int
 from .dense import DenseAttention
 
@@ -22,16 +22,22 @@ class MoSAAttention(nn.Module):
     k = min(max(T // sparsity, 2), T) tokens of each sequence, attends causally among them with RoPE at their
     original positions, scales each output by its score, projects it with its own W_O and adds it back at
     the token's position. ``num_dense_heads`` ordinary causal heads (``dense_kind="dense"``) or sliding-window
-    heads of window k (``dense_kind="local"``) are added beside them.
+    heads (``dense_kind="local"``) are added beside them. The local window is ``local_window`` tokens; left
+    None it is k at the current length, as in the paper, but a model fixes it (k at its training length) so
+    that a KV cache can hold a fixed window.
 
     ``routing="threshold"`` replaces top-k by a per-head score threshold (the ``threshold`` buffer): a causal
     rule, so that generation token by token matches a full forward pass.
+
+    ``router_aux=True``: while training, ``forward`` leaves in ``self.aux_loss`` the auxiliary router loss
+    (BCE of the router logits against top-k membership; see ``ops.routing.router_aux_loss``), for the model
+    to add to its loss. It teaches the score to cross 0.5 on about the top-k tokens in either routing mode.
     """
 
     def __init__(self, d_model: int, num_mosa_heads: int, sparsity: float, head_dim: int = 64,
                  num_dense_heads: int = 0, dense_kind: str = "dense", include_first: bool = False,
                  rope_fraction: float = 0.5, rope_base: float = 10000.0, routing: str = "topk",
-                 backend: str = "auto"):
+                 backend: str = "auto", local_window: int | None = None, router_aux: bool = False):
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
         self.num_mosa_heads = check_positive_int("num_mosa_heads", num_mosa_heads, minimum=0)
@@ -52,6 +58,9 @@ class MoSAAttention(nn.Module):
         self.rope_base = float(rope_base)
         self.routing = routing
         self.backend = backend
+        self.local_window = None if local_window is None else check_positive_int("local_window", local_window)
+        self.router_aux = bool(router_aux)
+        self.aux_loss = None
         E, D = num_mosa_heads, head_dim
         self.router = nn.Parameter(torch.empty(E, d_model))
         self.W_QKV = nn.Parameter(torch.empty(E, d_model, 3 * D))
@@ -71,12 +80,20 @@ class MoSAAttention(nn.Module):
     def num_selected(self, seq_len: int) -> int:
         return num_selected(seq_len, self.sparsity)
 
+    def window(self, seq_len: int) -> int:
+        """The local heads' window: ``local_window``, else k at ``seq_len``."""
+        return self.local_window or self.num_selected(seq_len)
+
     def select(self, x: torch.Tensor):
         """(scores [B, E, k], positions [B, E, k] ascending) of the tokens each MoSA head keeps."""
-        scores = router_scores(x, self.router)
+        logits = router_logits(x, self.router)
+        k = self.num_selected(x.shape[1])
+        if self.router_aux and self.training and torch.is_grad_enabled():
+            self.aux_loss = router_aux_loss(logits, k, self.include_first)
+        scores = torch.sigmoid(logits)
         if self.routing == "threshold":
             return select_threshold(scores, self.threshold, self.include_first)
-        return select_topk(scores, self.num_selected(x.shape[1]), self.include_first)
+        return select_topk(scores, k, self.include_first)
 
     def forward(self, x: torch.Tensor, return_selection: bool = False):
         check_input(x, self.d_model)
@@ -87,11 +104,12 @@ class MoSAAttention(nn.Module):
             y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
                                  rope_base=self.rope_base, backend=self.backend)
         if self.dense is not None:
-            window = self.num_selected(x.shape[1]) if self.dense_kind == "local" else None
+            window = self.window(x.shape[1]) if self.dense_kind == "local" else None
             y = y + self.dense(x, window=window)
         return (y, selection) if return_selection else y
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_mosa_heads={self.num_mosa_heads}, sparsity={self.sparsity:g}, "
                 f"head_dim={self.head_dim}, num_dense_heads={self.num_dense_heads}, dense_kind={self.dense_kind!r}, "
-                f"include_first={self.include_first}, routing={self.routing!r}")
+                f"include_first={self.include_first}, routing={self.routing!r}"
+                + (f", local_window={self.local_window}" if self.local_window else ""))

@@ -39,6 +39,8 @@ class MoSAConfig:
     dense_kind: str = "dense"  # the hybrid's other heads: "dense" or "local"
     include_first: bool = False
     routing: str = "topk"  # "topk" (the paper) or "threshold" (causal)
+    router_aux_loss: float = 0.0  # weight of the auxiliary loss teaching scores to predict top-k (causal routing)
+    thresholds_calibrated: bool = False  # set by inference.calibrate_thresholds: the threshold buffers fit data
     rope_fraction: float = 0.5
     rope_base: float = 10000.0
     dropout: float = 0.0
@@ -55,6 +57,11 @@ class MoSAConfig:
         self.sparsity = check_sparsity(self.sparsity)
         if self.attention == "mosa" and not 0 <= self.num_dense_heads <= self.n_head:
             raise ValueError(f"num_dense_heads must be in [0, n_head={self.n_head}], got {self.num_dense_heads}")
+        if self.routing not in ("topk", "threshold"):
+            raise ValueError(f"routing must be 'topk' or 'threshold', got routing={self.routing!r}")
+        if isinstance(self.router_aux_loss, bool) or not isinstance(self.router_aux_loss, (int, float)) \
+                or not 0 <= self.router_aux_loss < float("inf"):
+            raise ValueError(f"router_aux_loss must be a finite number >= 0, got router_aux_loss={self.router_aux_loss!r}")
         if self.num_sparse_heads is not None and self.num_sparse_heads < 0:
             raise ValueError(f"num_sparse_heads must be >= 0 or None, got {self.num_sparse_heads}")
         if self.max_seq_len is not None and self.max_seq_len < self.seq_len:
@@ -82,6 +89,13 @@ class MoSAConfig:
 
     def replace(self, **changes) -> "MoSAConfig":
         return replace(self, **changes)
+
+    @property
+    def causal_routing_ready(self) -> bool:
+        """Whether threshold (causal) routing is expected to work: trained in it, trained with the auxiliary
+        router loss, or thresholds calibrated on data. Models without MoSA heads are causal anyway."""
+        return (self.attention not in ("mosa", "pure_mosa") or self.routing == "threshold"
+                or self.router_aux_loss > 0 or self.thresholds_calibrated)
 
     @property
     def longest_input(self) -> int:

@@ -18,8 +18,11 @@ def build_attention(cfg: MoSAConfig) -> nn.Module:
     if kind == "dense":
         return DenseAttention(cfg.d_model, cfg.n_head, **common)
     if kind in ("mosa", "pure_mosa"):
+        # the local window is fixed at k of the training length, so a KV cache can hold it whatever the length
         return MoSAAttention(cfg.d_model, cfg.sparse_heads, cfg.sparsity, num_dense_heads=cfg.dense_heads,
-                             dense_kind=cfg.dense_kind, include_first=cfg.include_first, routing=cfg.routing, **common)
+                             dense_kind=cfg.dense_kind, include_first=cfg.include_first, routing=cfg.routing,
+                             local_window=cfg.k if cfg.dense_kind == "local" else None,
+                             router_aux=cfg.router_aux_loss > 0, **common)
     if kind == "fixed":
         return FixedSparseAttention(cfg.d_model, cfg.sparse_heads, cfg.sparsity, **common)
     if kind == "routing":
@@ -106,6 +109,8 @@ class MoSALM(nn.Module):
         """ids [B, T] -> (logits [B, T, vocab], loss or None[, selections]).
 
         ``selections`` has one entry per layer: (scores, positions) of its MoSA heads, or None.
+        While training with ``config.router_aux_loss > 0`` the loss includes that weight times the mean
+        auxiliary router loss of the MoSA layers.
         """
         self._check_ids("ids", ids)
         x = self.embed(ids)
@@ -120,7 +125,24 @@ class MoSALM(nn.Module):
             if targets.shape != ids.shape:
                 raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            aux = [b.attn.aux_loss for b in self.blocks if getattr(b.attn, "aux_loss", None) is not None]
+            if aux and self.training and torch.is_grad_enabled():
+                loss = loss + self.config.router_aux_loss * torch.stack(aux).mean()
+            for b in self.blocks:
+                if hasattr(b.attn, "aux_loss"):
+                    b.attn.aux_loss = None  # one forward's loss; never carried into the next
         return (logits, loss, selections) if return_selections else (logits, loss)
+
+    @torch.no_grad()
+    def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, **kwargs):
+        """Sample ``max_new_tokens`` tokens after ``ids`` with a KV cache (MoSA heads cache only the tokens
+        they keep, under causal threshold routing). ``ids``: a [B, T] tensor, or a list of token lists of
+        different lengths. See ``mosa_attention.inference.generate`` for the other options."""
+        from ..inference.generate import generate  # noqa: PLC0415 (the application imports the model)
+
+        return generate(self, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        **kwargs)
 
     def _check_ids(self, name: str, ids, allow_ignore: bool = False) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

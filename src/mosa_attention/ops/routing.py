@@ -17,9 +17,14 @@ def check_sparsity(sparsity) -> float:
     return float(sparsity)
 
 
+def router_logits(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
+    """Router logits x W_r for every token and head: [B, T, h] x [E, h] -> [B, E, T]."""
+    return torch.einsum("bth,eh->bet", x, w_router)
+
+
 def router_scores(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
     """Router scores r = sigmoid(x W_r) for every token and head: [B, T, h] x [E, h] -> [B, E, T]."""
-    return torch.sigmoid(torch.einsum("bth,eh->bet", x, w_router))
+    return torch.sigmoid(router_logits(x, w_router))
 
 
 def select_topk(scores: torch.Tensor, k: int, include_first: bool = False):
@@ -69,3 +74,20 @@ def select_threshold(scores: torch.Tensor, threshold: torch.Tensor, include_firs
     idx = torch.where(idx >= T, torch.full_like(idx, T), idx)
     kept = scores.gather(-1, idx.clamp(max=T - 1)) * (idx < T)
     return kept, idx
+
+
+def topk_membership(scores: torch.Tensor, k: int, include_first: bool = False) -> torch.Tensor:
+    """Boolean [B, E, T]: which tokens ``select_topk`` keeps."""
+    _, idx = select_topk(scores, k, include_first)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def router_aux_loss(logits: torch.Tensor, k: int, include_first: bool = False) -> torch.Tensor:
+    """Teach each head's sigmoid score to predict its own top-k membership (Mixture-of-Depths' auxiliary
+    router loss): binary cross-entropy of the logits against the top-k decisions of the same sequence.
+
+    Once learnt, ``score > 0.5`` keeps about the top-k tokens, a rule that needs no future token, so
+    threshold routing at 0.5 can stand in for top-k when generating. logits [B, E, T] -> scalar.
+    """
+    target = topk_membership(logits.detach(), k, include_first).to(logits.dtype)
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
