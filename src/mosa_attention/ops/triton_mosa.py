@@ -36,6 +36,9 @@ import triton.language as tl
 from .mosa import sparse_attention_reference
 
 _MAX_HEAD_DIM = 128
+# scatter-add accumulator for 16-bit inputs: "fp32" (a float32 buffer, then a cast) or "native" (atomics in
+# the input dtype, no buffer); a measurement knob, see benchmarks/NOTES.md
+_ACC = os.environ.get("MOSA_TRITON_ACC", "fp32")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -208,7 +211,8 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
         w = tl.load(wbase + cols[:, None] * h + nn[None, :], mask=cm[:, None] & nm[None, :], other=0.0)
         y = tl.dot(os, w, input_precision=PREC)
         if ATOMIC:
-            tl.atomic_add(out_ptr + orow[:, None] + nn[None, :], y, mask=keep[:, None] & nm[None, :])
+            tl.atomic_add(out_ptr + orow[:, None] + nn[None, :], y.to(out_ptr.dtype.element_ty),
+                          mask=keep[:, None] & nm[None, :])
         else:
             tl.store(out_ptr + orow[:, None] + nn[None, :], y, mask=rm[:, None] & nm[None, :])
 
@@ -383,8 +387,8 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K,
         acc = tl.dot(d, wt, acc, input_precision=PREC)
     if ATOMIC:
         keep = rm & (pos >= 0) & (pos < T)
-        tl.atomic_add(dx_ptr + (b * T + pos).to(tl.int64)[:, None] * h + nn[None, :], acc,
-                      mask=keep[:, None] & nm[None, :])
+        tl.atomic_add(dx_ptr + (b * T + pos).to(tl.int64)[:, None] * h + nn[None, :],
+                      acc.to(dx_ptr.dtype.element_ty), mask=keep[:, None] & nm[None, :])
     else:
         tl.store(dx_ptr + (e * R + rows).to(tl.int64)[:, None] * h + nn[None, :], acc,
                  mask=rm[:, None] & nm[None, :])
@@ -463,10 +467,7 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     _qkv_fwd[(triton.cdiv(R, c["BM"]), E, 3)](
         x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, D=D, DP=c["DP"], ROPE=rope_dims, BM=c["BM"], BK=c["BK"],
         PREC=c["PREC"], num_warps=4)
-    if deterministic:
-        buf = torch.empty(E * R, h, device=dev, dtype=torch.float32)
-    else:
-        buf = torch.zeros(B, T, h, device=dev, dtype=torch.float32)
+    buf = _scatter_buffer(deterministic, B, T, h, E * R, x.dtype, dev)
     _attn_fwd[(triton.cdiv(R, c["BM"]), E)](
         qkv, idx, scores, w_o, o, lse, buf, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
         D=D, DP=c["DP"], BM=c["BM"], BN=c["BN"], BH=c["BH"], BS=c["BS"], PREC=c["PREC"],
@@ -474,6 +475,12 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     if deterministic:
         buf = _scatter_rows(buf, idx, B, T, h)
     return buf.to(x.dtype).contiguous(), qkv, o, lse
+
+
+def _scatter_buffer(deterministic, B, T, h, rows, dtype, dev):
+    if deterministic:
+        return torch.empty(rows, h, device=dev, dtype=torch.float32)
+    return torch.zeros(B, T, h, device=dev, dtype=dtype if _ACC == "native" else torch.float32)
 
 
 def _scatter_rows(rows, idx, B, T, h):
@@ -510,10 +517,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, rope_dims: int, rope_
         qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, **common)
     _attn_bwd_dq[(triton.cdiv(R, c["BM"]), E)](
         qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, **common)
-    if deterministic:
-        buf = torch.empty(E * R, h, device=dev, dtype=torch.float32)
-    else:
-        buf = torch.zeros(B, T, h, device=dev, dtype=torch.float32)
+    buf = _scatter_buffer(deterministic, B, T, h, E * R, x.dtype, dev)
     _qkv_bwd_dx[(triton.cdiv(R, c["BM"]), E, triton.cdiv(h, c["BH"]))](
         dqkv, idx, w_qkv, buf, T, h, E, R, K, D=D, DP=c["DP"], BM=c["BM"], BH=c["BH"], PREC=c["PREC"],
         ATOMIC=not deterministic, num_warps=4)

@@ -1,0 +1,359 @@
+"""Time and check one MoSA attention layer: this project's Triton kernels against the official release
+and against dense attention (SDPA), forward + backward and forward only.
+
+    python benchmarks/bench_layer.py --check              # correctness at real shapes (needs a GPU)
+    python benchmarks/bench_layer.py --official .official  # the issue-3 cases, the T sweep, JSON to --out
+    python benchmarks/bench_layer.py --check --official .official --out results/  # both
+
+Method (see the issue): bf16 autocast over float32 parameters, as the official release trains; median of
+many CUDA-event timings after warm-up; eager, and where the layer allows it also one CUDA graph per step
+(launch overhead removed). FLOPs and the fewest bytes are counted per case, so each time is also shown as
+TFLOP/s and GB/s against the card's measured ceilings (a bf16 matrix product, a device-to-device copy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from mosa_attention import DenseAttention, MoSAAttention  # noqa: E402
+from mosa_attention.ops import num_selected  # noqa: E402
+from mosa_attention.ops.mosa import sparse_attention_reference  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------- measuring
+def cuda_time(fn, warmup=3, iters=20, max_s=1.5):
+    """Median milliseconds of fn() by CUDA events; iterations capped by max_s of wall time."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times, t0 = [], time.perf_counter()
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+        if time.perf_counter() - t0 > max_s and len(times) >= 5:
+            break
+    return statistics.median(times)
+
+
+def ceilings():
+    n = 1 << 28  # 512 MiB of bf16 each way
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = cuda_time(lambda: dst.copy_(src), iters=20)
+    gbs = 2 * src.numel() * 2 / ms / 1e6
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_time(lambda: a @ b, iters=20)
+    tflops = 2 * 8192 ** 3 / ms / 1e9
+    return {"copy_GBps": gbs, "bf16_mm_TFLOPs": tflops}
+
+
+def poison():
+    """Fill the caching allocator's free memory with NaN, so that any output element a kernel forgets to
+    write shows up as NaN in the check."""
+    free, _ = torch.cuda.mem_get_info()
+    big = []
+    try:
+        for _ in range(2):
+            big.append(torch.empty(int(free * 0.35) // 4, device="cuda", dtype=torch.float32).fill_(float("nan")))
+        small = [torch.empty(1 << 17, device="cuda").fill_(float("nan")) for _ in range(256)]
+    except torch.OutOfMemoryError:
+        small = []
+    del big, small
+
+
+# ----------------------------------------------------------------------------------------- counting
+def mosa_flops(B, T, h, E, k, D):
+    """Forward FLOPs of the MoSA heads: router, QKV, causal attention among k (half of k^2), W_O."""
+    return 2 * B * T * h * E + B * E * (2 * k * h * 3 * D + 2 * k * k * D + 2 * k * D * h)
+
+
+def dense_flops(B, T, h, H, D):
+    return B * H * (2 * T * h * 3 * D + 2 * T * T * D + 2 * T * D * h)
+
+
+def min_bytes(B, T, h, params, backward):
+    """Fewest bytes (bf16): x read, y written, parameters read; backward adds dy read, dx written, x
+    read again, parameters read again and their gradients written."""
+    fwd = 2 * (2 * B * T * h + params)
+    return fwd + (2 * (3 * B * T * h + 2 * params) if backward else 0)
+
+
+# ----------------------------------------------------------------------------------------- layers
+def official_module(path, h, E, sparsity, dense_heads, T, D=64):
+    if not path:
+        return None
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        from mosa.hybrid import MoSA as OfficialMoSA
+        from mosa.MoSA import PureMoSA
+    except ImportError as err:
+        print(f"official release not importable from {path}: {err}")
+        return None
+    if dense_heads:
+        return OfficialMoSA(h, D, E, dense_heads, T, sparsity, hybrid_type="dense")
+    return PureMoSA(E, sparsity, h, D)
+
+
+def make_step(layer, x, dy, backward):
+    def step():
+        y = layer(x)
+        if backward:
+            y.backward(dy)
+        return y
+    return step
+
+
+def graph_step(step):
+    """One CUDA graph for a whole step (forward, and backward into .grad), replayed; None if capture fails."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            step()
+    except Exception as err:  # noqa: BLE001 (a layer that syncs cannot be captured: report and go on)
+        return None, f"{type(err).__name__}: {str(err)[:120]}"
+    return g.replay, None
+
+
+def time_layer(name, layer, B, T, h, backward, graphs=True):
+    x = torch.randn(B, T, h, device="cuda", requires_grad=backward)
+    dy = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16)
+    params = [p for p in layer.parameters()]
+    ac = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    with ac, torch.set_grad_enabled(backward):
+        step = make_step(layer, x, dy, backward)
+        step()
+        torch.cuda.synchronize()
+        for p in params + [x]:
+            p.grad = None
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        eager = cuda_time(step)
+        graph_ms, why = None, None
+        if graphs:
+            replay, why = graph_step(step)
+            if replay is not None:
+                graph_ms = cuda_time(replay)
+    for p in params + [x]:
+        p.grad = None
+    return {"name": name, "eager_ms": eager, "graph_ms": graph_ms, "graph_error": why, "peak_MiB": peak / 2 ** 20}
+
+
+# ----------------------------------------------------------------------------------------- cases
+def cases(quick):
+    """(label, h, E mosa heads, sparsity, dense heads in the hybrid, dense-only heads, T, B)."""
+    rows = [
+        ("t1 MoSA heads alone, h512 17 heads rho32", 512, 17, 32, 0, 9, 1024, 16),
+        ("t2 hybrid 4 dense + 17 MoSA rho32", 512, 17, 32, 4, 9, 1024, 16),
+        ("t3 hybrid 4 dense + 505 MoSA rho64", 512, 505, 64, 4, 9, 1024, 16),
+        ("t4 h1024 60 MoSA k64 T65536", 1024, 60, 1024, 0, 16, 65536, 1),
+        ("h1024 60 MoSA k64 T16384", 1024, 60, 256, 0, 16, 16384, 1),
+    ]
+    return rows[:2] if quick else rows
+
+
+def run_cases(args, out):
+    res = []
+    for label, h, E, rho, nd, dense_h, T, B in cases(args.quick):
+        k = num_selected(T, rho)
+        for backward in (True, False):
+            try:
+                row = time_case(args, label, h, E, rho, nd, dense_h, T, B, k, backward)
+            except Exception as err:  # noqa: BLE001 (report, go on with the other cases)
+                print("case", label, "failed:", repr(err)[:300], flush=True)
+                continue
+            res.append(row)
+            torch.cuda.empty_cache()
+            print(fmt_row(row), flush=True)
+    out["cases"] = res
+
+
+def time_case(args, label, h, E, rho, nd, dense_h, T, B, k, backward):
+    row = {"case": label, "h": h, "E": E, "sparsity": rho, "k": k, "dense_in_hybrid": nd, "T": T, "B": B,
+           "backward": backward}
+    ours = MoSAAttention(h, E, rho, num_dense_heads=nd, backend="triton").cuda()
+    row["ours"] = time_layer("ours", ours, B, T, h, backward)
+    del ours
+    off = official_module(args.official, h, E, rho, nd, T)
+    if off is not None:
+        row["official"] = time_layer("official", off.cuda(), B, T, h, backward, graphs=False)
+        del off
+    dense = DenseAttention(h, dense_h).cuda()
+    row["dense"] = time_layer(f"dense {dense_h} heads", dense, B, T, h, backward)
+    del dense
+    f = mosa_flops(B, T, h, E, k, 64) + dense_flops(B, T, h, nd, 64)
+    row["flops"] = f * (3 if backward else 1)
+    nparam = E * h * (1 + 4 * 64) + nd * 4 * 64 * h
+    row["min_bytes"] = min_bytes(B, T, h, nparam, backward)
+    best = min(v for v in (row["ours"]["eager_ms"], row["ours"]["graph_ms"]) if v)
+    row["ours_TFLOPs"] = row["flops"] / best / 1e9
+    row["ours_GBps"] = row["min_bytes"] / best / 1e6
+    return row
+
+
+def run_sweep(args, out):
+    """Time against T at h=1024, 60 MoSA heads of k=64, B=1, and 16 dense heads (the plot)."""
+    res = []
+    Ts = [1024, 4096, 16384, 65536] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    for T in Ts:
+        rho = T / 64
+        row = {"T": T}
+        ours = MoSAAttention(1024, 60, rho, backend="triton").cuda()
+        row["ours"] = time_layer("ours", ours, 1, T, 1024, True)
+        off = official_module(args.official, 1024, 60, rho, 0, T)
+        if off is not None:
+            row["official"] = time_layer("official", off.cuda(), 1, T, 1024, True, graphs=False)
+        row["dense"] = time_layer("dense 16", DenseAttention(1024, 16).cuda(), 1, T, 1024, True)
+        res.append(row)
+        print("sweep T=%6d ours %.3f/%s official %s dense %.3f ms" % (
+            T, row["ours"]["eager_ms"], _g(row["ours"]["graph_ms"]),
+            _g(row.get("official", {}).get("eager_ms")), row["dense"]["eager_ms"]), flush=True)
+    out["sweep_T"] = res
+
+
+def _g(v):
+    return "-" if v is None else "%.3f" % v
+
+
+def fmt_row(r):
+    o = r.get("official", {})
+    return ("%-42s %s ours %7.3f eager %7s graph %8.1f MiB | official %7s ms %8s MiB | dense %7.3f / %7s ms"
+            " %8.1f MiB | %.1f TFLOP/s %.0f GB/s") % (
+        r["case"], "f+b" if r["backward"] else "fwd", r["ours"]["eager_ms"], _g(r["ours"]["graph_ms"]),
+        r["ours"]["peak_MiB"], _g(o.get("eager_ms")), "%.1f" % o["peak_MiB"] if o else "-",
+        r["dense"]["eager_ms"], _g(r["dense"]["graph_ms"]), r["dense"]["peak_MiB"], r["ours_TFLOPs"], r["ours_GBps"])
+
+
+# ----------------------------------------------------------------------------------------- checks
+def check_one(op, B, T, h, E, k, D, rd, pad, unsorted, dt, tol):
+    x = torch.randn(B, T, h, device="cuda", dtype=dt)
+    sc = torch.rand(B, E, k, device="cuda", dtype=dt)
+    idx = torch.rand(B, E, T, device="cuda").topk(k, dim=-1).indices.sort(-1).values
+    if pad:
+        idx[..., k - pad:] = T
+    if unsorted:
+        idx = idx[..., torch.randperm(k, device="cuda")]
+    wq = (torch.randn(E, h, 3 * D, device="cuda") / h ** 0.5).to(dt)
+    wo = (torch.randn(E, D, h, device="cuda") / D ** 0.5).to(dt)
+    dy = torch.randn(B, T, h, device="cuda", dtype=dt)
+    ref = [t.detach().double().requires_grad_() for t in (x, sc, wq, wo)]
+    yr = sparse_attention_reference(ref[0], ref[1], idx, ref[2], ref[3], rd)
+    yr.backward(dy.double())
+    rows = []
+    for det in (False, True):
+        outs = []
+        for _ in range(2 if det else 1):
+            poison()
+            leaves = [t.detach().clone().requires_grad_() for t in (x, sc, wq, wo)]
+            y = op(leaves[0], leaves[1], idx, leaves[2], leaves[3], rd, deterministic=det)
+            y.backward(dy)
+            outs.append([y.detach()] + [t.grad for t in leaves])
+        errs = {n: ((a.double() - b).norm() / b.norm()).item()
+                for n, a, b in zip(("y", "dx", "dscores", "dw_qkv", "dw_o"), outs[0], [yr] + [t.grad for t in ref])}
+        good = all(e <= tol for e in errs.values())  # NaN fails
+        repeat = all(torch.equal(a, b) for a, b in zip(*outs)) if det else None
+        good = good and repeat is not False
+        row = {"shape": [B, T, h, E, k, D, rd, pad, unsorted], "deterministic": det, "errors": errs,
+               "bitwise_repeat": repeat, "pass": good}
+        rows.append(row)
+        print("check %-46s %s det=%d %s %s" % (row["shape"], dt, det, " ".join(
+            "%s=%.1e" % kv for kv in errs.items()), "PASS" if good else "FAIL"), flush=True)
+    return rows
+
+
+def check(out):
+    """Relative error of output and every gradient against the float64 reference on fresh random inputs,
+    poisoned memory before every run; deterministic mode must repeat bit for bit."""
+    from mosa_attention.ops.triton_mosa import sparse_attention_triton
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    shapes = [  # B, T, h, E, k, D, rope_dims, pad, unsorted, dtypes
+        (16, 1024, 512, 17, 32, 64, 32, 0, False, ("bf16", "fp32")),
+        (16, 1024, 512, 505, 16, 64, 32, 0, False, ("bf16",)),
+        (1, 65536, 1024, 60, 64, 64, 32, 0, False, ("bf16",)),
+        (4, 2048, 256, 8, 1024, 128, 64, 0, False, ("bf16", "fp32")),
+        (2, 4096, 512, 4, 4096, 32, 16, 0, False, ("bf16",)),
+        (8, 1024, 512, 17, 300, 64, 32, 20, True, ("bf16", "fp32")),
+        (3, 1000, 384, 6, 250, 64, 32, 0, False, ("bf16",)),
+    ]
+    tol = {"bf16": 1e-2, "fp32": 1e-4}
+    dts = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    res, ok = [], True
+    for B, T, h, E, k, D, rd, pad, unsorted, names in shapes:
+        for name in names:
+            try:
+                rows = check_one(sparse_attention_triton, B, T, h, E, k, D, rd, pad, unsorted, dts[name], tol[name])
+            except Exception as err:  # noqa: BLE001 (report, go on with the other shapes)
+                rows = [{"shape": [B, T, h, E, k, D, rd, pad, unsorted], "error": repr(err)[:300], "pass": False}]
+                print("check", rows[0], flush=True)
+            for row in rows:
+                row["dtype"] = name
+                ok &= row["pass"]
+            res += rows
+            torch.cuda.empty_cache()
+    out["check"] = {"pass": ok, "rows": res}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="correctness at real shapes")
+    ap.add_argument("--no-bench", action="store_true", help="skip the timings")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the T sweep")
+    ap.add_argument("--quick", action="store_true", help="fewer cases")
+    ap.add_argument("--official", default=None, help="path holding the official release's mosa/ package")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json")
+    args = ap.parse_args()
+    import triton
+    out = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
+    print(out, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+    if args.check:
+        check(out)
+        save()
+    if not args.no_bench:
+        out["ceilings"] = ceilings()
+        print(out["ceilings"], flush=True)
+        run_cases(args, out)
+        save()
+        if not args.no_sweep:
+            run_sweep(args, out)
+    save()
+    if args.check and not out["check"]["pass"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
