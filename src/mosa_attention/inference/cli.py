@@ -1,0 +1,118 @@
+"""``mosa generate``: sample text from a trained run, streaming tokens to the terminal as they come.
+
+    mosa generate --checkpoint runs/mosa-... --prompt "The history of" --max-new-tokens 200
+
+MoSA heads route causally (by threshold) and cache only the tokens they keep. A model trained with top-k
+routing and no auxiliary router loss should be calibrated first: ``--calibrate 32`` sets every head's
+threshold on 32 windows of the run's training data (in memory; the checkpoint is not changed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RUN",
+                   help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="the text to continue; repeat for a batch of prompts (printed when all are done)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--capacity", type=int, default=None,
+                   help="at most this many cached tokens per MoSA head (the lowest-score one is dropped)")
+    p.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
+                   help="calibrate the routing thresholds on this many training windows first")
+    p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop a sequence at the end-of-document token")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--stats", action="store_true", help="print tokens/s and the KV cache's size at the end")
+
+
+def load_run(path, device: str = "auto"):
+    """(model, tokenizer, checkpoint) of a run or checkpoint folder, on ``device``."""
+    import torch  # noqa: PLC0415
+
+    from ..train.checkpoint import load_model  # noqa: PLC0415
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_model(path, device=device)
+
+
+def training_windows(ckpt, count: int, split: str = "train"):
+    """Up to ``count`` (ids, targets) windows of the run's data split, at the model's training length."""
+    from ..data import prepare  # noqa: PLC0415
+    from ..data.batches import eval_batches  # noqa: PLC0415
+    from ..train.config import TrainConfig  # noqa: PLC0415
+
+    cfg = TrainConfig.from_dict(ckpt.state["train_config"])
+    data = prepare(cfg.data, log=lambda *a: None)
+    T = ckpt.state["model_config"]["seq_len"]
+    return list(eval_batches(data.tokens(split), T, batch_size=8, max_windows=count))
+
+
+class _Printer:
+    """Prints the newly decoded text of one sequence; holds back a partly decoded character (byte-level
+    tokens may split one)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, token) -> None:
+        self.ids.append(int(token[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[len(self.shown):] if text.startswith(self.shown) else text)
+        self.out.flush()
+        self.shown = text
+
+
+def run(args) -> int:
+    from .routing import calibrate_thresholds  # noqa: PLC0415
+    from .generate import generate  # noqa: PLC0415
+    from .sampling import check_sampling  # noqa: PLC0415
+
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        print(f"mosa generate: {e}", file=sys.stderr)
+        return 2
+    model, tokenizer, ckpt = load_run(args.checkpoint, args.device)
+    if args.calibrate:
+        batches = [x for x, _ in training_windows(ckpt, args.calibrate)]
+        calibrate_thresholds(model, batches)
+        print(f"[calibrated routing thresholds on {sum(len(b) for b in batches)} training windows]", file=sys.stderr)
+    prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt]
+    single = len(prompts) == 1
+    printer = _Printer(tokenizer) if single else None
+    if single:
+        sys.stdout.write(args.prompt[0])
+        sys.stdout.flush()
+    t0 = time.perf_counter()
+    try:
+        out, cache = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer,
+                              eos_id=tokenizer.eos_id if args.stop_at_eos else None, return_cache=True)
+    except ValueError as e:
+        print(f"\nmosa generate: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    if single:
+        print()
+    else:
+        for p, text, ids in zip(prompts, args.prompt, out):
+            print(f"--- {text!r}\n{text}{tokenizer.decode(ids[len(p):])}")
+    if args.stats:
+        new = sum(len(o) - len(p) for o, p in zip(out, prompts))
+        print(f"[{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s, prefill included) on "
+              f"{next(model.parameters()).device}; KV cache {cache.nbytes() / 1024:.1f} KiB allocated, "
+              f"{cache.held_bytes() / 1024:.1f} KiB held, entries {cache.entries()}]", file=sys.stderr)
+    return 0

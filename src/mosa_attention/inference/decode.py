@@ -1,0 +1,151 @@
+"""Incremental decoding: run a chunk of new tokens through the model against its KV cache.
+
+``extend(model, ids, cache)`` is both the prefill (the whole prompt in one parallel pass) and each decoding
+step (one token per sequence). MoSA heads route with the causal threshold rule whatever ``routing`` the
+layer was built with: a token is kept by a head iff its score passes the head's threshold, so the logits
+equal those of a full forward pass in ``routing="threshold"`` mode at every position.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..layers import DenseAttention, MoSAAttention
+from ..ops import apply_rope, project_qkv, rope_cos_sin
+from ..ops.routing import router_logits
+from .cache import DenseCache, KVCache, RingCache, SparseCache
+
+SUPPORTED = ("dense", "mosa", "pure_mosa", "local")
+
+
+def check_supported(model) -> None:
+    kind = model.config.attention
+    if kind not in SUPPORTED:
+        raise NotImplementedError(f"generation with a KV cache supports attention kinds {SUPPORTED}; this model "
+                                  f"has attention={kind!r}")
+    for block in model.blocks:
+        attn = block.attn
+        if isinstance(attn, MoSAAttention) and attn.dense is not None and attn.dense_kind == "local" \
+                and attn.local_window is None:
+            raise ValueError("a MoSA layer with local heads needs a fixed local_window to be cached "
+                             "(models built by MoSALM set it to config.k)")
+
+
+def new_cache(model, pad: torch.Tensor, capacity: int | None = None) -> KVCache:
+    """An empty cache for ``model`` and a batch whose sequences are left-padded by ``pad`` [B] columns."""
+    check_supported(model)
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+        raise ValueError(f"capacity must be a positive integer or None, got capacity={capacity!r}")
+    p = model.embed.weight
+    B, kw = pad.shape[0], dict(dtype=p.dtype, device=p.device)
+    layers = []
+    for block in model.blocks:
+        attn = block.attn
+        sparse, dense = None, None
+        if isinstance(attn, MoSAAttention):
+            if attn.num_mosa_heads:
+                sparse = SparseCache(B, attn.num_mosa_heads, attn.head_dim, capacity=capacity,
+                                     protect_first=attn.include_first, **kw)
+            if attn.dense is not None:
+                window = attn.local_window if attn.dense_kind == "local" else None
+                dense = _dense_cache(attn.dense, B, window, kw)
+        else:
+            dense = _dense_cache(attn, B, attn.window, kw)
+        layers.append({"sparse": sparse, "dense": dense})
+    return KVCache(layers, pad.to(p.device))
+
+
+def _dense_cache(attn: DenseAttention, B: int, window: int | None, kw):
+    if window is None:
+        return DenseCache(B, attn.num_heads, attn.head_dim, **kw)
+    return RingCache(B, attn.num_heads, attn.head_dim, window, **kw)
+
+
+@torch.no_grad()
+def extend(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed ``ids`` [B, n] (the next n columns of the batch) through ``model``; returns logits [B, n, vocab]
+    and leaves their keys and values in ``cache``. Pad columns may hold any token id."""
+    n = ids.shape[1]
+    cols = torch.arange(cache.length, cache.length + n, device=ids.device)
+    pos = cols[None] - cache.pad[:, None]  # per-sequence positions; negative on padding
+    x = model.embed(ids)
+    for block, layer in zip(model.blocks, cache.layers):
+        h = block.ln1(x)
+        x = x + attend(block.attn, layer, h, pos, cols, cache.pad)
+        x = x + block.mlp(block.ln2(x))
+    cache.length += n
+    return model.lm_head(model.ln_f(x))
+
+
+def attend(attn, layer: dict, x, pos, cols, pad) -> torch.Tensor:
+    """One attention module over new tokens x [B, n, h] and its cache ``layer``."""
+    if isinstance(attn, MoSAAttention):
+        y = sparse_heads(attn, layer["sparse"], x, pos) if layer["sparse"] is not None else 0
+        if layer["dense"] is not None:
+            window = attn.local_window if attn.dense_kind == "local" else None
+            y = y + dense_heads(attn.dense, layer["dense"], x, pos, cols, pad, window)
+        return y
+    return dense_heads(attn, layer["dense"], x, pos, cols, pad, attn.window)
+
+
+def dense_heads(attn: DenseAttention, cache, x, pos, cols, pad, window: int | None) -> torch.Tensor:
+    """Causal (or sliding-window) heads: the new queries attend to the cached columns and to each other."""
+    B, n, _ = x.shape
+    q, k, v = project_qkv(x, attn.W_QKV.weight, attn.num_heads, attn.rope_dims, attn.rope_base,
+                          positions=pos.clamp(min=0)[:, None, :])
+    old_k, old_v, old_cols = cache.keys()
+    keys, values = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
+    kcol = torch.cat([old_cols, cols])
+    mask = (kcol[None, None, :] >= pad[:, None, None]) & (kcol <= cols[:, None]) & (kcol >= 0)  # [B, n, L+n]
+    if window is not None:
+        mask &= kcol > cols[:, None] - window
+    mask |= (cols[None, :] < pad[:, None])[..., None]  # a pad query sees anything: finite, and never read
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+    if isinstance(cache, RingCache):
+        cache.append(k, v, cols)
+    else:
+        cache.append(k, v)
+    return F.linear(o.transpose(1, 2).reshape(B, n, -1), attn.W_O.weight)
+
+
+def keep_mask(attn: MoSAAttention, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[B, E, n]: the causal rule, score above the head's threshold (token 0 always, with include_first)."""
+    keep = scores > attn.threshold.to(scores.dtype)[None, :, None]
+    if attn.include_first:
+        keep |= (pos == 0)[:, None, :]
+    return keep & (pos >= 0)[:, None, :]
+
+
+def sparse_heads(attn: MoSAAttention, cache: SparseCache, x, pos) -> torch.Tensor:
+    """MoSA heads: each head keeps the new tokens that pass its threshold, computes Q, K, V for those only,
+    attends to its cached kept tokens and to the new kept ones before them, and stores the new keys."""
+    B, n, h = x.shape
+    D = attn.head_dim
+    scores = torch.sigmoid(router_logits(x, attn.router))  # [B, E, n]
+    keep = keep_mask(attn, scores, pos)
+    m = int(keep.sum(-1).max())
+    if m == 0:
+        return x.new_zeros(B, n, h)
+    # the kept new tokens of each head first, in order; slots past a head's count are padding
+    order = torch.arange(n, device=x.device)
+    j = torch.where(keep, order, order + n).sort(-1).values[..., :m]
+    ok = j < n
+    j = j.clamp(max=n - 1)
+    E = j.shape[1]
+    xg = x.gather(1, j.reshape(B, E * m, 1).expand(-1, -1, h)).view(B, E, m, h)
+    q, k, v = torch.einsum("bekh,ehd->bekd", xg, attn.W_QKV).split(D, dim=-1)
+    p = pos[:, None, :].expand(-1, E, -1).gather(2, j)
+    cos, sin = rope_cos_sin(p, attn.rope_dims, attn.rope_base, q.dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    s = scores.gather(2, j)
+    keys, values = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
+    kpos = torch.cat([cache.pos, p], 2)
+    kvalid = torch.cat([cache.valid(), ok], 2)
+    mask = kvalid[..., None, :] & (kpos[..., None, :] <= p[..., :, None])  # [B, E, m, C+m]
+    mask |= ~ok[..., None]  # padding queries: finite, dropped below
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    o = o * (s * ok)[..., None].to(o.dtype)
+    y = torch.einsum("bekd,edh->bekh", o, attn.W_O).reshape(B, E * m, h)
+    out = x.new_zeros(B, n, h).scatter_add_(1, j.reshape(B, E * m, 1).expand(-1, -1, h), y)
+    cache.append(k, v, p, s, ok)
+    return out

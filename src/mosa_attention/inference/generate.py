@@ -1,0 +1,115 @@
+"""Autoregressive generation with the sparse KV cache: prefill the prompts in one parallel pass, then decode
+one token per step."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from .decode import extend, new_cache
+from .sampling import check_sampling, sample
+
+
+class RoutingWarning(UserWarning):
+    """A model whose router was never taught the causal (threshold) rule is asked to generate."""
+
+
+def warn_if_not_causal(model) -> None:
+    if not model.config.causal_routing_ready:
+        warnings.warn(
+            "this model was trained with top-k routing, without the auxiliary router loss and without "
+            "calibrated thresholds, so its causal (threshold) routing keeps an arbitrary number of tokens and "
+            "its outputs may be poor. Calibrate first (mosa_attention.inference.calibrate_thresholds, or "
+            "`mosa generate --calibrate`), or train with router_aux_loss > 0.", RoutingWarning, stacklevel=3)
+
+
+def _prompts(model, ids) -> tuple[list[list[int]], bool]:
+    """(prompts as lists, whether they came as one tensor)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 1:
+            ids = ids[None]
+        model._check_ids("ids", ids)
+        return ids.tolist(), True
+    if not isinstance(ids, (list, tuple)) or not ids:
+        raise ValueError(f"ids must be a [batch, seq_len] tensor or a non-empty list of token lists, got {ids!r:.80}")
+    prompts = [list(p) if isinstance(p, (list, tuple)) else None for p in ids]
+    V = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if p is None or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            raise ValueError(f"ids[{i}] must be a list of token ids (int), got {ids[i]!r:.80}")
+        if not p:
+            raise ValueError(f"ids[{i}] is an empty prompt; give at least one token (e.g. the end-of-document id)")
+        bad = [t for t in p if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"ids[{i}] holds token ids outside [0, vocab_size={V}): {bad[:5]}")
+    return prompts, False
+
+
+@torch.no_grad()
+def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
+             capacity: int | None = None, stream: Callable[[torch.Tensor], None] | None = None,
+             return_cache: bool = False):
+    """Sample up to ``max_new_tokens`` tokens after each prompt.
+
+    ids: a [B, T] integer tensor, or a list of B token lists of any lengths (left-padded internally, each
+    sequence keeps its own positions). temperature 0 is greedy; ``top_k``/``top_p`` cut the distribution;
+    ``seed`` makes sampling repeatable. A sequence stops after ``eos_id`` (later tokens repeat it); all stop
+    after ``max_new_tokens``. ``capacity`` bounds each MoSA head's cache (see ``cache.SparseCache``).
+    ``stream(tokens [B])`` is called with every new column as it is sampled.
+
+    Returns a [B, T + n] tensor for tensor input, else a list of lists (prompt + new tokens, cut after
+    ``eos_id``); with ``return_cache`` also the ``KVCache``.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got max_new_tokens={max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got seed={seed!r}")
+    prompts, as_tensor = _prompts(model, ids)
+    longest = max(len(p) for p in prompts)
+    limit = model.config.longest_input
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the longest "
+                         f"sequence this model accepts ({limit}; config.max_seq_len)")
+    warn_if_not_causal(model)
+
+    device = model.embed.weight.device
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    batch = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = new_cache(model, pad, capacity)
+        logits = extend(model, batch, cache)[:, -1]  # the prompts in one parallel pass
+        out, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            out.append(token)
+            if stream is not None:
+                stream(token)
+            if step + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
+                break
+            logits = extend(model, token[:, None], cache)[:, -1]
+    finally:
+        model.train(was_training)
+
+    new = torch.stack(out, 1) if out else batch.new_zeros(len(prompts), 0)
+    if as_tensor:
+        result = torch.cat([batch, new], 1)
+    else:
+        result = []
+        for p, row in zip(prompts, new.tolist()):
+            if eos_id is not None and eos_id in row:
+                row = row[:row.index(eos_id) + 1]
+            result.append(p + row)
+    return (result, cache) if return_cache else result
