@@ -12,12 +12,13 @@ order of ``idx``; when a sequence's positions are ascending (``select_topk`` sor
 skip the key blocks after the query block. Sortedness is checked on the device, per block, so unsorted
 input is slower, never wrong, and nothing is read back to the host (CUDA graphs can capture the op).
 
-Forward: ``_qkv_fwd`` (gather + QKV projection + RoPE) then ``_attn_fwd`` (flash attention + score +
-W_O projection + scatter-add, fp32 atomics). Backward: ``_out_bwd`` (dO, d score), ``_dwo``,
-``_attn_bwd_dkdv``, ``_attn_bwd_dq`` (both with RoPE backward), ``_qkv_bwd_dx`` (scatter-add into dx) and
-``_dwqkv``. Weight gradients are reductions inside one program, never atomics. With
-``deterministic=True`` (default: ``torch.are_deterministic_algorithms_enabled()``) the two scatter-adds write
-per-row results and reduce them with ``index_put_(accumulate=True)`` instead of atomics.
+Forward: ``_qkv_fwd`` (gather + QKV projection + RoPE), ``_attn_fwd`` (flash attention + score + W_O
+projection, one row of y per kept token) and ``_segment_sum`` (the scatter-add). Backward: ``_out_bwd``
+(dO, d score), ``_dwo``, ``_attn_bwd_dkdv``, ``_attn_bwd_dq`` (both with RoPE backward), ``_qkv_bwd_dx``
+(rows of dx) and ``_segment_sum`` again, ``_dwqkv``. No atomics anywhere: weight gradients are reductions
+inside one program, and the scatter-add sums each token's rows in head order through a stable sort of the
+destinations (computed once in the forward), so results are deterministic, and the kernel that sums also
+writes the zeros, so no output buffer is filled or cast.
 
 Supported: x, w_qkv, w_o all float16, bfloat16 or float32 (float32 runs exact fp32 dots, no tf32);
 head dim D <= 128 (any D, padded to a power of two in registers); any k >= 1. Non-contiguous inputs are
@@ -36,9 +37,6 @@ import triton.language as tl
 from .mosa import sparse_attention_reference
 
 _MAX_HEAD_DIM = 128
-# scatter-add accumulator for 16-bit inputs: "fp32" (a float32 buffer, then a cast) or "native" (atomics in
-# the input dtype, no buffer); a measurement knob, see benchmarks/NOTES.md
-_ACC = os.environ.get("MOSA_TRITON_ACC", "fp32")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -157,8 +155,8 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K,
 @triton.jit
 def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E, R, K, qk_scale,
               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
-              BS: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr):
-    """Causal attention of one block of query rows, then y = (o * score) @ w_o[e] added to out."""
+              BS: tl.constexpr, PREC: tl.constexpr):
+    """Causal attention of one block of query rows, then its rows of y = (o * score) @ w_o[e]."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = qkv_ptr.dtype.element_ty
@@ -199,22 +197,37 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
     # score scaling + output projection + scatter-add; padding slots (pos == T) are dropped
     sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
     os = (o.to(DT).to(tl.float32) * sc[:, None]).to(DT)
-    keep = rm & (posq >= 0) & (posq < T)
-    if ATOMIC:
-        orow = (bq * T + posq).to(tl.int64) * h
-    else:
-        orow = (e * R + rows).to(tl.int64) * h
+    orow = (e * R + rows).to(tl.int64) * h
     wbase = wo_ptr + e.to(tl.int64) * D * h
     for n0 in range(0, h, BH):
         nn = n0 + tl.arange(0, BH)
         nm = nn < h
         w = tl.load(wbase + cols[:, None] * h + nn[None, :], mask=cm[:, None] & nm[None, :], other=0.0)
         y = tl.dot(os, w, input_precision=PREC)
-        if ATOMIC:
-            tl.atomic_add(out_ptr + orow[:, None] + nn[None, :], y.to(out_ptr.dtype.element_ty),
-                          mask=keep[:, None] & nm[None, :])
-        else:
-            tl.store(out_ptr + orow[:, None] + nn[None, :], y, mask=rm[:, None] & nm[None, :])
+        tl.store(out_ptr + orow[:, None] + nn[None, :], y.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, T, h, BT: tl.constexpr, BH: tl.constexpr):
+    """out[b, t] = sum of the per-head rows that land on (b, t), in head order: a scatter-add without
+    atomics (deterministic), which also writes the zeros of unselected tokens (no separate fill)."""
+    pid = tl.program_id(0)
+    pn = tl.program_id(1)
+    o = pid * BT + tl.arange(0, BT)  # b * T + t
+    om = o < N
+    key = o + o // T  # b * (T + 1) + t
+    s = tl.load(starts_ptr + key, mask=om, other=0)
+    n = tl.load(starts_ptr + key + 1, mask=om, other=0) - s
+    nn = pn * BH + tl.arange(0, BH)
+    nm = nn < h
+    acc = tl.zeros([BT, BH], tl.float32)
+    for i in range(0, tl.max(n, 0)):
+        live = i < n
+        src = tl.load(perm_ptr + s + i, mask=live, other=0)
+        acc += tl.load(rows_ptr + src.to(tl.int64)[:, None] * h + nn[None, :], mask=live[:, None] & nm[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + o.to(tl.int64)[:, None] * h + nn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=om[:, None] & nm[None, :])
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -365,9 +378,8 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
 
 @triton.jit
 def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K,
-                D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                ATOMIC: tl.constexpr):
-    """dx[b, pos] += [dq | dk | dv] @ w_qkv[e]^T for one block of rows and columns."""
+                D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+    """Rows of [dq | dk | dv] @ w_qkv[e]^T (each kept token's share of dx), one block of rows and columns."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     pn = tl.program_id(2)
@@ -385,13 +397,8 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K,
         wt = tl.load(wbase + nn[None, :] * (3 * D) + part * D + cols[:, None], mask=cm[:, None] & nm[None, :],
                      other=0.0)
         acc = tl.dot(d, wt, acc, input_precision=PREC)
-    if ATOMIC:
-        keep = rm & (pos >= 0) & (pos < T)
-        tl.atomic_add(dx_ptr + (b * T + pos).to(tl.int64)[:, None] * h + nn[None, :],
-                      acc.to(dx_ptr.dtype.element_ty), mask=keep[:, None] & nm[None, :])
-    else:
-        tl.store(dx_ptr + (e * R + rows).to(tl.int64)[:, None] * h + nn[None, :], acc,
-                 mask=rm[:, None] & nm[None, :])
+    tl.store(dx_ptr + (e * R + rows).to(tl.int64)[:, None] * h + nn[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=rm[:, None] & nm[None, :])
 
 
 @triton.jit
@@ -456,7 +463,25 @@ def _dims(x, idx, w_qkv):
     return B, T, h, E, K, D, B * K
 
 
-def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool):
+def _segments(idx, T):
+    """Where each (b, t) finds its rows among the head-major rows [E, B*k]: perm lists the rows sorted by
+    destination b*(T+1)+pos (stable, so in head order), and starts[key] .. starts[key+1] is key's range."""
+    B, E, K = idx.shape
+    keys = idx.clamp(0, T).transpose(0, 1) + (torch.arange(B, device=idx.device) * (T + 1))[None, :, None]
+    sorted_keys, perm = torch.sort(keys.reshape(-1), stable=True)
+    starts = torch.searchsorted(sorted_keys, torch.arange(B * (T + 1) + 1, device=idx.device))
+    return perm, starts
+
+
+def _scatter(rows, perm, starts, B, T, h, dtype):
+    out = torch.empty(B, T, h, device=rows.device, dtype=dtype)
+    BT, BH = 32, min(256, triton.next_power_of_2(h))
+    _segment_sum[(triton.cdiv(B * T, BT), triton.cdiv(h, BH))](rows, perm, starts, out, B * T, T, h, BT=BT, BH=BH,
+                                                              num_warps=4)
+    return out
+
+
+def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float):
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     c = _cfg(D, x.dtype)
     dev = x.device
@@ -467,34 +492,15 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     _qkv_fwd[(triton.cdiv(R, c["BM"]), E, 3)](
         x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, D=D, DP=c["DP"], ROPE=rope_dims, BM=c["BM"], BK=c["BK"],
         PREC=c["PREC"], num_warps=4)
-    buf = _scatter_buffer(deterministic, B, T, h, E * R, x.dtype, dev)
+    rows = torch.empty(E * R, h, device=dev, dtype=x.dtype)
     _attn_fwd[(triton.cdiv(R, c["BM"]), E)](
-        qkv, idx, scores, w_o, o, lse, buf, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
-        D=D, DP=c["DP"], BM=c["BM"], BN=c["BN"], BH=c["BH"], BS=c["BS"], PREC=c["PREC"],
-        ATOMIC=not deterministic, num_warps=4)
-    if deterministic:
-        buf = _scatter_rows(buf, idx, B, T, h)
-    return buf.to(x.dtype).contiguous(), qkv, o, lse
+        qkv, idx, scores, w_o, o, lse, rows, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
+        D=D, DP=c["DP"], BM=c["BM"], BN=c["BN"], BH=c["BH"], BS=c["BS"], PREC=c["PREC"], num_warps=4)
+    perm, starts = _segments(idx, T)
+    return _scatter(rows, perm, starts, B, T, h, x.dtype), qkv, o, lse, perm, starts
 
 
-def _scatter_buffer(deterministic, B, T, h, rows, dtype, dev):
-    if deterministic:
-        return torch.empty(rows, h, device=dev, dtype=torch.float32)
-    return torch.zeros(B, T, h, device=dev, dtype=dtype if _ACC == "native" else torch.float32)
-
-
-def _scatter_rows(rows, idx, B, T, h):
-    """Sum per-row results [E*R, h] (head-major) into [B, T, h] without atomics: index_put_ with
-    accumulate sorts by destination and adds in a fixed order. Padding slots land in a dropped row T."""
-    E, K = idx.shape[1], idx.shape[2]
-    dest = idx.transpose(0, 1).reshape(E, B * K) + (torch.arange(B, device=idx.device) * (T + 1)).repeat_interleave(K)
-    out = torch.zeros(B * (T + 1), h, device=rows.device, dtype=torch.float32)
-    out.index_put_((dest.reshape(-1).clamp(0, B * (T + 1) - 1),), rows, accumulate=True)
-    return out.view(B, T + 1, h)[:, :T]
-
-
-def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, rope_dims: int, rope_base: float,
-              deterministic: bool):
+def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float):
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     c = _cfg(D, x.dtype)
     dev = x.device
@@ -517,61 +523,75 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, rope_dims: int, rope_
         qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, **common)
     _attn_bwd_dq[(triton.cdiv(R, c["BM"]), E)](
         qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, **common)
-    buf = _scatter_buffer(deterministic, B, T, h, E * R, x.dtype, dev)
+    rows = torch.empty(E * R, h, device=dev, dtype=x.dtype)
     _qkv_bwd_dx[(triton.cdiv(R, c["BM"]), E, triton.cdiv(h, c["BH"]))](
-        dqkv, idx, w_qkv, buf, T, h, E, R, K, D=D, DP=c["DP"], BM=c["BM"], BH=c["BH"], PREC=c["PREC"],
-        ATOMIC=not deterministic, num_warps=4)
-    if deterministic:
-        buf = _scatter_rows(buf, idx, B, T, h)
+        dqkv, idx, w_qkv, rows, T, h, E, R, K, D=D, DP=c["DP"], BM=c["BM"], BH=c["BH"], PREC=c["PREC"],
+        num_warps=4)
+    dx = _scatter(rows, perm, starts, B, T, h, x.dtype)
     dwqkv = torch.empty_like(w_qkv)
     _dwqkv[(triton.cdiv(h, c["BH"]), E, 3)](
         x, idx, dqkv, dwqkv, T, h, E, R, K, D=D, DP=c["DP"], BR=c["BR"], BH=c["BH"], PREC=c["PREC"], num_warps=4)
-    return buf.to(x.dtype).contiguous(), dsc.to(scores.dtype), dwqkv, dwo
+    return dx, dsc.to(scores.dtype), dwqkv, dwo
 
 
 # --------------------------------------------------------------------------------------------- torch ops
+# Two wrappers of the same launchers: torch.library custom ops, which torch.compile sees as single nodes,
+# and an autograd.Function with less Python overhead per call for eager mode.
 @torch.library.custom_op("mosa_attention::sparse_attention_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
-            rope_dims: int, rope_base: float, deterministic: bool
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic)
+            rope_dims: int, rope_base: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
 
 
 @_fwd_op.register_fake
-def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic):
+def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base):
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     return (x.new_empty(B, T, h), x.new_empty(3, E, R, D), x.new_empty(E, R, D),
-            x.new_empty(E, R, dtype=torch.float32))
+            x.new_empty(E, R, dtype=torch.float32), idx.new_empty(E * R, dtype=torch.int64),
+            idx.new_empty(B * (T + 1) + 1, dtype=torch.int64))
 
 
 @torch.library.custom_op("mosa_attention::sparse_attention_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor,
-            w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, rope_dims: int,
-            rope_base: float, deterministic: bool
+            w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, perm: torch.Tensor,
+            starts: torch.Tensor, rope_dims: int, rope_base: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, rope_dims, rope_base, deterministic)
+    return _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base)
 
 
 @_bwd_op.register_fake
-def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, rope_dims, rope_base, deterministic):
+def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base):
     return torch.empty_like(x), torch.empty_like(scores), torch.empty_like(w_qkv), torch.empty_like(w_o)
 
 
 def _setup_context(ctx, inputs, output):
-    x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic = inputs
-    _, qkv, o, lse = output
-    ctx.save_for_backward(x, scores, idx, w_qkv, w_o, qkv, o, lse)
-    ctx.rope = (rope_dims, rope_base, deterministic)
-    ctx.mark_non_differentiable(qkv, o, lse)
+    x, scores, idx, w_qkv, w_o, rope_dims, rope_base = inputs
+    ctx.save_for_backward(x, scores, idx, w_qkv, w_o, *output[1:])
+    ctx.rope = (rope_dims, rope_base)
+    ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, dy, *_):
-    x, scores, idx, w_qkv, w_o, qkv, o, lse = ctx.saved_tensors
-    dx, dsc, dwqkv, dwo = _bwd_op(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, *ctx.rope)
-    return dx, dsc, None, dwqkv, dwo, None, None, None
+    dx, dsc, dwqkv, dwo = _bwd_op(dy, *ctx.saved_tensors, *ctx.rope)
+    return dx, dsc, None, dwqkv, dwo, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base):
+        out = _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
+        ctx.save_for_backward(x, scores, idx, w_qkv, w_o, *out[1:])
+        ctx.rope = (rope_dims, rope_base)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope)
+        return dx, dsc, None, dwqkv, dwo, None, None
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -609,12 +629,10 @@ def _check(x, scores, idx, w_qkv, w_o, rope_dims):
             raise ValueError(f"{name}.dtype={t.dtype} must match x.dtype={x.dtype}")
 
 
-def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float = 10000.0, *,
-                            deterministic: bool | None = None):
+def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float = 10000.0):
     """Fused Triton ``sparse_attention``; same arguments and result as ``sparse_attention_reference``.
 
-    ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``) avoids atomics, so two
-    runs on the same input give the same bits. Differentiable in x, scores, w_qkv and w_o.
+    Differentiable in x, scores, w_qkv and w_o; deterministic (no atomics): the same input gives the same bits.
     """
     dev_type = x.device.type
     if torch.is_autocast_enabled(dev_type):
@@ -626,7 +644,7 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
     rope_dims = int(rope_dims)
     _check(x, scores, idx, w_qkv, w_o, rope_dims)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
     x, scores, idx, w_qkv, w_o = (t.contiguous() for t in (x, scores, idx, w_qkv, w_o))
-    return _fwd_op(x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base), bool(deterministic))[0]
+    if torch.compiler.is_compiling():
+        return _fwd_op(x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base))[0]
+    return _Eager.apply(x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base))
