@@ -5,7 +5,7 @@ position ``c - pad[b]`` (a column with a negative position is padding, never a k
 
 * ``SparseCache`` — the MoSA heads. Each head stores keys and values of only the tokens it kept, in slots
   ``0 .. count[b, e]-1`` of ``k, v [B, E, C, D]``, with their positions (RoPE was applied there) and router
-  scores. Heads keep different numbers of tokens, so C is the largest count (plus growth slack); the slots
+  scores. Heads keep different numbers of tokens, so C is the largest count (plus 1/8 growth slack); the slots
   above a head's count are empty. Under causal routing a head keeps about T/sparsity tokens, so the cache
   grows like T/sparsity, not T.
   ``capacity`` (optional) bounds every head's count. Eviction rule: a head's cache holds the ``capacity``
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-_GROW = 64  # slots added at least when a cache grows; amortizes re-allocation while decoding
+_GROW = 64  # columns added at least when a dense cache grows; amortizes re-allocation while decoding
 
 
 def _grow(t: torch.Tensor, dim: int, size: int, fill=0) -> torch.Tensor:
@@ -51,23 +51,33 @@ class SparseCache:
         """[B, E, C] bool: which slots hold a token."""
         return torch.arange(self.k.shape[2], device=self.k.device) < self.count[..., None]
 
-    def append(self, k, v, pos, score, ok) -> None:
-        """Store the new kept tokens: k, v [B, E, m, D], pos, score, ok [B, E, m] (ok: a real token)."""
+    def append(self, k, v, pos, score, ok, heads: torch.Tensor | None = None) -> None:
+        """Store new kept tokens: k, v [B, E', m, D], pos, score, ok [B, E', m] (ok: a real token), for all
+        heads or for the heads listed in ``heads`` [E']. May exceed ``capacity`` until ``evict``."""
+        count = self.count if heads is None else self.count[:, heads]
         new = ok.sum(-1)
-        needed = int((self.count + new).max())
+        needed = int((count + new).max())
         C = self.k.shape[2]
         if needed > C:
-            size = needed if self.capacity else _slots(needed, C)
+            # a head holds about T/sparsity tokens: grow by an eighth, so the slack stays small
+            size = needed if self.capacity else needed + needed // 8
             self.k, self.v = _grow(self.k, 2, size), _grow(self.v, 2, size)
             self.pos, self.score = _grow(self.pos, 2, size), _grow(self.score, 2, size)
         b, e, i = ok.nonzero(as_tuple=True)
-        slot = (self.count[..., None] + ok.long().cumsum(-1) - 1)[b, e, i]
-        self.k[b, e, slot] = k[b, e, i]
-        self.v[b, e, slot] = v[b, e, i]
-        self.pos[b, e, slot] = pos[b, e, i]
-        self.score[b, e, slot] = score[b, e, i].float()
-        self.count += new
-        if self.capacity is not None and needed > self.capacity:
+        slot = (count[..., None] + ok.long().cumsum(-1) - 1)[b, e, i]
+        h = e if heads is None else heads[e]
+        self.k[b, h, slot] = k[b, e, i]
+        self.v[b, h, slot] = v[b, e, i]
+        self.pos[b, h, slot] = pos[b, e, i]
+        self.score[b, h, slot] = score[b, e, i].float()
+        if heads is None:
+            self.count += new
+        else:
+            self.count[:, heads] = count + new
+
+    def evict(self) -> None:
+        """Apply the eviction rule where a head holds more than ``capacity`` tokens."""
+        if self.capacity is not None and self.k.shape[2] > self.capacity:
             self._evict()
 
     def _evict(self) -> None:
@@ -93,7 +103,7 @@ class DenseCache:
         self.v = torch.zeros_like(self.k)
         self.length = 0
 
-    def append(self, k, v) -> None:
+    def append(self, k, v, cols=None) -> None:
         n = k.shape[2]
         if self.length + n > self.k.shape[2]:
             size = _slots(self.length + n, self.k.shape[2])

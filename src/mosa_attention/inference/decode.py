@@ -93,18 +93,18 @@ def dense_heads(attn: DenseAttention, cache, x, pos, cols, pad, window: int | No
     B, n, _ = x.shape
     q, k, v = project_qkv(x, attn.W_QKV.weight, attn.num_heads, attn.rope_dims, attn.rope_base,
                           positions=pos.clamp(min=0)[:, None, :])
-    old_k, old_v, old_cols = cache.keys()
-    keys, values = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
-    kcol = torch.cat([old_cols, cols])
-    mask = (kcol[None, None, :] >= pad[:, None, None]) & (kcol <= cols[:, None]) & (kcol >= 0)  # [B, n, L+n]
+    if isinstance(cache, DenseCache) or n == 1:
+        cache.append(k, v, cols)  # then attend to the cache in place, no copy of it
+        keys, values, kcol = cache.keys()
+    else:  # a chunk longer than one token needs ring slots it is about to overwrite
+        old_k, old_v, old_cols = cache.keys()
+        keys, values, kcol = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2), torch.cat([old_cols, cols])
+        cache.append(k, v, cols)
+    mask = (kcol[None, None, :] >= pad[:, None, None]) & (kcol <= cols[:, None]) & (kcol >= 0)  # [B, n, keys]
     if window is not None:
         mask &= kcol > cols[:, None] - window
     mask |= (cols[None, :] < pad[:, None])[..., None]  # a pad query sees anything: finite, and never read
     o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
-    if isinstance(cache, RingCache):
-        cache.append(k, v, cols)
-    else:
-        cache.append(k, v)
     return F.linear(o.transpose(1, 2).reshape(B, n, -1), attn.W_O.weight)
 
 
@@ -118,34 +118,39 @@ def keep_mask(attn: MoSAAttention, scores: torch.Tensor, pos: torch.Tensor) -> t
 
 def sparse_heads(attn: MoSAAttention, cache: SparseCache, x, pos) -> torch.Tensor:
     """MoSA heads: each head keeps the new tokens that pass its threshold, computes Q, K, V for those only,
-    attends to its cached kept tokens and to the new kept ones before them, and stores the new keys."""
+    stores their keys and values, and attends from them to its cached tokens (itself included).
+
+    Only the heads that keep some new token work: while decoding one token, about 1/sparsity of them.
+    """
     B, n, h = x.shape
     D = attn.head_dim
     scores = torch.sigmoid(router_logits(x, attn.router))  # [B, E, n]
     keep = keep_mask(attn, scores, pos)
-    m = int(keep.sum(-1).max())
-    if m == 0:
+    heads = keep.any(2).any(0).nonzero().squeeze(1)
+    if heads.numel() == 0:
         return x.new_zeros(B, n, h)
+    every = heads.numel() == attn.num_mosa_heads
+    pick = (lambda t: t) if every else (lambda t: t.index_select(1, heads))  # [B, E, ...] -> [B, E', ...]
+    w_qkv, w_o = (attn.W_QKV, attn.W_O) if every else (attn.W_QKV[heads], attn.W_O[heads])
+    keep, scores = pick(keep), pick(scores)
     # the kept new tokens of each head first, in order; slots past a head's count are padding
+    m = int(keep.sum(-1).max())
     order = torch.arange(n, device=x.device)
     j = torch.where(keep, order, order + n).sort(-1).values[..., :m]
     ok = j < n
     j = j.clamp(max=n - 1)
     E = j.shape[1]
     xg = x.gather(1, j.reshape(B, E * m, 1).expand(-1, -1, h)).view(B, E, m, h)
-    q, k, v = torch.einsum("bekh,ehd->bekd", xg, attn.W_QKV).split(D, dim=-1)
+    q, k, v = torch.einsum("bekh,ehd->bekd", xg, w_qkv).split(D, dim=-1)
     p = pos[:, None, :].expand(-1, E, -1).gather(2, j)
     cos, sin = rope_cos_sin(p, attn.rope_dims, attn.rope_base, q.dtype)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     s = scores.gather(2, j)
-    keys, values = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
-    kpos = torch.cat([cache.pos, p], 2)
-    kvalid = torch.cat([cache.valid(), ok], 2)
-    mask = kvalid[..., None, :] & (kpos[..., None, :] <= p[..., :, None])  # [B, E, m, C+m]
+    cache.append(k, v, p, s, ok, None if every else heads)
+    mask = pick(cache.valid())[..., None, :] & (pick(cache.pos)[..., None, :] <= p[..., :, None])  # [B, E', m, C]
     mask |= ~ok[..., None]  # padding queries: finite, dropped below
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    o = F.scaled_dot_product_attention(q, pick(cache.k), pick(cache.v), attn_mask=mask)
+    cache.evict()
     o = o * (s * ok)[..., None].to(o.dtype)
-    y = torch.einsum("bekd,edh->bekh", o, attn.W_O).reshape(B, E * m, h)
-    out = x.new_zeros(B, n, h).scatter_add_(1, j.reshape(B, E * m, 1).expand(-1, -1, h), y)
-    cache.append(k, v, p, s, ok)
-    return out
+    y = torch.einsum("bekd,edh->bekh", o, w_o).reshape(B, E * m, h)
+    return x.new_zeros(B, n, h).scatter_add_(1, j.reshape(B, E * m, 1).expand(-1, -1, h), y)

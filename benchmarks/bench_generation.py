@@ -1,0 +1,125 @@
+"""Measure generation: KV-cache bytes per token from the cache's real tensors, prefill time and decode
+tokens/s, for a dense model and MoSA models of equal FLOPs (the paper's presets, FLOP-matched heads).
+
+    python benchmarks/bench_generation.py                                  # CPU, tiny preset, a few lengths
+    python benchmarks/bench_generation.py --device cuda --prompt-lens 128 1024 4032 --out results/gen.json
+
+Weights are random; what a MoSA head caches depends only on how many tokens pass its threshold, so every
+threshold is first calibrated (``calibrate_thresholds``) on random tokens to keep k = T/sparsity of T, as a
+calibrated or aux-trained model does. Decoding is teacher-forced on random tokens (a random model's greedy
+output repeats itself, which would make every head keep all or nothing); a step costs the same either way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from mosa_attention import MoSAConfig, MoSALM  # noqa: E402
+from mosa_attention.inference import calibrate_thresholds, extend, new_cache  # noqa: E402
+
+MODELS = {  # name -> MoSAConfig overrides on the preset
+    "dense": dict(attention="dense"),
+    "mosa-hybrid": dict(attention="mosa", dense_kind="dense"),
+    "mosa-local-hybrid": dict(attention="mosa", dense_kind="local"),
+    "pure-mosa": dict(attention="pure_mosa"),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, prompt_len: int, new_tokens: int, batch: int, device, repeats: int) -> dict:
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (batch, prompt_len + new_tokens), generator=g).to(device)
+    prefill, decode = [], []
+    for _ in range(repeats):
+        cache = new_cache(model, torch.zeros(batch, dtype=torch.long, device=device))
+        sync(device)
+        t0 = time.perf_counter()
+        extend(model, ids[:, :prompt_len], cache)
+        sync(device)
+        t1 = time.perf_counter()
+        for t in range(prompt_len, prompt_len + new_tokens):
+            extend(model, ids[:, t:t + 1], cache)
+        sync(device)
+        t2 = time.perf_counter()
+        prefill.append(t1 - t0)
+        decode.append(t2 - t1)
+    tokens = batch * (prompt_len + new_tokens)
+    return {
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch,
+        "prefill_s": statistics.median(prefill),
+        "decode_tokens_per_s": batch * new_tokens / statistics.median(decode),
+        "decode_ms_per_step": 1e3 * statistics.median(decode) / new_tokens,
+        "kv_bytes_allocated": cache.nbytes(), "kv_bytes_held": cache.held_bytes(),
+        "cache_bytes_with_bookkeeping": cache.nbytes(kv_only=False),
+        "kv_bytes_per_token_allocated": cache.nbytes() / tokens, "kv_bytes_per_token_held": cache.held_bytes() / tokens,
+        "entries": cache.entries(),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--sparsity", type=float, default=32.0)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--prompt-lens", nargs="+", type=int, default=[128, 512, 1024])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats per case after one warm-up; median")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out", default=None, help="JSON file for the rows")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# {where}, torch {torch.__version__}, {args.dtype}, threads {torch.get_num_threads()}", flush=True)
+    rows = []
+    for name in args.models:
+        cfg = MoSAConfig.from_preset(args.preset, sparsity=args.sparsity, **MODELS[name])
+        torch.manual_seed(0)
+        model = MoSALM(cfg).to(device).eval()
+        if cfg.sparse_heads and cfg.attention != "local":
+            calib = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), device=device)
+            with torch.no_grad():
+                calibrate_thresholds(model, [calib])
+        model = model.to(dtype)
+        print(f"## {name}: heads per layer {cfg.head_counts()}, {cfg.forward_flops() / 1e9:.1f} GFLOPs forward "
+              f"at T={cfg.seq_len}", flush=True)
+        for batch in args.batch:
+            measure(model, min(args.prompt_lens), 2, batch, device, 1)  # warm-up
+            for L in args.prompt_lens:
+                if L + args.new_tokens > cfg.longest_input:
+                    continue
+                row = {"model": name, "heads": cfg.head_counts(), "preset": args.preset, "sparsity": args.sparsity,
+                       "device": where, "dtype": args.dtype,
+                       **measure(model, L, args.new_tokens, batch, device, args.repeats)}
+                rows.append(row)
+                print(f"{name:18s} B={batch:<3d} L={L:<5d} prefill {row['prefill_s'] * 1e3:8.1f} ms  decode "
+                      f"{row['decode_tokens_per_s']:8.1f} tok/s  KV/token {row['kv_bytes_per_token_held'] / 1024:7.1f} KiB "
+                      f"held, {row['kv_bytes_per_token_allocated'] / 1024:7.1f} KiB allocated", flush=True)
+        del model
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
