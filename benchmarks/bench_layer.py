@@ -222,7 +222,7 @@ def time_case(args, label, h, E, rho, nd, dense_h, T, B, k, backward):
 def run_sweep(args, out):
     """Time against T at h=1024, 60 MoSA heads of k=64, B=1, and 16 dense heads (the plot)."""
     res = []
-    Ts = [1024, 4096, 16384, 65536] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    Ts = [int(t) for t in args.sweep_T.split(",")]
     for T in Ts:
         rho = T / 64
         row = {"T": T}
@@ -356,6 +356,7 @@ def main():
     ap.add_argument("--mode", default="autocast", choices=("autocast", "bf16"),
                     help="autocast: bf16 autocast over float32 parameters (as the official release); "
                          "bf16: parameters and input in bfloat16 (the official release cannot run so)")
+    ap.add_argument("--sweep-T", default="1024,2048,4096,8192,16384,32768,65536", help="T values of the sweep")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step of ours")
     ap.add_argument("--official", default=None, help="path holding the official release's mosa/ package")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json")

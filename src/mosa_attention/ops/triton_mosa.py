@@ -208,7 +208,7 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
 
 
 @triton.jit
-def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, T, h, BT: tl.constexpr, BH: tl.constexpr):
+def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.constexpr, BH: tl.constexpr):
     """out[b, t] = sum of the per-head rows that land on (b, t), in head order: a scatter-add without
     atomics (deterministic), which also writes the zeros of unselected tokens (no separate fill)."""
     pid = tl.program_id(0)
@@ -216,16 +216,16 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, T, h, BT: tl.conste
     o = pid * BT + tl.arange(0, BT)  # b * T + t
     om = o < N
     key = o + o // T  # b * (T + 1) + t
-    s = tl.load(starts_ptr + key, mask=om, other=0)
-    n = tl.load(starts_ptr + key + 1, mask=om, other=0) - s
+    s = tl.load(starts_ptr + key, mask=om, other=0).to(tl.int32)
+    n = tl.load(starts_ptr + key + 1, mask=om, other=0).to(tl.int32) - s
     nn = pn * BH + tl.arange(0, BH)
     nm = nn < h
     acc = tl.zeros([BT, BH], tl.float32)
     for i in range(0, tl.max(n, 0)):
-        live = i < n
-        src = tl.load(perm_ptr + s + i, mask=live, other=0)
-        acc += tl.load(rows_ptr + src.to(tl.int64)[:, None] * h + nn[None, :], mask=live[:, None] & nm[None, :],
-                       other=0.0).to(tl.float32)
+        live = (i < n)[:, None]
+        # 2-D index loads: a 1-D masked load here trips Triton 3.6's layout pass
+        src = tl.load(perm_ptr + tl.minimum(s + i, NP - 1)[:, None])
+        acc += tl.load(rows_ptr + src * h + nn[None, :], mask=live & nm[None, :], other=0.0).to(tl.float32)
     tl.store(out_ptr + o.to(tl.int64)[:, None] * h + nn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=om[:, None] & nm[None, :])
 
@@ -476,7 +476,7 @@ def _segments(idx, T):
 def _scatter(rows, perm, starts, B, T, h, dtype):
     out = torch.empty(B, T, h, device=rows.device, dtype=dtype)
     BT, BH = 32, min(256, triton.next_power_of_2(h))
-    _segment_sum[(triton.cdiv(B * T, BT), triton.cdiv(h, BH))](rows, perm, starts, out, B * T, T, h, BT=BT, BH=BH,
+    _segment_sum[(triton.cdiv(B * T, BT), triton.cdiv(h, BH))](rows, perm, starts, out, B * T, perm.numel(), T, h, BT=BT, BH=BH,
                                                               num_warps=4)
     return out
 
