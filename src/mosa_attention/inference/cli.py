@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -77,7 +78,7 @@ class _Printer:
 
 def run(args) -> int:
     from .routing import calibrate_thresholds  # noqa: PLC0415
-    from .generate import generate  # noqa: PLC0415
+    from .generate import RoutingWarning, generate, not_causal_note  # noqa: PLC0415
     from .sampling import check_sampling  # noqa: PLC0415
 
     try:
@@ -90,6 +91,9 @@ def run(args) -> int:
         batches = [x for x, _ in training_windows(ckpt, args.calibrate)]
         calibrate_thresholds(model, batches)
         print(f"[calibrated routing thresholds on {sum(len(b) for b in batches)} training windows]", file=sys.stderr)
+    note = not_causal_note(model)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt]
     single = len(prompts) == 1
     printer = _Printer(tokenizer) if single else None
@@ -98,9 +102,11 @@ def run(args) -> int:
         sys.stdout.flush()
     t0 = time.perf_counter()
     try:
-        out, cache = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer,
-                              eos_id=tokenizer.eos_id if args.stop_at_eos else None, return_cache=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RoutingWarning)  # said above, before the text starts
+            out, cache = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer,
+                                  eos_id=tokenizer.eos_id if args.stop_at_eos else None, return_cache=True)
     except ValueError as e:
         print(f"\nmosa generate: {e}", file=sys.stderr)
         return 2

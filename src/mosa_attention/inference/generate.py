@@ -24,6 +24,14 @@ def warn_if_not_causal(model) -> None:
             "`mosa generate --calibrate`), or train with router_aux_loss > 0.", RoutingWarning, stacklevel=3)
 
 
+def not_causal_note(model) -> str | None:
+    """The warning's text for a model whose router never learnt the causal rule, else None."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RoutingWarning)
+        warn_if_not_causal(model)
+    return str(caught[0].message) if caught else None
+
+
 def _prompts(model, ids) -> tuple[list[list[int]], bool]:
     """(prompts as lists, whether they came as one tensor)."""
     if isinstance(ids, torch.Tensor):
@@ -46,7 +54,6 @@ def _prompts(model, ids) -> tuple[list[list[int]], bool]:
     return prompts, False
 
 
-@torch.no_grad()
 def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
              capacity: int | None = None, stream: Callable[[torch.Tensor], None] | None = None,
@@ -74,7 +81,14 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the longest "
                          f"sequence this model accepts ({limit}; config.max_seq_len)")
     warn_if_not_causal(model)
+    with torch.no_grad():
+        return _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+                         capacity, stream, return_cache)
 
+
+def _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top_p, seed, eos_id, capacity, stream,
+              return_cache):
+    longest = max(len(p) for p in prompts)
     device = model.embed.weight.device
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     batch = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
