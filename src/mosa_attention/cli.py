@@ -9,6 +9,10 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "flops": ("mosa_attention.flops_cli", "FLOPs of a dense model and the FLOP-matched MoSA hybrid"),
+    "train": ("mosa_attention.train.cli", "train a language model (no arguments: a toy MoSA hybrid on the CPU)"),
+    "eval": ("mosa_attention.eval.cli", "perplexity of a trained model and what its MoSA heads select"),
+    "plot": ("mosa_attention.plots.plot_cli", "loss curves of several runs in one PNG"),
+    "viz": ("mosa_attention.plots.viz_cli", "which tokens each MoSA head keeps over a text, as a PNG"),
 }
 
 

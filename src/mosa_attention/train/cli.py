@@ -1,0 +1,108 @@
+"""``mosa train``: with no arguments, a toy MoSA hybrid on the built-in corpus, on the CPU, in minutes."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# flag -> config key; every other key is reachable with --set section.key=value
+FLAGS = {
+    "preset": ("model.preset", str, "model size: toy (default), or the paper's tiny/small/medium/large"),
+    "attention": ("model.attention", str, "dense, mosa (hybrid, default), pure_mosa, fixed, routing or local"),
+    "sparsity": ("model.sparsity", float, "sparsity ρ: each sparse head keeps T/ρ tokens"),
+    "seq_len": ("model.seq_len", int, "training sequence length T"),
+    "data": ("data.source", str, "wiki (default), a folder/glob/file of text, hf:NAME[:CONFIG], or prepared data"),
+    "tokenizer": ("data.tokenizer", str, "bpe (trained on the train split), gpt2, or a tokenizer.json"),
+    "vocab_size": ("data.vocab_size", int, "BPE vocabulary size"),
+    "cache_dir": ("data.cache_dir", str, "where prepared data is cached (default ~/.cache/mosa-attention)"),
+    "steps": ("train.steps", int, "optimizer steps"),
+    "batch_size": ("train.batch_size", int, "sequences per step, all processes together"),
+    "grad_accum": ("train.grad_accum", int, "micro-batches per process and step"),
+    "optimizer": ("train.optimizer", str, "adam or adamw"),
+    "lr": ("train.lr", float, "peak learning rate"),
+    "seed": ("train.seed", int, "seed of weights and batches"),
+    "device": ("train.device", str, "auto, cpu, cuda, cuda:1, ..."),
+    "dtype": ("train.dtype", str, "auto (bf16 autocast on CUDA), float32 or bfloat16"),
+    "distributed": ("train.distributed", str, "under torchrun: ddp or fsdp"),
+    "stop_after": ("train.stop_after", int, "stop after this many steps (checkpointed); --resume continues"),
+    "out": ("train.out_dir", str, "run folder (default runs/<preset>-<attention>-<time>)"),
+}
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("Train a language model. With no arguments: a toy MoSA hybrid on the built-in Wikipedia "
+                     "corpus, on the CPU in a few minutes. Settings come from the defaults, then --config, then "
+                     "the flags below and --set; the full configuration is printed at start.")
+    p.add_argument("--config", help="TOML/YAML/JSON file, or the name of a built-in one (see --list-configs)")
+    p.add_argument("--list-configs", action="store_true", help="list the built-in example configs and exit")
+    for name, (key, typ, help_text) in FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=f"{help_text} [{key}]")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model [train.compile]")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any other setting, e.g. --set model.num_dense_heads=2 --set train.warmup_steps=100")
+    p.add_argument("--resume", nargs="?", const="", metavar="RUN",
+                   help="continue a run from its latest checkpoint (RUN: run or checkpoint folder; default --out)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+
+
+def builtin_configs() -> dict[str, Path]:
+    root = Path(__file__).resolve().parent.parent / "configs"
+    return {f.stem: f for f in sorted(root.glob("*.toml"))}
+
+
+def overrides_from(args) -> list[str]:
+    out = []
+    for name, (key, typ, _) in FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value)}" if typ is str else f"{key}={value}")
+    if getattr(args, "compile", None):
+        out.append("train.compile=true")
+    return out + list(args.set)
+
+
+def resolve_config(args):
+    from .config import ConfigError, build_config  # noqa: PLC0415
+
+    path = args.config
+    if path and not Path(path).exists() and path in builtin_configs():
+        path = builtin_configs()[path]
+    elif path and not Path(path).exists():
+        raise ConfigError(f"config {path!r} is neither a file nor a built-in config ({sorted(builtin_configs())})")
+    resume = None
+    if args.resume is not None:
+        resume = args.resume or args.out
+        if not resume:
+            raise ConfigError("--resume needs the run folder: --resume RUN (or --out RUN)")
+        run = Path(resume)
+        run = run.parent.parent if (run / "state.json").is_file() else run
+        if path is None and (run / "config.toml").is_file():
+            path = run / "config.toml"
+    return build_config(path, overrides_from(args)), resume
+
+
+def run(args) -> int:
+    from ..data.corpus import DataError  # noqa: PLC0415
+    from .checkpoint import CheckpointError  # noqa: PLC0415
+    from .config import ConfigError, to_toml  # noqa: PLC0415
+
+    if args.list_configs:
+        for name, f in builtin_configs().items():
+            first = f.read_text().splitlines()[0].lstrip("# ") if f.read_text() else ""
+            print(f"{name:20s} {first}")
+        return 0
+    try:
+        cfg, resume = resolve_config(args)
+        if args.print_config:
+            print(to_toml(cfg.to_dict()))
+            return 0
+        from .loop import train  # noqa: PLC0415 (imports torch)
+
+        train(cfg, resume=resume)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

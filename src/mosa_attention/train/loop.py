@@ -1,0 +1,291 @@
+"""The training loop: data, model, optimizer, checkpoints and metrics, each from its own module, in the
+order a reader would do them by hand."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..data.batches import check_length, train_batch
+from ..data.corpus import DataError
+from ..data.prepare import prepare
+from ..eval.perplexity import autocast, evaluate
+from ..models import MoSALM
+from . import checkpoint as ckpt_io
+from . import distributed as D
+from .config import ConfigError, TrainConfig, to_toml
+from .optim import build_optimizer, lr_at
+
+
+def _amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if name == "bfloat16" else None
+
+
+def _default_run_dir(cfg: TrainConfig) -> Path:
+    preset = cfg.model.get("preset", "toy")
+    attention = cfg.model.get("attention", "mosa")
+    return Path("runs") / f"{preset}-{attention}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _rows(batch_size: int, world: int, accum: int, rank: int, micro: int) -> slice:
+    """Which rows of the global batch this process reads at micro-step ``micro``."""
+    mb = batch_size // (world * accum)
+    start = (micro * world + rank) * mb
+    return slice(start, start + mb)
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics past ``last_step`` (written after the checkpoint we resume from)."""
+    if not path.is_file():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
+    """Train as ``cfg`` says; returns the final validation metrics. ``resume``: a run or checkpoint folder."""
+    t = cfg.train
+    info = D.init(t.device)
+    say = log if info.is_main else (lambda *a, **k: None)
+    try:
+        return _train(cfg, resume, info, say)
+    finally:
+        D.shutdown()
+
+
+def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
+    t = cfg.train
+    if t.batch_size % (info.world_size * t.grad_accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum "
+                          f"= {info.world_size} x {t.grad_accum}")
+    device, amp = info.device, _amp_dtype(t.dtype, info.device)
+
+    # data: the first process prepares (or finds) it, the others then open the same folder
+    if info.is_main:
+        data = prepare(cfg.data, log=say)
+    D.barrier(info)
+    if not info.is_main:
+        data = prepare(cfg.data, log=lambda *a: None)
+    tokenizer = data.tokenizer
+    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+
+    model_cfg = cfg.model_config(tokenizer.vocab_size)
+    T = model_cfg.seq_len
+    check_length(train_tokens, T, "the training split")
+
+    run_dir = Path(resume) if resume and not t.out_dir else Path(t.out_dir or _default_run_dir(cfg))
+    if (run_dir / "state.json").is_file():  # resume named a checkpoint folder: the run is two levels up
+        run_dir = run_dir.parent.parent
+    run_dir = Path(D.broadcast_object(str(run_dir), info))
+
+    torch.manual_seed(t.seed)  # the same initial weights on every process
+    model = MoSALM(model_cfg).to(device)
+    wrapped = D.wrap(model, info, t.distributed)
+    optimizer = build_optimizer(wrapped, t)
+
+    torch.manual_seed(t.seed * 1000 + info.rank)  # dropout streams differ per process
+    start = _resume(resume, model_cfg, cfg, wrapped, optimizer, tokenizer, info, say) if resume else 0
+    forward = torch.compile(wrapped) if t.compile else wrapped
+
+    n_params = model.num_params()
+    say("config:\n" + _indent(to_toml({**cfg.to_dict(), "model (resolved)": model_cfg.to_dict()})))
+    say(f"model: {n_params / 1e6:.2f}M parameters ({model.num_params(exclude_embeddings=True) / 1e6:.2f}M without "
+        f"embeddings), heads per layer {model_cfg.head_counts()}, {model_cfg.forward_flops() / 1e9:.3f} GFLOPs "
+        f"forward per sequence; {info.world_size} process(es) on {device}"
+        f"{', bf16 autocast' if amp else ''}{', compiled' if t.compile else ''}")
+    say(f"run folder: {run_dir}")
+
+    metrics_path = run_dir / "metrics.jsonl"
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg.to_dict()))
+        (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
+        tokenizer.save(run_dir / "tokenizer.json")
+        if resume:
+            _trim_metrics(metrics_path, start)
+        elif metrics_path.exists():
+            metrics_path.unlink()  # a fresh run into an old folder starts a fresh curve
+    metrics = open(metrics_path, "a") if info.is_main else None
+
+    def record(row: dict) -> None:
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    def validate(step: int) -> dict:
+        res = evaluate(model, val_tokens, T, batch_size=t.eval_batch_size, max_windows=t.eval_windows or None,
+                       device=device, amp_dtype=amp, rank=info.rank, world_size=info.world_size,
+                       reduce=lambda x: D.all_sum(x, info))
+        record({"step": step, "split": "val", "val_loss": res["loss"], "val_ppl": res["ppl"], "tokens": res["tokens"]})
+        return res
+
+    def save(step: int) -> Path | None:
+        path = _save(run_dir, step, cfg, model_cfg, wrapped, optimizer, tokenizer, info)
+        if path:
+            say(f"checkpoint: {path}")
+        return path
+
+    tokens_per_step = t.batch_size * T
+    end = t.steps if t.stop_after is None else min(t.steps, start + t.stop_after)
+    bar = _progress(t.steps, start, info.is_main)
+    wrapped.train()
+    t0, last_t, last_step = time.time(), time.time(), start
+    step = start
+    try:
+        for step in range(start, end):
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(t.grad_accum):
+                x, y = train_batch(train_tokens, T, t.batch_size, t.seed, step,
+                                   _rows(t.batch_size, info.world_size, t.grad_accum, info.rank, micro))
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with D.no_sync(wrapped, micro < t.grad_accum - 1), autocast(device, amp):
+                    _, loss = forward(x, y)
+                    (loss / t.grad_accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = _clip(wrapped, t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_val = D.all_mean(loss_sum / t.grad_accum, info).item()
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"the loss is {loss_val} at step {step + 1}; lower train.lr or check the data")
+            done = step + 1
+            bar.update(1)
+            now = time.time()
+            tps = tokens_per_step * (done - last_step) / max(now - last_t, 1e-9)
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            if done % t.log_every == 0 or done == end:
+                record({"step": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                        "tokens": done * tokens_per_step, "tokens_per_s": tps, "elapsed_s": now - t0})
+                last_t, last_step = now, done
+            if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+                res = validate(done)
+                if info.is_main:
+                    bar.write(f"step {done}: val loss {res['loss']:.4f}, ppl {res['ppl']:.2f}")
+            if t.save_every and done % t.save_every == 0 and done < end:
+                save(done)
+    except KeyboardInterrupt:
+        bar.close()
+        done = step  # the step in flight did not finish
+        say(f"\ninterrupted at step {done}; saving a checkpoint to resume from")
+        if done > start:
+            save(done)
+        say(f"resume with: mosa train --resume {run_dir}")
+        raise
+    bar.close()
+    done = end
+    ckpt_path = save(done)
+    if done < t.steps:
+        say(f"stopped after step {done} of {t.steps} (train.stop_after); resume with: mosa train --resume {run_dir}")
+        if metrics:
+            metrics.close()
+        return {"step": done, "run_dir": str(run_dir), "checkpoint": str(ckpt_path)}
+    res = validate(done)
+    if metrics:
+        metrics.close()
+    elapsed = time.time() - t0
+    say(f"done: {done} steps in {elapsed:.0f}s; validation loss {res['loss']:.4f}, "
+        f"perplexity {res['ppl']:.2f} ({res['tokens']:,} tokens at seq_len {T})")
+    if info.is_main:
+        _plot(run_dir, say)
+        (run_dir / "final.json").write_text(json.dumps({"step": done, "val_loss": res["loss"], "val_ppl": res["ppl"],
+                                                        "val_tokens": res["tokens"], "train_seconds": elapsed}, indent=1))
+    return {"step": done, "val_loss": res["loss"], "val_ppl": res["ppl"], "run_dir": str(run_dir),
+            "checkpoint": str(ckpt_path)}
+
+
+def _indent(text: str) -> str:
+    return "".join("  " + ln + "\n" for ln in text.strip().splitlines())
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                file=sys.stderr, mininterval=0.5)
+
+
+def _clip(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _state_dicts(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # noqa: PLC0415
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save(run_dir, step, cfg, model_cfg, model, optimizer, tokenizer, info) -> Path | None:
+    msd, osd = _state_dicts(model, optimizer)  # collective under FSDP: every process calls it
+    rng = D.all_gather_object(ckpt_io.rng_state(), info)
+    path = None
+    if info.is_main:
+        state = {"model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(), "world_size": info.world_size,
+                 "rng": rng, "data": {"seed": cfg.train.seed, "next_step": step, "source": cfg.data.source}}
+        path = ckpt_io.save(run_dir, step, msd, osd, state, tokenizer.to_str(), keep_last=cfg.train.keep_last)
+    D.barrier(info)
+    return path
+
+
+def _resume(where, model_cfg, cfg, model, optimizer, tokenizer, info, say) -> int:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict  # noqa: PLC0415
+
+    ck = ckpt_io.load(where)
+    diff = ckpt_io.config_diff(ck.state["model_config"], model_cfg.to_dict())
+    if diff:
+        raise ckpt_io.CheckpointError(f"checkpoint {ck.path} is of another model: " + "; ".join(diff))
+    if ck.tokenizer_json != tokenizer.to_str():
+        raise ckpt_io.CheckpointError(f"checkpoint {ck.path} was trained with another tokenizer than the data "
+                                      f"source {cfg.data.source!r} gives; resume with the run's own data settings")
+    if ck.optimizer_state is None:
+        raise ckpt_io.CheckpointError(f"checkpoint {ck.path} has no optimizer state to resume from")
+    expected = {k: v.shape for k, v in _unwrap(model).state_dict().items()}
+    ckpt_io.check_fits(ck.model_state, expected, ck.path)
+    saved_train = ck.state["train_config"]["train"]
+    changed = [k for k in ("batch_size", "lr", "min_lr", "warmup_steps", "optimizer", "seed", "grad_clip")
+               if saved_train.get(k) != getattr(cfg.train, k)]
+    if changed:
+        say(f"warning: resuming with changed train settings {changed}; the curve will differ from the original run's")
+    try:
+        set_state_dict(model, optimizer, model_state_dict=ck.model_state, optim_state_dict=ck.optimizer_state,
+                       options=StateDictOptions(full_state_dict=True))
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ckpt_io.CheckpointError(f"checkpoint {ck.path} does not fit this model or optimizer: {e}") from e
+    rng = ck.state.get("rng") or []
+    if rng and len(rng) == info.world_size:
+        ckpt_io.set_rng_state(rng[info.rank])
+    say(f"resumed from {ck.path} at step {ck.step}")
+    return ck.step
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _plot(run_dir: Path, say) -> None:
+    from ..plots.curves import plot_runs  # noqa: PLC0415
+
+    try:
+        out = plot_runs([run_dir], run_dir / "loss.png")
+        say(f"loss curve: {out}")
+    except Exception as e:  # a missing plot must not fail a finished run
+        say(f"warning: could not draw the loss curve: {e}")
+
+
+def main_error(e: Exception) -> str:
+    """One line for a user-facing error."""
+    if isinstance(e, (ConfigError, DataError, ckpt_io.CheckpointError)):
+        return f"error: {e}"
+    return f"error: {type(e).__name__}: {e}"

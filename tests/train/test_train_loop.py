@@ -1,0 +1,90 @@
+"""The training loop: overfitting one batch, resume equality, checkpoints, the schedule."""
+import json
+
+import pytest
+import torch
+
+from mosa_attention import MoSAConfig, MoSALM
+from mosa_attention.train import checkpoint as ckpt_io
+from mosa_attention.train.config import OptimConfig, build_config
+from mosa_attention.train.loop import train
+from mosa_attention.train.optim import build_optimizer, lr_at
+
+
+def losses(run_dir):
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("attention", ["mosa", "dense", "pure_mosa", "fixed", "routing", "local"])
+def test_overfit_one_batch(attention):
+    torch.manual_seed(0)
+    cfg = MoSAConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, head_dim=16, seq_len=32, attention=attention,
+                     sparsity=4, num_dense_heads=1)
+    model = MoSALM(cfg)
+    opt = build_optimizer(model, OptimConfig(lr=3e-3, weight_decay=0.0))
+    x = torch.randint(0, 64, (4, 33))
+    first = None
+    for _ in range(100):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.25 * first, (attention, first, loss.item())
+
+
+def test_schedule_warmup_then_cosine_to_min_lr():
+    c = OptimConfig(steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(10, c) == pytest.approx(1.0) and lr_at(99, c) == pytest.approx(0.1)
+    assert all(lr_at(s, c) >= lr_at(s + 1, c) for s in range(10, 99))
+
+
+def test_train_writes_a_complete_run_folder(tiny_overrides, tmp_path):
+    res = train(build_config(None, tiny_overrides), log=lambda *a: None)
+    run = tmp_path / "run"
+    assert res["step"] == 8 and res["val_ppl"] > 1
+    for f in ("config.toml", "model_config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "final.json"):
+        assert (run / f).is_file(), f
+    assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step-000004", "step-000008"]
+    ck = run / "checkpoints" / "step-000008"
+    assert {p.name for p in ck.iterdir()} == {"model.safetensors", "optimizer.safetensors", "tokenizer.json", "state.json"}
+    assert list(losses(run)) == list(range(1, 9))
+    # the saved config reproduces the run
+    again = build_config(run / "config.toml")
+    assert again.to_dict() == build_config(None, tiny_overrides).to_dict()
+    model, tok, c = ckpt_io.load_model(run)
+    assert c.step == 8 and tok.vocab_size == 300 and model.config.d_model == 32
+
+
+def test_resume_gives_the_uninterrupted_loss_curve_exactly(tiny_overrides, tmp_path):
+    full = train(build_config(None, tiny_overrides + [f"train.out_dir={str(tmp_path / 'full')!r}"]), log=lambda *a: None)
+    part = tiny_overrides + [f"train.out_dir={str(tmp_path / 'part')!r}"]
+    stopped = train(build_config(None, part + ["train.stop_after=3"]), log=lambda *a: None)
+    assert stopped["step"] == 3 and "val_ppl" not in stopped
+    assert list(losses(tmp_path / "part")) == [1, 2, 3]
+    resumed = train(build_config(None, part), resume=str(tmp_path / "part"), log=lambda *a: None)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")  # bit for bit, every step
+    assert resumed["val_loss"] == full["val_loss"]
+    a = ckpt_io.load(tmp_path / "full").model_state
+    b = ckpt_io.load(tmp_path / "part").model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_a_middle_checkpoint_trims_later_metrics(tiny_overrides, tmp_path):
+    train(build_config(None, tiny_overrides), log=lambda *a: None)
+    run = tmp_path / "run"
+    before = losses(run)
+    train(build_config(None, tiny_overrides), resume=str(run / "checkpoints" / "step-000004"), log=lambda *a: None)
+    assert losses(run) == before
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_overrides, tmp_path):
+    a = train(build_config(None, tiny_overrides + ["train.steps=3", f"train.out_dir={str(tmp_path / 'a')!r}"]),
+              log=lambda *a: None)
+    b = train(build_config(None, tiny_overrides + ["train.steps=3", "train.grad_accum=2",
+                                                   f"train.out_dir={str(tmp_path / 'b')!r}"]), log=lambda *a: None)
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-5 for k in la)
+    assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
