@@ -122,3 +122,9 @@ def run(args) -> int:
               f"{next(model.parameters()).device}; KV cache {cache.nbytes() / 1024:.1f} KiB allocated, "
               f"{cache.held_bytes() / 1024:.1f} KiB held, entries {cache.entries()}]", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":  # python -m, also where the `mosa` command does not list this one
+    _parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}")
+    configure_parser(_parser)
+    sys.exit(run(_parser.parse_args()))

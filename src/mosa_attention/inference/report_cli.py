@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -39,3 +40,9 @@ def run(args) -> int:
         print(f"{row['layer']:>5}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  {row['kept_ratio']:>8.3f}")
     print(f"{args.split} perplexity: topk {report['ppl_topk']:.3f}, threshold {report['ppl_threshold']:.3f}")
     return 0
+
+
+if __name__ == "__main__":  # python -m, also where the `mosa` command does not list this one
+    _parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}")
+    configure_parser(_parser)
+    sys.exit(run(_parser.parse_args()))

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Causal routing on trained models: train the toy MoSA hybrid three ways (in parallel), then report, on the
+# same validation windows, how threshold routing agrees with top-k and the perplexity under each rule, and
+# generate a sample from each. Output: routing.jsonl (one report per line) and samples.txt in OUT.
+#
+#   bash benchmarks/routing_study.sh OUT [DATA]        # DATA: wiki (default) or a prepared-data folder
+#   STEPS=300 WINDOWS=64 bash benchmarks/routing_study.sh results/routing
+set -u
+OUT=${1:?usage: routing_study.sh OUT [DATA]}
+DATA=${2:-wiki}
+STEPS=${STEPS:-300}
+WINDOWS=${WINDOWS:-64}
+RUNS=${RUNS:-/tmp/mosa-routing-runs}
+EXTRA=${EXTRA:-}
+mkdir -p "$OUT" "$RUNS"
+
+train() {  # name, then --set overrides
+  local name=$1; shift
+  python -m mosa_attention train --data "$DATA" --steps "$STEPS" --out "$RUNS/$name" $EXTRA "$@" \
+    > "$RUNS/train_$name.log" 2>&1
+  echo "== $name: $(grep -a -o 'done: .*' "$RUNS/train_$name.log" | tail -1)" >> "$OUT/train_summary.txt"
+}
+train topk &
+train aux --set model.router_aux_loss=0.1 &
+train threshold --set model.routing=threshold --set model.router_aux_loss=0.1 &
+wait
+
+report() {  # name, calibrate windows
+  python -m mosa_attention.inference.report_cli --checkpoint "$RUNS/$1" --windows "$WINDOWS" --calibrate "$2" --json \
+    | python -c "import json,sys; r=json.loads(sys.stdin.read()); r.update(run='$1', calibrate_windows=$2); print(json.dumps(r))" \
+    >> "$OUT/routing.jsonl"
+}
+for run in topk aux threshold; do
+  report $run 0 &
+  report $run 32 &
+done
+wait
+
+for run in topk aux threshold; do
+  calib=$([ $run = topk ] && echo 32 || echo 0)
+  { echo "== $run (calibrate $calib)"
+    python -m mosa_attention.inference.cli --checkpoint "$RUNS/$run" --prompt "The history of the" \
+      --max-new-tokens 60 --seed 0 --temperature 0.8 --top-k 50 --calibrate $calib --stats 2>&1
+    echo; } >> "$OUT/samples.txt"
+done
+cat "$OUT/train_summary.txt"
