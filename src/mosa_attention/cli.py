@@ -13,6 +13,8 @@ COMMANDS = {
     "eval": ("mosa_attention.eval.cli", "perplexity of a trained model and what its MoSA heads select"),
     "plot": ("mosa_attention.plots.plot_cli", "loss curves of several runs in one PNG"),
     "viz": ("mosa_attention.plots.viz_cli", "which tokens each MoSA head keeps over a text, as a PNG"),
+    "generate": ("mosa_attention.inference.cli", "sample text from a trained run with the sparse KV cache, streaming"),
+    "routing-report": ("mosa_attention.inference.report_cli", "causal (threshold) routing against top-k on a trained run"),
 }
 
 
