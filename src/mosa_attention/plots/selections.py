@@ -46,8 +46,7 @@ def draw_selections(tokens: list[str], panels, out, title: str = "") -> Path:
     fig_h = min(max(3, 0.28 * heads + 1.2 * len(panels) + 1), 60)
     fig, axes = plt.subplots(len(panels), 1, figsize=(fig_w, fig_h), squeeze=False,
                              gridspec_kw={"height_ratios": [g.shape[0] for _, g in panels]})
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#f2f2f2")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#f2f2f2")
     im = None
     for ax, (layer, grid) in zip(axes[:, 0], panels):
         im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
