@@ -18,11 +18,11 @@ def model_of(**kw):
     return model
 
 
-def decode_all(model, sequences, prompt_lens, chunk=None):
+def decode_all(model, sequences, prompt_lens, page_size=8):
     """Prefill each prompt (left-padded, one pass), then feed the rest token by token; logits per sequence."""
     L = max(prompt_lens)
     pad = torch.tensor([L - n for n in prompt_lens])
-    cache = new_cache(model, pad)
+    cache = new_cache(model, pad, page_size=page_size)
     batch = torch.stack([torch.cat([torch.zeros(L - n, dtype=torch.long), s[:n]]) for s, n in zip(sequences, prompt_lens)])
     outs = [extend(model, batch, cache)]
     steps = min(len(s) - n for s, n in zip(sequences, prompt_lens))
@@ -59,7 +59,7 @@ def test_prefill_in_one_pass_equals_token_by_token():
     model = model_of(attention="mosa", dense_kind="local")
     seq = torch.randint(0, 50, (2, 20))
     whole, _ = decode_all(model, list(seq), [20, 20])
-    steps, _ = decode_all(model, list(seq), [1, 1])
+    steps, _ = decode_all(model, list(seq), [1, 1], page_size=3)  # many pages per head
     for a, b in zip(whole, steps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -100,9 +100,9 @@ def test_cache_holds_exactly_the_kept_tokens():
             sp = cache.layers[layer]["sparse"]
             for e in range(idx.shape[1]):
                 kept = idx[0, e][idx[0, e] < length].tolist()
-                held = sp.pos[b, e, : sp.count[b, e]].tolist()
-                assert held == kept
-                torch.testing.assert_close(sp.score[b, e, : sp.count[b, e]], scores[0, e, : len(kept)])
+                pos, score = sp.held(b, e)
+                assert pos.tolist() == kept  # stored in order of arrival
+                torch.testing.assert_close(score, scores[0, e, : len(kept)])
                 expected_entries += len(kept)
     entries = cache.entries()
     assert entries["sparse"] == expected_entries
@@ -110,9 +110,13 @@ def test_cache_holds_exactly_the_kept_tokens():
     assert entries["dense"] == dense_expected
     D, itemsize = model.config.head_dim, 4
     assert cache.held_bytes() == (expected_entries + dense_expected) * 2 * D * itemsize
-    # the tensors: [B, E, C, D] per layer with C >= the largest count, keys and values
+    # the tensors: MoSA heads in pages of a pool, dense heads [B, H, C, D]; keys and values
     allocated = sum(2 * p.k.numel() * itemsize for p in cache.parts())
     assert cache.nbytes() == allocated >= cache.held_bytes()
+    for layer in cache.layers:  # a head wastes less than one page; the pool has a little slack
+        sp = layer["sparse"]
+        assert sp.used == 1 + int(((sp.count + sp.page_size - 1) // sp.page_size).sum())
+        assert sp.k.shape[0] <= sp.used + sp.used // 8 + 1
 
 
 def test_local_heads_keep_a_ring_of_their_window():
@@ -134,12 +138,12 @@ def test_capacity_keeps_the_highest_scores():
     _, _, sels = model(seq, return_selections=True)
     scores, idx = sels[0]
     sp = cache.layers[0]["sparse"]
-    assert int(sp.count.max()) <= cap and sp.k.shape[2] == cap
+    assert int(sp.count.max()) <= cap and int(sp.pages.max()) <= -(-cap // sp.page_size) + 1
     for e in range(idx.shape[1]):
         kept = [(float(s), int(p)) for s, p in zip(scores[0, e], idx[0, e]) if p < 20]
         best = sorted(kept, reverse=True)[:cap]
-        held = sorted(zip(sp.score[0, e, : sp.count[0, e]].tolist(), sp.pos[0, e, : sp.count[0, e]].tolist()),
-                      reverse=True)
+        pos, score = sp.held(0, e)
+        held = sorted(zip(score.tolist(), pos.tolist()), reverse=True)
         assert [p for _, p in held] == [p for _, p in best]
 
 

@@ -3,11 +3,12 @@
 A batch of B sequences is stored left-padded: column c of the batch holds, for sequence b, the token at
 position ``c - pad[b]`` (a column with a negative position is padding, never a key). Per layer:
 
-* ``SparseCache`` — the MoSA heads. Each head stores keys and values of only the tokens it kept, in slots
-  ``0 .. count[b, e]-1`` of ``k, v [B, E, C, D]``, with their positions (RoPE was applied there) and router
-  scores. Heads keep different numbers of tokens, so C is the largest count (plus 1/8 growth slack); the slots
-  above a head's count are empty. Under causal routing a head keeps about T/sparsity tokens, so the cache
-  grows like T/sparsity, not T.
+* ``SparseCache`` — the MoSA heads. Each head stores keys and values of only the tokens it kept, with their
+  positions (RoPE was applied there) and router scores. Heads keep different numbers of tokens, so they are
+  paged: a layer has one pool of pages of ``page_size`` slots (``k, v [pages, page_size, D]``), and each
+  (sequence, head) owns the pages its table lists, filled in order. A head wastes less than one page, not
+  the gap to the fullest head. Under causal routing a head keeps about T/sparsity tokens, so the cache grows
+  like T/sparsity, not T.
   ``capacity`` (optional) bounds every head's count. Eviction rule: a head's cache holds the ``capacity``
   highest-scoring tokens it has kept so far (token 0 counts as the highest when ``include_first``). A new
   token that the head keeps always attends to itself, then the lowest-score token is dropped (which may be
@@ -35,64 +36,113 @@ def _slots(needed: int, have: int) -> int:
 
 
 class SparseCache:
-    """Keys and values of the tokens each MoSA head kept; see the module docstring."""
+    """Keys and values of the tokens each MoSA head kept, in pages; see the module docstring.
+
+    Pool: ``k, v [N, page_size, D]``, ``pos, score [N, page_size]``; page 0 is a null page that every
+    unused table entry points to, never read as a key (slots at or above a head's ``count`` are masked).
+    Tables: ``table [B, E, max pages]`` page ids, ``pages [B, E]`` pages owned, ``count [B, E]`` tokens held.
+    """
 
     def __init__(self, batch: int, heads: int, head_dim: int, dtype, device, capacity: int | None = None,
-                 protect_first: bool = False):
-        self.k = torch.zeros(batch, heads, 0, head_dim, dtype=dtype, device=device)
+                 protect_first: bool = False, page_size: int = 8):
+        self.page_size = page_size
+        self.k = torch.zeros(1, page_size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
-        self.score = torch.zeros(batch, heads, 0, dtype=torch.float32, device=device)
+        self.pos = torch.zeros(1, page_size, dtype=torch.long, device=device)
+        self.score = torch.zeros(1, page_size, dtype=torch.float32, device=device)
+        self.used = 1  # pool pages handed out, the null page included
+        self.table = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
+        self.pages = torch.zeros(batch, heads, dtype=torch.long, device=device)
         self.count = torch.zeros(batch, heads, dtype=torch.long, device=device)
         self.capacity = capacity
         self.protect_first = protect_first
 
-    def valid(self) -> torch.Tensor:
-        """[B, E, C] bool: which slots hold a token."""
-        return torch.arange(self.k.shape[2], device=self.k.device) < self.count[..., None]
+    def _take_pages(self, want: torch.Tensor, heads) -> None:
+        """Give each (sequence, head) of ``heads`` pages until it owns ``want`` [B, E']."""
+        have = self.pages[:, heads]
+        add = (want - have).clamp(min=0)
+        total = int(add.sum())
+        if total == 0:
+            return
+        if self.used + total > self.k.shape[0]:
+            size = self.used + total + (self.used + total) // 8  # a little slack: a pool grows by copying
+            self.k, self.v = _grow(self.k, 0, size), _grow(self.v, 0, size)
+            self.pos, self.score = _grow(self.pos, 0, size), _grow(self.score, 0, size)
+        width = int(want.max())
+        if width > self.table.shape[2]:
+            self.table = _grow(self.table, 2, width)
+        flat = add.flatten()
+        owner = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat)
+        first = torch.cumsum(flat, 0) - flat
+        column = have.flatten()[owner] + torch.arange(total, device=flat.device) - first[owner]
+        E = add.shape[1]
+        b, e = owner // E, heads[owner % E]
+        self.table[b, e, column] = torch.arange(self.used, self.used + total, device=flat.device)
+        self.used += total
+        self.pages[:, heads] = torch.maximum(have, want)
 
     def append(self, k, v, pos, score, ok, heads: torch.Tensor | None = None) -> None:
         """Store new kept tokens: k, v [B, E', m, D], pos, score, ok [B, E', m] (ok: a real token), for all
         heads or for the heads listed in ``heads`` [E']. May exceed ``capacity`` until ``evict``."""
-        count = self.count if heads is None else self.count[:, heads]
+        if heads is None:
+            heads = torch.arange(self.count.shape[1], device=self.count.device)
+        count = self.count[:, heads]
         new = ok.sum(-1)
-        needed = int((count + new).max())
-        C = self.k.shape[2]
-        if needed > C:
-            # a head holds about T/sparsity tokens: grow by an eighth, so the slack stays small
-            size = needed if self.capacity else needed + needed // 8
-            self.k, self.v = _grow(self.k, 2, size), _grow(self.v, 2, size)
-            self.pos, self.score = _grow(self.pos, 2, size), _grow(self.score, 2, size)
+        self._take_pages((count + new + self.page_size - 1) // self.page_size, heads)
         b, e, i = ok.nonzero(as_tuple=True)
         slot = (count[..., None] + ok.long().cumsum(-1) - 1)[b, e, i]
-        h = e if heads is None else heads[e]
-        self.k[b, h, slot] = k[b, e, i]
-        self.v[b, h, slot] = v[b, e, i]
-        self.pos[b, h, slot] = pos[b, e, i]
-        self.score[b, h, slot] = score[b, e, i].float()
-        if heads is None:
-            self.count += new
-        else:
-            self.count[:, heads] = count + new
+        page = self.table[b, heads[e], slot // self.page_size]
+        at = slot % self.page_size
+        self.k[page, at] = k[b, e, i]
+        self.v[page, at] = v[b, e, i]
+        self.pos[page, at] = pos[b, e, i]
+        self.score[page, at] = score[b, e, i].float()
+        self.count[:, heads] = count + new
+
+    def view(self, heads: torch.Tensor | None = None):
+        """(k, v [B, E', S, D], pos [B, E', S], score, valid [B, E', S]) of all heads or of ``heads``: their
+        pages gathered in order, S = their widest table times page_size."""
+        table, count = (self.table, self.count) if heads is None else (self.table[:, heads], self.count[:, heads])
+        table = table[..., : max(int(self.pages.max()), 1)] if table.shape[2] else table.new_zeros(*table.shape[:2], 1)
+        B, E, W = table.shape
+        S = W * self.page_size
+
+        def gather(t):
+            return t[table].reshape(B, E, S, *t.shape[2:])
+
+        valid = torch.arange(S, device=count.device) < count[..., None]
+        return gather(self.k), gather(self.v), gather(self.pos), gather(self.score), valid
+
+    def held(self, b: int, e: int):
+        """(positions, scores) of the tokens sequence b's head e holds, in the order stored."""
+        _, _, pos, score, valid = self.view(torch.tensor([e], device=self.count.device))
+        return pos[b, 0][valid[b, 0]], score[b, 0][valid[b, 0]]
 
     def evict(self) -> None:
-        """Apply the eviction rule where a head holds more than ``capacity`` tokens."""
-        if self.capacity is not None and self.k.shape[2] > self.capacity:
-            self._evict()
-
-    def _evict(self) -> None:
-        """Keep the ``capacity`` highest-scoring tokens of every head (the eviction rule)."""
-        key = self.score.masked_fill(~self.valid(), float("-inf"))
+        """Eviction rule: where a head holds more than ``capacity`` tokens, keep its ``capacity`` highest
+        scores (token 0 first with ``include_first``), written back to its first slots."""
+        if self.capacity is None or int(self.count.max()) <= self.capacity:
+            return
+        k, v, pos, score, valid = self.view()
+        key = score.masked_fill(~valid, float("-inf"))
         if self.protect_first:
-            key = key.masked_fill(self.valid() & (self.pos == 0), float("inf"))
-        top = key.topk(self.capacity, dim=-1).indices  # descending: held tokens first
-        self.k = self.k.gather(2, top[..., None].expand(-1, -1, -1, self.k.shape[-1]))
-        self.v = self.v.gather(2, top[..., None].expand(-1, -1, -1, self.v.shape[-1]))
-        self.pos, self.score = self.pos.gather(2, top), self.score.gather(2, top)
+            key = key.masked_fill(valid & (pos == 0), float("inf"))
+        top = key.topk(min(self.capacity, key.shape[-1]), dim=-1).indices  # descending: held tokens first
+        C = top.shape[-1]
+        slots = torch.arange(C, device=top.device)
+        page = self.table[..., : (C + self.page_size - 1) // self.page_size][..., slots // self.page_size]
+        at = (slots % self.page_size).expand_as(page)
+        keep = slots < self.count.clamp(max=C)[..., None]  # heads under capacity rewrite only what they hold
+        D = k.shape[-1]
+        self.k[page[keep], at[keep]] = k.gather(2, top[..., None].expand(-1, -1, -1, D))[keep]
+        self.v[page[keep], at[keep]] = v.gather(2, top[..., None].expand(-1, -1, -1, D))[keep]
+        self.pos[page[keep], at[keep]] = pos.gather(2, top)[keep]
+        self.score[page[keep], at[keep]] = score.gather(2, top)[keep]
         self.count = self.count.clamp(max=self.capacity)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"k": self.k, "v": self.v, "pos": self.pos, "score": self.score, "count": self.count}
+        return {"k": self.k, "v": self.v, "pos": self.pos, "score": self.score, "table": self.table,
+                "pages": self.pages, "count": self.count}
 
 
 class DenseCache:

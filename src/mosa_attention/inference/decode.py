@@ -31,8 +31,9 @@ def check_supported(model) -> None:
                              "(models built by MoSALM set it to config.k)")
 
 
-def new_cache(model, pad: torch.Tensor, capacity: int | None = None) -> KVCache:
-    """An empty cache for ``model`` and a batch whose sequences are left-padded by ``pad`` [B] columns."""
+def new_cache(model, pad: torch.Tensor, capacity: int | None = None, page_size: int = 8) -> KVCache:
+    """An empty cache for ``model`` and a batch whose sequences are left-padded by ``pad`` [B] columns.
+    MoSA heads store their tokens in pages of ``page_size`` slots."""
     check_supported(model)
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
         raise ValueError(f"capacity must be a positive integer or None, got capacity={capacity!r}")
@@ -45,7 +46,7 @@ def new_cache(model, pad: torch.Tensor, capacity: int | None = None) -> KVCache:
         if isinstance(attn, MoSAAttention):
             if attn.num_mosa_heads:
                 sparse = SparseCache(B, attn.num_mosa_heads, attn.head_dim, capacity=capacity,
-                                     protect_first=attn.include_first, **kw)
+                                     protect_first=attn.include_first, page_size=page_size, **kw)
             if attn.dense is not None:
                 window = attn.local_window if attn.dense_kind == "local" else None
                 dense = _dense_cache(attn.dense, B, window, kw)
@@ -147,9 +148,10 @@ def sparse_heads(attn: MoSAAttention, cache: SparseCache, x, pos) -> torch.Tenso
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     s = scores.gather(2, j)
     cache.append(k, v, p, s, ok, None if every else heads)
-    mask = pick(cache.valid())[..., None, :] & (pick(cache.pos)[..., None, :] <= p[..., :, None])  # [B, E', m, C]
+    keys, values, kpos, _, kvalid = cache.view(None if every else heads)
+    mask = kvalid[..., None, :] & (kpos[..., None, :] <= p[..., :, None])  # [B, E', m, S]
     mask |= ~ok[..., None]  # padding queries: finite, dropped below
-    o = F.scaled_dot_product_attention(q, pick(cache.k), pick(cache.v), attn_mask=mask)
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     cache.evict()
     o = o * (s * ok)[..., None].to(o.dtype)
     y = torch.einsum("bekd,edh->bekh", o, w_o).reshape(B, E * m, h)
