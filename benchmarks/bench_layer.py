@@ -357,6 +357,9 @@ def main():
                     help="autocast: bf16 autocast over float32 parameters (as the official release); "
                          "bf16: parameters and input in bfloat16 (the official release cannot run so)")
     ap.add_argument("--sweep-T", default="1024,2048,4096,8192,16384,32768,65536", help="T values of the sweep")
+    ap.add_argument("--router", default="einsum", choices=("einsum", "linear"),
+                    help="linear: time the layer with router logits from F.linear (a proposed change to "
+                         "ops/routing.py; same math, a contiguous dx in backward)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step of ours")
     ap.add_argument("--official", default=None, help="path holding the official release's mosa/ package")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json")
@@ -364,7 +367,10 @@ def main():
     import triton
     global MODE
     MODE = args.mode
-    out = {"mode": MODE, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    if args.router == "linear":
+        import mosa_attention.layers.mosa as layer_module
+        layer_module.router_logits = lambda x, w: torch.nn.functional.linear(x, w).transpose(1, 2)
+    out = {"mode": MODE, "router": args.router, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

@@ -126,8 +126,10 @@ def _query_range(idx_ptr, e, E, K, R, n0, BLOCK: tl.constexpr, BS: tl.constexpr)
 @triton.jit
 def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K,
              D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-             PREC: tl.constexpr):
-    """qkv[part, e, rows] = RoPE(x[b, pos] @ w_qkv[e][:, part*D:(part+1)*D]) for part in q, k, v."""
+             PREC: tl.constexpr, FUSED: tl.constexpr):
+    """qkv[part, e, rows] = RoPE(x[b, pos] @ w_qkv[e][:, part*D:(part+1)*D]) for part in q, k, v.
+    FUSED: one program makes all three from one load of the gathered rows (grid axis 2 has size 1);
+    else one program per part (less register and shared memory for large head dims or fp32)."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     part = tl.program_id(2)
@@ -139,17 +141,33 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K,
     cm = cols < D
     wbase = w_ptr + e.to(tl.int64) * h * 3 * D + part * D
     acc = tl.zeros([BM, DP], tl.float32)
+    acc_k = tl.zeros([BM, DP], tl.float32)
+    acc_v = tl.zeros([BM, DP], tl.float32)
     for k0 in range(0, h, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < h
         xa = tl.load(x_ptr + xoff[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-        wa = tl.load(wbase + kk[:, None] * (3 * D) + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
-        acc = tl.dot(xa, wa, acc, input_precision=PREC)
-    if ROPE > 0:
-        if part < 2:
-            acc = _rope(acc, tl.minimum(tl.maximum(pos, 0), T), cos_ptr, sin_ptr, ROPE, DP, DT, False, PREC)
+        wp = wbase + kk[:, None] * (3 * D) + cols[None, :]
+        wm = km[:, None] & cm[None, :]
+        acc = tl.dot(xa, tl.load(wp, mask=wm, other=0.0), acc, input_precision=PREC)
+        if FUSED:
+            acc_k = tl.dot(xa, tl.load(wp + D, mask=wm, other=0.0), acc_k, input_precision=PREC)
+            acc_v = tl.dot(xa, tl.load(wp + 2 * D, mask=wm, other=0.0), acc_v, input_precision=PREC)
+    rope_pos = tl.minimum(tl.maximum(pos, 0), T)
+    om = rm[:, None] & cm[None, :]
     out = qkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
-    tl.store(out, acc.to(DT), mask=rm[:, None] & cm[None, :])
+    if FUSED:
+        if ROPE > 0:
+            acc = _rope(acc, rope_pos, cos_ptr, sin_ptr, ROPE, DP, DT, False, PREC)
+            acc_k = _rope(acc_k, rope_pos, cos_ptr, sin_ptr, ROPE, DP, DT, False, PREC)
+        tl.store(out, acc.to(DT), mask=om)
+        tl.store(out + E * R * D, acc_k.to(DT), mask=om)
+        tl.store(out + 2 * E * R * D, acc_v.to(DT), mask=om)
+    else:
+        if ROPE > 0:
+            if part < 2:
+                acc = _rope(acc, rope_pos, cos_ptr, sin_ptr, ROPE, DP, DT, False, PREC)
+        tl.store(out, acc.to(DT), mask=om)
 
 
 @triton.jit
@@ -467,9 +485,10 @@ def _segments(idx, T):
     """Where each (b, t) finds its rows among the head-major rows [E, B*k]: perm lists the rows sorted by
     destination b*(T+1)+pos (stable, so in head order), and starts[key] .. starts[key+1] is key's range."""
     B, E, K = idx.shape
-    keys = idx.clamp(0, T).transpose(0, 1) + (torch.arange(B, device=idx.device) * (T + 1))[None, :, None]
+    kt = torch.int32 if B * (T + 1) < 2 ** 31 else torch.int64  # fewer radix passes
+    keys = idx.clamp(0, T).to(kt).transpose(0, 1) + (torch.arange(B, device=idx.device, dtype=kt) * (T + 1))[None, :, None]
     sorted_keys, perm = torch.sort(keys.reshape(-1), stable=True)
-    starts = torch.searchsorted(sorted_keys, torch.arange(B * (T + 1) + 1, device=idx.device))
+    starts = torch.searchsorted(sorted_keys, torch.arange(B * (T + 1) + 1, device=idx.device, dtype=kt))
     return perm, starts
 
 
@@ -489,9 +508,10 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float):
     qkv = torch.empty(3, E, R, D, device=dev, dtype=x.dtype)
     o = torch.empty(E, R, D, device=dev, dtype=x.dtype)
     lse = torch.empty(E, R, device=dev, dtype=torch.float32)
-    _qkv_fwd[(triton.cdiv(R, c["BM"]), E, 3)](
+    fused = c["DP"] <= 64 and x.dtype != torch.float32
+    _qkv_fwd[(triton.cdiv(R, c["BM"]), E, 1 if fused else 3)](
         x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, D=D, DP=c["DP"], ROPE=rope_dims, BM=c["BM"], BK=c["BK"],
-        PREC=c["PREC"], num_warps=4)
+        PREC=c["PREC"], FUSED=fused, num_warps=8 if fused else 4)
     rows = torch.empty(E * R, h, device=dev, dtype=x.dtype)
     _attn_fwd[(triton.cdiv(R, c["BM"]), E)](
         qkv, idx, scores, w_o, o, lse, rows, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
