@@ -88,3 +88,25 @@ def test_grad_accumulation_matches_one_big_batch(tiny_overrides, tmp_path):
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-5 for k in la)
     assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_overrides, tmp_path, monkeypatch):
+    import mosa_attention.train.loop as loop
+
+    train(build_config(None, tiny_overrides + [f"train.out_dir={str(tmp_path / 'full')!r}"]), log=lambda *a: None)
+    real = loop.train_batch
+
+    def interrupted(tokens, seq_len, batch_size, seed, step, rows=slice(None)):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(tokens, seq_len, batch_size, seed, step, rows)
+
+    monkeypatch.setattr(loop, "train_batch", interrupted)
+    cfg = build_config(None, tiny_overrides + ["train.save_every=0"])
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=lambda *a: None)
+    run = tmp_path / "run"
+    assert ckpt_io.resolve(run).name == "step-000005"
+    monkeypatch.undo()
+    train(cfg, resume=str(run), log=lambda *a: None)
+    assert losses(run) == losses(tmp_path / "full")

@@ -66,11 +66,11 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                           f"= {info.world_size} x {t.grad_accum}")
     device, amp = info.device, _amp_dtype(t.dtype, info.device)
 
-    # data: the first process prepares (or finds) it, the others then open the same folder
-    if info.is_main:
+    # data: the first process of each node prepares (or finds) it, the others then open the same folder
+    if info.local_rank == 0:
         data = prepare(cfg.data, log=say)
     D.barrier(info)
-    if not info.is_main:
+    if info.local_rank != 0:
         data = prepare(cfg.data, log=lambda *a: None)
     tokenizer = data.tokenizer
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
@@ -79,9 +79,12 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     T = model_cfg.seq_len
     check_length(train_tokens, T, "the training split")
 
-    run_dir = Path(resume) if resume and not t.out_dir else Path(t.out_dir or _default_run_dir(cfg))
-    if (run_dir / "state.json").is_file():  # resume named a checkpoint folder: the run is two levels up
-        run_dir = run_dir.parent.parent
+    if resume:  # a resumed run goes on in its own folder
+        run_dir = Path(resume)
+        if (run_dir / "state.json").is_file():  # a checkpoint folder: the run is two levels up
+            run_dir = run_dir.parent.parent
+    else:
+        run_dir = Path(t.out_dir or _default_run_dir(cfg))
     run_dir = Path(D.broadcast_object(str(run_dir), info))
 
     torch.manual_seed(t.seed)  # the same initial weights on every process
@@ -91,6 +94,8 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
 
     torch.manual_seed(t.seed * 1000 + info.rank)  # dropout streams differ per process
     start = _resume(resume, model_cfg, cfg, wrapped, optimizer, tokenizer, info, say) if resume else 0
+    if start > t.steps:
+        raise ConfigError(f"the checkpoint is at step {start}, past train.steps={t.steps}; raise --steps to go on")
     forward = torch.compile(wrapped) if t.compile else wrapped
 
     n_params = model.num_params()
@@ -136,7 +141,7 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     bar = _progress(t.steps, start, info.is_main)
     wrapped.train()
     t0, last_t, last_step = time.time(), time.time(), start
-    step = start
+    completed = start  # optimizer steps taken so far
     try:
         for step in range(start, end):
             lr = lr_at(step, t)
@@ -154,6 +159,7 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
             grad_norm = _clip(wrapped, t.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            completed = step + 1
             loss_val = D.all_mean(loss_sum / t.grad_accum, info).item()
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"the loss is {loss_val} at step {step + 1}; lower train.lr or check the data")
@@ -174,15 +180,16 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                 save(done)
     except KeyboardInterrupt:
         bar.close()
-        done = step  # the step in flight did not finish
-        say(f"\ninterrupted at step {done}; saving a checkpoint to resume from")
-        if done > start:
-            save(done)
+        say(f"\ninterrupted after step {completed}; saving a checkpoint to resume from")
+        if completed > start:
+            save(completed)
         say(f"resume with: mosa train --resume {run_dir}")
+        if metrics:
+            metrics.close()
         raise
     bar.close()
     done = end
-    ckpt_path = save(done)
+    ckpt_path = save(done) if done > start else ckpt_io.resolve(run_dir)
     if done < t.steps:
         say(f"stopped after step {done} of {t.steps} (train.stop_after); resume with: mosa train --resume {run_dir}")
         if metrics:
