@@ -347,6 +347,35 @@ def check(out):
     return ok
 
 
+def plot(json_path, png_path):
+    """Time against T (forward + backward, h=1024, 60 MoSA heads of k=64, B=1) from a results.json."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(json_path) as f:
+        res = json.load(f)
+    rows = res["sweep_T"]
+    Ts = [r["T"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series = [("dense 16 heads (SDPA flash), eager", lambda r: r["dense"]["eager_ms"]),
+              ("official MoSA release, eager", lambda r: r.get("official", {}).get("eager_ms")),
+              ("ours (Triton), eager", lambda r: r["ours"]["eager_ms"]),
+              ("ours (Triton), CUDA graph", lambda r: r["ours"]["graph_ms"])]
+    for name, get in series:
+        ys = [get(r) for r in rows]
+        if all(y is not None for y in ys):
+            ax.plot(Ts, ys, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("ms per forward + backward")
+    ax.set_title(f"one layer, h=1024, 60 MoSA heads k=64, B=1 ({res['card']}, {res['mode']})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="correctness at real shapes")
@@ -362,8 +391,11 @@ def main():
                          "ops/routing.py; same math, a contiguous dx in backward)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step of ours")
     ap.add_argument("--official", default=None, help="path holding the official release's mosa/ package")
+    ap.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="only draw time against T")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json")
     args = ap.parse_args()
+    if args.plot:
+        return plot(*args.plot)
     import triton
     global MODE
     MODE = args.mode

@@ -133,3 +133,20 @@ def test_compiles_without_graph_break():
     y_ref.sum().backward()
     assert _rel(y, y_ref) < 1e-5
     assert all(_rel(a.grad, b.grad) < 1e-5 for a, b in zip(leaves, ref))
+
+
+def test_autocast_reads_wide_x_tile_by_tile():
+    # float32 x and weights under float16 autocast: weights are cast, x is read as is; x's grad stays float32
+    x, scores, idx, w_qkv, w_o = _inputs(2, 24, 32, 2, 9, 32, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], 16)
+    assert y.dtype == torch.float16
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert leaves[0].grad.dtype == torch.float32
+    ref = [t.detach().half().double().requires_grad_() for t in (x, scores, w_qkv, w_o)]
+    y_ref = sparse_attention_reference(ref[0], ref[1], idx, ref[2], ref[3], 16)
+    y_ref.backward(dy.double())
+    errs = [_rel(y, y_ref)] + [_rel(a.grad, b.grad) for a, b in zip(leaves, ref)]
+    assert all(e < 3e-3 for e in errs), errs

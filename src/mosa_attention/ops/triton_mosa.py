@@ -146,7 +146,7 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K,
     for k0 in range(0, h, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < h
-        xa = tl.load(x_ptr + xoff[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        xa = tl.load(x_ptr + xoff[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0).to(DT)
         wp = wbase + kk[:, None] * (3 * D) + cols[None, :]
         wm = km[:, None] & cm[None, :]
         acc = tl.dot(xa, tl.load(wp, mask=wm, other=0.0), acc, input_precision=PREC)
@@ -436,6 +436,7 @@ def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K,
         rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
         xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
         xt = tl.load(x_ptr + xrow[None, :] * h + nn[:, None], mask=rm[None, :] & nm[:, None], other=0.0)
+        xt = xt.to(dqkv_ptr.dtype.element_ty)
         d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
                     mask=rm[:, None] & cm[None, :], other=0.0)
         acc = tl.dot(xt, d, acc, input_precision=PREC)
@@ -501,32 +502,36 @@ def _scatter(rows, perm, starts, B, T, h, dtype):
 
 
 def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float):
+    # the weights' dtype is the compute dtype; x may be wider (float32 under autocast): its tiles are cast
+    # as they are loaded, so no 16-bit copy of the whole sequence is made
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
-    c = _cfg(D, x.dtype)
+    cdt = w_qkv.dtype
+    c = _cfg(D, cdt)
     dev = x.device
     cos, sin = _rope_tables(rope_dims, rope_base, T + 1, dev)
-    qkv = torch.empty(3, E, R, D, device=dev, dtype=x.dtype)
-    o = torch.empty(E, R, D, device=dev, dtype=x.dtype)
+    qkv = torch.empty(3, E, R, D, device=dev, dtype=cdt)
+    o = torch.empty(E, R, D, device=dev, dtype=cdt)
     lse = torch.empty(E, R, device=dev, dtype=torch.float32)
-    fused = c["DP"] <= 64 and x.dtype != torch.float32
+    fused = c["DP"] <= 64 and cdt != torch.float32
     _qkv_fwd[(triton.cdiv(R, c["BM"]), E, 1 if fused else 3)](
         x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, D=D, DP=c["DP"], ROPE=rope_dims, BM=c["BM"], BK=c["BK"],
         PREC=c["PREC"], FUSED=fused, num_warps=8 if fused else 4)
-    rows = torch.empty(E * R, h, device=dev, dtype=x.dtype)
+    rows = torch.empty(E * R, h, device=dev, dtype=cdt)
     _attn_fwd[(triton.cdiv(R, c["BM"]), E)](
         qkv, idx, scores, w_o, o, lse, rows, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
         D=D, DP=c["DP"], BM=c["BM"], BN=c["BN"], BH=c["BH"], BS=c["BS"], PREC=c["PREC"], num_warps=4)
     perm, starts = _segments(idx, T)
-    return _scatter(rows, perm, starts, B, T, h, x.dtype), qkv, o, lse, perm, starts
+    return _scatter(rows, perm, starts, B, T, h, cdt), qkv, o, lse, perm, starts
 
 
 def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float):
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
-    c = _cfg(D, x.dtype)
+    cdt = w_qkv.dtype
+    c = _cfg(D, cdt)
     dev = x.device
-    dy = dy.to(x.dtype).contiguous()
+    dy = dy.to(cdt).contiguous()
     cos, sin = _rope_tables(rope_dims, rope_base, T + 1, dev)
-    do = torch.empty(E, R, D, device=dev, dtype=x.dtype)
+    do = torch.empty(E, R, D, device=dev, dtype=cdt)
     delta = torch.empty(E, R, device=dev, dtype=torch.float32)
     dsc = torch.empty(B, E, K, device=dev, dtype=torch.float32)
     _out_bwd[(triton.cdiv(R, c["BM"]), E)](
@@ -543,11 +548,11 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
         qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, **common)
     _attn_bwd_dq[(triton.cdiv(R, c["BM"]), E)](
         qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, **common)
-    rows = torch.empty(E * R, h, device=dev, dtype=x.dtype)
+    rows = torch.empty(E * R, h, device=dev, dtype=cdt)
     _qkv_bwd_dx[(triton.cdiv(R, c["BM"]), E, triton.cdiv(h, c["BH"]))](
         dqkv, idx, w_qkv, rows, T, h, E, R, K, D=D, DP=c["DP"], BM=c["BM"], BH=c["BH"], PREC=c["PREC"],
         num_warps=4)
-    dx = _scatter(rows, perm, starts, B, T, h, x.dtype)
+    dx = _scatter(rows, perm, starts, B, T, h, x.dtype)  # in x's dtype: no cast pass in autograd
     dwqkv = torch.empty_like(w_qkv)
     _dwqkv[(triton.cdiv(h, c["BH"]), E, 3)](
         x, idx, dqkv, dwqkv, T, h, E, R, K, D=D, DP=c["DP"], BR=c["BR"], BH=c["BH"], PREC=c["PREC"], num_warps=4)
@@ -567,7 +572,7 @@ def _fwd_op(x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: tor
 @_fwd_op.register_fake
 def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base):
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
-    return (x.new_empty(B, T, h), x.new_empty(3, E, R, D), x.new_empty(E, R, D),
+    return (w_qkv.new_empty(B, T, h), w_qkv.new_empty(3, E, R, D), w_qkv.new_empty(E, R, D),
             x.new_empty(E, R, dtype=torch.float32), idx.new_empty(E * R, dtype=torch.int64),
             idx.new_empty(B * (T + 1) + 1, dtype=torch.int64))
 
@@ -619,7 +624,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check(x, scores, idx, w_qkv, w_o, rope_dims):
+def _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed=False):
     if x.dim() != 3:
         raise ValueError(f"x must be [B, T, h], got x.shape={tuple(x.shape)}")
     B, T, h = x.shape
@@ -644,9 +649,10 @@ def _check(x, scores, idx, w_qkv, w_o, rope_dims):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if x.device.type != "cuda" and not _interpreting():
         raise ValueError(f"the triton backend runs on CUDA tensors, got x.device={x.device} (use backend='torch')")
-    for name, t in (("w_qkv", w_qkv), ("w_o", w_o)):
-        if t.dtype != x.dtype:
-            raise ValueError(f"{name}.dtype={t.dtype} must match x.dtype={x.dtype}")
+    if w_o.dtype != w_qkv.dtype:
+        raise ValueError(f"w_o.dtype={w_o.dtype} must match w_qkv.dtype={w_qkv.dtype}")
+    if w_qkv.dtype != x.dtype and not mixed:
+        raise ValueError(f"w_qkv.dtype={w_qkv.dtype} must match x.dtype={x.dtype} (outside autocast)")
 
 
 def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float = 10000.0):
@@ -655,15 +661,19 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     Differentiable in x, scores, w_qkv and w_o; deterministic (no atomics): the same input gives the same bits.
     """
     dev_type = x.device.type
-    if torch.is_autocast_enabled(dev_type):
+    mixed = False
+    if torch.is_autocast_enabled(dev_type) and x.dtype in _DTYPES:
+        # autocast: the weights go to the autocast dtype; x stays as it is and is cast tile by tile in the
+        # kernels (the result is in the autocast dtype, x's gradient in x's dtype)
         dt = torch.get_autocast_dtype(dev_type)
-        x, w_qkv, w_o = x.to(dt), w_qkv.to(dt), w_o.to(dt)
+        w_qkv, w_o = w_qkv.to(dt), w_o.to(dt)
+        mixed = x.dtype != dt
     if x.dtype == torch.float64:  # documented fallback: no fp64 kernels
         return sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
     rope_dims = int(rope_dims)
-    _check(x, scores, idx, w_qkv, w_o, rope_dims)
+    _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed)
     x, scores, idx, w_qkv, w_o = (t.contiguous() for t in (x, scores, idx, w_qkv, w_o))
     if torch.compiler.is_compiling():
         return _fwd_op(x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base))[0]
