@@ -91,6 +91,8 @@ def test_truncated_or_foreign_checkpoint_is_an_error_never_a_partial_load(tiny_o
     train(build_config(None, tiny_overrides), log=quiet)
     run = tmp_path / "run"
     ck = ckpt_io.resolve(run)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(build_config(None, tiny_overrides), log=quiet)  # a fresh run must not mix with an old one
     # a checkpoint of another model
     with pytest.raises(CheckpointError, match="another model.*d_model"):
         train(build_config(None, tiny_overrides + ["model.d_model=48"]), resume=str(run), log=quiet)

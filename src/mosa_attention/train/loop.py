@@ -78,6 +78,7 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     model_cfg = cfg.model_config(tokenizer.vocab_size)
     T = model_cfg.seq_len
     check_length(train_tokens, T, "the training split")
+    check_length(val_tokens, T, "the validation split")  # now, not after the training
 
     if resume:  # a resumed run goes on in its own folder
         run_dir = Path(resume)
@@ -86,6 +87,9 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     else:
         run_dir = Path(t.out_dir or _default_run_dir(cfg))
     run_dir = Path(D.broadcast_object(str(run_dir), info))
+    if not resume and ckpt_io.list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints of another run; continue it with "
+                          f"--resume {run_dir}, or train into another --out")
 
     torch.manual_seed(t.seed)  # the same initial weights on every process
     model = MoSALM(model_cfg).to(device)
@@ -114,8 +118,8 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
         tokenizer.save(run_dir / "tokenizer.json")
         if resume:
             _trim_metrics(metrics_path, start)
-        elif metrics_path.exists():
-            metrics_path.unlink()  # a fresh run into an old folder starts a fresh curve
+        else:
+            metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh curve
     metrics = open(metrics_path, "a") if info.is_main else None
 
     def record(row: dict) -> None:
