@@ -15,7 +15,7 @@ from ..layers import MoSAAttention
 from ..ops import router_scores
 from .perplexity import autocast
 
-BINS = 20  # router score histogram over [0, 1]
+BINS = 50  # router score histogram over [0, 1]
 
 
 class SelectionRecorder:
@@ -78,8 +78,12 @@ def summarize(s: dict) -> dict:
     def quantile(q):
         return [float(edges[np.searchsorted(c, q)]) if c[-1] > 0 else 0.0 for c in cdf]
 
-    p = rate / np.maximum(rate.sum(1, keepdims=True), 1e-12)
-    entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(1) / np.log(max(int(n), 2))
+    k = rate.sum(1)  # tokens kept per sequence, per head
+    p = rate / np.maximum(k[:, None], 1e-12)
+    h = -(p * np.log(np.where(p > 0, p, 1))).sum(1)
+    # 0 when a head keeps the same k positions in every sequence, 1 when it keeps every position equally often
+    lo, hi = np.log(np.maximum(k, 1)), np.log(max(n, 1))
+    entropy = np.where(hi > lo, (h - lo) / np.maximum(hi - lo, 1e-12), 1.0)
     return {
         "heads": int(rate.shape[0]), "seq_len": int(rate.shape[1]), "sequences": int(s["sequences"]),
         "tokens_no_head_chose": s["none_chosen"] / max(s["tokens"], 1),

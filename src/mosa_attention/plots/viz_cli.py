@@ -16,6 +16,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     src.add_argument("--file", help="read the text from this file")
     p.add_argument("--max-tokens", type=int, default=96, help="show at most this many tokens (default 96)")
     p.add_argument("--layers", type=int, nargs="+", help="only these layers (default: every MoSA layer)")
+    p.add_argument("--max-heads", type=int, default=32, help="show at most this many heads per layer (default 32)")
     p.add_argument("-o", "--out", default="selections.png", help="PNG to write (default selections.png)")
     p.add_argument("--device", default="cpu")
 
@@ -32,6 +33,7 @@ def run(args) -> int:
         tokens, panels = selections_for_text(model, tokenizer, tokenizer.decode(ids), args.device)
         if args.layers:
             panels = [p for p in panels if p[0] in set(args.layers)]
+        panels = [(layer, grid[: args.max_heads]) for layer, grid in panels]
         c = model.config
         title = (f"{Path(ckpt.path).parent.parent.name} step {ckpt.step}: tokens kept by each MoSA head "
                  f"(sparsity {c.sparsity:g}, k = {num_selected(len(tokens), c.sparsity)} of {len(tokens)}; grey: not kept)")

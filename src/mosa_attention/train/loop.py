@@ -203,12 +203,15 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     if metrics:
         metrics.close()
     elapsed = time.time() - t0
+    final = {"step": done, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_tokens": res["tokens"],
+             "train_seconds": elapsed}
+    if device.type == "cuda":
+        final["max_cuda_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     say(f"done: {done} steps in {elapsed:.0f}s; validation loss {res['loss']:.4f}, "
         f"perplexity {res['ppl']:.2f} ({res['tokens']:,} tokens at seq_len {T})")
     if info.is_main:
         _plot(run_dir, say)
-        (run_dir / "final.json").write_text(json.dumps({"step": done, "val_loss": res["loss"], "val_ppl": res["ppl"],
-                                                        "val_tokens": res["tokens"], "train_seconds": elapsed}, indent=1))
+        (run_dir / "final.json").write_text(json.dumps(final, indent=1))
     return {"step": done, "val_loss": res["loss"], "val_ppl": res["ppl"], "run_dir": str(run_dir),
             "checkpoint": str(ckpt_path)}
 
