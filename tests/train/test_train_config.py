@@ -1,0 +1,79 @@
+"""Configuration: defaults, files (TOML, JSON, YAML), overrides, built-in examples."""
+import json
+
+import pytest
+
+from mosa_attention.train.cli import builtin_configs, configure_parser, overrides_from
+from mosa_attention.train.config import ConfigError, build_config, parse_value, read_file, to_toml
+
+
+def test_defaults_are_the_toy_run():
+    cfg = build_config()
+    m = cfg.model_config(cfg.data.vocab_size)
+    assert (m.n_layer, m.d_model, m.seq_len, m.attention, m.sparsity) == (4, 128, 256, "mosa", 8.0)
+    assert cfg.data.source == "wiki" and cfg.data.vocab_size == 4096 and cfg.train.grad_clip == 0.25
+    assert m.head_counts() == {"mosa": 13, "dense": 1}  # FLOP-matched to 2 dense heads
+
+
+def test_paper_presets_get_the_paper_vocabulary_and_flop_matched_heads():
+    cfg = build_config(None, ['model.preset="tiny"', "model.sparsity=32"])
+    m = cfg.model_config(cfg.data.vocab_size)
+    assert cfg.data.vocab_size == 8192 and (m.n_layer, m.d_model) == (6, 512)
+    assert m.head_counts()["dense"] == 4 and m.head_counts()["mosa"] > 9
+    assert build_config(None, ['model.preset="tiny"', "data.vocab_size=1000"]).data.vocab_size == 1000
+
+
+def test_file_then_flags_then_set(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\npreset = "small"\nattention = "fixed"\n[train]\nsteps = 7\nlr = 0.01\n')
+    cfg = build_config(f, ["train.steps=9"])
+    assert cfg.model == {"preset": "small", "attention": "fixed"} and cfg.train.steps == 9 and cfg.train.lr == 0.01
+    # the written config reads back to the same configuration
+    g = tmp_path / "again.toml"
+    g.write_text(to_toml(cfg.to_dict()))
+    assert build_config(g).to_dict() == cfg.to_dict()
+
+
+def test_json_and_yaml_files(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"train": {"steps": 5}}))
+    assert build_config(tmp_path / "c.json").train.steps == 5
+    pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text("model:\n  attention: dense\ntrain:\n  steps: 6\n")
+    cfg = build_config(tmp_path / "c.yaml")
+    assert cfg.train.steps == 6 and cfg.model["attention"] == "dense"
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        read_file(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("[train\nsteps = ")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        read_file(tmp_path / "bad.toml")
+    (tmp_path / "sect.toml").write_text("[optim]\nlr = 1\n")
+    with pytest.raises(ConfigError, match="unknown config sections"):
+        build_config(tmp_path / "sect.toml")
+    with pytest.raises(ConfigError, match="train.steps must be >= 1"):
+        build_config(None, ["train.steps=0"])
+
+
+def test_values_parse_like_toml():
+    assert parse_value("3") == 3 and parse_value("1e-3") == 0.001 and parse_value("true") is True
+    assert parse_value('"x y"') == "x y" and parse_value("plain/path") == "plain/path"
+
+
+def test_flags_map_to_keys():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    args = p.parse_args(["--preset", "tiny", "--sparsity", "16", "--data", "some dir/x", "--compile", "--set", "train.lr=1"])
+    o = overrides_from(args)
+    assert 'model.preset="tiny"' in o and "model.sparsity=16.0" in o and 'data.source="some dir/x"' in o
+    assert "train.compile=true" in o and o[-1] == "train.lr=1"
+    assert build_config(None, o).data.source == "some dir/x"
+
+
+@pytest.mark.parametrize("name", sorted(builtin_configs()))
+def test_builtin_configs_are_valid(name):
+    cfg = build_config(builtin_configs()[name])
+    cfg.model_config(cfg.data.vocab_size)
