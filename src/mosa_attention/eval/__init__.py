@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and MoSA selection statistics (`mosa eval`)."""

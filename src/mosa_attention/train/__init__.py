@@ -1,0 +1,1 @@
+"""Training: configuration, the loop, optimizer and schedule, checkpoints, distributed wrappers (`mosa train`)."""
