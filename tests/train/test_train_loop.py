@@ -110,3 +110,15 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_overrides, tmp_path
     monkeypatch.undo()
     train(cfg, resume=str(run), log=lambda *a: None)
     assert losses(run) == losses(tmp_path / "full")
+
+
+def test_the_default_command_path_on_the_builtin_corpus(tmp_path, capsys):
+    """`mosa train` as the README runs it, shortened: built-in corpus, toy model, progress bar, perplexity."""
+    from mosa_attention.cli import main
+
+    rc = main(["train", "--steps", "2", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"),
+               "--out", str(tmp_path / "run"), "--set", "data.max_documents=1500", "--set", "train.eval_windows=2"])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    assert "source = \"wiki\"" in out and "perplexity" in out and "2/2" in err  # config, result, progress bar
+    assert (tmp_path / "run" / "loss.png").is_file()
