@@ -206,3 +206,24 @@ def test_functional_op_checks(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         sparse_attention(**args)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_layer_matches_loop_random_shapes(seed):
+    """Shapes drawn at random (fixed seeds): forward and the input gradient against the loop."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    B, T, h, E, D = pick(1, 3), pick(2, 20), pick(2, 12), pick(1, 4), 2 * pick(1, 4)
+    rho = float(torch.empty(1).uniform_(1, 8, generator=g))
+    Hd = pick(0, 2)
+    kind = ("dense", "local")[pick(0, 1)]
+    layer = MoSAAttention(h, E, rho, head_dim=D, num_dense_heads=Hd, dense_kind=kind,
+                          include_first=bool(pick(0, 1)), rope_fraction=(0.0, 0.5, 1.0)[pick(0, 2)]).double()
+    x = torch.randn(B, T, h, dtype=torch.float64, generator=g, requires_grad=True)
+    y, ref = layer(x), mosa_loop(x, layer)
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+    w = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(torch.autograd.grad((y * w).sum(), x)[0], torch.autograd.grad((ref * w).sum(), x)[0])
