@@ -125,12 +125,13 @@ class MoSALM(nn.Module):
             if targets.shape != ids.shape:
                 raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-            aux = [b.attn.aux_loss for b in self.blocks if getattr(b.attn, "aux_loss", None) is not None]
-            if aux and self.training and torch.is_grad_enabled():
-                loss = loss + self.config.router_aux_loss * torch.stack(aux).mean()
-            for b in self.blocks:
-                if hasattr(b.attn, "aux_loss"):
-                    b.attn.aux_loss = None  # one forward's loss; never carried into the next
+            if self.config.router_aux_loss > 0 and self.training and torch.is_grad_enabled():
+                aux = [b.attn.aux_loss for b in self.blocks if getattr(b.attn, "aux_loss", None) is not None]
+                if aux:
+                    loss = loss + self.config.router_aux_loss * torch.stack(aux).mean()
+                for b in self.blocks:
+                    if getattr(b.attn, "aux_loss", None) is not None:
+                        b.attn.aux_loss = None  # one forward's loss; never carried into the next
         return (logits, loss, selections) if return_selections else (logits, loss)
 
     @torch.no_grad()
