@@ -111,3 +111,19 @@ def test_batches_are_a_function_of_seed_and_step_and_split_into_rows():
     assert sum(len(b[0]) for b in r0) == sum(len(b[0]) for b in r1) == 10
     with pytest.raises(DataError, match="fewer than one window"):
         list(eval_batches(tokens[:50], 100, 4))
+
+
+def test_token_writer_streams_chunks_and_leaves_nothing_on_failure(tmp_path):
+    from mosa_attention.data.tokens import TokenWriter
+
+    with TokenWriter(tmp_path / "s.bin", vocab_size=1000, eos_id=0) as w:
+        for i in range(5):
+            w.write(np.arange(i * 100, i * 100 + 100))
+        w.close(num_documents=5)
+    ids, header = read_tokens(tmp_path / "s.bin")
+    assert np.array_equal(ids, np.arange(500)) and header["num_documents"] == 5
+    with pytest.raises(RuntimeError):
+        with TokenWriter(tmp_path / "f.bin", vocab_size=1000, eos_id=0) as w:
+            w.write(np.arange(10))
+            raise RuntimeError("disk gone")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin"]

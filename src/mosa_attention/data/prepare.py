@@ -26,7 +26,7 @@ import numpy as np
 from .corpus import (DEFAULT_SOURCE, SPLITS, DataError, cache_root, load_documents, source_fingerprint,
                      split_documents)
 from .tokenizer import KINDS, TextTokenizer, make_tokenizer
-from .tokens import read_tokens, write_tokens
+from .tokens import TokenWriter, read_tokens
 
 FORMAT_VERSION = 1
 
@@ -80,12 +80,14 @@ def cache_key(cfg: DataConfig) -> str:
     return _sha256(json.dumps(blob, sort_keys=True).encode())[:16]
 
 
-def _encode(tok: TextTokenizer, docs: list[str], chunk: int = 2048) -> np.ndarray:
-    parts = []
-    for i in range(0, len(docs), chunk):
-        for ids in tok.encode_batch(docs[i:i + chunk]):
-            parts.append(np.asarray(ids + [tok.eos_id], dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+def _encode_to(path: Path, tok: TextTokenizer, docs: list[str], tok_sha: str, chunk: int = 2048) -> int:
+    """Encode ``docs`` (each followed by EOS) into a token file, a chunk of documents at a time."""
+    with TokenWriter(path, vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok_sha) as w:
+        for i in range(0, len(docs), chunk):
+            ids = [t for seq in tok.encode_batch(docs[i:i + chunk]) for t in (*seq, tok.eos_id)]
+            w.write(np.asarray(ids, dtype=np.int64))
+        w.close(len(docs))
+        return w.num_tokens
 
 
 def build(cfg: DataConfig, out: Path, log=print) -> None:
@@ -109,10 +111,8 @@ def build(cfg: DataConfig, out: Path, log=print) -> None:
         meta = {"format_version": FORMAT_VERSION, "source": cfg.source, "config": asdict(cfg),
                 "tokenizer_sha256": tok_sha, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "splits": {}}
         for name in SPLITS:
-            ids = _encode(tok, splits[name])
-            write_tokens(tmp / f"{name}.bin", ids, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
-                         num_documents=len(splits[name]), tokenizer_sha256=tok_sha)
-            meta["splits"][name] = {"documents": len(splits[name]), "tokens": int(ids.size)}
+            n = _encode_to(tmp / f"{name}.bin", tok, splits[name], tok_sha)
+            meta["splits"][name] = {"documents": len(splits[name]), "tokens": n}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.replace(tmp, out)

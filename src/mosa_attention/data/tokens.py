@@ -3,7 +3,7 @@ JSON header, read as a memory map so that a corpus far larger than memory costs 
 
 Layout: the 8 magic bytes ``MOSATOK1``, the header's length as a little-endian uint32, the UTF-8 JSON header
 (``dtype``, ``num_tokens``, ``vocab_size``, ``eos_id``, ``num_documents``, ``tokenizer_sha256``) padded with
-spaces so that the ids start at a multiple of 64 bytes, then the ids. Files are written to a temporary name
+spaces to a 1024-byte block, then the ids. Files are written to a temporary name
 and renamed, so a file with the final name is always complete; a file whose size does not match its header
 is reported as truncated or corrupt.
 """
@@ -19,38 +19,75 @@ import numpy as np
 from .corpus import DataError
 
 MAGIC = b"MOSATOK1"
-_ALIGN = 64
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+class TokenWriter:
+    """Writes a token file chunk by chunk (memory stays one chunk), atomically: the ids go after a reserved
+    header block under a temporary name; ``close()`` fills in the header and renames the file."""
+
+    _HEADER_BLOCK = 1024  # bytes reserved for magic, length and JSON header; the ids start after it
+
+    def __init__(self, path, *, vocab_size: int, eos_id: int, tokenizer_sha256: str = ""):
+        self.path = Path(path)
+        self.dtype = dtype_for(vocab_size)
+        self.vocab_size, self.eos_id, self.tokenizer_sha256 = int(vocab_size), int(eos_id), tokenizer_sha256
+        self.num_tokens = 0
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.f = open(self.tmp, "wb")
+        self.f.write(b"\0" * self._HEADER_BLOCK)
+
+    def write(self, ids) -> None:
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            self.abort()
+            raise DataError(f"token ids must lie in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        self.f.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.num_tokens += int(ids.size)
+
+    def close(self, num_documents: int) -> Path:
+        header = {"dtype": self.dtype.name, "num_tokens": self.num_tokens, "vocab_size": self.vocab_size,
+                  "eos_id": self.eos_id, "num_documents": int(num_documents),
+                  "tokenizer_sha256": self.tokenizer_sha256}
+        raw = json.dumps(header).encode()
+        raw += b" " * (self._HEADER_BLOCK - len(MAGIC) - 4 - len(raw))
+        try:
+            self.f.seek(0)
+            self.f.write(MAGIC + struct.pack("<I", len(raw)) + raw)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.abort()
+
+
 def write_tokens(path, ids: np.ndarray, *, vocab_size: int, eos_id: int, num_documents: int,
                  tokenizer_sha256: str = "") -> Path:
     """Write ``ids`` atomically to ``path``; returns the path."""
-    path = Path(path)
-    dtype = dtype_for(vocab_size)
-    ids = np.asarray(ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise DataError(f"token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
-    header = {"dtype": dtype.name, "num_tokens": int(ids.size), "vocab_size": int(vocab_size),
-              "eos_id": int(eos_id), "num_documents": int(num_documents), "tokenizer_sha256": tokenizer_sha256}
-    raw = json.dumps(header).encode()
-    pad = -(len(MAGIC) + 4 + len(raw)) % _ALIGN
-    raw += b" " * pad
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    w = TokenWriter(path, vocab_size=vocab_size, eos_id=eos_id, tokenizer_sha256=tokenizer_sha256)
     try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<I", len(raw)) + raw)
-            f.write(ids.astype(dtype, copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        w.write(ids)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        w.abort()
         raise
-    return path
+    return w.close(num_documents)
 
 
 def read_header(path) -> tuple[dict, int]:
