@@ -27,12 +27,14 @@ DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
-def _inputs(B, T, h, E, k, D, dtype, pad=0, unsorted=False):
+def _inputs(B, T, h, E, k, D, dtype, pad=0, unsorted=False, repeat=()):
     x = torch.randn(B, T, h, dtype=dtype)
     scores = torch.rand(B, E, k, dtype=dtype)
     idx = torch.stack([torch.stack([torch.randperm(T)[:k].sort().values for _ in range(E)]) for _ in range(B)])
     if pad:
         idx[..., k - pad:] = T
+    for j in repeat:  # a position kept twice (the reference allows it): slot j repeats slot j - 1
+        idx[..., j] = idx[..., j - 1]
     if unsorted:
         idx = idx[..., torch.randperm(k)]
     w_qkv = torch.randn(E, h, 3 * D, dtype=dtype) / h ** 0.5
@@ -44,8 +46,8 @@ def _rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def _compare(B, T, h, E, k, D, rope_dims, dtype, pad=0, unsorted=False):
-    x, scores, idx, w_qkv, w_o = _inputs(B, T, h, E, k, D, dtype, pad, unsorted)
+def _compare(B, T, h, E, k, D, rope_dims, dtype, pad=0, unsorted=False, repeat=()):
+    x, scores, idx, w_qkv, w_o = _inputs(B, T, h, E, k, D, dtype, pad, unsorted, repeat)
     leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
     y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], rope_dims, 10000.0)
     dy = torch.randn_like(y)
@@ -77,6 +79,12 @@ def test_matches_reference(B, T, h, E, k, D, rope_dims, pad, unsorted, dtype):
 
 def test_unsorted_multiblock():
     _compare(1, 150, 32, 2, 100, 32, 16, torch.float32, pad=5, unsorted=True)
+
+
+def test_repeated_positions_across_block_boundaries():
+    # ascending but not strictly: the block-skipping fast path must not be taken (32- and 64-row blocks)
+    _compare(1, 200, 32, 2, 100, 32, 16, torch.float32, repeat=(32, 64))
+    _compare(1, 200, 32, 2, 100, 32, 16, torch.float16, repeat=(64,))
 
 
 def test_odd_head_dim():

@@ -71,8 +71,10 @@ def _rope(t, pos, cos_ptr, sin_ptr, R: tl.constexpr, DP: tl.constexpr, DT: tl.co
 
 
 @triton.jit
-def _seqs_sorted(idx_ptr, e, E, K, s_first, s_last, BS: tl.constexpr):
-    """True iff the positions of head e in sequences s_first..s_last are ascending."""
+def _seqs_sorted(idx_ptr, e, E, K, T, s_first, s_last, BS: tl.constexpr):
+    """True iff the positions of head e in sequences s_first..s_last are strictly ascending (repeats
+    allowed only for padding slots, pos >= T, whose outputs are dropped): then every key a query may see
+    comes before it, and a repeated position cannot hide across a block boundary."""
     bad = tl.sum(tl.zeros([BS], tl.int32), 0)
     end = (s_last + 1) * K
     for r0 in range(s_first * K, end, BS):
@@ -82,7 +84,7 @@ def _seqs_sorted(idx_ptr, e, E, K, s_first, s_last, BS: tl.constexpr):
         p = idx_ptr + ((r // K) * E + e) * K + j
         a = tl.load(p, mask=m, other=0)
         b = tl.load(p + 1, mask=m, other=0)
-        bad += tl.sum((a > b).to(tl.int32), 0)
+        bad += tl.sum(((a > b) | ((a == b) & (a < T))).to(tl.int32), 0)
     return bad == 0
 
 
@@ -97,13 +99,13 @@ def _row_info(idx_ptr, rows, e, E, K, R):
 
 
 @triton.jit
-def _key_range(idx_ptr, e, E, K, R, r0, BLOCK: tl.constexpr, BS: tl.constexpr):
+def _key_range(idx_ptr, e, E, K, R, T, r0, BLOCK: tl.constexpr, BS: tl.constexpr):
     """Keys that queries r0..r0+BLOCK-1 may see: from their first sequence's start to the block's end when
     positions are ascending, else to their last sequence's end."""
     last = tl.minimum(r0 + BLOCK, R) - 1
     start = (r0 // K) * K
     seq_end = (last // K + 1) * K
-    if _seqs_sorted(idx_ptr, e, E, K, r0 // K, last // K, BS):
+    if _seqs_sorted(idx_ptr, e, E, K, T, r0 // K, last // K, BS):
         end = last + 1
     else:
         end = seq_end
@@ -111,11 +113,11 @@ def _key_range(idx_ptr, e, E, K, R, r0, BLOCK: tl.constexpr, BS: tl.constexpr):
 
 
 @triton.jit
-def _query_range(idx_ptr, e, E, K, R, n0, BLOCK: tl.constexpr, BS: tl.constexpr):
+def _query_range(idx_ptr, e, E, K, R, T, n0, BLOCK: tl.constexpr, BS: tl.constexpr):
     """Queries that may see keys n0..n0+BLOCK-1 (the mirror of _key_range)."""
     last = tl.minimum(n0 + BLOCK, R) - 1
     end = (last // K + 1) * K
-    if _seqs_sorted(idx_ptr, e, E, K, n0 // K, last // K, BS):
+    if _seqs_sorted(idx_ptr, e, E, K, T, n0 // K, last // K, BS):
         start = n0
     else:
         start = (n0 // K) * K
@@ -187,7 +189,7 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
     k_ptr = qkv_ptr + ((E + e) * R).to(tl.int64) * D
     v_ptr = qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D
     q = tl.load(q_ptr + rows[:, None] * D + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
-    start, end = _key_range(idx_ptr, e, E, K, R, r0, BM, BS)
+    start, end = _key_range(idx_ptr, e, E, K, R, T, r0, BM, BS)
     m_i = tl.full([BM], -1.0e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DP], tl.float32)
@@ -325,7 +327,7 @@ def _attn_bwd_dkdv(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_p
     v = tl.load(qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D + koff, mask=kmask, other=0.0)
     dk = tl.zeros([BN, DP], tl.float32)
     dv = tl.zeros([BN, DP], tl.float32)
-    start, end = _query_range(idx_ptr, e, E, K, R, n0, BN, BS)
+    start, end = _query_range(idx_ptr, e, E, K, R, T, n0, BN, BS)
     for m0 in range(start, end, BM):
         qr = m0 + tl.arange(0, BM)
         qm = qr < end
@@ -372,7 +374,7 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
     k_ptr = qkv_ptr + ((E + e) * R).to(tl.int64) * D
     v_ptr = qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D
     dq = tl.zeros([BM, DP], tl.float32)
-    start, end = _key_range(idx_ptr, e, E, K, R, r0, BM, BS)
+    start, end = _key_range(idx_ptr, e, E, K, R, T, r0, BM, BS)
     for n0 in range(start, end, BN):
         kr = n0 + tl.arange(0, BN)
         km = kr < end
