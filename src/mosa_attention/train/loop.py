@@ -156,8 +156,9 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                 x, y = train_batch(train_tokens, T, t.batch_size, t.seed, step,
                                    _rows(t.batch_size, info.world_size, t.grad_accum, info.rank, micro))
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with D.no_sync(wrapped, micro < t.grad_accum - 1), autocast(device, amp):
-                    _, loss = forward(x, y)
+                with D.no_sync(wrapped, micro < t.grad_accum - 1):
+                    with autocast(device, amp):
+                        _, loss = forward(x, y)
                     (loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = _clip(wrapped, t.grad_clip)
