@@ -127,3 +127,24 @@ def test_token_writer_streams_chunks_and_leaves_nothing_on_failure(tmp_path):
             w.write(np.arange(10))
             raise RuntimeError("disk gone")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin"]
+
+
+def test_full_disk_while_preparing_leaves_nothing(corpus, tmp_path, monkeypatch):
+    import errno
+
+    import mosa_attention.data.tokens as tokens_mod
+
+    real_open = open
+
+    def full_disk(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "w" in mode:
+            def write(data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write
+        return f
+
+    monkeypatch.setattr(tokens_mod, "open", full_disk, raising=False)
+    with pytest.raises(DataError, match="no space left on device.*Nothing was left behind"):
+        prepare(DataConfig(source=str(corpus), vocab_size=300, cache_dir=str(tmp_path)), log=lambda *a: None)
+    assert list((tmp_path / "data").iterdir()) == []

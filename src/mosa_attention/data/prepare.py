@@ -12,6 +12,7 @@ itself a valid ``source``: copy it to another machine and train there without th
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -104,8 +105,8 @@ def build(cfg: DataConfig, out: Path, log=print) -> None:
         tok = TextTokenizer.load(cfg.tokenizer)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         tok.save(tmp / "tokenizer.json")
         tok_sha = _sha256((tmp / "tokenizer.json").read_bytes())
         meta = {"format_version": FORMAT_VERSION, "source": cfg.source, "config": asdict(cfg),
@@ -119,6 +120,10 @@ def build(cfg: DataConfig, out: Path, log=print) -> None:
         except OSError:
             if not (out / "meta.json").is_file():  # lost a race to another process: theirs is as good
                 raise
+    except OSError as e:
+        why = "no space left on device" if e.errno == errno.ENOSPC else str(e)
+        raise DataError(f"could not write the prepared data to {out}: {why}. Nothing was left behind; "
+                        f"free space or set --cache-dir") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"data: prepared in {time.time() - t0:.1f}s -> {out}")
