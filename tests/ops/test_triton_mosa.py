@@ -158,3 +158,10 @@ def test_autocast_reads_wide_x_tile_by_tile():
     y_ref.backward(dy.double())
     errs = [_rel(y, y_ref)] + [_rel(a.grad, b.grad) for a, b in zip(leaves, ref)]
     assert all(e < 3e-3 for e in errs), errs
+
+
+def test_int32_positions():
+    x, scores, idx, w_qkv, w_o = _inputs(2, 30, 32, 2, 10, 32, torch.float32, pad=2)
+    y = sparse_attention_triton(x, scores, idx.int(), w_qkv, w_o, 16)
+    y_ref = sparse_attention_reference(x.double(), scores.double(), idx, w_qkv.double(), w_o.double(), 16)
+    assert _rel(y, y_ref) < 1e-5
