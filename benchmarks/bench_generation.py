@@ -66,6 +66,9 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, device, repeats
         "cache_bytes_with_bookkeeping": cache.nbytes(kv_only=False),
         "kv_bytes_per_token_allocated": cache.nbytes() / tokens, "kv_bytes_per_token_held": cache.held_bytes() / tokens,
         "entries": cache.entries(),
+        # of the (MoSA head, token) pairs, the share a head kept: 1/sparsity when calibrated
+        "sparse_kept_fraction": cache.entries()["sparse"] / max(1, tokens * sum(
+            layer["sparse"].count.shape[1] for layer in cache.layers if layer["sparse"] is not None)),
     }
 
 
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{name:18s} B={batch:<3d} L={L:<5d} prefill {row['prefill_s'] * 1e3:8.1f} ms  decode "
                       f"{row['decode_tokens_per_s']:8.1f} tok/s  KV/token {row['kv_bytes_per_token_held'] / 1024:7.1f} KiB "
-                      f"held, {row['kv_bytes_per_token_allocated'] / 1024:7.1f} KiB allocated", flush=True)
+                      f"held, {row['kv_bytes_per_token_allocated'] / 1024:7.1f} KiB allocated, MoSA heads keep "
+                      f"{row['sparse_kept_fraction']:.4f}", flush=True)
         del model
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

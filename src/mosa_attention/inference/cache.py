@@ -51,6 +51,7 @@ class SparseCache:
         self.pos = torch.zeros(1, page_size, dtype=torch.long, device=device)
         self.score = torch.zeros(1, page_size, dtype=torch.float32, device=device)
         self.used = 1  # pool pages handed out, the null page included
+        self.width = 0  # the most pages any head owns, known here without a read from the device
         self.table = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
         self.pages = torch.zeros(batch, heads, dtype=torch.long, device=device)
         self.count = torch.zeros(batch, heads, dtype=torch.long, device=device)
@@ -61,14 +62,14 @@ class SparseCache:
         """Give each (sequence, head) of ``heads`` pages until it owns ``want`` [B, E']."""
         have = self.pages[:, heads]
         add = (want - have).clamp(min=0)
-        total = int(add.sum())
+        total, width = torch.stack([add.sum(), want.max()]).tolist()  # one read from the device
         if total == 0:
             return
         if self.used + total > self.k.shape[0]:
             size = self.used + total + (self.used + total) // 8  # a little slack: a pool grows by copying
             self.k, self.v = _grow(self.k, 0, size), _grow(self.v, 0, size)
             self.pos, self.score = _grow(self.pos, 0, size), _grow(self.score, 0, size)
-        width = int(want.max())
+        self.width = max(self.width, width)
         if width > self.table.shape[2]:
             self.table = _grow(self.table, 2, width)
         flat = add.flatten()
@@ -103,7 +104,7 @@ class SparseCache:
         """(k, v [B, E', S, D], pos [B, E', S], score, valid [B, E', S]) of all heads or of ``heads``: their
         pages gathered in order, S = their widest table times page_size."""
         table, count = (self.table, self.count) if heads is None else (self.table[:, heads], self.count[:, heads])
-        table = table[..., : max(int(self.pages.max()), 1)] if table.shape[2] else table.new_zeros(*table.shape[:2], 1)
+        table = table[..., : self.width] if self.width else table.new_zeros(*table.shape[:2], 1)
         B, E, W = table.shape
         S = W * self.page_size
 

@@ -135,7 +135,7 @@ def sparse_heads(attn: MoSAAttention, cache: SparseCache, x, pos) -> torch.Tenso
     w_qkv, w_o = (attn.W_QKV, attn.W_O) if every else (attn.W_QKV[heads], attn.W_O[heads])
     keep, scores = pick(keep), pick(scores)
     # the kept new tokens of each head first, in order; slots past a head's count are padding
-    m = int(keep.sum(-1).max())
+    m = 1 if n == 1 else int(keep.sum(-1).max())
     order = torch.arange(n, device=x.device)
     j = torch.where(keep, order, order + n).sort(-1).values[..., :m]
     ok = j < n
