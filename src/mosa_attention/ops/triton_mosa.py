@@ -8,8 +8,8 @@ Layout. Head ``e`` owns ``R = B*k`` packed rows: row ``r`` is slot ``r % k`` of 
 kernel works on blocks of these rows, so one block may hold several short sequences (k = 16 heads fill a
 64-row tile with four sequences) and one weight tile serves all of them: the projections are grouped GEMMs
 over heads. Attention masks on ``same sequence and pos_q >= pos_k``, which is the reference's rule for any
-order of ``idx``; when a sequence's positions are ascending (``select_topk`` sorts them) the kernels also
-skip the key blocks after the query block. Sortedness is checked on the device, per block, so unsorted
+order of ``idx``; when a sequence's positions are strictly ascending (``select_topk`` sorts them; padding
+slots at T may repeat) the kernels also skip the key blocks after the query block. Sortedness is checked on the device, per block, so unsorted
 input is slower, never wrong, and nothing is read back to the host (CUDA graphs can capture the op).
 
 Forward: ``_qkv_fwd`` (gather + QKV projection + RoPE), ``_attn_fwd`` (flash attention + score + W_O
@@ -22,8 +22,10 @@ writes the zeros, so no output buffer is filled or cast.
 
 Supported: x, w_qkv, w_o all float16, bfloat16 or float32 (float32 runs exact fp32 dots, no tf32);
 head dim D <= 128 (any D, padded to a power of two in registers); any k >= 1. Non-contiguous inputs are
-copied. Float64 falls back to the reference. Under autocast the inputs are cast to the autocast dtype.
-Positions must lie in [0, T]; T marks a padding slot (no real query's key, output dropped).
+copied. Float64 falls back to the reference. Under autocast the weights are cast to the autocast dtype
+and x is read in its own dtype, tile by tile (the result is in the autocast dtype, x's gradient in x's).
+Positions must lie in [0, T]; T marks a padding slot (no real query's key, output dropped). Other bad
+input (shapes, devices, dtype mixes, head dim > 128, odd rope_dims) raises ValueError naming it.
 """
 from __future__ import annotations
 
