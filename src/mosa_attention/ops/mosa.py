@@ -41,7 +41,8 @@ def sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_
     o = o * scores[..., None].to(o.dtype)
     y = torch.einsum("bekd,edh->bekh", o, w_o).reshape(B * E * k, h)
     rows = (flat + torch.arange(B, device=x.device)[:, None] * (T + 1)).reshape(-1)
-    return x.new_zeros(B, T + 1, h).view(-1, h).index_add_(0, rows, y).view(B, T + 1, h)[:, :T]
+    # y's dtype, not x's: under autocast the projections run in bf16 while x may be float32
+    return y.new_zeros(B, T + 1, h).view(-1, h).index_add_(0, rows, y).view(B, T + 1, h)[:, :T]
 
 
 def _triton_backend() -> Callable | None:
