@@ -14,9 +14,16 @@ RUNS=${RUNS:-/tmp/mosa-routing-runs}
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT" "$RUNS"
 
+# MOSA_REFERENCE=1: train with the plain-torch MoSA op even where the Triton kernels would be picked
+MOSA=(python -m mosa_attention)
+if [ "${MOSA_REFERENCE:-0}" = 1 ]; then
+  MOSA=(python -c "import sys, mosa_attention.ops.mosa as m; m._triton_backend = lambda: None
+from mosa_attention.cli import main; sys.exit(main(sys.argv[1:]))")
+fi
+
 train() {  # name, then --set overrides
   local name=$1; shift
-  python -m mosa_attention train --data "$DATA" --steps "$STEPS" --out "$RUNS/$name" $EXTRA "$@" \
+  "${MOSA[@]}" train --data "$DATA" --steps "$STEPS" --out "$RUNS/$name" $EXTRA "$@" \
     > "$RUNS/train_$name.log" 2>&1
   echo "== $name: $(grep -a -o 'done: .*' "$RUNS/train_$name.log" | tail -1)" >> "$OUT/train_summary.txt"
 }
