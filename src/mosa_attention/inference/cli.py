@@ -71,9 +71,16 @@ class _Printer:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return
+        self.show(text)
+
+    def show(self, text: str) -> None:
         self.out.write(text[len(self.shown):] if text.startswith(self.shown) else text)
         self.out.flush()
         self.shown = text
+
+    def finish(self) -> None:
+        """Print what was held back, a partial character included."""
+        self.show(self.tokenizer.decode(self.ids))
 
 
 def run(args) -> int:
@@ -112,6 +119,7 @@ def run(args) -> int:
         return 2
     seconds = time.perf_counter() - t0
     if single:
+        printer.finish()
         print()
     else:
         for p, text, ids in zip(prompts, args.prompt, out):
