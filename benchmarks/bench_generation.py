@@ -116,15 +116,15 @@ def main(argv=None) -> int:
                        "device": where, "dtype": args.dtype,
                        **measure(model, L, args.new_tokens, batch, device, args.repeats)}
                 rows.append(row)
+                if args.out:  # after every row, so that a run cut short keeps what it measured
+                    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                    with open(args.out, "w") as f:
+                        json.dump(rows, f, indent=1)
                 print(f"{name:18s} B={batch:<3d} L={L:<5d} prefill {row['prefill_s'] * 1e3:8.1f} ms  decode "
                       f"{row['decode_tokens_per_s']:8.1f} tok/s  KV/token {row['kv_bytes_per_token_held'] / 1024:7.1f} KiB "
                       f"held, {row['kv_bytes_per_token_allocated'] / 1024:7.1f} KiB allocated, MoSA heads keep "
                       f"{row['sparse_kept_fraction']:.4f}", flush=True)
         del model
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
     return 0
 
 
