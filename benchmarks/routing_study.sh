@@ -33,7 +33,7 @@ train threshold --set model.routing=threshold --set model.router_aux_loss=0.1 &
 wait
 
 report() {  # name, calibrate windows
-  python -m mosa_attention.inference.report_cli --checkpoint "$RUNS/$1" --windows "$WINDOWS" --calibrate "$2" --json \
+  "${MOSA[@]}" routing-report --checkpoint "$RUNS/$1" --windows "$WINDOWS" --calibrate "$2" --json \
     | python -c "import json,sys; r=json.loads(sys.stdin.read()); r.update(run='$1', calibrate_windows=$2); print(json.dumps(r))" \
     >> "$OUT/routing.jsonl"
 }
@@ -46,7 +46,7 @@ wait
 for run in topk aux threshold; do
   calib=$([ $run = topk ] && echo 32 || echo 0)
   { echo "== $run (calibrate $calib)"
-    python -m mosa_attention.inference.cli --checkpoint "$RUNS/$run" --prompt "The history of the" \
+    "${MOSA[@]}" generate --checkpoint "$RUNS/$run" --prompt "The history of the" \
       --max-new-tokens 60 --seed 0 --temperature 0.8 --top-k 50 --calibrate $calib --stats 2>&1
     echo; } >> "$OUT/samples.txt"
 done
