@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mosa_attention import MoSAConfig, MoSALM
-from mosa_attention.inference import RoutingWarning, generate, sample
+from mosa_attention.inference import RoutingWarning, calibrate_thresholds, generate, sample
 
 
 def lm(**kw):
@@ -99,10 +99,13 @@ def test_topk_model_without_causal_training_warns():
     model = lm(routing="topk")
     with pytest.warns(RoutingWarning, match="calibrate"):
         model.generate([[1, 2]], 2)
-    for ready in (dict(routing="topk", router_aux_loss=0.1), dict(routing="threshold"), dict(attention="dense")):
+    calibrate_thresholds(model, [torch.randint(0, 40, (2, 16))])
+    models = [model] + [lm(**ready) for ready in (dict(routing="topk", router_aux_loss=0.1), dict(routing="threshold"),
+                                                  dict(attention="dense"))]
+    for ready in models:
         with warnings.catch_warnings():
             warnings.simplefilter("error", RoutingWarning)
-            lm(**ready).generate([[1, 2]], 2)
+            ready.generate([[1, 2]], 2)
 
 
 def test_unsupported_attention_kind():
