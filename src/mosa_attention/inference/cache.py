@@ -73,7 +73,7 @@ class SparseCache:
         if width > self.table.shape[2]:
             self.table = _grow(self.table, 2, width)
         flat = add.flatten()
-        owner = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat)
+        owner = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat, output_size=total)
         first = torch.cumsum(flat, 0) - flat
         column = have.flatten()[owner] + torch.arange(total, device=flat.device) - first[owner]
         E = add.shape[1]
@@ -90,14 +90,16 @@ class SparseCache:
         count = self.count[:, heads]
         new = ok.sum(-1)
         self._take_pages((count + new + self.page_size - 1) // self.page_size, heads)
-        b, e, i = ok.nonzero(as_tuple=True)
-        slot = (count[..., None] + ok.long().cumsum(-1) - 1)[b, e, i]
-        page = self.table[b, heads[e], slot // self.page_size]
+        # every entry is written (no read from the device to find the kept ones): padding goes to the null page
+        slot = (count[..., None] + ok.long().cumsum(-1) - 1).clamp(min=0)
+        column = (slot // self.page_size).clamp(max=self.table.shape[2] - 1)
+        b = torch.arange(ok.shape[0], device=ok.device)[:, None, None]
+        page = torch.where(ok, self.table[b, heads[None, :, None], column], 0)
         at = slot % self.page_size
-        self.k[page, at] = k[b, e, i]
-        self.v[page, at] = v[b, e, i]
-        self.pos[page, at] = pos[b, e, i]
-        self.score[page, at] = score[b, e, i].float()
+        self.k[page, at] = k
+        self.v[page, at] = v
+        self.pos[page, at] = pos
+        self.score[page, at] = score.float()
         self.count[:, heads] = count + new
 
     def view(self, heads: torch.Tensor | None = None):
