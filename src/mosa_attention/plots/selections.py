@@ -44,7 +44,7 @@ def draw_selections(tokens: list[str], panels, out, title: str = "") -> Path:
     heads = sum(g.shape[0] for _, g in panels)
     fig_w = min(max(6, 0.22 * T + 2), 60)
     fig_h = min(max(3, 0.28 * heads + 1.2 * len(panels) + 1), 60)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(fig_w, fig_h), squeeze=False,
+    fig, axes = plt.subplots(len(panels), 1, figsize=(fig_w, fig_h), squeeze=False, layout="constrained",
                              gridspec_kw={"height_ratios": [g.shape[0] for _, g in panels]})
     cmap = plt.get_cmap("viridis").with_extremes(bad="#f2f2f2")
     im = None
@@ -56,12 +56,12 @@ def draw_selections(tokens: list[str], panels, out, title: str = "") -> Path:
         ax.set_xticks(range(T))
         ax.set_xticklabels([t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=7)
         ax.tick_params(axis="x", length=0)
-    fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.02, pad=0.01, label="router score of kept tokens")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=min(1.0, 6 / fig_h), pad=0.01, label="router score of kept tokens")
     fig.suptitle(title or "tokens kept by each MoSA head (grey: not kept)", fontsize=10)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(out)
     return out
