@@ -77,3 +77,16 @@ def test_flags_map_to_keys():
 def test_builtin_configs_are_valid(name):
     cfg = build_config(builtin_configs()[name])
     cfg.model_config(cfg.data.vocab_size)
+
+
+def test_prepare_only_prints_the_data_folder(tmp_path, capsys):
+    from mosa_attention.cli import main
+
+    (tmp_path / "t").mkdir()
+    for i in range(12):
+        (tmp_path / "t" / f"{i}.txt").write_text(f"document {i} " * 30)
+    assert main(["train", "--data", str(tmp_path / "t"), "--vocab-size", "280", "--cache-dir", str(tmp_path / "c"),
+                 "--prepare-only"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "c" / "data") in out and "tokens: train" in out
+    assert not (tmp_path / "runs").exists()

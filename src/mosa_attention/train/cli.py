@@ -44,6 +44,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue a run from its latest checkpoint (RUN: run or checkpoint folder; default --out)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="prepare the data (split, tokenizer, token files), print its folder and exit; "
+                        "copy that folder to another machine and pass it as --data there")
 
 
 def builtin_configs() -> dict[str, Path]:
@@ -96,6 +99,12 @@ def run(args) -> int:
         cfg, resume = resolve_config(args)
         if args.print_config:
             print(to_toml(cfg.to_dict()))
+            return 0
+        if args.prepare_only:
+            from ..data.prepare import prepare  # noqa: PLC0415
+
+            data = prepare(cfg.data)
+            print(data.summary())
             return 0
         from .loop import train  # noqa: PLC0415 (imports torch)
 
