@@ -122,3 +122,21 @@ def test_the_default_command_path_on_the_builtin_corpus(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "source = \"wiki\"" in out and "perplexity" in out and "2/2" in err  # config, result, progress bar
     assert (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_checkpoints_keep_the_last_n_and_round_trip_the_optimizer(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    for step in (1, 2, 3, 4):
+        ckpt_io.save(tmp_path, step, msd, osd, {"note": step}, "{}", keep_last=2)
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+    ck = ckpt_io.load(tmp_path)
+    assert ck.step == 4 and ck.state["note"] == 4 and ck.tokenizer_json == "{}"
+    assert torch.equal(ck.model_state["weight"], model.weight.detach())
+    assert torch.equal(ck.optimizer_state["state"]["weight"]["exp_avg"], osd["state"]["weight"]["exp_avg"])
+    assert ck.optimizer_state["param_groups"][0]["lr"] == opt.param_groups[0]["lr"]
