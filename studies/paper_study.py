@@ -144,12 +144,15 @@ def train_runs(args) -> int:
             f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
             f"train.min_lr={args.lr / 10}", f"train.warmup_steps={max(1, args.steps // 10)}",
             f"train.eval_windows={args.eval_windows}", f"train.log_every={max(1, args.steps // 50)}",
-            f"train.save_every=0", "train.keep_last=1", f"train.seed={args.seed}",
+            f"train.save_every={args.save_every}", "train.keep_last=1", f"train.seed={args.seed}",
             f"train.out_dir={_toml(str(Path(args.work) / name))}",
         ]
         cfg = build_config(None, overrides)
-        print(f"=== {name}: {model}", flush=True)
-        res = train(cfg)
+        run_dir = Path(args.work) / name
+        # a run cut short by an earlier command (time limit, lost machine) continues from its last checkpoint
+        resume = str(run_dir) if any((run_dir / "checkpoints").glob("step-*")) else None
+        print(f"=== {name}: {model}" + (f" (resuming {run_dir})" if resume else ""), flush=True)
+        res = train(cfg, resume=resume)
         run_dir = Path(res["run_dir"])
         record = {"name": name, "model": model, "steps": args.steps, "batch_size": args.batch_size,
                   "tokens": args.steps * args.batch_size * cfg.model_config(8).seq_len,
@@ -361,6 +364,7 @@ def main(argv=None) -> int:
     t.add_argument("--eval-windows", type=int, default=128)
     t.add_argument("--calibrate-windows", type=int, default=32)
     t.add_argument("--time-limit", type=float, default=0, help="start no new run after this many seconds")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (0: only at the end)")
     t.add_argument("--toy", action="store_true")
     t.set_defaults(fn=train_runs)
     f = sub.add_parser("perf")

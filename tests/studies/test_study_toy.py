@@ -34,6 +34,10 @@ def test_study_end_to_end_toy(study, tmp_path):
     before = (res / "dense.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (res / "dense.json").stat().st_mtime_ns == before
+    # a run whose result is missing (cut short after its checkpoint) resumes instead of failing
+    (res / "dense.json").unlink()
+    assert main(args) == 0
+    assert json.loads((res / "dense.json").read_text())["curve"][-1]["step"] == 4
     assert main(["perf", "--toy", "--out", str(res), "--seq-lens", "64", "--perf-batch", "1", "--perf-steps", "1"]) == 0
     perf = json.loads((res / "perf.json").read_text())
     dense, sparse = perf["results"]
