@@ -15,9 +15,9 @@ EXTRA=${EXTRA:-}
 mkdir -p "$OUT" "$RUNS"
 
 # MOSA_REFERENCE=1: train with the plain-torch MoSA op even where the Triton kernels would be picked
-MOSA=(python -m mosa_attention)
+MOSA=(${PYTHON:-python3} -m mosa_attention)
 if [ "${MOSA_REFERENCE:-0}" = 1 ]; then
-  MOSA=(python -c "import sys, mosa_attention.ops.mosa as m; m._triton_backend = lambda: None
+  MOSA=(${PYTHON:-python3} -c "import sys, mosa_attention.ops.mosa as m; m._triton_backend = lambda: None
 from mosa_attention.cli import main; sys.exit(main(sys.argv[1:]))")
 fi
 
@@ -34,7 +34,7 @@ wait
 
 report() {  # name, calibrate windows
   "${MOSA[@]}" routing-report --checkpoint "$RUNS/$1" --windows "$WINDOWS" --calibrate "$2" --json \
-    | python -c "import json,sys; r=json.loads(sys.stdin.read()); r.update(run='$1', calibrate_windows=$2); print(json.dumps(r))" \
+    | ${PYTHON:-python3} -c "import json,sys; r=json.loads(sys.stdin.read()); r.update(run='$1', calibrate_windows=$2); print(json.dumps(r))" \
     >> "$OUT/routing.jsonl"
 }
 for run in topk aux threshold; do
