@@ -195,7 +195,8 @@ def test_bad_constructor_arguments(kwargs, match):
     (dict(rope_dims=10), "rope_dims must be even"),
     (dict(w_o=torch.randn(2, 5, 8)), "w_o must be"),
     (dict(w_qkv=torch.randn(2, 8, 13)), "w_qkv must be"),
-    (dict(scores=torch.rand(1, 2, 4)), "scores must have"),
+    (dict(scores=torch.rand(1, 2, 4)), "scores must be floating with idx"),
+    (dict(scores=torch.ones(1, 2, 3, dtype=torch.long)), "scores must be floating"),
     (dict(idx=torch.zeros(1, 2, 3)), "idx must be an integer"),
 ])
 def test_functional_op_checks(change, match):

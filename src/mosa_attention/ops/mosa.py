@@ -71,8 +71,9 @@ def check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims: int) -> None:
     if idx.dim() != 3 or idx.shape[0] != B or idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"idx must be an integer tensor [B={B}, E, k], got idx.shape={tuple(idx.shape)}, dtype={idx.dtype}")
     E, k = idx.shape[1], idx.shape[2]
-    if tuple(scores.shape) != (B, E, k):
-        raise ValueError(f"scores must have idx's shape {(B, E, k)}, got scores.shape={tuple(scores.shape)}")
+    if tuple(scores.shape) != (B, E, k) or not scores.is_floating_point():
+        raise ValueError(f"scores must be floating with idx's shape {(B, E, k)}, got scores.shape="
+                         f"{tuple(scores.shape)}, dtype={scores.dtype}")
     if w_qkv.dim() != 3 or w_qkv.shape[0] != E or w_qkv.shape[1] != h or w_qkv.shape[2] % 3:
         raise ValueError(f"w_qkv must be [E={E}, h={h}, 3*D], got w_qkv.shape={tuple(w_qkv.shape)}")
     D = w_qkv.shape[2] // 3

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mosa import sparse_attention_reference
+from .mosa import check_sparse_inputs, sparse_attention_reference
 
 _MAX_HEAD_DIM = 128
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -629,25 +629,10 @@ def _interpreting() -> bool:
 
 
 def _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed=False):
-    if x.dim() != 3:
-        raise ValueError(f"x must be [B, T, h], got x.shape={tuple(x.shape)}")
-    B, T, h = x.shape
-    if idx.dim() != 3 or idx.shape[0] != B:
-        raise ValueError(f"idx must be [B={B}, E, k], got idx.shape={tuple(idx.shape)}")
-    E, K = idx.shape[1], idx.shape[2]
-    if idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"idx must be int64 or int32, got idx.dtype={idx.dtype}")
-    if tuple(scores.shape) != (B, E, K) or not scores.is_floating_point():
-        raise ValueError(f"scores must be floating [B, E, k]={(B, E, K)}, got scores {scores.dtype} {tuple(scores.shape)}")
-    if w_qkv.dim() != 3 or w_qkv.shape[0] != E or w_qkv.shape[1] != h or w_qkv.shape[2] % 3:
-        raise ValueError(f"w_qkv must be [E={E}, h={h}, 3D], got w_qkv.shape={tuple(w_qkv.shape)}")
+    check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims)  # shapes, as every backend
     D = w_qkv.shape[2] // 3
-    if tuple(w_o.shape) != (E, D, h):
-        raise ValueError(f"w_o must be [E, D, h]={(E, D, h)}, got w_o.shape={tuple(w_o.shape)}")
     if D > _MAX_HEAD_DIM:
         raise ValueError(f"the triton backend supports head dims up to {_MAX_HEAD_DIM}, got D={D} (use backend='torch')")
-    if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
-        raise ValueError(f"rope_dims must be even and in [0, D={D}], got rope_dims={rope_dims}")
     for name, t in (("scores", scores), ("idx", idx), ("w_qkv", w_qkv), ("w_o", w_o)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
