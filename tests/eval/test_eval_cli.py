@@ -56,3 +56,21 @@ def test_selection_stats_without_mosa_heads_and_perplexity_of_uniform_model():
         model.lm_head.weight.zero_()
     res = evaluate(model, tokens, 16)
     assert res["ppl"] == pytest.approx(50, rel=1e-4) and res["tokens"] == 12 * 16
+
+
+def test_eval_causal_routing_with_calibration(trained_run, tmp_path, capsys):
+    """--routing threshold after --calibrate: heads keep about k of T tokens, perplexity comes out finite."""
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(trained_run), "--routing", "threshold", "--calibrate", "4", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "routing: threshold" in captured.out and "warning" not in captured.err
+    report = json.loads(out.read_text())
+    assert report["routing"] == "threshold"
+    layer = report["selection"]["32"]["blocks.0.attn"]
+    kept_per_head = np.array(layer["position_rate"]).sum(1)
+    assert np.all(kept_per_head > 0) and abs(kept_per_head.mean() - 32 // 4) < 4  # ~k = 8, not exact as top-k
+    assert np.isfinite(report["perplexity"][0]["ppl"])
+    # without calibration the top-k-trained model gets a warning
+    assert main(["eval", str(trained_run), "--routing", "threshold", "--no-selection"]) == 0
+    assert "add --calibrate" in capsys.readouterr().err
+    assert main(["eval", str(trained_run), "--calibrate", "-1"]) == 2

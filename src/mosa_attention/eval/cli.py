@@ -17,6 +17,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--no-selection", action="store_true", help="skip the MoSA selection statistics")
     p.add_argument("--selection-windows", type=int, default=64, help="windows for the selection statistics")
+    p.add_argument("--routing", choices=("topk", "threshold"),
+                   help="how MoSA heads choose tokens: topk (the paper, sees the whole window) or threshold "
+                        "(causal, as when generating); default: as the model was trained")
+    p.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
+                   help="first set the causal thresholds on this many training windows (see docs/generation.md)")
     p.add_argument("--json", metavar="FILE", help="also write every number (per-position rates too) as JSON")
 
 
@@ -62,7 +67,9 @@ def _run(args) -> int:
                             f"trained at {cfg.seq_len})")
     amp = torch.bfloat16 if device.type == "cuda" else None
     print(f"model: {ckpt.path} (step {ckpt.step}, {cfg.attention}, sparsity {cfg.sparsity:g}, trained at T={cfg.seq_len})")
-    report = {"checkpoint": str(ckpt.path), "step": ckpt.step, "split": args.split, "perplexity": [], "selection": {}}
+    routing = _set_routing(model, data, args)
+    report = {"checkpoint": str(ckpt.path), "step": ckpt.step, "split": args.split, "routing": routing,
+              "perplexity": [], "selection": {}}
     for L in lengths:
         res = evaluate(model, tokens, L, batch_size=args.batch_size, max_windows=args.max_windows or None,
                        device=device, amp_dtype=amp)
@@ -79,3 +86,26 @@ def _run(args) -> int:
             json.dump(report, f)
         print(f"wrote {args.json}")
     return 0
+
+
+def _set_routing(model, data, args) -> str:
+    """Apply --calibrate and --routing; returns the rule the MoSA heads now use."""
+    from ..data.batches import eval_batches  # noqa: PLC0415
+    from ..inference.routing import calibrate_thresholds, set_routing  # noqa: PLC0415
+
+    if args.calibrate < 0:
+        raise EvalError(f"--calibrate must be >= 0, got {args.calibrate}")
+    cfg = model.config
+    if args.calibrate:
+        calibrate_thresholds(model, list(eval_batches(data.tokens("train"), cfg.seq_len, args.batch_size,
+                                                      args.calibrate)))
+        print(f"thresholds calibrated on {args.calibrate} training windows of {cfg.seq_len} tokens")
+    routing = args.routing or cfg.routing
+    set_routing(model, routing)
+    if routing == "threshold" and not cfg.causal_routing_ready:
+        print("warning: threshold routing on a model trained with top-k, no router auxiliary loss and no "
+              "calibration: the default thresholds keep an arbitrary share of tokens; add --calibrate 32",
+              file=sys.stderr)
+    if cfg.attention in ("mosa", "pure_mosa"):
+        print(f"routing: {routing}")
+    return routing
