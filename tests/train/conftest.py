@@ -31,12 +31,3 @@ def tiny_overrides(tiny_corpus, cache_dir, tmp_path):
                          f"train.out_dir={str(tmp_path / 'run')!r}"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine can be 50x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
