@@ -92,7 +92,7 @@ def test_cache_holds_exactly_the_kept_tokens():
     seqs = [torch.randint(0, 50, (16,)) for _ in range(3)]
     prompt_lens = [4, 9, 2]
     _, cache = decode_all(model, seqs, prompt_lens)
-    expected_entries, per_layer = 0, []
+    expected_entries = 0
     for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
         length = n + 16 - max(prompt_lens)
         _, _, sels = model(s[None, :length], return_selections=True)

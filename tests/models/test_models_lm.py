@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mosa_attention import MoSAConfig, MoSALM, MoSAAttention
+from mosa_attention import MoSAConfig, MoSALM
 from mosa_attention.models import ATTENTION_KINDS
 
 

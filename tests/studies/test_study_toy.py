@@ -1,7 +1,6 @@
 """The reproduction study's pipeline at toy size, so that its scripts do not rot."""
 import json
 import runpy
-import sys
 from pathlib import Path
 
 import pytest
