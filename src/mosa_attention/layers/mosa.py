@@ -93,7 +93,7 @@ class MoSAAttention(nn.Module):
         scores = torch.sigmoid(logits)
         if self.routing == "threshold":
             return select_threshold(scores, self.threshold, self.include_first)
-        return select_topk(scores, k, self.include_first)
+        return select_topk(scores, k, self.include_first, backend=self.backend)
 
     def forward(self, x: torch.Tensor, return_selection: bool = False):
         check_input(x, self.d_model)

@@ -109,6 +109,6 @@ def mosa(
     With ``return_selection`` also returns (scores [B, E, k], positions [B, E, k]) of the kept tokens.
     """
     k = num_selected(x.shape[1], check_sparsity(sparsity))
-    scores, idx = select_topk(router_scores(x, w_router), k, include_first)
+    scores, idx = select_topk(router_scores(x, w_router), k, include_first, backend=backend)
     y = sparse_attention(x, scores, idx, w_qkv, w_o, rope_dims=rope_dims, rope_base=rope_base, backend=backend)
     return (y, (scores, idx)) if return_selection else y

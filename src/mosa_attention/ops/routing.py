@@ -30,26 +30,55 @@ def router_scores(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(router_logits(x, w_router))
 
 
-def select_topk(scores: torch.Tensor, k: int, include_first: bool = False):
+def select_topk(scores: torch.Tensor, k: int, include_first: bool = False, backend: str = "auto"):
     """Top-k tokens per head and sequence, returned sorted by position.
 
     scores: [B, E, T] router scores. Returns (kept scores [B, E, k], positions [B, E, k] int64, ascending).
     With ``include_first`` token 0 is always kept and the other k-1 are the best among tokens 1..T-1.
     Sorting by position makes the causal mask among kept tokens plain lower-triangular.
+
+    ``backend``: "torch" (``torch.topk`` then a sort), "triton" (one fused kernel, ``triton_routing``; ties
+    go to earlier positions) or "auto" (triton for CUDA scores where the kernel applies, else torch).
     """
     T = scores.shape[-1]
     if not 1 <= k <= T:
         raise ValueError(f"k must be in [1, T={T}], got k={k}")
-    if include_first:
+    fused = _fused_topk(scores, backend)
+    if fused is not None:
+        idx = fused(scores, k, include_first)
+    elif include_first:
         if k == 1:
             idx = torch.zeros(*scores.shape[:-1], 1, dtype=torch.long, device=scores.device)
         else:
             tail = torch.topk(scores[..., 1:], k - 1, dim=-1, sorted=False).indices + 1
             idx = torch.cat([torch.zeros_like(tail[..., :1]), tail], dim=-1)
+        idx = idx.sort(dim=-1).values
     else:
-        idx = torch.topk(scores, k, dim=-1, sorted=False).indices
-    idx = idx.sort(dim=-1).values
+        idx = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
     return scores.gather(-1, idx), idx
+
+
+SELECT_BACKENDS = ("auto", "torch", "triton")
+
+
+def _fused_topk(scores: torch.Tensor, backend: str):
+    """The fused top-k kernel if ``backend`` asks for it (or "auto" allows it), else None."""
+    if backend not in SELECT_BACKENDS:
+        raise ValueError(f"backend must be one of {SELECT_BACKENDS}, got backend={backend!r}")
+    if backend == "torch" or (backend == "auto" and not scores.is_cuda):
+        return None
+    try:
+        from . import triton_routing  # noqa: WPS433 (optional dependency)
+    except ImportError:
+        if backend == "triton":
+            raise RuntimeError("backend='triton' needs the triton package") from None
+        return None
+    if not triton_routing.supported(scores):
+        if backend == "triton":
+            raise ValueError(f"the fused top-k kernel needs T <= {triton_routing.MAX_T} and float16/bfloat16/"
+                             f"float32 scores, got T={scores.shape[-1]}, dtype={scores.dtype}")
+        return None
+    return triton_routing.topk_positions
 
 
 def strided_positions(seq_len: int, stride: int, device=None) -> torch.Tensor:

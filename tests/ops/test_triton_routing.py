@@ -1,0 +1,108 @@
+"""The fused top-k kernel against ``torch.topk`` + sort, on CPU through Triton's interpreter."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CI has no GPU
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("triton was imported without the interpreter and there is no GPU", allow_module_level=True)
+
+from mosa_attention.ops import triton_routing  # noqa: E402
+from mosa_attention.ops.routing import select_topk  # noqa: E402
+from mosa_attention.ops.triton_routing import topk_positions_triton  # noqa: E402
+
+if not torch.cuda.is_available() and type(triton_routing._topk_positions).__name__ != "InterpretedFunction":
+    pytest.skip("triton_routing was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("include_first", [False, True])
+@pytest.mark.parametrize("B,E,T,k", [
+    (2, 3, 100, 7),    # T off a power of two
+    (1, 1, 2, 2),      # k = T = 2, batch 1
+    (2, 2, 33, 2),     # k = 2
+    (2, 2, 64, 64),    # k = T
+    (1, 4, 1000, 250),
+    (3, 2, 17, 1),     # k = 1
+])
+def test_matches_torch_topk(B, E, T, k, include_first, dtype):
+    # logits of a linear router: a [B, T, E] product seen as [B, E, T] (non-contiguous rows)
+    scores = torch.randn(B, T, E, dtype=torch.float64).to(dtype).transpose(1, 2).to(DEVICE)
+    if dtype != torch.float32:  # distinct 16-bit values (consecutive bit patterns from 1.0), so top-k is unique
+        one = 0x3F80 if dtype == torch.bfloat16 else 0x3C00
+        bits = torch.stack([torch.randperm(T) for _ in range(B * E)]).view(B, E, T) + one
+        scores = bits.to(torch.int16).view(dtype).to(DEVICE)
+    got = topk_positions_triton(scores, k, include_first)
+    _, want = select_topk(scores, k, include_first, backend="torch")
+    assert got.dtype == torch.int64 and got.shape == (B, E, k)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("include_first", [False, True])
+def test_ties_keep_the_earliest_positions(include_first):
+    B, E, T, k = 2, 3, 50, 12
+    scores = torch.randint(0, 4, (B, E, T)).float().to(DEVICE)  # many ties
+    got = topk_positions_triton(scores, k, include_first)
+    assert (got.diff(dim=-1) > 0).all()  # ascending, no repeats
+    kept = scores.gather(-1, got)
+    if include_first:
+        assert (got[..., 0] == 0).all()
+        want = scores[..., 1:].topk(k - 1, dim=-1).values
+        kept = kept[..., 1:]
+    else:
+        want = scores.topk(k, dim=-1).values
+    # the same scores are kept as by torch.topk ...
+    assert torch.equal(kept.sort(-1).values, want.sort(-1).values)
+    # ... and among the tokens tied with the smallest kept score, the earliest ones
+    for b in range(B):
+        for e in range(E):
+            low = kept[b, e].min()
+            cand = torch.nonzero(scores[b, e] == low).flatten()
+            cand = cand[cand > 0] if include_first else cand
+            taken = got[b, e][scores[b, e, got[b, e]] == low]
+            taken = taken[taken > 0] if include_first else taken
+            assert torch.equal(taken, cand[: len(taken)])
+
+
+def test_negative_scores_and_extremes():
+    s = torch.tensor([[[-3.0, 5.0, -0.5, 0.0, 1e30, -1e30, 2.0, -2.0]]], device=DEVICE)
+    assert topk_positions_triton(s, 3).tolist() == [[[1, 4, 6]]]
+    assert topk_positions_triton(s, 3, include_first=True).tolist() == [[[0, 1, 4]]]
+    assert topk_positions_triton(-s, 2).tolist() == [[[0, 5]]]
+
+
+def test_select_topk_triton_backend_and_gradient():
+    B, E, T, k = 2, 3, 40, 9
+    logits = torch.randn(B, E, T, device=DEVICE, requires_grad=True)
+    scores_t, idx_t = select_topk(torch.sigmoid(logits), k, backend="triton")
+    scores_r, idx_r = select_topk(torch.sigmoid(logits), k, backend="torch")
+    assert torch.equal(idx_t, idx_r) and torch.equal(scores_t, scores_r)
+    (g_t,) = torch.autograd.grad(scores_t.sum(), logits)
+    (g_r,) = torch.autograd.grad(scores_r.sum(), logits)
+    assert torch.equal(g_t, g_r) and g_t.abs().sum() > 0
+
+
+def test_bad_input_is_rejected():
+    s = torch.rand(1, 2, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="k=11"):
+        topk_positions_triton(s, 11)
+    with pytest.raises(ValueError, match="scores.shape"):
+        topk_positions_triton(s[0], 3)
+    with pytest.raises(ValueError, match="float64"):
+        topk_positions_triton(s.double(), 3)
+    with pytest.raises(ValueError, match="backend='fast'"):
+        select_topk(s, 3, backend="fast")
+    with pytest.raises(ValueError, match="T=20000"):
+        select_topk(torch.rand(1, 1, 20000, device=DEVICE), 3, backend="triton")
+
+
+def test_compiles_without_graph_break():
+    s = torch.rand(2, 3, 30, device=DEVICE)
+    fn = torch.compile(lambda t: select_topk(t, 5, backend="triton"), fullgraph=True, backend="aot_eager")
+    kept, idx = fn(s)
+    assert torch.equal(idx, select_topk(s, 5, backend="torch")[1])
