@@ -254,10 +254,11 @@ def fmt_row(r):
 def profile():
     """GPU time per kernel over a few forward + backward steps of our MoSA heads (where the time goes)."""
     from torch.profiler import ProfilerActivity, profile as prof
-    for label, h, E, rho, T, B in (("t1", 512, 17, 32, 1024, 16), ("t3 mosa part", 512, 505, 64, 1024, 16),
-                                   ("t4", 1024, 60, 1024, 65536, 1)):
+    for label, h, E, rho, T, B, nd in (("t1", 512, 17, 32, 1024, 16, 0), ("t2 hybrid", 512, 17, 32, 1024, 16, 4),
+                                       ("dense 9 heads", 512, 0, 32, 1024, 16, 9),
+                                       ("t3 mosa part", 512, 505, 64, 1024, 16, 0), ("t4", 1024, 60, 1024, 65536, 1, 0)):
         dt = torch.bfloat16 if MODE == "bf16" else torch.float32
-        layer = MoSAAttention(h, E, rho, backend="triton").cuda().to(dt)
+        layer = (MoSAAttention(h, E, rho, num_dense_heads=nd, backend="triton") if E else DenseAttention(h, nd)).cuda().to(dt)
         x = torch.randn(B, T, h, device="cuda", dtype=dt, requires_grad=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=MODE == "autocast"):
             for _ in range(3):
@@ -346,6 +347,131 @@ def check(out):
     return ok
 
 
+def check_routing(out):
+    """The fused top-k kernel against torch.topk + sort at real shapes (distinct scores, so the kept set is
+    unique), and both timed (CUDA graph of one call)."""
+    from mosa_attention.ops.routing import select_topk
+    rows, ok = [], True
+    for B, E, T, k, first in ((16, 17, 1024, 32, False), (16, 505, 1024, 16, False), (16, 505, 1024, 16, True),
+                              (1, 60, 16384, 64, False), (4, 8, 2048, 1024, False), (2, 4, 4096, 4096, False),
+                              (3, 6, 1000, 250, True)):
+        for dt in (torch.bfloat16, torch.float32):
+            if dt == torch.bfloat16 and T > 256:  # bf16 has 256 distinct values in [1, 2): use logits of x W
+                logits = torch.randn(B, T, E, device="cuda").to(dt).transpose(1, 2)
+            else:
+                logits = torch.randn(B, T, E, device="cuda", dtype=dt).transpose(1, 2)
+            sc = torch.sigmoid(logits)
+            got = select_topk(sc, k, first, backend="triton")[1]
+            want = select_topk(sc, k, first, backend="torch")[1]
+            same = torch.equal(got, want)
+            # with ties (bf16) the kept scores must still be a top-k multiset, ascending and unique
+            vals_ok = torch.equal(sc.gather(-1, got).sort(-1).values, sc.gather(-1, want).sort(-1).values)
+            asc = bool((got.diff(dim=-1) > 0).all()) if k > 1 else True
+            good = vals_ok and asc and (same or dt == torch.bfloat16)
+            ok &= good
+            t_tri = cuda_time(lambda: select_topk(sc, k, first, backend="triton"))
+            t_ref = cuda_time(lambda: select_topk(sc, k, first, backend="torch"))
+            row = {"shape": [B, E, T, k, first], "dtype": str(dt), "same_positions": same, "same_scores": vals_ok,
+                   "ascending": asc, "pass": good, "triton_ms": t_tri, "torch_ms": t_ref}
+            rows.append(row)
+            print("check_routing %-28s %s same=%d scores=%d %s  triton %.3f ms torch %.3f ms" % (
+                row["shape"], dt, same, vals_ok, "PASS" if good else "FAIL", t_tri, t_ref), flush=True)
+    out["check_routing"] = {"pass": ok, "rows": rows}
+
+
+TUNE_VARIANTS = {  # kernel -> list of overrides (the first is the default)
+    "_qkv_fwd": [{}, {"BM": 128}, {"BM": 128, "num_warps": 4}, {"BK": 32}, {"num_stages": 4}, {"num_stages": 2},
+                 {"BM": 128, "BK": 32, "num_stages": 4}, {"BM": 32, "num_warps": 4}],
+    "_attn_fwd": [{}, {"BN": 32}, {"BM": 128, "num_warps": 8}, {"BH": 128}, {"BH": 128, "num_warps": 8},
+                  {"BM": 32, "BN": 32}, {"num_stages": 2}, {"BM": 128, "BH": 128, "num_warps": 8}],
+    "_out_bwd": [{}, {"BH": 128}, {"BM": 128, "num_warps": 8}, {"BM": 32}, {"num_stages": 4}, {"BH": 128, "num_warps": 8},
+                 {"BM": 128, "BH": 128, "num_warps": 8}, {"num_stages": 2}],
+    "_dwo": [{}, {"BR": 128}, {"BH": 128}, {"BH": 128, "num_warps": 8}, {"BR": 32}, {"num_stages": 4},
+             {"BR": 128, "BH": 128, "num_warps": 8}, {"num_stages": 2}],
+    "_attn_bwd_dkdv": [{}, {"BM": 32}, {"BN": 32}, {"BM": 32, "BN": 32}, {"num_warps": 8}, {"num_stages": 2},
+                       {"BM": 128, "num_warps": 8}, {"BN": 128, "num_warps": 8}],
+    "_attn_bwd_dq": [{}, {"BM": 32}, {"BN": 32}, {"BM": 32, "BN": 32}, {"num_warps": 8}, {"num_stages": 2},
+                     {"BM": 128, "num_warps": 8}, {"BN": 128, "num_warps": 8}],
+    "_qkv_bwd_dx": [{}, {"BH": 128}, {"BH": 128, "num_warps": 8}, {"BM": 128, "num_warps": 8}, {"BH": 256, "num_warps": 8},
+                    {"BM": 128, "BH": 128, "num_warps": 8}, {"BM": 32}, {"num_stages": 2}],
+    "_dwqkv": [{}, {"BR": 128}, {"BH": 128}, {"BH": 128, "num_warps": 8}, {"BR": 32}, {"num_stages": 4},
+               {"BR": 128, "BH": 128, "num_warps": 8}, {"num_stages": 2}],
+    "_segment_sum": [{}, {"BT": 16}, {"BT": 64}, {"BH": 512}, {"BT": 16, "BH": 512}, {"num_warps": 8},
+                     {"BT": 64, "num_warps": 8}, {"BT": 8, "BH": 512}],
+}
+
+
+def tune(out):
+    """Per-kernel GPU time (torch profiler) of ours, f+b, bf16, under each tile variant; outputs checked
+    against the float64 reference for every variant (a variant that breaks a result is reported, not used)."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    from mosa_attention.ops import triton_mosa
+    from mosa_attention.ops.triton_mosa import sparse_attention_triton
+    res = {}
+    n = max(len(v) for v in TUNE_VARIANTS.values())
+    for label, B, T, h, E, k in (("t3", 16, 1024, 512, 505, 16), ("t1", 16, 1024, 512, 17, 32),
+                                 ("t4", 1, 65536, 1024, 60, 64)):
+        x = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        sc = torch.rand(B, E, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        idx = torch.rand(B, E, T, device="cuda").topk(k, dim=-1).indices.sort(-1).values
+        wq = (torch.randn(E, h, 192, device="cuda") / h ** 0.5).bfloat16().requires_grad_()
+        wo = (torch.randn(E, 64, h, device="cuda") / 8).bfloat16().requires_grad_()
+        dy = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16)
+        leaves = (x, sc, wq, wo)
+        ref = None
+        per = {}
+        for i in range(n):
+            triton_mosa.TILE_OVERRIDES.clear()
+            for kern, vs in TUNE_VARIANTS.items():
+                if i < len(vs) and vs[i]:
+                    triton_mosa.TILE_OVERRIDES[kern] = vs[i]
+            try:
+                def step():
+                    for t in leaves:
+                        t.grad = None
+                    y = sparse_attention_triton(x, sc, idx, wq, wo, 32)
+                    y.backward(dy)
+                    return y
+                y = step()
+                got = [y.detach().float()] + [t.grad.float() for t in leaves]
+                if ref is None:
+                    ref = got
+                errs = [((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, ref)]
+                for _ in range(2):
+                    step()
+                torch.cuda.synchronize()
+                with prof(activities=[ProfilerActivity.CUDA]) as p:
+                    for _ in range(5):
+                        step()
+                    torch.cuda.synchronize()
+                times = {}
+                if i == 0:
+                    print(p.key_averages().table(sort_by="device_time_total", row_limit=16, max_name_column_width=50))
+                for ev in p.key_averages():
+                    kern = next((kk for kk in TUNE_VARIANTS if ev.key.startswith(kk)), None)
+                    if kern is not None:
+                        dev_t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+                        times[kern] = times.get(kern, 0.0) + dev_t / 5
+            except Exception as err:  # noqa: BLE001 (a variant that does not compile: report it)
+                print("tune", label, i, "failed", repr(err)[:200], flush=True)
+                continue
+            for kern, vs in TUNE_VARIANTS.items():
+                if i < len(vs) and kern in times:
+                    per.setdefault(kern, []).append({"variant": vs[i], "us": times[kern], "max_err_vs_default": max(errs)})
+            print("tune %s variant %d: max err vs default %.1e | %s" % (label, i, max(errs), " ".join(
+                "%s=%.0f" % (kk.strip("_"), v) for kk, v in times.items())), flush=True)
+        triton_mosa.TILE_OVERRIDES.clear()
+        res[label] = per
+        for kern, rows in per.items():
+            best = min((r for r in rows if r["max_err_vs_default"] < 2e-2), key=lambda r: r["us"], default=None)
+            if best:
+                print("tune %s best %-16s %7.1f us (default %7.1f) %s" % (label, kern, best["us"], rows[0]["us"], best["variant"]),
+                      flush=True)
+        del x, sc, wq, wo, dy, leaves, ref
+        torch.cuda.empty_cache()
+    out["tune"] = res
+
+
 def plot(json_path, png_path):
     """Time against T (forward + backward, h=1024, 60 MoSA heads of k=64, B=1) from a results.json."""
     import matplotlib
@@ -386,9 +512,13 @@ def main():
                     help="autocast: bf16 autocast over float32 parameters (as the official release); "
                          "bf16: parameters and input in bfloat16 (the official release cannot run so)")
     ap.add_argument("--sweep-T", default="1024,2048,4096,8192,16384,32768,65536", help="T values of the sweep")
-    ap.add_argument("--router", default="einsum", choices=("einsum", "linear"),
-                    help="linear: time the layer with router logits from F.linear (a proposed change to "
-                         "ops/routing.py; same math, a contiguous dx in backward)")
+    ap.add_argument("--router", default="linear", choices=("linear", "einsum"),
+                    help="einsum: time the layer with the earlier router logits, an einsum (strided dx in "
+                         "backward); linear: F.linear, as ops/routing.py does now")
+    ap.add_argument("--select", default="auto", choices=("auto", "torch"),
+                    help="torch: top-k selection by torch.topk + sort instead of the fused kernel")
+    ap.add_argument("--tune", action="store_true",
+                    help="time every kernel of ours under several tile configurations (t1, t3 shapes)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step of ours")
     ap.add_argument("--official", default=None, help="path holding the official release's mosa/ package")
     ap.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="only draw time against T")
@@ -399,10 +529,13 @@ def main():
     import triton
     global MODE
     MODE = args.mode
-    if args.router == "linear":
-        import mosa_attention.layers.mosa as layer_module
-        layer_module.router_logits = lambda x, w: torch.nn.functional.linear(x, w).transpose(1, 2)
-    out = {"mode": MODE, "router": args.router, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    import mosa_attention.layers.mosa as layer_module
+    if args.router == "einsum":
+        layer_module.router_logits = lambda x, w: torch.einsum("bth,eh->bet", x, w)
+    if args.select == "torch":
+        from mosa_attention.ops import routing
+        layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
+    out = {"mode": MODE, "router": args.router, "select": args.select, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
@@ -415,6 +548,10 @@ def main():
 
     if args.check:
         check(out)
+        check_routing(out)
+        save()
+    if args.tune:
+        tune(out)
         save()
     if args.profile:
         profile()
@@ -426,7 +563,7 @@ def main():
         if not args.no_sweep:
             run_sweep(args, out)
     save()
-    if args.check and not out["check"]["pass"]:
+    if args.check and not (out["check"]["pass"] and out["check_routing"]["pass"]):
         sys.exit(1)
 
 

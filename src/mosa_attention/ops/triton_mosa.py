@@ -479,6 +479,24 @@ def _cfg(D: int, dtype: torch.dtype):
                 BH=64, BS=128, BR=32 if big else 64)
 
 
+# Launch overrides per kernel, for tuning only (benchmarks/bench_layer.py --tune): {kernel name: {key: value}},
+# keys among the kernel's block sizes (BM, BN, BK, BH, BR) and num_warps / num_stages. Empty in normal use.
+TILE_OVERRIDES: dict = {}
+
+
+def _launch(kernel, grid_fn, args, blocks: dict, **meta):
+    """kernel[grid](*args, **blocks, **meta) with this kernel's overrides applied; grid_fn(blocks) -> grid."""
+    over = TILE_OVERRIDES.get(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
+    if over:
+        blocks = dict(blocks)
+        for key, val in over.items():
+            if key in ("num_warps", "num_stages"):
+                meta[key] = val
+            else:
+                blocks[key] = val
+    kernel[grid_fn(blocks)](*args, **blocks, **meta)
+
+
 def _dims(x, idx, w_qkv):
     B, T, h = x.shape
     E, K = idx.shape[1], idx.shape[2]
@@ -499,9 +517,9 @@ def _segments(idx, T):
 
 def _scatter(rows, perm, starts, B, T, h, dtype):
     out = torch.empty(B, T, h, device=rows.device, dtype=dtype)
-    BT, BH = 32, min(256, triton.next_power_of_2(h))
-    _segment_sum[(triton.cdiv(B * T, BT), triton.cdiv(h, BH))](rows, perm, starts, out, B * T, perm.numel(), T, h, BT=BT, BH=BH,
-                                                              num_warps=4)
+    _launch(_segment_sum, lambda t: (triton.cdiv(B * T, t["BT"]), triton.cdiv(h, t["BH"])),
+            (rows, perm, starts, out, B * T, perm.numel(), T, h), dict(BT=32, BH=min(256, triton.next_power_of_2(h))),
+            num_warps=4)
     return out
 
 
@@ -517,13 +535,13 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float):
     o = torch.empty(E, R, D, device=dev, dtype=cdt)
     lse = torch.empty(E, R, device=dev, dtype=torch.float32)
     fused = c["DP"] <= 64 and cdt != torch.float32
-    _qkv_fwd[(triton.cdiv(R, c["BM"]), E, 1 if fused else 3)](
-        x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, D=D, DP=c["DP"], ROPE=rope_dims, BM=c["BM"], BK=c["BK"],
-        PREC=c["PREC"], FUSED=fused, num_warps=8 if fused else 4)
+    _launch(_qkv_fwd, lambda t: (triton.cdiv(R, t["BM"]), E, 1 if fused else 3),
+            (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K), dict(BM=c["BM"], BK=c["BK"]),
+            D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused, num_warps=8 if fused else 4)
     rows = torch.empty(E * R, h, device=dev, dtype=cdt)
-    _attn_fwd[(triton.cdiv(R, c["BM"]), E)](
-        qkv, idx, scores, w_o, o, lse, rows, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
-        D=D, DP=c["DP"], BM=c["BM"], BN=c["BN"], BH=c["BH"], BS=c["BS"], PREC=c["PREC"], num_warps=4)
+    _launch(_attn_fwd, lambda t: (triton.cdiv(R, t["BM"]), E),
+            (qkv, idx, scores, w_o, o, lse, rows, T, h, E, R, K, math.log2(math.e) / math.sqrt(D)),
+            dict(BM=c["BM"], BN=c["BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"], num_warps=4)
     perm, starts = _segments(idx, T)
     return _scatter(rows, perm, starts, B, T, h, cdt), qkv, o, lse, perm, starts
 
@@ -538,28 +556,26 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     do = torch.empty(E, R, D, device=dev, dtype=cdt)
     delta = torch.empty(E, R, device=dev, dtype=torch.float32)
     dsc = torch.empty(B, E, K, device=dev, dtype=torch.float32)
-    _out_bwd[(triton.cdiv(R, c["BM"]), E)](
-        dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, D=D, DP=c["DP"], BM=c["BM"], BH=c["BH"],
-        PREC=c["PREC"], num_warps=4)
+    _launch(_out_bwd, lambda t: (triton.cdiv(R, t["BM"]), E),
+            (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K), dict(BM=c["BM"], BH=c["BH"]),
+            D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     dwo = torch.empty_like(w_o)
-    _dwo[(triton.cdiv(h, c["BH"]), E)](
-        dy, idx, scores, o, dwo, T, h, E, R, K, D=D, DP=c["DP"], BR=c["BR"], BH=c["BH"], PREC=c["PREC"],
-        num_warps=4)
+    _launch(_dwo, lambda t: (triton.cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
+            dict(BR=c["BR"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     dqkv = torch.empty_like(qkv)
     qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
-    common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BM=c["BM"], BN=c["BN"], BS=c["BS"], PREC=c["PREC"], num_warps=4)
-    _attn_bwd_dkdv[(triton.cdiv(R, c["BN"]), E)](
-        qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, **common)
-    _attn_bwd_dq[(triton.cdiv(R, c["BM"]), E)](
-        qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, **common)
+    common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
+    args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
+    _launch(_attn_bwd_dkdv, lambda t: (triton.cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]), **common)
+    _launch(_attn_bwd_dq, lambda t: (triton.cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["BN"]), **common)
     rows = torch.empty(E * R, h, device=dev, dtype=cdt)
-    _qkv_bwd_dx[(triton.cdiv(R, c["BM"]), E, triton.cdiv(h, c["BH"]))](
-        dqkv, idx, w_qkv, rows, T, h, E, R, K, D=D, DP=c["DP"], BM=c["BM"], BH=c["BH"], PREC=c["PREC"],
-        num_warps=4)
+    _launch(_qkv_bwd_dx, lambda t: (triton.cdiv(R, t["BM"]), E, triton.cdiv(h, t["BH"])),
+            (dqkv, idx, w_qkv, rows, T, h, E, R, K), dict(BM=c["BM"], BH=c["BH"]),
+            D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     dx = _scatter(rows, perm, starts, B, T, h, x.dtype)  # in x's dtype: no cast pass in autograd
     dwqkv = torch.empty_like(w_qkv)
-    _dwqkv[(triton.cdiv(h, c["BH"]), E, 3)](
-        x, idx, dqkv, dwqkv, T, h, E, R, K, D=D, DP=c["DP"], BR=c["BR"], BH=c["BH"], PREC=c["PREC"], num_warps=4)
+    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 3), (x, idx, dqkv, dwqkv, T, h, E, R, K),
+            dict(BR=c["BR"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     return dx, dsc.to(scores.dtype), dwqkv, dwo
 
 

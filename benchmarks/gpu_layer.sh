@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
+# limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
+#   bash benchmarks/gpu_layer.sh OUT [STAGES]     STAGES: any of check tune profile bf16 autocast sweep
+set -u
+OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
+STAGES=${2:-check tune profile bf16}
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  git log -1 --format='commit %H %cd' 2>/dev/null; } > "$OUT/gpu.txt" 2>&1
+B=benchmarks/bench_layer.py
+for s in $STAGES; do
+  case $s in
+    check)    timeout -k 5 "${CHECK_S:-150}" $PY $B --check --no-bench --out "$OUT/check" ;;
+    tune)     timeout -k 5 "${TUNE_S:-200}" $PY $B --tune --no-bench --out "$OUT/tune" ;;
+    profile)  timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --out "$OUT/profile" ;;
+    bf16)     timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --out "$OUT/bf16" ;;
+    autocast) timeout -k 5 "${AUTOCAST_S:-150}" $PY $B --official .official --no-sweep --out "$OUT/autocast" ;;
+    sweep)    timeout -k 5 "${SWEEP_S:-150}" $PY $B --official .official --sweep-T 1024,4096,16384,65536 --out "$OUT/sweep" ;;
+  esac > "$OUT/$s.log" 2>&1
+  echo "== stage $s: exit $?" >> "$OUT/stages.txt"
+done
+cat "$OUT/gpu.txt" "$OUT/stages.txt"
+for s in $STAGES; do echo "== $s"; grep -E "PASS|FAIL|best|failed|Error|error|f\+b|fwd " "$OUT/$s.log" | tail -40; done
