@@ -14,7 +14,7 @@ from mosa_attention.ops import triton_routing  # noqa: E402
 from mosa_attention.ops.routing import select_topk  # noqa: E402
 from mosa_attention.ops.triton_routing import topk_positions_triton  # noqa: E402
 
-if not torch.cuda.is_available() and type(triton_routing._topk_positions).__name__ != "InterpretedFunction":
+if not torch.cuda.is_available() and type(triton_routing._topk_select).__name__ != "InterpretedFunction":
     pytest.skip("triton_routing was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -98,7 +98,12 @@ def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="backend='fast'"):
         select_topk(s, 3, backend="fast")
     with pytest.raises(ValueError, match="T=20000"):
-        select_topk(torch.rand(1, 1, 20000, device=DEVICE), 3, backend="triton")
+        topk_positions_triton(torch.rand(1, 1, 20000, device=DEVICE), 3)
+
+
+def test_long_rows_fall_back_to_torch():
+    s = torch.rand(1, 2, triton_routing.MAX_T + 5, device=DEVICE)
+    assert torch.equal(select_topk(s, 7, backend="triton")[1], select_topk(s, 7, backend="torch")[1])
 
 
 def test_compiles_without_graph_break():
@@ -106,3 +111,17 @@ def test_compiles_without_graph_break():
     fn = torch.compile(lambda t: select_topk(t, 5, backend="triton"), fullgraph=True, backend="aot_eager")
     kept, idx = fn(s)
     assert torch.equal(idx, select_topk(s, 5, backend="torch")[1])
+
+
+@pytest.mark.parametrize("include_first", [False, True])
+@pytest.mark.parametrize("B,T,E,k", [(2, 100, 3, 7), (1, 2, 1, 2), (2, 64, 10, 64), (3, 300, 17, 9)])
+def test_route_logits_reads_router_output_and_writes_scores(B, T, E, k, include_first):
+    from mosa_attention.ops.triton_routing import route_logits_triton
+    logits = torch.randn(B, T, E, device=DEVICE)  # F.linear(x, w_router): [B, T, E], heads innermost
+    idx, kept = route_logits_triton(logits, k, include_first)
+    scores = torch.sigmoid(logits).transpose(1, 2)
+    want_kept, want_idx = select_topk(scores, k, include_first, backend="torch")
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(kept, want_kept, rtol=1e-6, atol=1e-7)
+    idx16, kept16 = route_logits_triton(logits, k, include_first, kept_dtype=torch.float16)
+    assert kept16.dtype == torch.float16 and torch.equal(idx16, idx)

@@ -38,7 +38,8 @@ def select_topk(scores: torch.Tensor, k: int, include_first: bool = False, backe
     Sorting by position makes the causal mask among kept tokens plain lower-triangular.
 
     ``backend``: "torch" (``torch.topk`` then a sort), "triton" (one fused kernel, ``triton_routing``; ties
-    go to earlier positions) or "auto" (triton for CUDA scores where the kernel applies, else torch).
+    go to earlier positions; rows longer than its ``MAX_T`` and float64 scores fall back to torch) or "auto"
+    (triton for CUDA scores, else torch).
     """
     T = scores.shape[-1]
     if not 1 <= k <= T:
@@ -73,10 +74,7 @@ def _fused_topk(scores: torch.Tensor, backend: str):
         if backend == "triton":
             raise RuntimeError("backend='triton' needs the triton package") from None
         return None
-    if not triton_routing.supported(scores):
-        if backend == "triton":
-            raise ValueError(f"the fused top-k kernel needs T <= {triton_routing.MAX_T} and float16/bfloat16/"
-                             f"float32 scores, got T={scores.shape[-1]}, dtype={scores.dtype}")
+    if not triton_routing.supported(scores):  # T > MAX_T or float64: torch.topk (documented fallback)
         return None
     return triton_routing.topk_positions
 

@@ -2,20 +2,22 @@
 
 ``topk_positions_triton(scores, k, include_first)`` returns what ``select_topk`` returns as positions: for
 every row ``(b, e)`` of ``scores [B, E, T]`` the k positions of the largest scores, ascending. It replaces
-``torch.topk`` + ``sort`` (two launches, a radix sort each, and their buffers) by one program per row:
+``torch.topk`` + ``sort`` (two launches, radix sorts, their buffers) by one launch. A program takes a
+[T, BE] tile (BE heads of one sequence, read where they lie, so router logits [B, T, E] need no transpose):
 
-1. the row is loaded once into registers and each score is mapped to an unsigned 32-bit key with the same
-   order as the float (flip all bits of negatives, set the sign bit of the rest);
-2. a most-significant-digit-first radix *select* finds the k-th largest key in four passes of 8 bits: each
-   pass histograms (``tl.histogram``) the digit of the keys that share the prefix found so far and keeps the
-   digit where the count of larger keys reaches k;
-3. one compaction pass keeps every key above the k-th, and as many keys equal to it as are still needed,
-   the earliest positions first, and writes their positions in order with a prefix sum.
+1. each score becomes an unsigned 32-bit key with the order of the float (flip all bits of negatives, set
+   the sign bit of the rest);
+2. the k-th largest key of every column is found bit by bit from the top (32 counting passes over the
+   tile in registers: keep a bit if at least k keys reach the prefix with that bit set);
+3. one compaction pass keeps the keys above the k-th and as many keys equal to it as are still needed,
+   earliest positions first, and writes the positions in order with a prefix sum.
 
-Ties are broken towards earlier positions (``torch.topk`` leaves that choice unspecified, so among equal
-scores the two may keep different tokens; the kept *scores* are the same multiset). ``include_first``
-gives position 0 the largest key, so it is always kept and the other k - 1 are the best of the rest. The
-row must fit in registers: T <= ``MAX_T``; longer rows (and float64 scores) stay with ``torch.topk``.
+With ``apply_sigmoid`` the kernel reads router *logits* and also writes the kept scores sigmoid(logit)
+(computed in float32, stored in ``kept``'s dtype): since sigmoid is increasing, the top-k of the logits
+are the top-k of the scores. Ties go to earlier positions (``torch.topk`` leaves that choice unspecified,
+so among equal scores the two may keep different tokens; the kept *scores* are the same multiset).
+``include_first`` gives position 0 the largest key, so it is always kept and the other k - 1 are the best
+of the rest. The tile must fit in registers: T <= ``MAX_T``; longer rows (and float64) stay with torch.
 NaN scores count as the largest, as in ``torch.topk``.
 """
 from __future__ import annotations
@@ -29,72 +31,86 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _radix_pass(key, inside, prefix, need, bins, SHIFT: tl.constexpr):
-    """One byte of the radix select: among keys that share ``prefix`` above this byte, find the byte value
-    where the count of larger keys reaches ``need``; returns the longer prefix and what is still needed."""
-    if SHIFT == 24:
-        cand = inside
-    else:
-        cand = inside & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-    digit = ((key >> SHIFT) & 0xFF).to(tl.int32)
-    counts = tl.histogram(digit, 256, mask=cand)
-    total = tl.sum(counts, axis=0)
-    at_or_above = total - (tl.cumsum(counts, axis=0) - counts)
-    chosen = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
-    above = tl.sum(tl.where(bins == chosen, at_or_above - counts, 0), axis=0)
-    return prefix | (chosen.to(tl.uint32) << SHIFT), need - above
-
-
-@triton.jit
-def _topk_positions(s_ptr, out_ptr, T, k, stride_row, INCLUDE_FIRST: tl.constexpr, BT: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e,
+                 INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BE + tl.arange(0, BE)
     pos = tl.arange(0, BT)
-    inside = pos < T
-    s = tl.load(s_ptr + row * stride_row + pos, mask=inside, other=0.0).to(tl.float32)
+    inside = (pos < T)[:, None] & (e < E)[None, :]
+    s = tl.load(s_ptr + b * stride_b + pos[:, None].to(tl.int64) * stride_t + e[None, :] * stride_e,
+                mask=inside, other=0.0).to(tl.float32)
     bits = s.to(tl.uint32, bitcast=True)
     key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
     if INCLUDE_FIRST:
-        key = tl.where(pos == 0, 0xFFFFFFFF, key)
-    key = tl.where(inside, key, 0)  # never above a real key; excluded from the counts by `inside` anyway
+        key = tl.where((pos == 0)[:, None], 0xFFFFFFFF, key)
+    key = tl.where(inside, key, 0)
 
-    # radix select, most significant byte first: after the loop, `prefix` is the k-th largest key and `need`
-    # how many keys equal to it are kept
-    bins = tl.arange(0, 256)
-    prefix = tl.zeros((), dtype=tl.uint32)
-    need = k
-    prefix, need = _radix_pass(key, inside, prefix, need, bins, 24)
-    prefix, need = _radix_pass(key, inside, prefix, need, bins, 16)
-    prefix, need = _radix_pass(key, inside, prefix, need, bins, 8)
-    prefix, need = _radix_pass(key, inside, prefix, need, bins, 0)
+    # the k-th largest key per column, from the top bit down: keep a bit when >= k keys reach the prefix
+    prefix = tl.zeros([BE], dtype=tl.uint32)
+    one = tl.full([BE], 1, dtype=tl.uint32)
+    for i in range(32):
+        cand = prefix | (one << (31 - i))
+        reach = tl.sum((inside & (key >= cand[None, :])).to(tl.int32), axis=0)
+        prefix = tl.where(reach >= k, cand, prefix)
 
-    equal = inside & (key == prefix)
-    eq_rank = tl.cumsum(equal.to(tl.int32), axis=0) - equal.to(tl.int32)
-    keep = inside & ((key > prefix) | (equal & (eq_rank < need)))
+    above = inside & (key > prefix[None, :])
+    need = k - tl.sum(above.to(tl.int32), axis=0)  # keys equal to the k-th that are kept
+    equal = (inside & (key == prefix[None, :])).to(tl.int32)
+    eq_rank = tl.cumsum(equal, axis=0) - equal
+    keep = above | ((equal == 1) & (eq_rank < need[None, :]))
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    tl.store(out_ptr + row * k + slot, pos.to(tl.int64), mask=keep)
+    out = (b * E + e[None, :]) * k + slot
+    tl.store(idx_ptr + out, (pos[:, None] + tl.zeros([BT, BE], tl.int64)), mask=keep)
+    if SIGMOID:
+        tl.store(kept_ptr + out, (1.0 / (1.0 + tl.exp(-s))).to(kept_ptr.dtype.element_ty), mask=keep)
+
+
+def _tiles(T: int, E: int):
+    BT = max(triton.next_power_of_2(T), 16)
+    BE = max(1, min(triton.next_power_of_2(E), 8192 // BT, 8))
+    n = BT * BE
+    return BT, BE, 4 if n <= 4096 else 8 if n <= 8192 else 16
+
+
+def _launch(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
+    """s: scores/logits; strides (b, t, e) of s in elements."""
+    B = s.shape[0]
+    idx = torch.empty(B, E, k, dtype=torch.int64, device=s.device)
+    kept = torch.empty(B, E, k, dtype=kept_dtype, device=s.device) if sigmoid else idx
+    if B * E:
+        BT, BE, warps = _tiles(T, E)
+        _topk_select[(B, triton.cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
+                                              SIGMOID=sigmoid, BT=BT, BE=BE, num_warps=warps)
+    return idx, (kept if sigmoid else None)
+
+
+def _check(name, t, k, T):
+    if not 1 <= k <= T:
+        raise ValueError(f"k must be in [1, T={T}], got k={k}")
+    if t.dtype not in _DTYPES or T > MAX_T:
+        raise ValueError(f"the fused top-k kernel needs T <= {MAX_T} and {name} in {_DTYPES}, got T={T}, "
+                         f"dtype={t.dtype}")
 
 
 def topk_positions_triton(scores: torch.Tensor, k: int, include_first: bool = False) -> torch.Tensor:
-    """Positions [B, E, k] (int64, ascending) of each row's k largest scores; see the module docstring."""
+    """Positions [B, E, k] (int64, ascending) of each row's k largest scores; scores [B, E, T], any strides."""
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, E, T], got scores.shape={tuple(scores.shape)}")
     B, E, T = scores.shape
-    if not 1 <= k <= T:
-        raise ValueError(f"k must be in [1, T={T}], got k={k}")
-    if not supported(scores):
-        raise ValueError(f"topk_positions_triton needs T <= {MAX_T} and scores in {_DTYPES}, got T={T}, "
-                         f"dtype={scores.dtype}")
-    if scores.stride(-1) != 1:
-        scores = scores.contiguous()
-    rows = scores.reshape(B * E, T)  # a view: contiguous last dim, rows equally spaced
-    out = torch.empty(B, E, k, dtype=torch.int64, device=scores.device)
-    if B * E == 0:
-        return out
-    BT = max(triton.next_power_of_2(T), 16)
-    warps = 4 if BT <= 2048 else 8 if BT <= 8192 else 16
-    _topk_positions[(B * E,)](rows, out, T, k, rows.stride(0), INCLUDE_FIRST=bool(include_first), BT=BT,
-                              num_warps=warps)
-    return out
+    _check("scores", scores, k, T)
+    sb, se, st = scores.stride()
+    return _launch(scores, E, T, k, include_first, False, (sb, st, se), None)[0]
+
+
+def route_logits_triton(logits: torch.Tensor, k: int, include_first: bool = False, kept_dtype=None):
+    """From router logits [B, T, E] (any strides): (positions [B, E, k] ascending, kept scores
+    sigmoid(logit) [B, E, k] in ``kept_dtype``, default the logits' dtype). Not differentiable."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, E], got logits.shape={tuple(logits.shape)}")
+    B, T, E = logits.shape
+    _check("logits", logits, k, T)
+    sb, st, se = logits.stride()
+    return _launch(logits, E, T, k, include_first, True, (sb, st, se), kept_dtype or logits.dtype)
 
 
 def supported(scores: torch.Tensor) -> bool:
