@@ -347,6 +347,62 @@ def check(out):
     return ok
 
 
+def check_routed(out):
+    """The op with routing fused in (``mosa_triton``: router GEMM, top-k kernel, attention, and the router's
+    gradients from the attention kernels) against float64 autograd through sigmoid, gather and the router
+    product, at the selection the op made (bf16 logits may order near-ties differently from float64 ones);
+    the selection itself against torch.topk of the op's own logits."""
+    from mosa_attention.ops.routing import select_topk
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows, ok = [], True
+    for B, T, h, E, k, D, rd, first, names in ((16, 1024, 512, 17, 32, 64, 32, False, ("bf16", "fp32")),
+                                                (16, 1024, 512, 505, 16, 64, 32, True, ("bf16",)),
+                                                (1, 65536, 1024, 60, 64, 64, 32, False, ("bf16",)),
+                                                (4, 2048, 256, 8, 1024, 128, 64, False, ("bf16", "fp32")),
+                                                (3, 1000, 384, 6, 250, 64, 32, True, ("bf16",))):
+        for name in names:
+            dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+            try:
+                x = torch.randn(B, T, h, device="cuda", dtype=dt)
+                ws = [(torch.randn(E, h, device="cuda") / h ** 0.5).to(dt),
+                      (torch.randn(E, h, 3 * D, device="cuda") / h ** 0.5).to(dt),
+                      (torch.randn(E, D, h, device="cuda") / D ** 0.5).to(dt)]
+                dy = torch.randn(B, T, h, device="cuda", dtype=dt)
+                outs = []
+                for _ in range(2):
+                    poison()
+                    leaves = [t.detach().clone().requires_grad_() for t in [x] + ws]
+                    y, kept, idx = mosa_triton(*leaves, k, first, rd)
+                    y.backward(dy)
+                    outs.append([y.detach(), kept] + [t.grad for t in leaves])
+                repeat = all(torch.equal(a, b) for a, b in zip(*outs))
+                logits = torch.nn.functional.linear(x, ws[0]).transpose(1, 2)
+                sel = select_topk(logits, k, first, backend="torch")[1]
+                same_sel = torch.equal(sel, idx) or torch.equal(logits.gather(-1, sel).sort(-1).values,
+                                                                 logits.gather(-1, idx).sort(-1).values)
+                ref = [t.detach().double().requires_grad_() for t in [x] + ws]
+                r = torch.sigmoid(torch.nn.functional.linear(ref[0], ref[1])).transpose(1, 2).gather(-1, idx)
+                yr = sparse_attention_reference(ref[0], r, idx, ref[2], ref[3], rd)
+                yr.backward(dy.double())
+                errs = {n: ((a.double() - b).norm() / b.norm()).item() for n, a, b in zip(
+                    ("y", "kept", "dx", "dw_router", "dw_qkv", "dw_o"), outs[0], [yr, r] + [t.grad for t in ref])}
+                tol = 1e-2 if name == "bf16" else 1e-4
+                good = all(e <= tol for e in errs.values()) and repeat and same_sel
+                row = {"shape": [B, T, h, E, k, D, rd, first], "dtype": name, "errors": errs, "bitwise_repeat": repeat,
+                       "selection_is_topk": same_sel, "pass": good}
+                print("check_routed %-40s %s %s repeat=%d topk=%d %s" % (row["shape"], name, " ".join(
+                    "%s=%.1e" % kv for kv in errs.items()), repeat, same_sel, "PASS" if good else "FAIL"), flush=True)
+            except Exception as err:  # noqa: BLE001
+                row = {"shape": [B, T, h, E, k, D, rd, first], "dtype": name, "error": repr(err)[:300], "pass": False}
+                print("check_routed", row, flush=True)
+            ok &= row["pass"]
+            rows.append(row)
+            torch.cuda.empty_cache()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out["check_routed"] = {"pass": ok, "rows": rows}
+
+
 def check_routing(out):
     """The fused top-k kernel against torch.topk + sort at real shapes (distinct scores, so the kept set is
     unique), and both timed (CUDA graph of one call)."""
@@ -369,8 +425,9 @@ def check_routing(out):
             asc = bool((got.diff(dim=-1) > 0).all()) if k > 1 else True
             good = vals_ok and asc and (same or dt == torch.bfloat16)
             ok &= good
-            t_tri = cuda_time(lambda: select_topk(sc, k, first, backend="triton"))
-            t_ref = cuda_time(lambda: select_topk(sc, k, first, backend="torch"))
+            # GPU time of one call, launch gaps removed (CUDA graph)
+            t_tri = cuda_time(graph_step(lambda: select_topk(sc, k, first, backend="triton"))[0])
+            t_ref = cuda_time(graph_step(lambda: select_topk(sc, k, first, backend="torch"))[0])
             row = {"shape": [B, E, T, k, first], "dtype": str(dt), "same_positions": same, "same_scores": vals_ok,
                    "ascending": asc, "pass": good, "triton_ms": t_tri, "torch_ms": t_ref}
             rows.append(row)
@@ -517,6 +574,8 @@ def main():
                          "backward); linear: F.linear, as ops/routing.py does now")
     ap.add_argument("--select", default="auto", choices=("auto", "torch"),
                     help="torch: top-k selection by torch.topk + sort instead of the fused kernel")
+    ap.add_argument("--unfused", action="store_true",
+                    help="route outside the Triton op (router GEMM, top-k, autograd) instead of fusing it in")
     ap.add_argument("--tune", action="store_true",
                     help="time every kernel of ours under several tile configurations (t1, t3 shapes)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step of ours")
@@ -532,10 +591,12 @@ def main():
     import mosa_attention.layers.mosa as layer_module
     if args.router == "einsum":
         layer_module.router_logits = lambda x, w: torch.einsum("bth,eh->bet", x, w)
+    if args.unfused:
+        layer_module.MoSAAttention._fused = lambda self, x: False
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "router": args.router, "select": args.select, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "router": args.router, "select": args.select, "fused_router": not args.unfused, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
@@ -547,8 +608,11 @@ def main():
             json.dump(out, f, indent=1)
 
     if args.check:
-        check(out)
+        check_routed(out)
+        save()
         check_routing(out)
+        save()
+        check(out)
         save()
     if args.tune:
         tune(out)
@@ -563,7 +627,7 @@ def main():
         if not args.no_sweep:
             run_sweep(args, out)
     save()
-    if args.check and not (out["check"]["pass"] and out["check_routing"]["pass"]):
+    if args.check and not all(out[c]["pass"] for c in ("check", "check_routing", "check_routed")):
         sys.exit(1)
 
 

@@ -165,3 +165,70 @@ def test_int32_positions():
     y = sparse_attention_triton(x, scores, idx.int(), w_qkv, w_o, 16)
     y_ref = sparse_attention_reference(x.double(), scores.double(), idx, w_qkv.double(), w_o.double(), 16)
     assert _rel(y, y_ref) < 1e-5
+
+
+# ---------------------------------------------------------------------------------- routing fused in
+def _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, tol):
+    from mosa_attention.ops.routing import select_topk
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    x = torch.randn(B, T, h, dtype=dtype)
+    w = [torch.randn(E, h, dtype=dtype) / h ** 0.5, torch.randn(E, h, 3 * D, dtype=dtype) / h ** 0.5,
+         torch.randn(E, D, h, dtype=dtype) / D ** 0.5]
+    leaves = [t.to(DEVICE).requires_grad_() for t in [x] + w]
+    y, kept, idx = mosa_triton(*leaves, k, include_first, rope_dims)
+    assert not kept.requires_grad and not idx.requires_grad
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    scores = torch.sigmoid(torch.nn.functional.linear(ref[0], ref[1])).transpose(1, 2)
+    ref_kept, ref_idx = select_topk(scores, k, include_first, backend="torch")
+    y_ref = sparse_attention_reference(ref[0], ref_kept, ref_idx, ref[2], ref[3], rope_dims)
+    y_ref.backward(dy.double())
+    assert torch.equal(idx, ref_idx)
+    errs = {"y": _rel(y, y_ref), "kept": _rel(kept, ref_kept)}
+    errs.update({n: _rel(a.grad, b.grad) for n, a, b in zip(("x", "w_router", "w_qkv", "w_o"), leaves, ref)})
+    assert all(e < tol for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("B,T,h,E,k,D,rope_dims,include_first", [
+    (2, 40, 48, 3, 9, 32, 16, False),    # T, k off the block sizes
+    (1, 20, 32, 2, 2, 32, 16, True),     # k = 2, batch 1, include_first
+    (2, 24, 32, 2, 24, 64, 64, False),   # k = T
+    (1, 150, 32, 2, 100, 32, 16, True),  # several blocks per sequence
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_router_fused_matches_reference(B, T, h, E, k, D, rope_dims, include_first, dtype):
+    # the router's gradients come out of the attention kernels: compare them with autograd through
+    # sigmoid, top-k's gather and the router product
+    _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, TOL[dtype])
+
+
+def test_layer_uses_the_fused_router_and_matches_torch_backend():
+    from mosa_attention.layers import MoSAAttention
+    torch.manual_seed(1)
+    fast = MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, include_first=True, backend="triton").to(DEVICE)
+    ref = MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, include_first=True, backend="torch").to(DEVICE)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 37, 48, device=DEVICE)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    (y, sel), (y_ref, sel_ref) = fast(xs[0], return_selection=True), ref(xs[1], return_selection=True)
+    assert fast._fused(xs[0]) and torch.equal(sel[1], sel_ref[1])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_router_fused_bad_input():
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    x = torch.randn(1, 10, 32, device=DEVICE)
+    wr, wq, wo = torch.randn(2, 32, device=DEVICE), torch.randn(2, 32, 96, device=DEVICE), torch.randn(2, 32, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="w_router"):
+        mosa_triton(x, wr[:, :5], wq, wo, 3, False, 16)
+    with pytest.raises(ValueError, match="k=11"):
+        mosa_triton(x, wr, wq, wo, 11, False, 16)
+    with pytest.raises(ValueError, match="rope_dims"):
+        mosa_triton(x, wr, wq, wo, 3, False, 7)

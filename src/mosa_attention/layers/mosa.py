@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import num_selected, rope_dims_for, select_topk, sparse_attention
+from ..ops.mosa import fused_topk_available, mosa_topk_fused
 from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
 from ._checks import check_input, check_positive_int
 from .dense import DenseAttention
@@ -95,11 +96,21 @@ class MoSAAttention(nn.Module):
             return select_threshold(scores, self.threshold, self.include_first)
         return select_topk(scores, k, self.include_first, backend=self.backend)
 
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Routing fused into the Triton op (its backward makes the router's gradients): top-k routing, no
+        auxiliary loss to compute, triton backend, eager mode."""
+        aux = self.router_aux and self.training and torch.is_grad_enabled()
+        return self.routing == "topk" and not aux and fused_topk_available(x, self.backend)
+
     def forward(self, x: torch.Tensor, return_selection: bool = False):
         check_input(x, self.d_model)
         y = 0
         selection = None
-        if self.num_mosa_heads:
+        if self.num_mosa_heads and self._fused(x):
+            y, selection = mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
+                                           include_first=self.include_first, rope_dims=self.rope_dims,
+                                           rope_base=self.rope_base)
+        elif self.num_mosa_heads:
             selection = self.select(x)
             y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
                                  rope_base=self.rope_base, backend=self.backend)

@@ -91,6 +91,23 @@ def sparse_attention(x, scores, idx, w_qkv, w_o, *, rope_dims: int, rope_base: f
     return fn(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
 
 
+def fused_topk_available(x: torch.Tensor, backend: str) -> bool:
+    """Whether ``mosa_topk_fused`` runs here: the triton backend on this input, eager mode (under
+    torch.compile the separate custom ops are used) and a dtype the kernels take."""
+    return (resolve_backend(backend, x) == "triton" and not torch.compiler.is_compiling()
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def mosa_topk_fused(x, w_router, w_qkv, w_o, k: int, *, include_first: bool = False, rope_dims: int,
+                    rope_base: float = 10000.0):
+    """Top-k routing + ``sparse_attention`` as one Triton op whose backward also makes the router's
+    gradients (``triton_mosa.mosa_triton``). Returns (y, (kept scores, positions)); the selection carries
+    no gradient. Check ``fused_topk_available`` first."""
+    from .triton_mosa import mosa_triton  # noqa: WPS433 (optional dependency)
+    y, kept, idx = mosa_triton(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base)
+    return y, (kept, idx)
+
+
 def mosa(
     x: torch.Tensor,
     w_router: torch.Tensor,
@@ -106,9 +123,14 @@ def mosa(
 ):
     """MoSA heads: expert-choice top-k routing, then ``sparse_attention``. x [B, T, h] -> [B, T, h].
 
-    With ``return_selection`` also returns (scores [B, E, k], positions [B, E, k]) of the kept tokens.
+    With ``return_selection`` also returns (scores [B, E, k], positions [B, E, k]) of the kept tokens. On
+    the triton backend (eager) routing and attention run as one fused op, ``mosa_topk_fused``.
     """
     k = num_selected(x.shape[1], check_sparsity(sparsity))
+    if x.dim() == 3 and fused_topk_available(x, backend):
+        y, selection = mosa_topk_fused(x, w_router, w_qkv, w_o, k, include_first=include_first,
+                                       rope_dims=rope_dims, rope_base=rope_base)
+        return (y, selection) if return_selection else y
     scores, idx = select_topk(router_scores(x, w_router), k, include_first, backend=backend)
     y = sparse_attention(x, scores, idx, w_qkv, w_o, rope_dims=rope_dims, rope_base=rope_base, backend=backend)
     return (y, (scores, idx)) if return_selection else y

@@ -230,9 +230,12 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
 
 
 @triton.jit
-def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.constexpr, BH: tl.constexpr):
+def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, dl_ptr, wr_ptr, R, K, E,
+                 BT: tl.constexpr, BH: tl.constexpr, ROUTER: tl.constexpr = False):
     """out[b, t] = sum of the per-head rows that land on (b, t), in head order: a scatter-add without
-    atomics (deterministic), which also writes the zeros of unselected tokens (no separate fill)."""
+    atomics (deterministic), which also writes the zeros of unselected tokens (no separate fill).
+    ROUTER: each kept token also adds d logit * w_router[e] (the router's share of dx, which is nonzero
+    only where a head kept the token: top-k passes no gradient to the others)."""
     pid = tl.program_id(0)
     pn = tl.program_id(1)
     o = pid * BT + tl.arange(0, BT)  # b * T + t
@@ -248,6 +251,12 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.co
         # 2-D index loads: a 1-D masked load here trips Triton 3.6's layout pass
         src = tl.load(perm_ptr + tl.minimum(s + i, NP - 1)[:, None])
         acc += tl.load(rows_ptr + src * h + nn[None, :], mask=live & nm[None, :], other=0.0).to(tl.float32)
+        if ROUTER:
+            e = src // R
+            r = src - e * R
+            bb = r // K
+            dl = tl.load(dl_ptr + (bb * E + e) * K + (r - bb * K), mask=live, other=0.0)
+            acc += dl * tl.load(wr_ptr + e * h + nn[None, :], mask=live & nm[None, :], other=0.0).to(tl.float32)
     tl.store(out_ptr + o.to(tl.int64)[:, None] * h + nn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=om[:, None] & nm[None, :])
 
@@ -255,8 +264,10 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.co
 # --------------------------------------------------------------------------------------------- backward
 @triton.jit
 def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K,
-             D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
-    """dO = score * (dy[b, pos] @ w_o[e]^T); d score = rowsum(dy[b, pos] @ w_o[e]^T * o); delta = rowsum(dO*o)."""
+             D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+             DLOGIT: tl.constexpr = False):
+    """dO = score * (dy[b, pos] @ w_o[e]^T); d score = rowsum(dy[b, pos] @ w_o[e]^T * o); delta = rowsum(dO*o).
+    DLOGIT: the scores are sigmoid(router logits); store d logit = d score * score * (1 - score) instead."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = o_ptr.dtype.element_ty
@@ -277,8 +288,10 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
     ooff = (e * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
     o = tl.load(o_ptr + ooff, mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
     dsc = tl.sum(acc * o, 1)
-    tl.store(dsc_ptr + sel, dsc, mask=rm)
     sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
+    if DLOGIT:
+        dsc = dsc * sc * (1.0 - sc)
+    tl.store(dsc_ptr + sel, dsc, mask=rm)
     do = (acc * sc[:, None]).to(DT)
     tl.store(do_ptr + ooff, do, mask=rm[:, None] & cm[None, :])
     tl.store(delta_ptr + e * R + rows, tl.sum(do.to(tl.float32) * o, 1), mask=rm)
@@ -424,28 +437,41 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K,
 
 
 @triton.jit
-def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K,
+def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
            D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
-    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part."""
+    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part. Part 3 (a fourth program along
+    axis 2, launched with the fused router) makes dw_router[e] = sum over kept tokens of d logit * x[b, pos]."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     part = tl.program_id(2)
     nn = pid * BH + tl.arange(0, BH)
     nm = nn < h
-    cols = tl.arange(0, DP)
-    cm = cols < D
-    acc = tl.zeros([BH, DP], tl.float32)
-    for r0 in range(0, R, BR):
-        rows = r0 + tl.arange(0, BR)
-        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
-        xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
-        xt = tl.load(x_ptr + xrow[None, :] * h + nn[:, None], mask=rm[None, :] & nm[:, None], other=0.0)
-        xt = xt.to(dqkv_ptr.dtype.element_ty)
-        d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
-                    mask=rm[:, None] & cm[None, :], other=0.0)
-        acc = tl.dot(xt, d, acc, input_precision=PREC)
-    tl.store(dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :],
-             acc.to(dw_ptr.dtype.element_ty), mask=nm[:, None] & cm[None, :])
+    if part == 3:
+        accr = tl.zeros([BH], tl.float32)
+        for r0 in range(0, R, BR):
+            rows = r0 + tl.arange(0, BR)
+            rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+            keep = rm & (pos >= 0) & (pos < T)
+            xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
+            xt = tl.load(x_ptr + xrow[:, None] * h + nn[None, :], mask=keep[:, None] & nm[None, :], other=0.0)
+            dl = tl.load(dl_ptr + sel, mask=keep, other=0.0)
+            accr += tl.sum(xt.to(tl.float32) * dl[:, None], 0)
+        tl.store(dwr_ptr + e.to(tl.int64) * h + nn, accr.to(dwr_ptr.dtype.element_ty), mask=nm)
+    else:
+        cols = tl.arange(0, DP)
+        cm = cols < D
+        acc = tl.zeros([BH, DP], tl.float32)
+        for r0 in range(0, R, BR):
+            rows = r0 + tl.arange(0, BR)
+            rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+            xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
+            xt = tl.load(x_ptr + xrow[None, :] * h + nn[:, None], mask=rm[None, :] & nm[:, None], other=0.0)
+            xt = xt.to(dqkv_ptr.dtype.element_ty)
+            d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
+                        mask=rm[:, None] & cm[None, :], other=0.0)
+            acc = tl.dot(xt, d, acc, input_precision=PREC)
+        tl.store(dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :],
+                 acc.to(dw_ptr.dtype.element_ty), mask=nm[:, None] & cm[None, :])
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -475,8 +501,14 @@ def _cfg(D: int, dtype: torch.dtype):
     DP = max(16, triton.next_power_of_2(D))
     prec = "ieee" if dtype == torch.float32 else "tf32"
     big = DP >= 128 or dtype == torch.float32
-    return dict(DP=DP, PREC=prec, BM=32 if big else 64, BN=32 if big else 64, BK=32 if big else 64,
-                BH=64, BS=128, BR=32 if big else 64)
+    c = dict(DP=DP, PREC=prec, BM=32 if big else 64, BN=32 if big else 64, BK=32 if big else 64,
+             BH=64, BS=128, BR=32 if big else 64)
+    # per-kernel tiles for 16-bit heads of dim <= 64, picked by `bench_layer.py --tune` on an H200 over the
+    # issue's three shapes (benchmarks/NOTES.md, v4); the rest keep the generic tiles
+    c.update(QKV_BM=c["BM"], ATT_BN=c["BN"], DWO_BH=64, DQ_BN=c["BN"], DX_BH=64, DW_BH=64, SEG_BT=32, SEG_BH=256)
+    if not big:
+        c.update(QKV_BM=128, ATT_BN=32, DWO_BH=128, DQ_BN=32, DX_BH=128, DW_BH=128, SEG_BT=16, SEG_BH=512)
+    return c
 
 
 # Launch overrides per kernel, for tuning only (benchmarks/bench_layer.py --tune): {kernel name: {key: value}},
@@ -515,11 +547,15 @@ def _segments(idx, T):
     return perm, starts
 
 
-def _scatter(rows, perm, starts, B, T, h, dtype):
+def _scatter(rows, perm, starts, B, T, h, dtype, c, router=None):
+    """Sum each token's rows; router=(d logits [B, E, k], w_router [E, h], E, k) adds the router's share."""
     out = torch.empty(B, T, h, device=rows.device, dtype=dtype)
+    dl, wr, E, K = router if router is not None else (rows, rows, 1, 1)
+    R = B * K
     _launch(_segment_sum, lambda t: (triton.cdiv(B * T, t["BT"]), triton.cdiv(h, t["BH"])),
-            (rows, perm, starts, out, B * T, perm.numel(), T, h), dict(BT=32, BH=min(256, triton.next_power_of_2(h))),
-            num_warps=4)
+            (rows, perm, starts, out, B * T, perm.numel(), T, h, dl, wr, R, K, E),
+            dict(BT=c["SEG_BT"], BH=min(c["SEG_BH"], max(16, triton.next_power_of_2(h)))),
+            ROUTER=router is not None, num_warps=4)
     return out
 
 
@@ -536,17 +572,20 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float):
     lse = torch.empty(E, R, device=dev, dtype=torch.float32)
     fused = c["DP"] <= 64 and cdt != torch.float32
     _launch(_qkv_fwd, lambda t: (triton.cdiv(R, t["BM"]), E, 1 if fused else 3),
-            (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K), dict(BM=c["BM"], BK=c["BK"]),
+            (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K), dict(BM=c["QKV_BM"], BK=c["BK"]),
             D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused, num_warps=8 if fused else 4)
     rows = torch.empty(E * R, h, device=dev, dtype=cdt)
     _launch(_attn_fwd, lambda t: (triton.cdiv(R, t["BM"]), E),
             (qkv, idx, scores, w_o, o, lse, rows, T, h, E, R, K, math.log2(math.e) / math.sqrt(D)),
-            dict(BM=c["BM"], BN=c["BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"], num_warps=4)
+            dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"], num_warps=4)
     perm, starts = _segments(idx, T)
-    return _scatter(rows, perm, starts, B, T, h, cdt), qkv, o, lse, perm, starts
+    return _scatter(rows, perm, starts, B, T, h, cdt, c), qkv, o, lse, perm, starts
 
 
-def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float):
+def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
+              w_router=None):
+    """Gradients for x, scores, w_qkv, w_o; with ``w_router`` (the fused router: scores are sigmoid(x w_r^T)
+    at the kept tokens) the second is w_router's gradient and x's includes the router's share."""
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     cdt = w_qkv.dtype
     c = _cfg(D, cdt)
@@ -558,25 +597,28 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     dsc = torch.empty(B, E, K, device=dev, dtype=torch.float32)
     _launch(_out_bwd, lambda t: (triton.cdiv(R, t["BM"]), E),
             (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K), dict(BM=c["BM"], BH=c["BH"]),
-            D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
+            D=D, DP=c["DP"], PREC=c["PREC"], DLOGIT=w_router is not None, num_warps=4)
     dwo = torch.empty_like(w_o)
     _launch(_dwo, lambda t: (triton.cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
-            dict(BR=c["BR"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
+            dict(BR=c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     dqkv = torch.empty_like(qkv)
     qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
     common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
     args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
     _launch(_attn_bwd_dkdv, lambda t: (triton.cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]), **common)
-    _launch(_attn_bwd_dq, lambda t: (triton.cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["BN"]), **common)
+    _launch(_attn_bwd_dq, lambda t: (triton.cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]), **common)
     rows = torch.empty(E * R, h, device=dev, dtype=cdt)
     _launch(_qkv_bwd_dx, lambda t: (triton.cdiv(R, t["BM"]), E, triton.cdiv(h, t["BH"])),
-            (dqkv, idx, w_qkv, rows, T, h, E, R, K), dict(BM=c["BM"], BH=c["BH"]),
+            (dqkv, idx, w_qkv, rows, T, h, E, R, K), dict(BM=c["BM"], BH=c["DX_BH"]),
             D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
-    dx = _scatter(rows, perm, starts, B, T, h, x.dtype)  # in x's dtype: no cast pass in autograd
+    # in x's dtype: no cast pass in autograd
+    dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c, None if w_router is None else (dsc, w_router, E, K))
     dwqkv = torch.empty_like(w_qkv)
-    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 3), (x, idx, dqkv, dwqkv, T, h, E, R, K),
-            dict(BR=c["BR"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
-    return dx, dsc.to(scores.dtype), dwqkv, dwo
+    dwr = torch.empty_like(w_router) if w_router is not None else dwqkv
+    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 3 if w_router is None else 4),
+            (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr),
+            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
+    return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 
 # --------------------------------------------------------------------------------------------- torch ops
@@ -637,6 +679,74 @@ class _Eager(torch.autograd.Function):
     def backward(ctx, dy):
         dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope)
         return dx, dsc, None, dwqkv, dwo, None, None
+
+
+class _EagerRouted(torch.autograd.Function):
+    """Router + top-k + sparse attention as one autograd node: the router's backward is fused into the
+    kernels (d logit at the kept tokens only, added into dx by the scatter and reduced into dw_router by
+    the weight-gradient kernel), so no [B, T, E] gradient, no router GEMMs and no add of two dx exist."""
+
+    @staticmethod
+    def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base):
+        logits, idx, kept = _route(x, w_router, k, include_first)
+        del logits
+        out = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base)
+        ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *out[1:], w_router)
+        ctx.rope = (rope_dims, rope_base)
+        ctx.mark_non_differentiable(kept, idx)
+        return out[0], kept, idx
+
+    @staticmethod
+    def backward(ctx, dy, _kept, _idx):
+        *saved, w_router = ctx.saved_tensors
+        dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router)
+        return dx, dwr, dwqkv, dwo, None, None, None, None
+
+
+def _route(x, w_router, k: int, include_first: bool):
+    """Router logits [B, T, E] = x w_r^T (one GEMM in the weights' dtype), then each head's top-k positions
+    (ascending) and kept scores sigmoid(logit) in that dtype: the fused kernel where T allows, else torch."""
+    from . import triton_routing
+    from .routing import select_topk
+    with torch.autocast(x.device.type, enabled=False):
+        logits = torch.nn.functional.linear(x.to(w_router.dtype), w_router)
+    T = x.shape[1]
+    if T <= triton_routing.MAX_T:
+        idx, kept = triton_routing.route_logits_triton(logits, k, include_first, kept_dtype=w_router.dtype)
+    else:
+        lt = logits.transpose(1, 2)
+        idx = select_topk(lt, k, include_first, backend="torch")[1]
+        kept = torch.sigmoid(lt.gather(-1, idx).float()).to(w_router.dtype)
+    return logits, idx, kept
+
+
+def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0):
+    """MoSA heads with top-k routing fused in: router GEMM, the fused top-k kernel and ``sparse_attention``'s
+    kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k],
+    positions [B, E, k] ascending); the last two carry no gradient. Same math as
+    ``sparse_attention_reference(x, *select_topk(sigmoid(x w_r^T)), ...)``; differentiable in x and the
+    three weights. Eager only: under torch.compile use ``select_topk`` + ``sparse_attention_triton``."""
+    dev_type = x.device.type
+    mixed = False
+    if torch.is_autocast_enabled(dev_type) and x.dtype in _DTYPES:
+        dt = torch.get_autocast_dtype(dev_type)
+        w_router, w_qkv, w_o = w_router.to(dt), w_qkv.to(dt), w_o.to(dt)
+        mixed = x.dtype != dt
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
+    B, T, h = x.shape if x.dim() == 3 else (0, 0, 0)
+    E = w_qkv.shape[0]
+    if tuple(w_router.shape) != (E, h) or w_router.dtype != w_qkv.dtype or w_router.device != x.device:
+        raise ValueError(f"w_router must be [E={E}, h={h}] with w_qkv's dtype {w_qkv.dtype} on {x.device}, got "
+                         f"w_router.shape={tuple(w_router.shape)}, dtype={w_router.dtype}, device={w_router.device}")
+    if not 1 <= k <= T:
+        raise ValueError(f"k must be in [1, T={T}], got k={k}")
+    # shape stand-ins for the shared checks (views of one element: nothing is filled or launched)
+    idx_like = torch.empty((), dtype=torch.int64, device=x.device).expand(B, E, k)
+    sc_like = torch.empty((), dtype=w_qkv.dtype, device=x.device).expand(B, E, k)
+    _check(x, sc_like, idx_like, w_qkv, w_o, int(rope_dims), mixed)
+    x, w_router, w_qkv, w_o = (t.contiguous() for t in (x, w_router, w_qkv, w_o))
+    return _EagerRouted.apply(x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base))
 
 
 # --------------------------------------------------------------------------------------------- entry point
