@@ -109,7 +109,14 @@ def official_module(path, h, E, sparsity, dense_heads, T, D=64):
 
 
 def make_step(layer, x, dy, backward):
+    """One training step's attention work: gradients start empty (as after zero_grad(set_to_none=True)), so
+    backward writes them instead of adding into the previous step's."""
+    params = list(layer.parameters()) + [x]
+
     def step():
+        if backward:
+            for p in params:
+                p.grad = None
         y = layer(x)
         if backward:
             y.backward(dy)
@@ -430,9 +437,21 @@ def check_routing(out):
             t_ref = cuda_time(graph_step(lambda: select_topk(sc, k, first, backend="torch"))[0])
             row = {"shape": [B, E, T, k, first], "dtype": str(dt), "same_positions": same, "same_scores": vals_ok,
                    "ascending": asc, "pass": good, "triton_ms": t_tri, "torch_ms": t_ref}
+            if dt == torch.bfloat16 and (B, E, T) in ((16, 505, 1024), (16, 17, 1024), (1, 60, 16384)):
+                from mosa_attention.ops import triton_routing
+                row["tile_variants_ms"] = {}
+                for be, nw in ((1, 1), (2, 1), (4, 1), (2, 2), (4, 4), (8, 4), (8, 8), (1, 4)):
+                    triton_routing.TILE_OVERRIDE = (be, nw)
+                    try:
+                        g = graph_step(lambda: select_topk(sc, k, first, backend="triton"))[0]
+                        row["tile_variants_ms"]["%d,%d" % (be, nw)] = cuda_time(g)
+                    except Exception as err:  # noqa: BLE001
+                        row["tile_variants_ms"]["%d,%d" % (be, nw)] = repr(err)[:100]
+                triton_routing.TILE_OVERRIDE = None
             rows.append(row)
-            print("check_routing %-28s %s same=%d scores=%d %s  triton %.3f ms torch %.3f ms" % (
-                row["shape"], dt, same, vals_ok, "PASS" if good else "FAIL", t_tri, t_ref), flush=True)
+            print("check_routing %-28s %s same=%d scores=%d %s  triton %.3f ms torch %.3f ms %s" % (
+                row["shape"], dt, same, vals_ok, "PASS" if good else "FAIL", t_tri, t_ref,
+                row.get("tile_variants_ms", "")), flush=True)
     out["check_routing"] = {"pass": ok, "rows": rows}
 
 

@@ -230,12 +230,9 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
 
 
 @triton.jit
-def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, dl_ptr, wr_ptr, R, K, E,
-                 BT: tl.constexpr, BH: tl.constexpr, ROUTER: tl.constexpr = False):
+def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.constexpr, BH: tl.constexpr):
     """out[b, t] = sum of the per-head rows that land on (b, t), in head order: a scatter-add without
-    atomics (deterministic), which also writes the zeros of unselected tokens (no separate fill).
-    ROUTER: each kept token also adds d logit * w_router[e] (the router's share of dx, which is nonzero
-    only where a head kept the token: top-k passes no gradient to the others)."""
+    atomics (deterministic), which also writes the zeros of unselected tokens (no separate fill)."""
     pid = tl.program_id(0)
     pn = tl.program_id(1)
     o = pid * BT + tl.arange(0, BT)  # b * T + t
@@ -251,12 +248,6 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, dl_ptr, w
         # 2-D index loads: a 1-D masked load here trips Triton 3.6's layout pass
         src = tl.load(perm_ptr + tl.minimum(s + i, NP - 1)[:, None])
         acc += tl.load(rows_ptr + src * h + nn[None, :], mask=live & nm[None, :], other=0.0).to(tl.float32)
-        if ROUTER:
-            e = src // R
-            r = src - e * R
-            bb = r // K
-            dl = tl.load(dl_ptr + (bb * E + e) * K + (r - bb * K), mask=live, other=0.0)
-            acc += dl * tl.load(wr_ptr + e * h + nn[None, :], mask=live & nm[None, :], other=0.0).to(tl.float32)
     tl.store(out_ptr + o.to(tl.int64)[:, None] * h + nn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=om[:, None] & nm[None, :])
 
@@ -412,9 +403,12 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
 
 
 @triton.jit
-def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K,
-                D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
-    """Rows of [dq | dk | dv] @ w_qkv[e]^T (each kept token's share of dx), one block of rows and columns."""
+def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
+                D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+                ROUTER: tl.constexpr = False):
+    """Rows of [dq | dk | dv] @ w_qkv[e]^T (each kept token's share of dx), one block of rows and columns.
+    ROUTER: each row also gets d logit * w_router[e], the router's share of dx (nonzero only at kept tokens:
+    top-k passes no gradient to the others), so the scatter that follows sums both."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     pn = tl.program_id(2)
@@ -432,46 +426,47 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K,
         wt = tl.load(wbase + nn[None, :] * (3 * D) + part * D + cols[:, None], mask=cm[:, None] & nm[None, :],
                      other=0.0)
         acc = tl.dot(d, wt, acc, input_precision=PREC)
+    if ROUTER:
+        dl = tl.load(dl_ptr + sel, mask=rm & (pos >= 0) & (pos < T), other=0.0)
+        wr = tl.load(wr_ptr + e.to(tl.int64) * h + nn, mask=nm, other=0.0).to(tl.float32)
+        acc += dl[:, None] * wr[None, :]
     tl.store(dx_ptr + (e * R + rows).to(tl.int64)[:, None] * h + nn[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=rm[:, None] & nm[None, :])
 
 
 @triton.jit
 def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
-           D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
-    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part. Part 3 (a fourth program along
-    axis 2, launched with the fused router) makes dw_router[e] = sum over kept tokens of d logit * x[b, pos]."""
+           D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+           ROUTER: tl.constexpr = False):
+    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part. ROUTER: the part-0 programs also
+    make dw_router[e] = sum over kept tokens of d logit * x[b, pos], from the x tiles they load anyway."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     part = tl.program_id(2)
     nn = pid * BH + tl.arange(0, BH)
     nm = nn < h
-    if part == 3:
-        accr = tl.zeros([BH], tl.float32)
-        for r0 in range(0, R, BR):
-            rows = r0 + tl.arange(0, BR)
-            rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
-            keep = rm & (pos >= 0) & (pos < T)
-            xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
-            xt = tl.load(x_ptr + xrow[:, None] * h + nn[None, :], mask=keep[:, None] & nm[None, :], other=0.0)
-            dl = tl.load(dl_ptr + sel, mask=keep, other=0.0)
-            accr += tl.sum(xt.to(tl.float32) * dl[:, None], 0)
-        tl.store(dwr_ptr + e.to(tl.int64) * h + nn, accr.to(dwr_ptr.dtype.element_ty), mask=nm)
-    else:
-        cols = tl.arange(0, DP)
-        cm = cols < D
-        acc = tl.zeros([BH, DP], tl.float32)
-        for r0 in range(0, R, BR):
-            rows = r0 + tl.arange(0, BR)
-            rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
-            xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
-            xt = tl.load(x_ptr + xrow[None, :] * h + nn[:, None], mask=rm[None, :] & nm[:, None], other=0.0)
-            xt = xt.to(dqkv_ptr.dtype.element_ty)
-            d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
-                        mask=rm[:, None] & cm[None, :], other=0.0)
-            acc = tl.dot(xt, d, acc, input_precision=PREC)
-        tl.store(dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :],
-                 acc.to(dw_ptr.dtype.element_ty), mask=nm[:, None] & cm[None, :])
+    cols = tl.arange(0, DP)
+    cm = cols < D
+    acc = tl.zeros([BH, DP], tl.float32)
+    accr = tl.zeros([BH], tl.float32)
+    for r0 in range(0, R, BR):
+        rows = r0 + tl.arange(0, BR)
+        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+        xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
+        xt = tl.load(x_ptr + xrow[None, :] * h + nn[:, None], mask=rm[None, :] & nm[:, None], other=0.0)
+        xt = xt.to(dqkv_ptr.dtype.element_ty)
+        d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=rm[:, None] & cm[None, :], other=0.0)
+        acc = tl.dot(xt, d, acc, input_precision=PREC)
+        if ROUTER:
+            first = (tl.zeros([BR], tl.int32) + part) == 0
+            dl = tl.load(dl_ptr + sel, mask=rm & (pos >= 0) & (pos < T) & first, other=0.0)
+            accr += tl.sum(xt.to(tl.float32) * dl[None, :], 1)
+    tl.store(dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :],
+             acc.to(dw_ptr.dtype.element_ty), mask=nm[:, None] & cm[None, :])
+    if ROUTER:
+        tl.store(dwr_ptr + e.to(tl.int64) * h + nn, accr.to(dwr_ptr.dtype.element_ty),
+                 mask=nm & ((tl.zeros([BH], tl.int32) + part) == 0))
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -547,15 +542,11 @@ def _segments(idx, T):
     return perm, starts
 
 
-def _scatter(rows, perm, starts, B, T, h, dtype, c, router=None):
-    """Sum each token's rows; router=(d logits [B, E, k], w_router [E, h], E, k) adds the router's share."""
+def _scatter(rows, perm, starts, B, T, h, dtype, c):
     out = torch.empty(B, T, h, device=rows.device, dtype=dtype)
-    dl, wr, E, K = router if router is not None else (rows, rows, 1, 1)
-    R = B * K
     _launch(_segment_sum, lambda t: (triton.cdiv(B * T, t["BT"]), triton.cdiv(h, t["BH"])),
-            (rows, perm, starts, out, B * T, perm.numel(), T, h, dl, wr, R, K, E),
-            dict(BT=c["SEG_BT"], BH=min(c["SEG_BH"], max(16, triton.next_power_of_2(h)))),
-            ROUTER=router is not None, num_warps=4)
+            (rows, perm, starts, out, B * T, perm.numel(), T, h),
+            dict(BT=c["SEG_BT"], BH=min(c["SEG_BH"], max(16, triton.next_power_of_2(h)))), num_warps=4)
     return out
 
 
@@ -609,15 +600,16 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     _launch(_attn_bwd_dq, lambda t: (triton.cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]), **common)
     rows = torch.empty(E * R, h, device=dev, dtype=cdt)
     _launch(_qkv_bwd_dx, lambda t: (triton.cdiv(R, t["BM"]), E, triton.cdiv(h, t["BH"])),
-            (dqkv, idx, w_qkv, rows, T, h, E, R, K), dict(BM=c["BM"], BH=c["DX_BH"]),
-            D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
+            (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
+            dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
+            num_warps=4)
     # in x's dtype: no cast pass in autograd
-    dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c, None if w_router is None else (dsc, w_router, E, K))
+    dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c)
     dwqkv = torch.empty_like(w_qkv)
     dwr = torch.empty_like(w_router) if w_router is not None else dwqkv
-    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 3 if w_router is None else 4),
-            (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr),
-            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
+    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 3), (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr),
+            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
+            num_warps=4)
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 
@@ -705,24 +697,26 @@ class _EagerRouted(torch.autograd.Function):
 
 def _route(x, w_router, k: int, include_first: bool):
     """Router logits [B, T, E] = x w_r^T (one GEMM in the weights' dtype), then each head's top-k positions
-    (ascending) and kept scores sigmoid(logit) in that dtype: the fused kernel where T allows, else torch."""
+    (ascending) and kept scores sigmoid(logit) in float32: the fused kernel where T allows, else torch.
+    Float32 scores keep the sigmoid's derivative s (1 - s) accurate for scores near 1, which top-k keeps
+    (in bfloat16, 1 - s of a kept score can be off by half)."""
     from . import triton_routing
     from .routing import select_topk
     with torch.autocast(x.device.type, enabled=False):
         logits = torch.nn.functional.linear(x.to(w_router.dtype), w_router)
     T = x.shape[1]
     if T <= triton_routing.MAX_T:
-        idx, kept = triton_routing.route_logits_triton(logits, k, include_first, kept_dtype=w_router.dtype)
+        idx, kept = triton_routing.route_logits_triton(logits, k, include_first, kept_dtype=torch.float32)
     else:
         lt = logits.transpose(1, 2)
         idx = select_topk(lt, k, include_first, backend="torch")[1]
-        kept = torch.sigmoid(lt.gather(-1, idx).float()).to(w_router.dtype)
+        kept = torch.sigmoid(lt.gather(-1, idx).float())
     return logits, idx, kept
 
 
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0):
     """MoSA heads with top-k routing fused in: router GEMM, the fused top-k kernel and ``sparse_attention``'s
-    kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k],
+    kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k] float32,
     positions [B, E, k] ascending); the last two carry no gradient. Same math as
     ``sparse_attention_reference(x, *select_topk(sigmoid(x w_r^T)), ...)``; differentiable in x and the
     three weights. Eager only: under torch.compile use ``select_topk`` + ``sparse_attention_triton``."""

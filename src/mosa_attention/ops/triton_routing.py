@@ -65,11 +65,20 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
         tl.store(kept_ptr + out, (1.0 / (1.0 + tl.exp(-s))).to(kept_ptr.dtype.element_ty), mask=keep)
 
 
+# (BE columns per program, num_warps) override, for tuning only (benchmarks/bench_layer.py); None in normal use
+TILE_OVERRIDE = None
+
+
 def _tiles(T: int, E: int):
+    """[BT, BE] tile and warps. Small tiles on one warp: the 33 counting passes then reduce by warp shuffles
+    alone (on 8 warps each pass also went through shared memory and a barrier: 213 us for 16 x 505 rows
+    of 1024 on an H200, benchmarks/NOTES.md)."""
     BT = max(triton.next_power_of_2(T), 16)
-    BE = max(1, min(triton.next_power_of_2(E), 8192 // BT, 8))
-    n = BT * BE
-    return BT, BE, 4 if n <= 4096 else 8 if n <= 8192 else 16
+    BE = max(1, min(triton.next_power_of_2(E), 2048 // BT))
+    warps = max(1, BT * BE // 2048)
+    if TILE_OVERRIDE is not None:
+        BE, warps = TILE_OVERRIDE
+    return BT, BE, warps
 
 
 def _launch(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
