@@ -448,7 +448,8 @@ def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
     cols = tl.arange(0, DP)
     cm = cols < D
     acc = tl.zeros([BH, DP], tl.float32)
-    accr = tl.zeros([BH], tl.float32)
+    accr = tl.zeros([BH, 16], tl.float32)
+    c16 = tl.arange(0, 16)
     for r0 in range(0, R, BR):
         rows = r0 + tl.arange(0, BR)
         rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
@@ -459,13 +460,19 @@ def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
                     mask=rm[:, None] & cm[None, :], other=0.0)
         acc = tl.dot(xt, d, acc, input_precision=PREC)
         if ROUTER:
+            # d logit as a 16-bit pair hi + lo in columns 0 and 1 of a [BR, 16] operand: one small matrix
+            # product in acc's layout (a row reduction of xt went through shared memory: +150 us at t3)
             first = (tl.zeros([BR], tl.int32) + part) == 0
             dl = tl.load(dl_ptr + sel, mask=rm & (pos >= 0) & (pos < T) & first, other=0.0)
-            accr += tl.sum(xt.to(tl.float32) * dl[None, :], 1)
+            hi = dl.to(xt.dtype)
+            lo = (dl - hi.to(tl.float32)).to(xt.dtype)
+            pair = tl.where(c16[None, :] == 0, hi[:, None], tl.where(c16[None, :] == 1, lo[:, None], 0.0))
+            accr = tl.dot(xt, pair.to(xt.dtype), accr, input_precision=PREC)
     tl.store(dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :],
              acc.to(dw_ptr.dtype.element_ty), mask=nm[:, None] & cm[None, :])
     if ROUTER:
-        tl.store(dwr_ptr + e.to(tl.int64) * h + nn, accr.to(dwr_ptr.dtype.element_ty),
+        dwr = tl.sum(accr, 1)  # hi + lo; the other columns are zero
+        tl.store(dwr_ptr + e.to(tl.int64) * h + nn, dwr.to(dwr_ptr.dtype.element_ty),
                  mask=nm & ((tl.zeros([BH], tl.int32) + part) == 0))
 
 
@@ -696,22 +703,25 @@ class _EagerRouted(torch.autograd.Function):
 
 
 def _route(x, w_router, k: int, include_first: bool):
-    """Router logits [B, T, E] = x w_r^T (one GEMM in the weights' dtype), then each head's top-k positions
+    """Router logits [B, E, T] = (w_r x^T) (one GEMM in the weights' dtype), then each head's top-k positions
     (ascending) and kept scores sigmoid(logit) in float32: the fused kernel where T allows, else torch.
     Float32 scores keep the sigmoid's derivative s (1 - s) accurate for scores near 1, which top-k keeps
     (in bfloat16, 1 - s of a kept score can be off by half)."""
     from . import triton_routing
     from .routing import select_topk
+    B, T, h = x.shape
+    E = w_router.shape[0]
     with torch.autocast(x.device.type, enabled=False):
-        logits = torch.nn.functional.linear(x.to(w_router.dtype), w_router)
-    T = x.shape[1]
+        # w_r x^T, [E, B*T]: each head's row of logits is contiguous per sequence (the top-k kernel reads it
+        # coalesced), and the product's leading dimension B*T keeps cuBLAS on its tensor-core kernels (x w_r^T
+        # has leading dimension E, odd for E = 17 or 505, which sent it to an sm75 fallback kernel)
+        lt = torch.mm(w_router, x.reshape(B * T, h).to(w_router.dtype).t()).view(E, B, T).permute(1, 0, 2)
     if T <= triton_routing.MAX_T:
-        idx, kept = triton_routing.route_logits_triton(logits, k, include_first, kept_dtype=torch.float32)
+        idx, kept = triton_routing.route_logits_triton(lt.transpose(1, 2), k, include_first, kept_dtype=torch.float32)
     else:
-        lt = logits.transpose(1, 2)
         idx = select_topk(lt, k, include_first, backend="torch")[1]
         kept = torch.sigmoid(lt.gather(-1, idx).float())
-    return logits, idx, kept
+    return lt, idx, kept
 
 
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0):
