@@ -14,13 +14,18 @@ class DenseAttention(nn.Module):
     """Causal multi-head attention (SDPA: flash where available) with RoPE on part of each head.
 
     ``window``: when set, each query sees only the last ``window`` tokens (itself included): local attention.
+    ``backend``: "auto" makes q, k, v with one Triton kernel on CUDA (split + RoPE + layout), "torch" with
+    plain torch ops (the reference), "triton" with the kernel wherever triton runs.
     The parameter layout matches the official MoSA release's dense heads: ``W_QKV`` grouped per head as
     ``[q | k | v]``.
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int = 64, rope_fraction: float = 0.5,
-                 rope_base: float = 10000.0, window: int | None = None):
+                 rope_base: float = 10000.0, window: int | None = None, backend: str = "auto"):
         super().__init__()
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got backend={backend!r}")
+        self.backend = backend
         self.d_model = check_positive_int("d_model", d_model)
         self.num_heads = check_positive_int("num_heads", num_heads)
         self.head_dim = check_positive_int("head_dim", head_dim)
@@ -33,7 +38,8 @@ class DenseAttention(nn.Module):
     def forward(self, x: torch.Tensor, window: int | None = None) -> torch.Tensor:
         check_input(x, self.d_model)
         return causal_attention(x, self.W_QKV.weight, self.W_O.weight, self.num_heads, rope_dims=self.rope_dims,
-                                rope_base=self.rope_base, window=window if window is not None else self.window)
+                                rope_base=self.rope_base, window=window if window is not None else self.window,
+                                backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"
@@ -43,8 +49,9 @@ class LocalAttention(DenseAttention):
     """Causal sliding-window attention: each query sees its last ``window`` tokens."""
 
     def __init__(self, d_model: int, num_heads: int, window: int, head_dim: int = 64, rope_fraction: float = 0.5,
-                 rope_base: float = 10000.0):
-        super().__init__(d_model, num_heads, head_dim, rope_fraction, rope_base, window=check_positive_int("window", window))
+                 rope_base: float = 10000.0, backend: str = "auto"):
+        super().__init__(d_model, num_heads, head_dim, rope_fraction, rope_base,
+                         window=check_positive_int("window", window), backend=backend)
 
 
 def init_uniform_(w: torch.Tensor, fan: int) -> torch.Tensor:

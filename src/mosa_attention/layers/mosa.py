@@ -67,7 +67,7 @@ class MoSAAttention(nn.Module):
         self.W_QKV = nn.Parameter(torch.empty(E, d_model, 3 * D))
         self.W_O = nn.Parameter(torch.empty(E, D, d_model))
         self.register_buffer("threshold", torch.full((E,), 0.5))
-        self.dense = (DenseAttention(d_model, num_dense_heads, head_dim, rope_fraction, rope_base)
+        self.dense = (DenseAttention(d_model, num_dense_heads, head_dim, rope_fraction, rope_base, backend=backend)
                       if num_dense_heads else None)
         self.reset_parameters()
 

@@ -11,10 +11,36 @@ import torch.nn.functional as F
 from .rope import apply_rope, rope_cos_sin
 
 
-def project_qkv(x, w_qkv, n_heads: int, rope_dims: int, rope_base: float, positions=None):
-    """x [B, T, h] -> q, k, v each [B, H, T, D], RoPE applied to q and k at ``positions`` (default 0..T-1)."""
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _fused_split(qkv: torch.Tensor, backend: str) -> bool:
+    """Use ``triton_rope.split_rope_triton``: asked for ("triton"), or "auto" on CUDA; never while
+    torch.compile traces (it fuses the torch ops itself) or without triton."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+    if backend == "torch" or (backend == "auto" and not qkv.is_cuda) or torch.compiler.is_compiling():
+        return False
+    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    try:
+        from . import triton_rope  # noqa: F401, WPS433 (optional dependency)
+    except ImportError:
+        return False
+    return True
+
+
+def project_qkv(x, w_qkv, n_heads: int, rope_dims: int, rope_base: float, positions=None, backend: str = "auto"):
+    """x [B, T, h] -> q, k, v each [B, H, T, D], RoPE applied to q and k at ``positions`` (default 0..T-1).
+
+    At the default positions on CUDA the split, RoPE and layout change run as one Triton kernel each way
+    (``triton_rope``); ``backend="torch"`` keeps the plain-torch ops, the reference."""
     B, T, _ = x.shape
-    q, k, v = F.linear(x, w_qkv).view(B, T, n_heads, -1).transpose(1, 2).chunk(3, dim=-1)
+    qkv = F.linear(x, w_qkv)
+    if positions is None and _fused_split(qkv, backend):
+        from .triton_rope import split_rope_triton
+        return split_rope_triton(qkv, n_heads, rope_dims, rope_base)
+    q, k, v = qkv.view(B, T, n_heads, -1).transpose(1, 2).chunk(3, dim=-1)
     if rope_dims:
         pos = torch.arange(T, device=x.device) if positions is None else positions
         cos, sin = rope_cos_sin(pos, rope_dims, rope_base, q.dtype)
@@ -29,13 +55,15 @@ def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
     return (d >= 0) & (d < window)
 
 
-def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0, window: int | None = None):
-    """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens."""
+def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0,
+                     window: int | None = None, backend: str = "auto"):
+    """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens.
+    ``backend``: how q, k, v are made (see ``project_qkv``); attention itself is SDPA."""
     B, T, _ = x.shape
     D = w_qkv.shape[0] // (3 * n_heads)
     if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
         raise ValueError(f"rope_dims must be even and in [0, head_dim={D}], got rope_dims={rope_dims}")
-    q, k, v = project_qkv(x, w_qkv, n_heads, rope_dims, rope_base)
+    q, k, v = project_qkv(x, w_qkv, n_heads, rope_dims, rope_base, backend=backend)
     if window is None or window >= T:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:

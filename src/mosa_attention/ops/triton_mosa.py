@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .mosa import check_sparse_inputs, sparse_attention_reference
+from .triton_rope import rope_tables as _rope_tables
 
 _MAX_HEAD_DIM = 128
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -477,28 +478,6 @@ def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
 
 
 # --------------------------------------------------------------------------------------------- launchers
-_ROPE_TABLES: dict = {}
-
-
-def _rope_tables(rope_dims: int, base: float, length: int, device):
-    """cos, sin [L, rope_dims/2] float32 at positions 0..L-1, bit-equal to rope.rope_cos_sin's float32
-    values; cached per device and grown on demand, so steady-state calls launch nothing for them."""
-    half = max(rope_dims // 2, 1)
-    key = (device, rope_dims, float(base))
-    hit = _ROPE_TABLES.get(key)
-    if hit is None or hit[0].shape[0] < length:
-        n = max(length, 2 * hit[0].shape[0] if hit is not None else 1024)
-        if rope_dims:
-            inv = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims))
-            ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv
-            hit = (ang.cos().contiguous(), ang.sin().contiguous())
-        else:
-            z = torch.zeros(n, half, device=device, dtype=torch.float32)
-            hit = (z, z)
-        _ROPE_TABLES[key] = hit
-    return hit
-
-
 def _cfg(D: int, dtype: torch.dtype):
     DP = max(16, triton.next_power_of_2(D))
     prec = "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,123 @@
+"""One Triton kernel between the dense heads' QKV projection and attention: split, RoPE, head-major layout.
+
+``split_rope_triton(qkv, n_heads, rope_dims, rope_base)`` takes the projection ``[B, T, H * 3 * D]`` (per head
+``[q | k | v]``, the official layout) and returns q, k, v ``[B, H, T, D]`` (contiguous views of one buffer),
+q and k rotated at positions 0..T-1 exactly as ``rope.apply_rope`` does (rotate-half on the first
+``rope_dims`` dims, float32 angles). Its backward is the same kernel run the other way (RoPE's inverse is
+the rotation by minus the angle), writing the gradient of ``qkv`` in place of the three gradients.
+
+In plain torch the same work is about ten launches each way (slices, ``cat`` for rotate-half and for the
+rotated + passed-through parts, products, the layout copies), which took about half of a dense layer's GPU
+time at T = 1024 (benchmarks/NOTES.md).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TABLES: dict = {}
+
+
+def rope_tables(rope_dims: int, base: float, length: int, device):
+    """cos, sin [L, max(rope_dims/2, 1)] float32 at positions 0..L-1, equal to rope.rope_cos_sin's float32
+    values; cached per device and grown on demand, so steady-state calls launch nothing for them."""
+    half = max(rope_dims // 2, 1)
+    key = (device, rope_dims, float(base))
+    hit = _TABLES.get(key)
+    if hit is None or hit[0].shape[0] < length:
+        n = max(length, 2 * hit[0].shape[0] if hit is not None else 1024)
+        if rope_dims:
+            inv = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims))
+            ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv
+            hit = (ang.cos().contiguous(), ang.sin().contiguous())
+        else:
+            z = torch.zeros(n, half, device=device, dtype=torch.float32)
+            hit = (z, z)
+        _TABLES[key] = hit
+    return hit
+
+
+@triton.jit
+def _split_rope(src0, src1, src2, dst_ptr, cos_ptr, sin_ptr, B, T, H, D: tl.constexpr, DP: tl.constexpr,
+                ROPE: tl.constexpr, BT: tl.constexpr, BACKWARD: tl.constexpr):
+    """Forward: src0 = qkv [B, T, H, 3, D] -> dst = [3, B, H, T, D], RoPE on parts 0 and 1 (src1, src2 unused).
+    BACKWARD: src0, src1, src2 = dq, dk, dv [B, H, T, D] -> dst = [B, T, H, 3, D], rotated by minus the angle."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    bh = tl.program_id(1)
+    part = tl.program_id(2)
+    b = bh // H
+    hh = bh % H
+    cols = tl.arange(0, DP)
+    tm = t < T
+    m = tm[:, None] & (cols < D)[None, :]
+    packed = ((b * T + t.to(tl.int64)) * H + hh) * (3 * D) + part * D            # [B, T, H, 3, D]
+    if BACKWARD:
+        if part == 0:
+            base = src0
+        elif part == 1:
+            base = src1
+        else:
+            base = src2
+        src = base + ((b * H + hh).to(tl.int64) * T + t) * D                    # [B, H, T, D]
+        dst = dst_ptr + packed
+    else:
+        src = src0 + packed
+        dst = dst_ptr + (((part * B + b) * H + hh).to(tl.int64) * T + t) * D    # [3, B, H, T, D]
+    x = tl.load(src[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if ROPE > 0:
+        HALF: tl.constexpr = ROPE // 2
+        rot = cols < ROPE
+        if part < 2:
+            # rotate-half: column c < HALF pairs with c + HALF (sign -), HALF <= c < ROPE with c - HALF (+)
+            partner = tl.where(cols < HALF, cols + HALF, cols - HALF)
+            sign = tl.where(cols < HALF, -1.0, 1.0)
+            if BACKWARD:
+                sign = -sign
+            y = tl.load(src[:, None] + partner[None, :], mask=m & rot[None, :], other=0.0).to(tl.float32)
+            f = cols % HALF
+            off = t.to(tl.int64)[:, None] * HALF + f[None, :]
+            c = tl.load(cos_ptr + off, mask=tm[:, None] & rot[None, :], other=1.0)
+            s = tl.load(sin_ptr + off, mask=tm[:, None] & rot[None, :], other=0.0)
+            x = tl.where(rot[None, :], x * c + sign[None, :] * y * s, x)
+    tl.store(dst[:, None] + cols[None, :], x.to(dst_ptr.dtype.element_ty), mask=m)
+
+
+def _run(srcs, dst, B, T, H, D, rope_dims, rope_base, backward):
+    cos, sin = rope_tables(rope_dims, rope_base, T, dst.device)
+    BT = 32 if D <= 64 else 16
+    _split_rope[(triton.cdiv(T, BT), B * H, 3)](*srcs, dst, cos, sin, B, T, H, D=D,
+                                                DP=max(16, triton.next_power_of_2(D)), ROPE=rope_dims, BT=BT,
+                                                BACKWARD=backward, num_warps=4)
+
+
+class _SplitRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, n_heads, rope_dims, rope_base):
+        B, T, F = qkv.shape
+        D = F // (3 * n_heads)
+        out = torch.empty(3, B, n_heads, T, D, device=qkv.device, dtype=qkv.dtype)
+        _run((qkv, qkv, qkv), out, B, T, n_heads, D, rope_dims, rope_base, False)
+        ctx.dims = (B, T, n_heads, D, rope_dims, rope_base)
+        ctx.like = (qkv.device, qkv.dtype)
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        B, T, H, D, rope_dims, rope_base = ctx.dims
+        dev, dt = ctx.like
+        grads = [torch.zeros(B, H, T, D, device=dev, dtype=dt) if g is None else g.to(dt).contiguous()
+                 for g in (dq, dk, dv)]
+        dqkv = torch.empty(B, T, H * 3 * D, device=dev, dtype=dt)
+        _run(grads, dqkv, B, T, H, D, rope_dims, rope_base, True)
+        return dqkv, None, None, None
+
+
+def split_rope_triton(qkv: torch.Tensor, n_heads: int, rope_dims: int, rope_base: float):
+    """qkv [B, T, H * 3 * D] -> q, k, v [B, H, T, D] with RoPE on q and k at positions 0..T-1."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * n_heads):
+        raise ValueError(f"qkv must be [B, T, {n_heads} * 3 * D], got qkv.shape={tuple(qkv.shape)}")
+    D = qkv.shape[-1] // (3 * n_heads)
+    if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
+        raise ValueError(f"rope_dims must be even and in [0, head_dim={D}], got rope_dims={rope_dims}")
+    return _SplitRope.apply(qkv.contiguous(), n_heads, int(rope_dims), float(rope_base))

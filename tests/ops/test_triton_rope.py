@@ -1,0 +1,83 @@
+"""The dense heads' fused split + RoPE kernel against the plain-torch ops, on CPU through the interpreter."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CI has no GPU
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("triton was imported without the interpreter and there is no GPU", allow_module_level=True)
+
+from mosa_attention.layers import DenseAttention, LocalAttention  # noqa: E402
+from mosa_attention.ops import triton_rope  # noqa: E402
+from mosa_attention.ops.attention import project_qkv  # noqa: E402
+
+if not torch.cuda.is_available() and type(triton_rope._split_rope).__name__ != "InterpretedFunction":
+    pytest.skip("triton_rope was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,T,h,H,D,rope_dims", [
+    (2, 37, 48, 3, 32, 16),   # T off the block, rope on half
+    (1, 5, 32, 2, 64, 64),    # batch 1, full rotation
+    (2, 20, 32, 1, 24, 0),    # no rope, head dim off a power of two
+    (1, 40, 32, 2, 40, 10),   # odd rope split
+])
+def test_matches_torch_ops(B, T, h, H, D, rope_dims, dtype):
+    x = torch.randn(B, T, h, dtype=dtype, device=DEVICE)
+    w = (torch.randn(3 * H * D, h) / h ** 0.5).to(dtype).to(DEVICE)
+    xs = [x.clone().requires_grad_(), x.double().requires_grad_()]
+    ws = [w.clone().requires_grad_(), w.double().requires_grad_()]
+    got = project_qkv(xs[0], ws[0], H, rope_dims, 10000.0, backend="triton")
+    want = project_qkv(xs[1], ws[1], H, rope_dims, 10000.0, backend="torch")
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for a, b in zip(got, want):
+        assert a.shape == (B, H, T, D) and a.dtype == dtype
+        assert ((a.double() - b).norm() / b.norm()).item() < tol
+    gs = [torch.randn(B, H, T, D, device=DEVICE, dtype=dtype) for _ in range(3)]
+    torch.autograd.backward(got, gs)
+    torch.autograd.backward(want, [g.double() for g in gs])
+    for a, b in ((xs[0].grad, xs[1].grad), (ws[0].grad, ws[1].grad)):
+        assert ((a.double() - b).norm() / b.norm()).item() < tol
+
+
+def test_unused_output_gets_no_gradient():
+    x = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(3 * 2 * 32, 16, device=DEVICE)
+    q, k, v = project_qkv(x, w, 2, 16, 10000.0, backend="triton")
+    (q.sum() + v.sum()).backward()  # k unused: its gradient is None in the backward
+    x2 = x.detach().clone().requires_grad_()
+    q2, k2, v2 = project_qkv(x2, w, 2, 16, 10000.0, backend="torch")
+    (q2.sum() + v2.sum()).backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [DenseAttention, LocalAttention])
+def test_layers_match_torch_backend(cls):
+    torch.manual_seed(3)
+    kw = dict(window=7) if cls is LocalAttention else {}
+    fast, ref = cls(48, 3, head_dim=32, backend="triton", **kw), cls(48, 3, head_dim=32, backend="torch", **kw)
+    ref.load_state_dict(fast.state_dict())
+    fast, ref = fast.to(DEVICE), ref.to(DEVICE)
+    x = torch.randn(2, 29, 48, device=DEVICE)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    y, y_ref = fast(xs[0]), ref(xs[1])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.W_QKV.weight.grad, ref.W_QKV.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="backend='fast'"):
+        DenseAttention(32, 2, backend="fast")
+    with pytest.raises(ValueError, match="rope_dims"):
+        triton_rope.split_rope_triton(torch.randn(1, 4, 3 * 2 * 8, device=DEVICE), 2, 3, 10000.0)
+    with pytest.raises(ValueError, match="qkv.shape"):
+        triton_rope.split_rope_triton(torch.randn(1, 4, 50, device=DEVICE), 2, 4, 10000.0)
