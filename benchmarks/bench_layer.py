@@ -142,6 +142,8 @@ def graph_step(step):
 
 
 MODE = "autocast"  # or "bf16": parameters and input in bfloat16, no autocast
+DENSE_BACKEND = "auto"  # "torch": the dense heads' q, k, v by plain torch ops instead of the fused kernel
+TUNE_ROUTING = False
 
 
 def time_layer(name, layer, B, T, h, backward, graphs=True):
@@ -206,13 +208,15 @@ def time_case(args, label, h, E, rho, nd, dense_h, T, B, k, backward):
     row = {"case": label, "h": h, "E": E, "sparsity": rho, "k": k, "dense_in_hybrid": nd, "T": T, "B": B,
            "backward": backward}
     ours = MoSAAttention(h, E, rho, num_dense_heads=nd, backend="triton").cuda()
+    if ours.dense is not None:
+        ours.dense.backend = "torch" if DENSE_BACKEND == "torch" else "triton"
     row["ours"] = time_layer("ours", ours, B, T, h, backward)
     del ours
     off = official_module(args.official, h, E, rho, nd, T) if MODE == "autocast" else None
     if off is not None:
         row["official"] = time_layer("official", off.cuda(), B, T, h, backward, graphs=False)
         del off
-    dense = DenseAttention(h, dense_h).cuda()
+    dense = DenseAttention(h, dense_h, backend=DENSE_BACKEND).cuda()
     row["dense"] = time_layer(f"dense {dense_h} heads", dense, B, T, h, backward)
     del dense
     f = mosa_flops(B, T, h, E, k, 64) + dense_flops(B, T, h, nd, 64)
@@ -237,7 +241,7 @@ def run_sweep(args, out):
         off = official_module(args.official, 1024, 60, rho, 0, T)
         if off is not None:
             row["official"] = time_layer("official", off.cuda(), 1, T, 1024, True, graphs=False)
-        row["dense"] = time_layer("dense 16", DenseAttention(1024, 16).cuda(), 1, T, 1024, True)
+        row["dense"] = time_layer("dense 16", DenseAttention(1024, 16, backend=DENSE_BACKEND).cuda(), 1, T, 1024, True)
         res.append(row)
         print("sweep T=%6d ours %.3f/%s official %s dense %.3f ms" % (
             T, row["ours"]["eager_ms"], _g(row["ours"]["graph_ms"]),
@@ -410,6 +414,36 @@ def check_routed(out):
     out["check_routed"] = {"pass": ok, "rows": rows}
 
 
+def check_dense(out):
+    """Dense heads with the fused split + RoPE kernel against the same layer on plain-torch ops in float64."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows, ok = [], True
+    for B, T, h, H, D, window in ((16, 1024, 512, 9, 64, None), (1, 4096, 1024, 16, 64, None),
+                                  (2, 1000, 384, 4, 128, None), (4, 1024, 512, 4, 64, 32)):
+        for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            fast = DenseAttention(h, H, head_dim=D, window=window, backend="auto").cuda().to(dt)
+            ref = DenseAttention(h, H, head_dim=D, window=window, backend="torch").cuda().double()
+            ref.load_state_dict(fast.state_dict())
+            x = torch.randn(B, T, h, device="cuda", dtype=dt)
+            dy = torch.randn(B, T, h, device="cuda", dtype=dt)
+            xs = [x.clone().requires_grad_(), x.double().requires_grad_()]
+            y, y_ref = fast(xs[0]), ref(xs[1])
+            y.backward(dy)
+            y_ref.backward(dy.double())
+            errs = {n: ((a.double() - b).norm() / b.norm()).item() for n, a, b in (
+                ("y", y, y_ref), ("dx", xs[0].grad, xs[1].grad),
+                ("dw_qkv", fast.W_QKV.weight.grad, ref.W_QKV.weight.grad), ("dw_o", fast.W_O.weight.grad, ref.W_O.weight.grad))}
+            good = all(e <= (1e-2 if name == "bf16" else 1e-4) for e in errs.values())
+            ok &= good
+            rows.append({"shape": [B, T, h, H, D, window], "dtype": name, "errors": errs, "pass": good})
+            print("check_dense %-32s %s %s %s" % ([B, T, h, H, D, window], name, " ".join(
+                "%s=%.1e" % kv for kv in errs.items()), "PASS" if good else "FAIL"), flush=True)
+            del fast, ref
+            torch.cuda.empty_cache()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out["check_dense"] = {"pass": ok, "rows": rows}
+
+
 def check_routing(out):
     """The fused top-k kernel against torch.topk + sort at real shapes (distinct scores, so the kept set is
     unique), and both timed (CUDA graph of one call)."""
@@ -437,7 +471,7 @@ def check_routing(out):
             t_ref = cuda_time(graph_step(lambda: select_topk(sc, k, first, backend="torch"))[0])
             row = {"shape": [B, E, T, k, first], "dtype": str(dt), "same_positions": same, "same_scores": vals_ok,
                    "ascending": asc, "pass": good, "triton_ms": t_tri, "torch_ms": t_ref}
-            if dt == torch.bfloat16 and (B, E, T) in ((16, 505, 1024), (16, 17, 1024), (1, 60, 16384)):
+            if TUNE_ROUTING and dt == torch.bfloat16 and (B, E, T) in ((16, 505, 1024), (16, 17, 1024), (1, 60, 16384)):
                 from mosa_attention.ops import triton_routing
                 row["tile_variants_ms"] = {}
                 for be, nw in ((1, 1), (2, 1), (4, 1), (2, 2), (4, 4), (8, 4), (8, 8), (1, 4)):
@@ -595,6 +629,8 @@ def main():
                     help="torch: top-k selection by torch.topk + sort instead of the fused kernel")
     ap.add_argument("--unfused", action="store_true",
                     help="route outside the Triton op (router GEMM, top-k, autograd) instead of fusing it in")
+    ap.add_argument("--dense-torch", action="store_true",
+                    help="dense heads (the dense layer and the hybrids' dense part) with plain-torch split + RoPE")
     ap.add_argument("--tune", action="store_true",
                     help="time every kernel of ours under several tile configurations (t1, t3 shapes)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step of ours")
@@ -605,8 +641,10 @@ def main():
     if args.plot:
         return plot(*args.plot)
     import triton
-    global MODE
+    global MODE, DENSE_BACKEND, TUNE_ROUTING
     MODE = args.mode
+    DENSE_BACKEND = "torch" if args.dense_torch else "auto"
+    TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
     if args.router == "einsum":
         layer_module.router_logits = lambda x, w: torch.einsum("bth,eh->bet", x, w)
@@ -615,7 +653,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "router": args.router, "select": args.select, "fused_router": not args.unfused, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
@@ -627,6 +665,8 @@ def main():
             json.dump(out, f, indent=1)
 
     if args.check:
+        check_dense(out)
+        save()
         check_routed(out)
         save()
         check_routing(out)
@@ -646,7 +686,7 @@ def main():
         if not args.no_sweep:
             run_sweep(args, out)
     save()
-    if args.check and not all(out[c]["pass"] for c in ("check", "check_routing", "check_routed")):
+    if args.check and not all(out[c]["pass"] for c in ("check", "check_routing", "check_routed", "check_dense")):
         sys.exit(1)
 
 

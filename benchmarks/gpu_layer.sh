@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
 # limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
-#   bash benchmarks/gpu_layer.sh OUT [STAGES]     STAGES: any of check tune profile bf16 bf16u autocast sweep
+#   bash benchmarks/gpu_layer.sh OUT [STAGES]     STAGES: any of check tune profile bf16 bf16u bf16d autocast sweep
 set -u
 OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
 STAGES=${2:-check tune profile bf16}
@@ -18,6 +18,7 @@ for s in $STAGES; do
     tune)     timeout -k 5 "${TUNE_S:-200}" $PY $B --tune --no-bench --out "$OUT/tune" ;;
     profile)  timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --out "$OUT/profile" ;;
     bf16)     timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --out "$OUT/bf16" ;;
+    bf16d)    timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --dense-torch --out "$OUT/bf16d" ;;
     bf16u)    timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --unfused --out "$OUT/bf16u" ;;
     autocast) timeout -k 5 "${AUTOCAST_S:-150}" $PY $B --official .official --no-sweep --out "$OUT/autocast" ;;
     sweep)    timeout -k 5 "${SWEEP_S:-150}" $PY $B --official .official --sweep-T 1024,4096,16384,65536 --out "$OUT/sweep" ;;

@@ -50,7 +50,7 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
     one = tl.full([BE], 1, dtype=tl.uint32)
     for i in range(32):
         cand = prefix | (one << (31 - i))
-        reach = tl.sum((inside & (key >= cand[None, :])).to(tl.int32), axis=0)
+        reach = tl.sum((key >= cand[None, :]).to(tl.int32), axis=0)  # outside keys are 0 < every cand
         prefix = tl.where(reach >= k, cand, prefix)
 
     above = inside & (key > prefix[None, :])
