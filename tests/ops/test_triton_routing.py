@@ -43,10 +43,11 @@ def test_matches_torch_topk(B, E, T, k, include_first, dtype):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("include_first", [False, True])
-def test_ties_keep_the_earliest_positions(include_first):
+def test_ties_keep_the_earliest_positions(include_first, dtype):
     B, E, T, k = 2, 3, 50, 12
-    scores = torch.randint(0, 4, (B, E, T)).float().to(DEVICE)  # many ties
+    scores = (torch.randint(-2, 2, (B, E, T)) * 0.37).to(dtype).to(DEVICE)  # many ties, negatives too
     got = topk_positions_triton(scores, k, include_first)
     assert (got.diff(dim=-1) > 0).all()  # ascending, no repeats
     kept = scores.gather(-1, got)

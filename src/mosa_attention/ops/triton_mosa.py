@@ -436,11 +436,9 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
 
 
 @triton.jit
-def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
-           D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-           ROUTER: tl.constexpr = False):
-    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part. ROUTER: the part-0 programs also
-    make dw_router[e] = sum over kept tokens of d logit * x[b, pos], from the x tiles they load anyway."""
+def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K,
+           D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     part = tl.program_id(2)
@@ -449,8 +447,6 @@ def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
     cols = tl.arange(0, DP)
     cm = cols < D
     acc = tl.zeros([BH, DP], tl.float32)
-    accr = tl.zeros([BH, 16], tl.float32)
-    c16 = tl.arange(0, 16)
     for r0 in range(0, R, BR):
         rows = r0 + tl.arange(0, BR)
         rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
@@ -460,21 +456,28 @@ def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
         d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
                     mask=rm[:, None] & cm[None, :], other=0.0)
         acc = tl.dot(xt, d, acc, input_precision=PREC)
-        if ROUTER:
-            # d logit as a 16-bit pair hi + lo in columns 0 and 1 of a [BR, 16] operand: one small matrix
-            # product in acc's layout (a row reduction of xt went through shared memory: +150 us at t3)
-            first = (tl.zeros([BR], tl.int32) + part) == 0
-            dl = tl.load(dl_ptr + sel, mask=rm & (pos >= 0) & (pos < T) & first, other=0.0)
-            hi = dl.to(xt.dtype)
-            lo = (dl - hi.to(tl.float32)).to(xt.dtype)
-            pair = tl.where(c16[None, :] == 0, hi[:, None], tl.where(c16[None, :] == 1, lo[:, None], 0.0))
-            accr = tl.dot(xt, pair.to(xt.dtype), accr, input_precision=PREC)
     tl.store(dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :],
              acc.to(dw_ptr.dtype.element_ty), mask=nm[:, None] & cm[None, :])
-    if ROUTER:
-        dwr = tl.sum(accr, 1)  # hi + lo; the other columns are zero
-        tl.store(dwr_ptr + e.to(tl.int64) * h + nn, dwr.to(dwr_ptr.dtype.element_ty),
-                 mask=nm & ((tl.zeros([BH], tl.int32) + part) == 0))
+
+
+@triton.jit
+def _dwr(x_ptr, idx_ptr, dl_ptr, dwr_ptr, T, h, E, R, K, BR: tl.constexpr, BH: tl.constexpr):
+    """dw_router[e][cols] = sum over kept tokens of d logit * x[b, pos] (the fused router's weight gradient:
+    top-k passes gradient only to kept tokens). Products accumulate elementwise; one reduction at the end."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    nn = pid * BH + tl.arange(0, BH)
+    nm = nn < h
+    acc = tl.zeros([BR, BH], tl.float32)
+    for r0 in range(0, R, BR):
+        rows = r0 + tl.arange(0, BR)
+        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+        keep = rm & (pos >= 0) & (pos < T)
+        xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
+        xt = tl.load(x_ptr + xrow[:, None] * h + nn[None, :], mask=keep[:, None] & nm[None, :], other=0.0)
+        dl = tl.load(dl_ptr + sel, mask=keep, other=0.0)
+        acc += xt.to(tl.float32) * dl[:, None]
+    tl.store(dwr_ptr + e.to(tl.int64) * h + nn, tl.sum(acc, 0).to(dwr_ptr.dtype.element_ty), mask=nm)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -592,10 +595,13 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # in x's dtype: no cast pass in autograd
     dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c)
     dwqkv = torch.empty_like(w_qkv)
-    dwr = torch.empty_like(w_router) if w_router is not None else dwqkv
-    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 3), (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr),
-            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
-            num_warps=4)
+    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 3), (x, idx, dqkv, dwqkv, T, h, E, R, K),
+            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
+    dwr = None
+    if w_router is not None:
+        dwr = torch.empty_like(w_router)
+        _launch(_dwr, lambda t: (triton.cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
+                dict(BR=32, BH=min(128, max(16, triton.next_power_of_2(h)))), num_warps=4)
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 

@@ -8,7 +8,8 @@ every row ``(b, e)`` of ``scores [B, E, T]`` the k positions of the largest scor
 1. each score becomes an unsigned 32-bit key with the order of the float (flip all bits of negatives, set
    the sign bit of the rest);
 2. the k-th largest key of every column is found bit by bit from the top (32 counting passes over the
-   tile in registers: keep a bit if at least k keys reach the prefix with that bit set);
+   tile in registers, 16 for bfloat16 and 19 for float16 input, whose other bits are constant: keep a bit
+   if at least k keys reach the prefix with that bit set);
 3. one compaction pass keeps the keys above the k-th and as many keys equal to it as are still needed,
    earliest positions first, and writes the positions in order with a prefix sum.
 
@@ -32,7 +33,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e,
-                 INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
+                 INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                 KEY_BITS: tl.constexpr = 32):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     pos = tl.arange(0, BT)
@@ -43,13 +45,15 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
     key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
     if INCLUDE_FIRST:
         key = tl.where((pos == 0)[:, None], 0xFFFFFFFF, key)
-    key = tl.where(inside, key, 0)
+    # a 16-bit float widened to float32 varies only in its top KEY_BITS bits (16 for bfloat16, 19 for
+    # float16): keep those, so the search below takes KEY_BITS passes instead of 32
+    key = tl.where(inside, key >> (32 - KEY_BITS), 0)
 
     # the k-th largest key per column, from the top bit down: keep a bit when >= k keys reach the prefix
     prefix = tl.zeros([BE], dtype=tl.uint32)
     one = tl.full([BE], 1, dtype=tl.uint32)
-    for i in range(32):
-        cand = prefix | (one << (31 - i))
+    for i in range(KEY_BITS):
+        cand = prefix | (one << (KEY_BITS - 1 - i))
         reach = tl.sum((key >= cand[None, :]).to(tl.int32), axis=0)  # outside keys are 0 < every cand
         prefix = tl.where(reach >= k, cand, prefix)
 
@@ -88,8 +92,9 @@ def _launch(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
     kept = torch.empty(B, E, k, dtype=kept_dtype, device=s.device) if sigmoid else idx
     if B * E:
         BT, BE, warps = _tiles(T, E)
+        bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
         _topk_select[(B, triton.cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
-                                              SIGMOID=sigmoid, BT=BT, BE=BE, num_warps=warps)
+                                              SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits, num_warps=warps)
     return idx, (kept if sigmoid else None)
 
 
