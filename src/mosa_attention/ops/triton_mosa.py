@@ -20,6 +20,13 @@ inside one program, and the scatter-add sums each token's rows in head order thr
 destinations (computed once in the forward), so results are deterministic, and the kernel that sums also
 writes the zeros, so no output buffer is filled or cast.
 
+``mosa_triton`` runs the router in front of the same kernels as one autograd node: the router product
+(w_r x^T, one cuBLAS call), the top-k kernel of ``triton_routing`` (positions sorted, kept scores in
+float32), then the kernels above. Its backward folds the router's gradients into them: ``_out_bwd``
+stores d logit = d score * s (1 - s) per kept slot, ``_qkv_bwd_dx`` adds d logit * w_router[e] to each
+kept token's row of dx (the scatter sums it with the rest), and ``_dwr`` reduces d logit * x[b, pos] into
+w_router's gradient. Top-k passes no gradient to unkept tokens, so nothing of size [B, E, T] is made.
+
 Supported: x, w_qkv, w_o all float16, bfloat16 or float32 (float32 runs exact fp32 dots, no tf32);
 head dim D <= 128 (any D, padded to a power of two in registers); any k >= 1. Non-contiguous inputs are
 copied. Float64 falls back to the reference. Under autocast the weights are cast to the autocast dtype
