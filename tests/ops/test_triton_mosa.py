@@ -232,3 +232,35 @@ def test_router_fused_bad_input():
         mosa_triton(x, wr, wq, wo, 11, False, 16)
     with pytest.raises(ValueError, match="rope_dims"):
         mosa_triton(x, wr, wq, wo, 3, False, 7)
+
+
+def test_router_fused_compiles_without_graph_break():
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    x = torch.randn(2, 30, 32, device=DEVICE)
+    ws = [torch.randn(3, 32, device=DEVICE) / 6, torch.randn(3, 32, 96, device=DEVICE) / 6,
+          torch.randn(3, 32, 32, device=DEVICE) / 6]
+    runs = []
+    for compiled in (False, True):
+        leaves = [t.clone().requires_grad_() for t in [x] + ws]
+        fn = lambda *a: mosa_triton(*a, 7, True, 16)  # noqa: E731
+        if compiled:
+            fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        y, kept, idx = fn(*leaves)
+        y.backward(torch.ones_like(y))
+        runs.append([y.detach(), kept, idx] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hybrid_layer_compiles_in_one_graph_on_the_triton_path():
+    from mosa_attention.layers import MoSAAttention
+    torch.manual_seed(0)
+    layer = MoSAAttention(32, 3, 4, head_dim=32, num_dense_heads=1, backend="triton").to(DEVICE)
+    x = torch.randn(2, 20, 32, device=DEVICE, requires_grad=True)
+    y0 = layer(x)
+    y0.sum().backward()
+    g0, x.grad = x.grad.clone(), None
+    y1 = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    y1.sum().backward()
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, g0, rtol=1e-5, atol=1e-6)

@@ -98,7 +98,7 @@ class MoSAAttention(nn.Module):
 
     def _fused(self, x: torch.Tensor) -> bool:
         """Routing fused into the Triton op (its backward makes the router's gradients): top-k routing, no
-        auxiliary loss to compute, triton backend, eager mode."""
+        auxiliary loss to compute, triton backend."""
         aux = self.router_aux and self.training and torch.is_grad_enabled()
         return self.routing == "topk" and not aux and fused_topk_available(x, self.backend)
 

@@ -92,10 +92,8 @@ def sparse_attention(x, scores, idx, w_qkv, w_o, *, rope_dims: int, rope_base: f
 
 
 def fused_topk_available(x: torch.Tensor, backend: str) -> bool:
-    """Whether ``mosa_topk_fused`` runs here: the triton backend on this input, eager mode (under
-    torch.compile the separate custom ops are used) and a dtype the kernels take."""
-    return (resolve_backend(backend, x) == "triton" and not torch.compiler.is_compiling()
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    """Whether ``mosa_topk_fused`` runs here: the triton backend on this input and a dtype the kernels take."""
+    return resolve_backend(backend, x) == "triton" and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def mosa_topk_fused(x, w_router, w_qkv, w_o, k: int, *, include_first: bool = False, rope_dims: int,

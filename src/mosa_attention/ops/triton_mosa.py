@@ -716,12 +716,62 @@ def _route(x, w_router, k: int, include_first: bool):
     return lt, idx, kept
 
 
+@torch.library.custom_op("mosa_attention::mosa_routed_fwd", mutates_args=())
+def _routed_fwd_op(x: torch.Tensor, w_router: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, k: int,
+                   include_first: bool, rope_dims: int, rope_base: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, torch.Tensor]:
+    _, idx, kept = _route(x, w_router, k, include_first)
+    y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base)
+    return y, kept, idx, qkv, o, lse, perm, starts
+
+
+@_routed_fwd_op.register_fake
+def _(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base):
+    B, T, h = x.shape
+    E, D, R = w_qkv.shape[0], w_qkv.shape[2] // 3, B * k
+    return (w_qkv.new_empty(B, T, h), x.new_empty(B, E, k, dtype=torch.float32),
+            x.new_empty(B, E, k, dtype=torch.int64), w_qkv.new_empty(3, E, R, D), w_qkv.new_empty(E, R, D),
+            x.new_empty(E, R, dtype=torch.float32), x.new_empty(E * R, dtype=torch.int64),
+            x.new_empty(B * (T + 1) + 1, dtype=torch.int64))
+
+
+@torch.library.custom_op("mosa_attention::mosa_routed_bwd", mutates_args=())
+def _routed_bwd_op(dy: torch.Tensor, x: torch.Tensor, kept: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor,
+                   w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, perm: torch.Tensor,
+                   starts: torch.Tensor, w_router: torch.Tensor, rope_dims: int, rope_base: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base,
+                     w_router=w_router)
+
+
+@_routed_bwd_op.register_fake
+def _(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, rope_dims, rope_base):
+    return torch.empty_like(x), torch.empty_like(w_router), torch.empty_like(w_qkv), torch.empty_like(w_o)
+
+
+def _routed_setup_context(ctx, inputs, output):
+    x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base = inputs
+    y, kept, idx, *rest = output
+    ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *rest, w_router)
+    ctx.rope = (rope_dims, rope_base)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _routed_backward(ctx, dy, *_):
+    dx, dwr, dwqkv, dwo = _routed_bwd_op(dy, *ctx.saved_tensors, *ctx.rope)
+    return dx, dwr, dwqkv, dwo, None, None, None, None
+
+
+_routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
+
+
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0):
     """MoSA heads with top-k routing fused in: router GEMM, the fused top-k kernel and ``sparse_attention``'s
     kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k] float32,
     positions [B, E, k] ascending); the last two carry no gradient. Same math as
     ``sparse_attention_reference(x, *select_topk(sigmoid(x w_r^T)), ...)``; differentiable in x and the
-    three weights. Eager only: under torch.compile use ``select_topk`` + ``sparse_attention_triton``."""
+    three weights. Under torch.compile it is one custom op (forward and backward), like the others."""
     dev_type = x.device.type
     mixed = False
     if torch.is_autocast_enabled(dev_type) and x.dtype in _DTYPES:
@@ -742,6 +792,8 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     sc_like = torch.empty((), dtype=w_qkv.dtype, device=x.device).expand(B, E, k)
     _check(x, sc_like, idx_like, w_qkv, w_o, int(rope_dims), mixed)
     x, w_router, w_qkv, w_o = (t.contiguous() for t in (x, w_router, w_qkv, w_o))
+    if torch.compiler.is_compiling():
+        return _routed_fwd_op(x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base))[:3]
     return _EagerRouted.apply(x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base))
 
 
