@@ -4,26 +4,16 @@ Output and every gradient (x, scores, w_qkv, w_o), float32 and float16 (bf16 dot
 interpreter), small shapes: k = 2, k = T, T not a multiple of the block, batch 1, padding slots, unsorted
 positions, head dims 32 and 64, several blocks per sequence.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CI has no GPU
-
 import pytest
 import torch
+from triton_env import DEVICE, require
 
 pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("triton was imported without the interpreter and there is no GPU", allow_module_level=True)
-
 from mosa_attention.ops.mosa import sparse_attention_reference  # noqa: E402
 from mosa_attention.ops import triton_mosa  # noqa: E402
 from mosa_attention.ops.triton_mosa import sparse_attention_triton  # noqa: E402
 
-if not torch.cuda.is_available() and type(triton_mosa._qkv_fwd).__name__ != "InterpretedFunction":
-    # another module imported the kernels before TRITON_INTERPRET was set: they were compiled for a GPU
-    pytest.skip("triton_mosa was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
-
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+require(triton_mosa._qkv_fwd)
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 

@@ -1,23 +1,14 @@
 """The dense heads' fused split + RoPE kernel against the plain-torch ops, on CPU through the interpreter."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CI has no GPU
-
 import pytest
 import torch
+from triton_env import DEVICE, require
 
 pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("triton was imported without the interpreter and there is no GPU", allow_module_level=True)
-
 from mosa_attention.layers import DenseAttention, LocalAttention  # noqa: E402
 from mosa_attention.ops import triton_rope  # noqa: E402
 from mosa_attention.ops.attention import project_qkv  # noqa: E402
 
-if not torch.cuda.is_available() and type(triton_rope._split_rope).__name__ != "InterpretedFunction":
-    pytest.skip("triton_rope was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
-
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+require(triton_rope._split_rope)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

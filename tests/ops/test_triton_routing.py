@@ -1,23 +1,14 @@
 """The fused top-k kernel against ``torch.topk`` + sort, on CPU through Triton's interpreter."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CI has no GPU
-
 import pytest
 import torch
+from triton_env import DEVICE, require
 
 pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("triton was imported without the interpreter and there is no GPU", allow_module_level=True)
-
 from mosa_attention.ops import triton_routing  # noqa: E402
 from mosa_attention.ops.routing import select_topk  # noqa: E402
 from mosa_attention.ops.triton_routing import topk_positions_triton  # noqa: E402
 
-if not torch.cuda.is_available() and type(triton_routing._topk_select).__name__ != "InterpretedFunction":
-    pytest.skip("triton_routing was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
-
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+require(triton_routing._topk_select)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
