@@ -679,13 +679,11 @@ class _EagerRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base):
-        logits, idx, kept = _route(x, w_router, k, include_first)
-        del logits
-        out = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base)
-        ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *out[1:], w_router)
+        y, kept, idx, *saved = _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base)
+        ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.mark_non_differentiable(kept, idx)
-        return out[0], kept, idx
+        return y, kept, idx
 
     @staticmethod
     def backward(ctx, dy, _kept, _idx):
@@ -694,9 +692,16 @@ class _EagerRouted(torch.autograd.Function):
         return dx, dwr, dwqkv, dwo, None, None, None, None
 
 
+def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float):
+    """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward."""
+    idx, kept = _route(x, w_router, k, include_first)
+    y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base)
+    return y, kept, idx, qkv, o, lse, perm, starts
+
+
 def _route(x, w_router, k: int, include_first: bool):
-    """Router logits [B, E, T] = (w_r x^T) (one GEMM in the weights' dtype), then each head's top-k positions
-    (ascending) and kept scores sigmoid(logit) in float32: the fused kernel where T allows, else torch.
+    """Router logits [B, E, T] = (w_r x^T) (one GEMM in the weights' dtype), then (each head's top-k positions,
+    ascending; kept scores sigmoid(logit) in float32): the fused kernel where T allows, else torch.
     Float32 scores keep the sigmoid's derivative s (1 - s) accurate for scores near 1, which top-k keeps
     (in bfloat16, 1 - s of a kept score can be off by half)."""
     from . import triton_routing
@@ -713,7 +718,7 @@ def _route(x, w_router, k: int, include_first: bool):
     else:
         idx = select_topk(lt, k, include_first, backend="torch")[1]
         kept = torch.sigmoid(lt.gather(-1, idx).float())
-    return lt, idx, kept
+    return idx, kept
 
 
 @torch.library.custom_op("mosa_attention::mosa_routed_fwd", mutates_args=())
@@ -721,9 +726,7 @@ def _routed_fwd_op(x: torch.Tensor, w_router: torch.Tensor, w_qkv: torch.Tensor,
                    include_first: bool, rope_dims: int, rope_base: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor]:
-    _, idx, kept = _route(x, w_router, k, include_first)
-    y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base)
-    return y, kept, idx, qkv, o, lse, perm, starts
+    return _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base)
 
 
 @_routed_fwd_op.register_fake

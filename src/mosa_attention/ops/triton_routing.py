@@ -85,7 +85,7 @@ def _tiles(T: int, E: int):
     return BT, BE, warps
 
 
-def _launch(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
+def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
     """s: scores/logits; strides (b, t, e) of s in elements."""
     B = s.shape[0]
     idx = torch.empty(B, E, k, dtype=torch.int64, device=s.device)
@@ -113,7 +113,7 @@ def topk_positions_triton(scores: torch.Tensor, k: int, include_first: bool = Fa
     B, E, T = scores.shape
     _check("scores", scores, k, T)
     sb, se, st = scores.stride()
-    return _launch(scores, E, T, k, include_first, False, (sb, st, se), None)[0]
+    return _select(scores, E, T, k, include_first, False, (sb, st, se), None)[0]
 
 
 def route_logits_triton(logits: torch.Tensor, k: int, include_first: bool = False, kept_dtype=None):
@@ -124,7 +124,7 @@ def route_logits_triton(logits: torch.Tensor, k: int, include_first: bool = Fals
     B, T, E = logits.shape
     _check("logits", logits, k, T)
     sb, st, se = logits.stride()
-    return _launch(logits, E, T, k, include_first, True, (sb, st, se), kept_dtype or logits.dtype)
+    return _select(logits, E, T, k, include_first, True, (sb, st, se), kept_dtype or logits.dtype)
 
 
 def supported(scores: torch.Tensor) -> bool:
