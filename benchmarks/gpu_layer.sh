@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
 # limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
-#   bash benchmarks/gpu_layer.sh OUT [STAGES]     STAGES: any of check tune profile bf16 bf16u bf16d autocast sweep
+#   bash benchmarks/gpu_layer.sh OUT [STAGES]
+#   STAGES: any of check tune profile profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep
+# (…det: our layers with deterministic=True, …atomic: deterministic=False; the rest deterministic=None)
 set -u
 OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
 STAGES=${2:-check tune profile bf16}
@@ -14,16 +16,23 @@ mkdir -p "$OUT"
 B=benchmarks/bench_layer.py
 for s in $STAGES; do
   case $s in
-    check)    timeout -k 5 "${CHECK_S:-150}" $PY $B --check --no-bench --out "$OUT/check" ;;
+    check)    timeout -k 5 "${CHECK_S:-240}" $PY $B --check --no-bench --out "$OUT/check" ;;
     tune)     timeout -k 5 "${TUNE_S:-200}" $PY $B --tune --no-bench --out "$OUT/tune" ;;
     profile)  timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --out "$OUT/profile" ;;
+    hostprof) timeout -k 5 "${PROFILE_S:-60}" $PY $B --host-profile --no-bench --out "$OUT/hostprof" ;;
+    profiledet) timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --scatter rows --out "$OUT/profiledet" ;;
     bf16)     timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --out "$OUT/bf16" ;;
+    bf16det)  timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --scatter rows --out "$OUT/bf16det" ;;
     bf16d)    timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --dense-torch --out "$OUT/bf16d" ;;
+    bf16atomic) timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --scatter atomic --out "$OUT/bf16atomic" ;;
     bf16u)    timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --unfused --out "$OUT/bf16u" ;;
     autocast) timeout -k 5 "${AUTOCAST_S:-150}" $PY $B --official .official --no-sweep --out "$OUT/autocast" ;;
+    autocastdet) timeout -k 5 "${AUTOCAST_S:-150}" $PY $B --no-sweep --scatter rows --out "$OUT/autocastdet" ;;
     sweep)    timeout -k 5 "${SWEEP_S:-150}" $PY $B --official .official --sweep-T 1024,4096,16384,65536 --out "$OUT/sweep" ;;
   esac > "$OUT/$s.log" 2>&1
   echo "== stage $s: exit $?" >> "$OUT/stages.txt"
 done
+# everything in one file as well (the device brings back at most 8 files)
+tar -czf "$OUT/all.tar.gz" -C "$OUT" --exclude all.tar.gz . 2>/dev/null
 cat "$OUT/gpu.txt" "$OUT/stages.txt"
 for s in $STAGES; do echo "== $s"; grep -E "PASS|FAIL|best|failed|Error|error|f\+b|fwd " "$OUT/$s.log" | tail -40; done

@@ -36,10 +36,11 @@ def _rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def _compare(B, T, h, E, k, D, rope_dims, dtype, pad=0, unsorted=False, repeat=()):
+def _compare(B, T, h, E, k, D, rope_dims, dtype, pad=0, unsorted=False, repeat=(), deterministic=None):
     x, scores, idx, w_qkv, w_o = _inputs(B, T, h, E, k, D, dtype, pad, unsorted, repeat)
     leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
-    y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], rope_dims, 10000.0)
+    y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], rope_dims, 10000.0,
+                                deterministic=deterministic)
     dy = torch.randn_like(y)
     y.backward(dy)
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, scores, w_qkv, w_o)]
@@ -51,6 +52,7 @@ def _compare(B, T, h, E, k, D, rope_dims, dtype, pad=0, unsorted=False, repeat=(
     assert all(e < TOL[dtype] for e in errs.values()), errs
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "B,T,h,E,k,D,rope_dims,pad,unsorted",
@@ -63,12 +65,14 @@ def _compare(B, T, h, E, k, D, rope_dims, dtype, pad=0, unsorted=False, repeat=(
         (1, 150, 32, 2, 100, 32, 16, 0, False),  # several key blocks per sequence
     ],
 )
-def test_matches_reference(B, T, h, E, k, D, rope_dims, pad, unsorted, dtype):
-    _compare(B, T, h, E, k, D, rope_dims, dtype, pad, unsorted)
+def test_matches_reference(B, T, h, E, k, D, rope_dims, pad, unsorted, dtype, deterministic):
+    # both scatter-add modes: float32 atomics into [B, T, h], and the rows + sorted segment sum
+    _compare(B, T, h, E, k, D, rope_dims, dtype, pad, unsorted, deterministic=deterministic)
 
 
-def test_unsorted_multiblock():
-    _compare(1, 150, 32, 2, 100, 32, 16, torch.float32, pad=5, unsorted=True)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_unsorted_multiblock(deterministic):
+    _compare(1, 150, 32, 2, 100, 32, 16, torch.float32, pad=5, unsorted=True, deterministic=deterministic)
 
 
 def test_repeated_positions_across_block_boundaries():
@@ -86,10 +90,38 @@ def test_bitwise_repeatable():
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
-        y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], 16)
+        y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], 16, deterministic=True)
         y.sum().backward()
         runs.append([y.detach()] + [t.grad for t in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_scatter_mode_choice(monkeypatch):
+    # True: rows + segment sum (counted by calls to the destination sort); False: atomics; None: rows under
+    # torch.use_deterministic_algorithms, else atomics when the kept rows are many next to T, rows when few
+    calls = []
+    real = triton_mosa._segments
+    monkeypatch.setattr(triton_mosa, "_segments", lambda *a: calls.append(1) or real(*a))
+
+    def run(det, k, E=2):
+        x, scores, idx, w_qkv, w_o = _inputs(1, 12, 32, E, k, 32, torch.float32)
+        calls.clear()
+        leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
+        sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], 16, deterministic=det).sum().backward()
+        return len(calls)
+
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert run(None, 4) == 0 and run(True, 4) == 1  # 8 kept rows of 12 tokens: atomics by default
+        assert run(None, 2, E=1) == 1 and run(False, 2, E=1) == 0  # 2 kept rows of 12: rows by default
+        torch.use_deterministic_algorithms(True)
+        assert run(None, 4) == 1 and run(False, 4) == 0
+    finally:
+        torch.use_deterministic_algorithms(was)
+    x, scores, idx, w_qkv, w_o = _inputs(1, 12, 32, 2, 4, 32, torch.float32)
+    with pytest.raises(ValueError, match="deterministic='yes'"):
+        sparse_attention_triton(x, scores, idx, w_qkv, w_o, 16, deterministic="yes")
 
 
 def test_bad_input_is_rejected():
@@ -119,11 +151,12 @@ def test_float64_falls_back_to_reference():
     torch.testing.assert_close(y, sparse_attention_reference(x, scores, idx, w_qkv, w_o, 16))
 
 
-def test_compiles_without_graph_break():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_compiles_without_graph_break(deterministic):
     x, scores, idx, w_qkv, w_o = _inputs(2, 12, 32, 2, 6, 32, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
-    fn = torch.compile(lambda a, s, wq, wo: sparse_attention_triton(a, s, idx, wq, wo, 16), fullgraph=True,
-                       backend="aot_eager")
+    fn = torch.compile(lambda a, s, wq, wo: sparse_attention_triton(a, s, idx, wq, wo, 16, deterministic=deterministic),
+                       fullgraph=True, backend="aot_eager")
     y = fn(*leaves)
     y.sum().backward()
     ref = [t.detach().double().requires_grad_() for t in (x, scores, w_qkv, w_o)]
@@ -158,14 +191,14 @@ def test_int32_positions():
 
 
 # ---------------------------------------------------------------------------------- routing fused in
-def _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, tol):
+def _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, tol, deterministic=None):
     from mosa_attention.ops.routing import select_topk
     from mosa_attention.ops.triton_mosa import mosa_triton
     x = torch.randn(B, T, h, dtype=dtype)
     w = [torch.randn(E, h, dtype=dtype) / h ** 0.5, torch.randn(E, h, 3 * D, dtype=dtype) / h ** 0.5,
          torch.randn(E, D, h, dtype=dtype) / D ** 0.5]
     leaves = [t.to(DEVICE).requires_grad_() for t in [x] + w]
-    y, kept, idx = mosa_triton(*leaves, k, include_first, rope_dims)
+    y, kept, idx = mosa_triton(*leaves, k, include_first, rope_dims, deterministic=deterministic)
     assert not kept.requires_grad and not idx.requires_grad
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -186,17 +219,20 @@ def _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, tol):
     (2, 24, 32, 2, 24, 64, 64, False),   # k = T
     (1, 150, 32, 2, 100, 32, 16, True),  # several blocks per sequence
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_router_fused_matches_reference(B, T, h, E, k, D, rope_dims, include_first, dtype):
+@pytest.mark.parametrize("dtype,deterministic", [(torch.float32, False), (torch.float32, True),
+                                                 (torch.float16, False), (torch.float16, True)])
+def test_router_fused_matches_reference(B, T, h, E, k, D, rope_dims, include_first, dtype, deterministic):
     # the router's gradients come out of the attention kernels: compare them with autograd through
-    # sigmoid, top-k's gather and the router product
-    _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, TOL[dtype])
+    # sigmoid, top-k's gather and the router product; the router's share of dx goes through either scatter
+    _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, TOL[dtype], deterministic)
 
 
-def test_layer_uses_the_fused_router_and_matches_torch_backend():
+@pytest.mark.parametrize("deterministic", [None, True])
+def test_layer_uses_the_fused_router_and_matches_torch_backend(deterministic):
     from mosa_attention.layers import MoSAAttention
     torch.manual_seed(1)
-    fast = MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, include_first=True, backend="triton").to(DEVICE)
+    fast = MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, include_first=True, backend="triton",
+                         deterministic=deterministic).to(DEVICE)
     ref = MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, include_first=True, backend="torch").to(DEVICE)
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(2, 37, 48, device=DEVICE)
@@ -210,6 +246,14 @@ def test_layer_uses_the_fused_router_and_matches_torch_backend():
     torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_layer_rejects_bad_deterministic():
+    from mosa_attention.layers import FixedSparseAttention, MoSAAttention
+    with pytest.raises(ValueError, match="deterministic='on'"):
+        MoSAAttention(32, 2, 4, deterministic="on")
+    with pytest.raises(ValueError, match="deterministic=1"):
+        FixedSparseAttention(32, 2, 4, deterministic=1)
 
 
 def test_router_fused_bad_input():

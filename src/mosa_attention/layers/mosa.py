@@ -33,12 +33,16 @@ class MoSAAttention(nn.Module):
     ``router_aux=True``: while training, ``forward`` leaves in ``self.aux_loss`` the auxiliary router loss
     (BCE of the router logits against top-k membership; see ``ops.routing.router_aux_loss``), for the model
     to add to its loss. It teaches the score to cross 0.5 on about the top-k tokens in either routing mode.
+
+    ``deterministic`` (Triton kernels): None follows ``torch.use_deterministic_algorithms``; True makes the
+    scatter-adds bit-repeatable (slower), False uses float32 atomics (see ``ops.sparse_attention``).
     """
 
     def __init__(self, d_model: int, num_mosa_heads: int, sparsity: float, head_dim: int = 64,
                  num_dense_heads: int = 0, dense_kind: str = "dense", include_first: bool = False,
                  rope_fraction: float = 0.5, rope_base: float = 10000.0, routing: str = "topk",
-                 backend: str = "auto", local_window: int | None = None, router_aux: bool = False):
+                 backend: str = "auto", local_window: int | None = None, router_aux: bool = False,
+                 deterministic: bool | None = None):
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
         self.num_mosa_heads = check_positive_int("num_mosa_heads", num_mosa_heads, minimum=0)
@@ -61,6 +65,9 @@ class MoSAAttention(nn.Module):
         self.backend = backend
         self.local_window = None if local_window is None else check_positive_int("local_window", local_window)
         self.router_aux = bool(router_aux)
+        if deterministic is not None and not isinstance(deterministic, bool):
+            raise ValueError(f"deterministic must be True, False or None, got deterministic={deterministic!r}")
+        self.deterministic = deterministic
         self.aux_loss = None
         E, D = num_mosa_heads, head_dim
         self.router = nn.Parameter(torch.empty(E, d_model))
@@ -109,11 +116,11 @@ class MoSAAttention(nn.Module):
         if self.num_mosa_heads and self._fused(x):
             y, selection = mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
                                            include_first=self.include_first, rope_dims=self.rope_dims,
-                                           rope_base=self.rope_base)
+                                           rope_base=self.rope_base, deterministic=self.deterministic)
         elif self.num_mosa_heads:
             selection = self.select(x)
             y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
-                                 rope_base=self.rope_base, backend=self.backend)
+                                 rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
         if self.dense is not None:
             window = self.window(x.shape[1]) if self.dense_kind == "local" else None
             y = y + self.dense(x, window=window)

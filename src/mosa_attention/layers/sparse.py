@@ -16,10 +16,11 @@ class FixedSparseAttention(nn.Module):
     """Every head attends among the same strided tokens 0, ρ, 2ρ, … (score 1); other tokens get no output.
 
     MoSA with the router replaced by a fixed pattern: same parameters per head (W_QKV [E, h, 3D], W_O [E, D, h]).
+    ``deterministic``: as in ``MoSAAttention``.
     """
 
     def __init__(self, d_model: int, num_heads: int, sparsity: float, head_dim: int = 64, rope_fraction: float = 0.5,
-                 rope_base: float = 10000.0, backend: str = "auto"):
+                 rope_base: float = 10000.0, backend: str = "auto", deterministic: bool | None = None):
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
         self.num_heads = check_positive_int("num_heads", num_heads)
@@ -29,6 +30,9 @@ class FixedSparseAttention(nn.Module):
         self.rope_dims = rope_dims_for(head_dim, rope_fraction)
         self.rope_base = float(rope_base)
         self.backend = backend
+        if deterministic is not None and not isinstance(deterministic, bool):
+            raise ValueError(f"deterministic must be True, False or None, got deterministic={deterministic!r}")
+        self.deterministic = deterministic
         self.W_QKV = nn.Parameter(torch.empty(num_heads, d_model, 3 * head_dim))
         self.W_O = nn.Parameter(torch.empty(num_heads, head_dim, d_model))
         nn.init.uniform_(self.W_QKV, -1 / math.sqrt(3 * head_dim), 1 / math.sqrt(3 * head_dim))
@@ -40,7 +44,7 @@ class FixedSparseAttention(nn.Module):
         idx = strided_positions(T, self.stride, x.device).expand(B, self.num_heads, -1)
         scores = torch.ones(idx.shape, dtype=x.dtype, device=x.device)
         return sparse_attention(x, scores, idx, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
-                                rope_base=self.rope_base, backend=self.backend)
+                                rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
 
 
 class RoutingAttention(nn.Module):

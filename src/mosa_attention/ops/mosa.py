@@ -83,12 +83,18 @@ def check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims: int) -> None:
         raise ValueError(f"rope_dims must be even and in [0, head_dim={D}], got rope_dims={rope_dims}")
 
 
-def sparse_attention(x, scores, idx, w_qkv, w_o, *, rope_dims: int, rope_base: float = 10000.0, backend: str = "auto"):
-    """Sparse heads over given selections; see the module docstring. Returns [B, T, h]."""
+def sparse_attention(x, scores, idx, w_qkv, w_o, *, rope_dims: int, rope_base: float = 10000.0, backend: str = "auto",
+                     deterministic: bool | None = None):
+    """Sparse heads over given selections; see the module docstring. Returns [B, T, h].
+
+    ``deterministic`` (triton backend): True sums each token's contributions in a fixed order (bit-repeatable),
+    False with atomics (faster), None follows ``torch.use_deterministic_algorithms``. The torch backend's
+    ``index_add_`` follows that global switch itself."""
     check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims)
     name = resolve_backend(backend, x)
-    fn = sparse_attention_reference if name == "torch" else _triton_backend()
-    return fn(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
+    if name == "torch":
+        return sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
+    return _triton_backend()(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic=deterministic)
 
 
 def fused_topk_available(x: torch.Tensor, backend: str) -> bool:
@@ -97,12 +103,12 @@ def fused_topk_available(x: torch.Tensor, backend: str) -> bool:
 
 
 def mosa_topk_fused(x, w_router, w_qkv, w_o, k: int, *, include_first: bool = False, rope_dims: int,
-                    rope_base: float = 10000.0):
+                    rope_base: float = 10000.0, deterministic: bool | None = None):
     """Top-k routing + ``sparse_attention`` as one Triton op whose backward also makes the router's
     gradients (``triton_mosa.mosa_triton``). Returns (y, (kept scores, positions)); the selection carries
     no gradient. Check ``fused_topk_available`` first."""
     from .triton_mosa import mosa_triton  # noqa: WPS433 (optional dependency)
-    y, kept, idx = mosa_triton(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base)
+    y, kept, idx = mosa_triton(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic)
     return y, (kept, idx)
 
 
@@ -118,17 +124,20 @@ def mosa(
     rope_base: float = 10000.0,
     backend: str = "auto",
     return_selection: bool = False,
+    deterministic: bool | None = None,
 ):
     """MoSA heads: expert-choice top-k routing, then ``sparse_attention``. x [B, T, h] -> [B, T, h].
 
     With ``return_selection`` also returns (scores [B, E, k], positions [B, E, k]) of the kept tokens. On
     the triton backend (eager) routing and attention run as one fused op, ``mosa_topk_fused``.
+    ``deterministic``: see ``sparse_attention``.
     """
     k = num_selected(x.shape[1], check_sparsity(sparsity))
     if x.dim() == 3 and fused_topk_available(x, backend):
         y, selection = mosa_topk_fused(x, w_router, w_qkv, w_o, k, include_first=include_first,
-                                       rope_dims=rope_dims, rope_base=rope_base)
+                                       rope_dims=rope_dims, rope_base=rope_base, deterministic=deterministic)
         return (y, selection) if return_selection else y
     scores, idx = select_topk(router_scores(x, w_router), k, include_first, backend=backend)
-    y = sparse_attention(x, scores, idx, w_qkv, w_o, rope_dims=rope_dims, rope_base=rope_base, backend=backend)
+    y = sparse_attention(x, scores, idx, w_qkv, w_o, rope_dims=rope_dims, rope_base=rope_base, backend=backend,
+                         deterministic=deterministic)
     return (y, (scores, idx)) if return_selection else y

@@ -13,12 +13,17 @@ slots at T may repeat) the kernels also skip the key blocks after the query bloc
 input is slower, never wrong, and nothing is read back to the host (CUDA graphs can capture the op).
 
 Forward: ``_qkv_fwd`` (gather + QKV projection + RoPE), ``_attn_fwd`` (flash attention + score + W_O
-projection, one row of y per kept token) and ``_segment_sum`` (the scatter-add). Backward: ``_out_bwd``
-(dO, d score), ``_dwo``, ``_attn_bwd_dkdv``, ``_attn_bwd_dq`` (both with RoPE backward), ``_qkv_bwd_dx``
-(rows of dx) and ``_segment_sum`` again, ``_dwqkv``. No atomics anywhere: weight gradients are reductions
-inside one program, and the scatter-add sums each token's rows in head order through a stable sort of the
-destinations (computed once in the forward), so results are deterministic, and the kernel that sums also
-writes the zeros, so no output buffer is filled or cast.
+projection) and the scatter-add. Backward: ``_out_bwd`` (dO, d score), ``_dwo``, ``_attn_bwd_dkdv``,
+``_attn_bwd_dq`` (both with RoPE backward), ``_qkv_bwd_dx`` (each kept token's share of dx) and the
+scatter-add again, ``_dwqkv``. Weight gradients are reductions inside one program (no atomics). The two
+scatter-adds (y, dx) have two modes. Atomics: ``_attn_fwd`` / ``_qkv_bwd_dx`` add their tiles into a
+float32 [B, T, h] buffer (nothing per kept token is written out, no sort; the order of the additions may
+differ from run to run). Rows: they write one row per kept token, and ``_segment_sum`` sums each token's
+rows in head order through a stable sort of the destinations (computed once in the forward), writing the
+zeros of unselected tokens too; the same input then gives the same bits. ``deterministic=True`` (or
+``torch.use_deterministic_algorithms(True)``) takes the rows, ``False`` the atomics, and the default the
+faster for the shape (``use_rows``): atomics when many heads overlap (t3: 8 kept rows per token), rows when
+the kept tokens are few next to T (t4: the atomics' float32 buffer would cost more than the rows).
 
 ``mosa_triton`` runs the router in front of the same kernels as one autograd node: the router product
 (w_r x^T, one cuBLAS call), the top-k kernel of ``triton_routing`` (positions sorted, kept scores in
@@ -185,8 +190,10 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K,
 @triton.jit
 def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E, R, K, qk_scale,
               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
-              BS: tl.constexpr, PREC: tl.constexpr):
-    """Causal attention of one block of query rows, then its rows of y = (o * score) @ w_o[e]."""
+              BS: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr = False):
+    """Causal attention of one block of query rows, then its rows of y = (o * score) @ w_o[e]: stored as
+    per-kept-token rows for the deterministic scatter, or (ATOMIC) added in float32 straight into
+    out[b, pos] (padding slots dropped)."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = qkv_ptr.dtype.element_ty
@@ -227,14 +234,23 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
     # score scaling + output projection + scatter-add; padding slots (pos == T) are dropped
     sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
     os = (o.to(DT).to(tl.float32) * sc[:, None]).to(DT)
-    orow = (e * R + rows).to(tl.int64) * h
+    if ATOMIC:
+        orow = (bq * T + tl.minimum(tl.maximum(posq, 0), T - 1)).to(tl.int64) * h
+        live = rm & (posq >= 0) & (posq < T)
+    else:
+        orow = (e * R + rows).to(tl.int64) * h
+        live = rm
     wbase = wo_ptr + e.to(tl.int64) * D * h
     for n0 in range(0, h, BH):
         nn = n0 + tl.arange(0, BH)
         nm = nn < h
         w = tl.load(wbase + cols[:, None] * h + nn[None, :], mask=cm[:, None] & nm[None, :], other=0.0)
         y = tl.dot(os, w, input_precision=PREC)
-        tl.store(out_ptr + orow[:, None] + nn[None, :], y.to(out_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
+        if ATOMIC:
+            tl.atomic_add(out_ptr + orow[:, None] + nn[None, :], y, mask=live[:, None] & nm[None, :], sem="relaxed")
+        else:
+            tl.store(out_ptr + orow[:, None] + nn[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=live[:, None] & nm[None, :])
 
 
 @triton.jit
@@ -413,8 +429,9 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
 @triton.jit
 def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
                 D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                ROUTER: tl.constexpr = False):
-    """Rows of [dq | dk | dv] @ w_qkv[e]^T (each kept token's share of dx), one block of rows and columns.
+                ROUTER: tl.constexpr = False, ATOMIC: tl.constexpr = False):
+    """Rows of [dq | dk | dv] @ w_qkv[e]^T (each kept token's share of dx), one block of rows and columns,
+    stored per kept token for the deterministic scatter or (ATOMIC) added in float32 into dx[b, pos].
     ROUTER: each row also gets d logit * w_router[e], the router's share of dx (nonzero only at kept tokens:
     top-k passes no gradient to the others), so the scatter that follows sums both."""
     pid = tl.program_id(0)
@@ -438,8 +455,13 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
         dl = tl.load(dl_ptr + sel, mask=rm & (pos >= 0) & (pos < T), other=0.0)
         wr = tl.load(wr_ptr + e.to(tl.int64) * h + nn, mask=nm, other=0.0).to(tl.float32)
         acc += dl[:, None] * wr[None, :]
-    tl.store(dx_ptr + (e * R + rows).to(tl.int64)[:, None] * h + nn[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=rm[:, None] & nm[None, :])
+    if ATOMIC:
+        drow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64) * h
+        live = rm & (pos >= 0) & (pos < T)
+        tl.atomic_add(dx_ptr + drow[:, None] + nn[None, :], acc, mask=live[:, None] & nm[None, :], sem="relaxed")
+    else:
+        tl.store(dx_ptr + (e * R + rows).to(tl.int64)[:, None] * h + nn[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=rm[:, None] & nm[None, :])
 
 
 @triton.jit
@@ -496,9 +518,11 @@ def _cfg(D: int, dtype: torch.dtype):
              BH=64, BS=128, BR=32 if big else 64)
     # per-kernel tiles for 16-bit heads of dim <= 64, picked by `bench_layer.py --tune` on an H200 over the
     # issue's three shapes (benchmarks/NOTES.md, v4); the rest keep the generic tiles
-    c.update(QKV_BM=c["BM"], ATT_BN=c["BN"], DWO_BH=64, DQ_BN=c["BN"], DX_BH=64, DW_BH=64, SEG_BT=32, SEG_BH=256)
-    if not big:
-        c.update(QKV_BM=128, ATT_BN=32, DWO_BH=128, DQ_BN=32, DX_BH=128, DW_BH=128, SEG_BT=16, SEG_BH=512)
+    c.update(QKV_BM=c["BM"], ATT_BN=c["BN"], DWO_BH=64, DQ_BN=c["BN"], DX_BH=64, DW_BH=64, SEG_BT=32, SEG_BH=256,
+             QKV_STAGES=3, DW_STAGES=3, DX_ATOMIC_WARPS=4)
+    if not big:  # (v5: pipeline depths and the atomic dx kernel's warps from the same search, NOTES.md)
+        c.update(QKV_BM=128, ATT_BN=32, DWO_BH=128, DQ_BN=32, DX_BH=128, DW_BH=128, SEG_BT=16, SEG_BH=512,
+                 QKV_STAGES=4, DW_STAGES=2, DX_ATOMIC_WARPS=8)
     return c
 
 
@@ -546,7 +570,10 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
     return out
 
 
-def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float):
+def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool):
+    """(y, qkv, o, lse, perm, starts). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
+    through the destination sort (perm, starts); else added with float32 atomics (perm, starts empty, which
+    tells the backward to do the same)."""
     # the weights' dtype is the compute dtype; x may be wider (float32 under autocast): its tiles are cast
     # as they are loaded, so no 16-bit copy of the whole sequence is made
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
@@ -560,13 +587,20 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float):
     fused = c["DP"] <= 64 and cdt != torch.float32
     _launch(_qkv_fwd, lambda t: (triton.cdiv(R, t["BM"]), E, 1 if fused else 3),
             (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K), dict(BM=c["QKV_BM"], BK=c["BK"]),
-            D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused, num_warps=8 if fused else 4)
-    rows = torch.empty(E * R, h, device=dev, dtype=cdt)
+            D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused, num_warps=8 if fused else 4,
+            num_stages=c["QKV_STAGES"])
+    if deterministic:
+        out = torch.empty(E * R, h, device=dev, dtype=cdt)
+    else:
+        out = torch.zeros(B, T, h, device=dev, dtype=torch.float32)
     _launch(_attn_fwd, lambda t: (triton.cdiv(R, t["BM"]), E),
-            (qkv, idx, scores, w_o, o, lse, rows, T, h, E, R, K, math.log2(math.e) / math.sqrt(D)),
-            dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"], num_warps=4)
+            (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D)),
+            dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"],
+            ATOMIC=not deterministic, num_warps=4)
+    if not deterministic:
+        return (out.to(cdt), qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
     perm, starts = _segments(idx, T)
-    return _scatter(rows, perm, starts, B, T, h, cdt, c), qkv, o, lse, perm, starts
+    return _scatter(out, perm, starts, B, T, h, cdt, c), qkv, o, lse, perm, starts
 
 
 def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
@@ -594,16 +628,20 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
     _launch(_attn_bwd_dkdv, lambda t: (triton.cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]), **common)
     _launch(_attn_bwd_dq, lambda t: (triton.cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]), **common)
-    rows = torch.empty(E * R, h, device=dev, dtype=cdt)
+    deterministic = perm.numel() > 0  # the forward's choice
+    if deterministic:
+        rows = torch.empty(E * R, h, device=dev, dtype=cdt)
+    else:  # float32 x (autocast) takes the sums in place; otherwise one cast at the end
+        rows = torch.zeros(B, T, h, device=dev, dtype=torch.float32)
     _launch(_qkv_bwd_dx, lambda t: (triton.cdiv(R, t["BM"]), E, triton.cdiv(h, t["BH"])),
             (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
             dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
-            num_warps=4)
+            ATOMIC=not deterministic, num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
     # in x's dtype: no cast pass in autograd
-    dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c)
+    dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c) if deterministic else rows.to(x.dtype)
     dwqkv = torch.empty_like(w_qkv)
     _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 3), (x, idx, dqkv, dwqkv, T, h, E, R, K),
-            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
+            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4, num_stages=c["DW_STAGES"])
     dwr = None
     if w_router is not None:
         dwr = torch.empty_like(w_router)
@@ -617,17 +655,23 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
 # and an autograd.Function with less Python overhead per call for eager mode.
 @torch.library.custom_op("mosa_attention::sparse_attention_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
-            rope_dims: int, rope_base: float
+            rope_dims: int, rope_base: float, deterministic: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
+    return _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic)
+
+
+def _segments_like(idx, B, T, E, R, deterministic):
+    """Stand-ins for (perm, starts) of the given mode (fake tensors for torch.compile)."""
+    if not deterministic:
+        return idx.new_empty(0, dtype=torch.int64), idx.new_empty(0, dtype=torch.int64)
+    return idx.new_empty(E * R, dtype=torch.int64), idx.new_empty(B * (T + 1) + 1, dtype=torch.int64)
 
 
 @_fwd_op.register_fake
-def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base):
+def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic):
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     return (w_qkv.new_empty(B, T, h), w_qkv.new_empty(3, E, R, D), w_qkv.new_empty(E, R, D),
-            x.new_empty(E, R, dtype=torch.float32), idx.new_empty(E * R, dtype=torch.int64),
-            idx.new_empty(B * (T + 1) + 1, dtype=torch.int64))
+            x.new_empty(E, R, dtype=torch.float32), *_segments_like(idx, B, T, E, R, deterministic))
 
 
 @torch.library.custom_op("mosa_attention::sparse_attention_bwd", mutates_args=())
@@ -644,7 +688,7 @@ def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope
 
 
 def _setup_context(ctx, inputs, output):
-    x, scores, idx, w_qkv, w_o, rope_dims, rope_base = inputs
+    x, scores, idx, w_qkv, w_o, rope_dims, rope_base, _ = inputs
     ctx.save_for_backward(x, scores, idx, w_qkv, w_o, *output[1:])
     ctx.rope = (rope_dims, rope_base)
     ctx.mark_non_differentiable(*output[1:])
@@ -652,7 +696,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, *_):
     dx, dsc, dwqkv, dwo = _bwd_op(dy, *ctx.saved_tensors, *ctx.rope)
-    return dx, dsc, None, dwqkv, dwo, None, None
+    return dx, dsc, None, dwqkv, dwo, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -660,8 +704,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _Eager(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base):
-        out = _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
+    def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic):
+        out = _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic)
         ctx.save_for_backward(x, scores, idx, w_qkv, w_o, *out[1:])
         ctx.rope = (rope_dims, rope_base)
         return out[0]
@@ -669,7 +713,7 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope)
-        return dx, dsc, None, dwqkv, dwo, None, None
+        return dx, dsc, None, dwqkv, dwo, None, None, None
 
 
 class _EagerRouted(torch.autograd.Function):
@@ -678,8 +722,9 @@ class _EagerRouted(torch.autograd.Function):
     the weight-gradient kernel), so no [B, T, E] gradient, no router GEMMs and no add of two dx exist."""
 
     @staticmethod
-    def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base):
-        y, kept, idx, *saved = _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base)
+    def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic):
+        y, kept, idx, *saved = _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
+                                                deterministic)
         ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.mark_non_differentiable(kept, idx)
@@ -689,13 +734,14 @@ class _EagerRouted(torch.autograd.Function):
     def backward(ctx, dy, _kept, _idx):
         *saved, w_router = ctx.saved_tensors
         dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router)
-        return dx, dwr, dwqkv, dwo, None, None, None, None
+        return dx, dwr, dwqkv, dwo, None, None, None, None, None
 
 
-def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float):
+def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
+                     deterministic: bool):
     """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward."""
     idx, kept = _route(x, w_router, k, include_first)
-    y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base)
+    y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic)
     return y, kept, idx, qkv, o, lse, perm, starts
 
 
@@ -723,20 +769,20 @@ def _route(x, w_router, k: int, include_first: bool):
 
 @torch.library.custom_op("mosa_attention::mosa_routed_fwd", mutates_args=())
 def _routed_fwd_op(x: torch.Tensor, w_router: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, k: int,
-                   include_first: bool, rope_dims: int, rope_base: float
+                   include_first: bool, rope_dims: int, rope_base: float, deterministic: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor]:
-    return _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base)
+    return _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic)
 
 
 @_routed_fwd_op.register_fake
-def _(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base):
+def _(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic):
     B, T, h = x.shape
     E, D, R = w_qkv.shape[0], w_qkv.shape[2] // 3, B * k
-    return (w_qkv.new_empty(B, T, h), x.new_empty(B, E, k, dtype=torch.float32),
-            x.new_empty(B, E, k, dtype=torch.int64), w_qkv.new_empty(3, E, R, D), w_qkv.new_empty(E, R, D),
-            x.new_empty(E, R, dtype=torch.float32), x.new_empty(E * R, dtype=torch.int64),
-            x.new_empty(B * (T + 1) + 1, dtype=torch.int64))
+    idx = x.new_empty(B, E, k, dtype=torch.int64)
+    return (w_qkv.new_empty(B, T, h), x.new_empty(B, E, k, dtype=torch.float32), idx,
+            w_qkv.new_empty(3, E, R, D), w_qkv.new_empty(E, R, D), x.new_empty(E, R, dtype=torch.float32),
+            *_segments_like(idx, B, T, E, R, deterministic))
 
 
 @torch.library.custom_op("mosa_attention::mosa_routed_bwd", mutates_args=())
@@ -754,7 +800,7 @@ def _(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, rope_di
 
 
 def _routed_setup_context(ctx, inputs, output):
-    x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base = inputs
+    x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, _ = inputs
     y, kept, idx, *rest = output
     ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *rest, w_router)
     ctx.rope = (rope_dims, rope_base)
@@ -763,18 +809,20 @@ def _routed_setup_context(ctx, inputs, output):
 
 def _routed_backward(ctx, dy, *_):
     dx, dwr, dwqkv, dwo = _routed_bwd_op(dy, *ctx.saved_tensors, *ctx.rope)
-    return dx, dwr, dwqkv, dwo, None, None, None, None
+    return dx, dwr, dwqkv, dwo, None, None, None, None, None
 
 
 _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
 
 
-def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0):
+def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0,
+                deterministic: bool | None = None):
     """MoSA heads with top-k routing fused in: router GEMM, the fused top-k kernel and ``sparse_attention``'s
     kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k] float32,
     positions [B, E, k] ascending); the last two carry no gradient. Same math as
     ``sparse_attention_reference(x, *select_topk(sigmoid(x w_r^T)), ...)``; differentiable in x and the
-    three weights. Under torch.compile it is one custom op (forward and backward), like the others."""
+    three weights. Under torch.compile it is one custom op (forward and backward), like the others.
+    ``deterministic``: see ``sparse_attention_triton``."""
     dev_type = x.device.type
     mixed = False
     if torch.is_autocast_enabled(dev_type) and x.dtype in _DTYPES:
@@ -795,14 +843,34 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     sc_like = torch.empty((), dtype=w_qkv.dtype, device=x.device).expand(B, E, k)
     _check(x, sc_like, idx_like, w_qkv, w_o, int(rope_dims), mixed)
     x, w_router, w_qkv, w_o = (t.contiguous() for t in (x, w_router, w_qkv, w_o))
+    args = (x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base),
+            use_rows(deterministic, E * B * k, B * T))
     if torch.compiler.is_compiling():
-        return _routed_fwd_op(x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base))[:3]
-    return _EagerRouted.apply(x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base))
+        return _routed_fwd_op(*args)[:3]
+    return _EagerRouted.apply(*args)
 
 
 # --------------------------------------------------------------------------------------------- entry point
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Default scatter when nothing asks for determinism: atomics when the kept rows (E * B * k) are at least this
+# fraction of the output's rows (B * T), else the rows + segment sum, which then moves fewer bytes than the
+# atomics' float32 buffer (fill, add, cast). Measured on an H200 (benchmarks/NOTES.md, v5): atomics faster at
+# 0.53 (t1, t2) and 7.9 (t3), slower at 0.23 (T = 16384) and 0.06 (t4).
+ATOMIC_MIN_ROWS = 0.4
+
+
+def use_rows(deterministic: bool | None, kept_rows: int, out_rows: int) -> bool:
+    """Whether the scatter-adds take the deterministic rows + segment sum (True) or atomics (False).
+    True: always; False: always atomics; None: True under ``torch.use_deterministic_algorithms``, else the
+    faster one for the shape (``ATOMIC_MIN_ROWS``)."""
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled() or kept_rows < ATOMIC_MIN_ROWS * out_rows
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True, False or None, got deterministic={deterministic!r}")
+    return deterministic
 
 
 def _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed=False):
@@ -821,10 +889,15 @@ def _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed=False):
         raise ValueError(f"w_qkv.dtype={w_qkv.dtype} must match x.dtype={x.dtype} (outside autocast)")
 
 
-def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float = 10000.0):
+def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float = 10000.0,
+                            deterministic: bool | None = None):
     """Fused Triton ``sparse_attention``; same arguments and result as ``sparse_attention_reference``.
 
-    Differentiable in x, scores, w_qkv and w_o; deterministic (no atomics): the same input gives the same bits.
+    Differentiable in x, scores, w_qkv and w_o. ``deterministic`` picks the scatter-add of y and of x's
+    gradient: True sums each token's rows in head order (same input, same bits); False adds with float32
+    atomics (the order of the additions, hence the last bits, may change from run to run); None (default)
+    is True under ``torch.use_deterministic_algorithms(True)``, else the faster of the two for the shape:
+    atomics when the kept rows are at least ``ATOMIC_MIN_ROWS`` of the output's rows.
     """
     dev_type = x.device.type
     mixed = False
@@ -841,6 +914,8 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     rope_dims = int(rope_dims)
     _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed)
     x, scores, idx, w_qkv, w_o = (t.contiguous() for t in (x, scores, idx, w_qkv, w_o))
+    args = (x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base),
+            use_rows(deterministic, idx.numel(), x.shape[0] * x.shape[1]))
     if torch.compiler.is_compiling():
-        return _fwd_op(x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base))[0]
-    return _Eager.apply(x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base))
+        return _fwd_op(*args)[0]
+    return _Eager.apply(*args)
