@@ -66,10 +66,11 @@ def test_flags_map_to_keys():
 
     p = argparse.ArgumentParser()
     configure_parser(p)
-    args = p.parse_args(["--preset", "tiny", "--sparsity", "16", "--data", "some dir/x", "--compile", "--set", "train.lr=1"])
+    args = p.parse_args(["--preset", "tiny", "--sparsity", "16", "--data", "some dir/x", "--compile", "--deterministic",
+                         "--set", "train.lr=1"])
     o = overrides_from(args)
     assert 'model.preset="tiny"' in o and "model.sparsity=16.0" in o and 'data.source="some dir/x"' in o
-    assert "train.compile=true" in o and o[-1] == "train.lr=1"
+    assert "train.compile=true" in o and "train.deterministic=true" in o and o[-1] == "train.lr=1"
     assert build_config(None, o).data.source == "some dir/x"
 
 

@@ -140,3 +140,13 @@ def test_checkpoints_keep_the_last_n_and_round_trip_the_optimizer(tmp_path):
     assert torch.equal(ck.model_state["weight"], model.weight.detach())
     assert torch.equal(ck.optimizer_state["state"]["weight"]["exp_avg"], osd["state"]["weight"]["exp_avg"])
     assert ck.optimizer_state["param_groups"][0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_deterministic_run_sets_torch_switch_and_restores_it(tiny_overrides, monkeypatch):
+    import mosa_attention.train.loop as loop
+    seen = []
+    monkeypatch.setattr(loop, "_train", lambda *a: seen.append(torch.are_deterministic_algorithms_enabled()) or {})
+    before = torch.are_deterministic_algorithms_enabled()
+    for value in ("true", "false"):
+        loop.train(build_config(None, tiny_overrides + [f"train.deterministic={value}"]), log=lambda *a: None)
+    assert seen == [True, before] and torch.are_deterministic_algorithms_enabled() == before

@@ -39,6 +39,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     for name, (key, typ, help_text) in FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=f"{help_text} [{key}]")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model [train.compile]")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="bit-repeatable steps: torch.use_deterministic_algorithms for the run [train.deterministic]")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any other setting, e.g. --set model.num_dense_heads=2 --set train.warmup_steps=100")
     p.add_argument("--resume", nargs="?", const="", metavar="RUN",
@@ -62,6 +64,8 @@ def overrides_from(args) -> list[str]:
             out.append(f"{key}={json.dumps(value)}" if typ is str else f"{key}={value}")
     if getattr(args, "compile", None):
         out.append("train.compile=true")
+    if getattr(args, "deterministic", None):
+        out.append("train.deterministic=true")
     return out + list(args.set)
 
 

@@ -49,6 +49,7 @@ class OptimConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 autocast on CUDA, float32 on CPU; or "float32", "bfloat16"
     compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # torch.use_deterministic_algorithms for the run: bit-repeatable MoSA kernels
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2, fully_shard)
     eval_every: int = 0  # validation every n steps (0: only at the end)
     eval_windows: int = 64  # validation windows of seq_len tokens (0: the whole split)

@@ -52,9 +52,14 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
     t = cfg.train
     info = D.init(t.device)
     say = log if info.is_main else (lambda *a, **k: None)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
+        if t.deterministic:
+            # the MoSA kernels then scatter by the ordered segment sum; ops without a deterministic version warn
+            torch.use_deterministic_algorithms(True, warn_only=True)
         return _train(cfg, resume, info, say)
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         D.shutdown()
 
 
