@@ -386,45 +386,50 @@ def check_routed(out):
     """The op with routing fused in (``mosa_triton``: router GEMM, top-k kernel, attention, and the router's
     gradients from the attention kernels) against float64 autograd through sigmoid, gather and the router
     product, at the selection the op made (bf16 logits may order near-ties differently from float64 ones);
-    the selection itself against torch.topk of the op's own logits."""
+    the selection itself against torch.topk of the op's own logits. "autocast": float32 input and weights under
+    bf16 autocast (the kernels read the float32 tiles and write float32 weight gradients), against the
+    bf16-rounded inputs in float64."""
     from mosa_attention.ops.routing import select_topk
     from mosa_attention.ops.triton_mosa import mosa_triton
     torch.backends.cuda.matmul.allow_tf32 = False
     rows, ok = [], True
-    for B, T, h, E, k, D, rd, first, names in ((16, 1024, 512, 17, 32, 64, 32, False, ("bf16", "fp32")),
-                                                (16, 1024, 512, 505, 16, 64, 32, True, ("bf16",)),
+    for B, T, h, E, k, D, rd, first, names in ((16, 1024, 512, 17, 32, 64, 32, False, ("bf16", "fp32", "autocast")),
+                                                (16, 1024, 512, 505, 16, 64, 32, True, ("bf16", "autocast")),
                                                 (1, 65536, 1024, 60, 64, 64, 32, False, ("bf16",)),
                                                 (4, 2048, 256, 8, 1024, 128, 64, False, ("bf16", "fp32")),
                                                 (3, 1000, 384, 6, 250, 64, 32, True, ("bf16",))):
         for name, det in [(n, d) for n in names for d in (True, False)]:
-            dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+            dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "autocast": torch.float32}[name]
+            cdt = torch.float32 if name == "fp32" else torch.bfloat16  # the compute dtype
             try:
                 x = torch.randn(B, T, h, device="cuda", dtype=dt)
                 ws = [(torch.randn(E, h, device="cuda") / h ** 0.5).to(dt),
                       (torch.randn(E, h, 3 * D, device="cuda") / h ** 0.5).to(dt),
                       (torch.randn(E, D, h, device="cuda") / D ** 0.5).to(dt)]
-                dy = torch.randn(B, T, h, device="cuda", dtype=dt)
+                dy = torch.randn(B, T, h, device="cuda", dtype=cdt)
                 outs = []
                 for _ in range(2):
                     poison()
                     leaves = [t.detach().clone().requires_grad_() for t in [x] + ws]
-                    y, kept, idx = mosa_triton(*leaves, k, first, rd, deterministic=det)
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name == "autocast"):
+                        y, kept, idx = mosa_triton(*leaves, k, first, rd, deterministic=det)
                     y.backward(dy)
+                    assert y.dtype == cdt and all(t.grad.dtype == dt for t in leaves), "result or gradient dtypes"
                     outs.append([y.detach(), kept] + [t.grad for t in leaves])
                 repeat = all(torch.equal(a, b) for a, b in zip(*outs))
                 # the op's own logits (w_r x^T in the weights' dtype): F.linear may round differently, and
                 # bf16 logits tie often, so a near-tie could then select differently without any error
-                logits = torch.mm(ws[0], x.reshape(B * T, h).t()).view(E, B, T).transpose(0, 1)
+                logits = torch.mm(ws[0].to(cdt), x.reshape(B * T, h).to(cdt).t()).view(E, B, T).transpose(0, 1)
                 sel = select_topk(logits, k, first, backend="torch")[1]
                 same_sel = torch.equal(sel, idx) or torch.equal(logits.gather(-1, sel).sort(-1).values,
                                                                  logits.gather(-1, idx).sort(-1).values)
-                ref = [t.detach().double().requires_grad_() for t in [x] + ws]
+                ref = [t.detach().to(cdt).double().requires_grad_() for t in [x] + ws]
                 r = torch.sigmoid(torch.nn.functional.linear(ref[0], ref[1])).transpose(1, 2).gather(-1, idx)
                 yr = sparse_attention_reference(ref[0], r, idx, ref[2], ref[3], rd)
                 yr.backward(dy.double())
                 errs = {n: ((a.double() - b).norm() / b.norm()).item() for n, a, b in zip(
                     ("y", "kept", "dx", "dw_router", "dw_qkv", "dw_o"), outs[0], [yr, r] + [t.grad for t in ref])}
-                tol = 1e-2 if name == "bf16" else 1e-4
+                tol = 1e-2 if cdt == torch.bfloat16 else 1e-4
                 good = all(e <= tol for e in errs.values()) and (repeat or not det) and same_sel
                 row = {"shape": [B, T, h, E, k, D, rd, first], "dtype": name, "deterministic": det, "errors": errs,
                        "bitwise_repeat": repeat, "selection_is_topk": same_sel, "pass": good}

@@ -181,6 +181,54 @@ def test_autocast_reads_wide_x_tile_by_tile():
     y_ref.backward(dy.double())
     errs = [_rel(y, y_ref)] + [_rel(a.grad, b.grad) for a, b in zip(leaves, ref)]
     assert all(e < 3e-3 for e in errs), errs
+    # float32 weights go into the op as they are (no 16-bit copies) and their gradients come out in float32
+    # (no cast in the autograd graph)
+    assert all(g.dtype == torch.float32 for g in (leaves[2].grad, leaves[3].grad))
+    inputs = [type(f).__name__ for f, _ in y.grad_fn.next_functions if f is not None]
+    assert not any("ToCopy" in n for n in inputs), inputs
+
+
+def test_router_fused_under_autocast_keeps_float32_weights():
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    B, T, h, E, k, D = 2, 24, 32, 3, 7, 32
+    x = torch.randn(B, T, h, device=DEVICE)
+    ws = [torch.randn(E, h, device=DEVICE) / 6, torch.randn(E, h, 3 * D, device=DEVICE) / 6,
+          torch.randn(E, D, h, device=DEVICE) / 6]
+    leaves = [t.clone().requires_grad_() for t in [x] + ws]
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        y, kept, idx = mosa_triton(*leaves, k, True, 16)
+    assert y.dtype == torch.float16
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert all(t.grad.dtype == torch.float32 for t in leaves)
+    assert not any("ToCopy" in type(f).__name__ for f, _ in y.grad_fn.next_functions if f is not None)
+    # reference: the fp16-rounded inputs in float64, at the op's selection
+    ref = [t.detach().half().double().requires_grad_() for t in [x] + ws]
+    r = torch.sigmoid(torch.nn.functional.linear(ref[0], ref[1])).transpose(1, 2).gather(-1, idx)
+    y_ref = sparse_attention_reference(ref[0], r, idx, ref[2], ref[3], 16)
+    y_ref.backward(dy.double())
+    errs = [_rel(y, y_ref), _rel(kept, r)] + [_rel(a.grad, b.grad) for a, b in zip(leaves, ref)]
+    assert all(e < 3e-3 for e in errs), errs
+
+
+def test_launch_retries_with_fewer_stages_when_shared_memory_runs_out(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+    tried = []
+
+    class FakeKernel:  # a kernel whose pipeline fits in shared memory only at 2 stages or fewer
+        __name__ = "fake_kernel"
+
+        def __getitem__(self, grid):
+            def launch(*args, num_stages=3, **kw):
+                tried.append(num_stages)
+                if num_stages > 2:
+                    raise OutOfResources(100000 * num_stages, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(triton_mosa, "_STAGES_THAT_FIT", {})
+    for _ in range(2):
+        triton_mosa._launch(FakeKernel(), lambda t: (1,), (torch.zeros(1),), dict(BM=64), num_warps=4, num_stages=4)
+    assert tried == [4, 3, 2, 2]  # the second launch starts at the depth that fitted
 
 
 def test_int32_positions():

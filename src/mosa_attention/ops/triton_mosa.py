@@ -34,8 +34,10 @@ w_router's gradient. Top-k passes no gradient to unkept tokens, so nothing of si
 
 Supported: x, w_qkv, w_o all float16, bfloat16 or float32 (float32 runs exact fp32 dots, no tf32);
 head dim D <= 128 (any D, padded to a power of two in registers); any k >= 1. Non-contiguous inputs are
-copied. Float64 falls back to the reference. Under autocast the weights are cast to the autocast dtype
-and x is read in its own dtype, tile by tile (the result is in the autocast dtype, x's gradient in x's).
+copied. Float64 falls back to the reference. Under autocast the products run in the autocast dtype
+while x and the weights are read in their own dtypes, tile by tile: the result is in the autocast dtype,
+x's gradient in x's and each weight's gradient in its own (float32 parameters need no 16-bit copies and no
+gradient casts).
 Positions must lie in [0, T]; T marks a padding slot (no real query's key, output dropped). Other bad
 input (shapes, devices, dtype mixes, head dim > 128, odd rope_dims) raises ValueError naming it.
 """
@@ -47,6 +49,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .mosa import check_sparse_inputs, sparse_attention_reference
 from .triton_rope import rope_tables as _rope_tables
@@ -166,10 +169,10 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K,
         xa = tl.load(x_ptr + xoff[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0).to(DT)
         wp = wbase + kk[:, None] * (3 * D) + cols[None, :]
         wm = km[:, None] & cm[None, :]
-        acc = tl.dot(xa, tl.load(wp, mask=wm, other=0.0), acc, input_precision=PREC)
+        acc = tl.dot(xa, tl.load(wp, mask=wm, other=0.0).to(DT), acc, input_precision=PREC)
         if FUSED:
-            acc_k = tl.dot(xa, tl.load(wp + D, mask=wm, other=0.0), acc_k, input_precision=PREC)
-            acc_v = tl.dot(xa, tl.load(wp + 2 * D, mask=wm, other=0.0), acc_v, input_precision=PREC)
+            acc_k = tl.dot(xa, tl.load(wp + D, mask=wm, other=0.0).to(DT), acc_k, input_precision=PREC)
+            acc_v = tl.dot(xa, tl.load(wp + 2 * D, mask=wm, other=0.0).to(DT), acc_v, input_precision=PREC)
     rope_pos = tl.minimum(tl.maximum(pos, 0), T)
     om = rm[:, None] & cm[None, :]
     out = qkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
@@ -244,7 +247,7 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
     for n0 in range(0, h, BH):
         nn = n0 + tl.arange(0, BH)
         nm = nn < h
-        w = tl.load(wbase + cols[:, None] * h + nn[None, :], mask=cm[:, None] & nm[None, :], other=0.0)
+        w = tl.load(wbase + cols[:, None] * h + nn[None, :], mask=cm[:, None] & nm[None, :], other=0.0).to(DT)
         y = tl.dot(os, w, input_precision=PREC)
         if ATOMIC:
             tl.atomic_add(out_ptr + orow[:, None] + nn[None, :], y, mask=live[:, None] & nm[None, :], sem="relaxed")
@@ -298,7 +301,7 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
         nn = n0 + tl.arange(0, BH)
         nm = nn < h
         g = tl.load(dy_ptr + grow[:, None] + nn[None, :], mask=keep[:, None] & nm[None, :], other=0.0)
-        wt = tl.load(wbase + cols[None, :] * h + nn[:, None], mask=cm[None, :] & nm[:, None], other=0.0)
+        wt = tl.load(wbase + cols[None, :] * h + nn[:, None], mask=cm[None, :] & nm[:, None], other=0.0).to(DT)
         acc = tl.dot(g, wt, acc, input_precision=PREC)
     ooff = (e * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
     o = tl.load(o_ptr + ooff, mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
@@ -334,7 +337,7 @@ def _dwo(dy_ptr, idx_ptr, sc_ptr, o_ptr, dwo_ptr, T, h, E, R, K,
                      mask=rm[None, :] & cm[:, None], other=0.0).to(tl.float32)
         sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
         acc = tl.dot((ot * sc[None, :]).to(DT), g, acc, input_precision=PREC)
-    tl.store(dwo_ptr + e.to(tl.int64) * D * h + cols[:, None] * h + nn[None, :], acc.to(DT),
+    tl.store(dwo_ptr + e.to(tl.int64) * D * h + cols[:, None] * h + nn[None, :], acc.to(dwo_ptr.dtype.element_ty),
              mask=cm[:, None] & nm[None, :])
 
 
@@ -449,7 +452,7 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
         d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
                     mask=rm[:, None] & cm[None, :], other=0.0)
         wt = tl.load(wbase + nn[None, :] * (3 * D) + part * D + cols[:, None], mask=cm[:, None] & nm[None, :],
-                     other=0.0)
+                     other=0.0).to(d.dtype)
         acc = tl.dot(d, wt, acc, input_precision=PREC)
     if ROUTER:
         dl = tl.load(dl_ptr + sel, mask=rm & (pos >= 0) & (pos < T), other=0.0)
@@ -466,8 +469,10 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
 
 @triton.jit
 def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K,
-           D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
-    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part."""
+           D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+           FUSED: tl.constexpr = False):
+    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part. FUSED: one program makes all three
+    parts from one load of the gathered x tile (grid axis 2 has size 1); else one program per part."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     part = tl.program_id(2)
@@ -476,17 +481,26 @@ def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K,
     cols = tl.arange(0, DP)
     cm = cols < D
     acc = tl.zeros([BH, DP], tl.float32)
+    acc_k = tl.zeros([BH, DP], tl.float32)
+    acc_v = tl.zeros([BH, DP], tl.float32)
     for r0 in range(0, R, BR):
         rows = r0 + tl.arange(0, BR)
         rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
         xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
         xt = tl.load(x_ptr + xrow[None, :] * h + nn[:, None], mask=rm[None, :] & nm[:, None], other=0.0)
         xt = xt.to(dqkv_ptr.dtype.element_ty)
-        d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
-                    mask=rm[:, None] & cm[None, :], other=0.0)
-        acc = tl.dot(xt, d, acc, input_precision=PREC)
-    tl.store(dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :],
-             acc.to(dw_ptr.dtype.element_ty), mask=nm[:, None] & cm[None, :])
+        dp = dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
+        dm = rm[:, None] & cm[None, :]
+        acc = tl.dot(xt, tl.load(dp, mask=dm, other=0.0), acc, input_precision=PREC)
+        if FUSED:
+            acc_k = tl.dot(xt, tl.load(dp + E * R * D, mask=dm, other=0.0), acc_k, input_precision=PREC)
+            acc_v = tl.dot(xt, tl.load(dp + 2 * E * R * D, mask=dm, other=0.0), acc_v, input_precision=PREC)
+    out = dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :]
+    om = nm[:, None] & cm[None, :]
+    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=om)
+    if FUSED:
+        tl.store(out + D, acc_k.to(dw_ptr.dtype.element_ty), mask=om)
+        tl.store(out + 2 * D, acc_v.to(dw_ptr.dtype.element_ty), mask=om)
 
 
 @triton.jit
@@ -519,10 +533,10 @@ def _cfg(D: int, dtype: torch.dtype):
     # per-kernel tiles for 16-bit heads of dim <= 64, picked by `bench_layer.py --tune` on an H200 over the
     # issue's three shapes (benchmarks/NOTES.md, v4); the rest keep the generic tiles
     c.update(QKV_BM=c["BM"], ATT_BN=c["BN"], DWO_BH=64, DQ_BN=c["BN"], DX_BH=64, DW_BH=64, SEG_BT=32, SEG_BH=256,
-             QKV_STAGES=3, DW_STAGES=3, DX_ATOMIC_WARPS=4)
+             QKV_STAGES=3, DW_STAGES=3, DX_ATOMIC_WARPS=4, DW_FUSED=False)
     if not big:  # (v5: pipeline depths and the atomic dx kernel's warps from the same search, NOTES.md)
         c.update(QKV_BM=128, ATT_BN=32, DWO_BH=128, DQ_BN=32, DX_BH=128, DW_BH=128, SEG_BT=16, SEG_BH=512,
-                 QKV_STAGES=4, DW_STAGES=2, DX_ATOMIC_WARPS=8)
+                 QKV_STAGES=4, DW_STAGES=2, DX_ATOMIC_WARPS=8, DW_FUSED=os.environ.get("MOSA_DW_FUSED", "1") == "1")
     return c
 
 
@@ -531,9 +545,17 @@ def _cfg(D: int, dtype: torch.dtype):
 TILE_OVERRIDES: dict = {}
 
 
+# Pipeline depth that fitted in shared memory, per kernel and launch signature, where the asked one did not
+# (wide float32 tiles under autocast, GPUs with less shared memory than an H100)
+_STAGES_THAT_FIT: dict = {}
+
+
 def _launch(kernel, grid_fn, args, blocks: dict, **meta):
-    """kernel[grid](*args, **blocks, **meta) with this kernel's overrides applied; grid_fn(blocks) -> grid."""
-    over = TILE_OVERRIDES.get(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
+    """kernel[grid](*args, **blocks, **meta) with this kernel's overrides applied; grid_fn(blocks) -> grid.
+    A launch whose pipeline does not fit in the GPU's shared memory is retried with fewer stages (down to
+    one), and the depth that fitted is remembered for the same kernel, tiles and dtypes."""
+    name = kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__
+    over = TILE_OVERRIDES.get(name)
     if over:
         blocks = dict(blocks)
         for key, val in over.items():
@@ -541,7 +563,18 @@ def _launch(kernel, grid_fn, args, blocks: dict, **meta):
                 meta[key] = val
             else:
                 blocks[key] = val
-    kernel[grid_fn(blocks)](*args, **blocks, **meta)
+    key = (name, tuple(blocks.items()), tuple(sorted((k, v) for k, v in meta.items() if k != "num_stages")),
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    stages = min(meta.get("num_stages", 3), _STAGES_THAT_FIT.get(key, 99))
+    while True:
+        try:
+            kernel[grid_fn(blocks)](*args, **blocks, **dict(meta, num_stages=stages))
+            return
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            _STAGES_THAT_FIT[key] = stages
 
 
 def _dims(x, idx, w_qkv):
@@ -570,14 +603,14 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
     return out
 
 
-def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool):
+def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype):
     """(y, qkv, o, lse, perm, starts). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
     through the destination sort (perm, starts); else added with float32 atomics (perm, starts empty, which
     tells the backward to do the same)."""
-    # the weights' dtype is the compute dtype; x may be wider (float32 under autocast): its tiles are cast
-    # as they are loaded, so no 16-bit copy of the whole sequence is made
+    # cdt is the compute dtype (the autocast dtype, else the weights'); x and the weights may be wider
+    # (float32 under autocast): their tiles are cast as they are loaded, so no 16-bit copy of the sequence or
+    # of the weights is made, and the weight gradients come out in the weights' dtype
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
-    cdt = w_qkv.dtype
     c = _cfg(D, cdt)
     dev = x.device
     cos, sin = _rope_tables(rope_dims, rope_base, T + 1, dev)
@@ -608,7 +641,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     """Gradients for x, scores, w_qkv, w_o; with ``w_router`` (the fused router: scores are sigmoid(x w_r^T)
     at the kept tokens) the second is w_router's gradient and x's includes the router's share."""
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
-    cdt = w_qkv.dtype
+    cdt = qkv.dtype  # the forward's compute dtype
     c = _cfg(D, cdt)
     dev = x.device
     dy = dy.to(cdt).contiguous()
@@ -640,8 +673,10 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # in x's dtype: no cast pass in autograd
     dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c) if deterministic else rows.to(x.dtype)
     dwqkv = torch.empty_like(w_qkv)
-    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 3), (x, idx, dqkv, dwqkv, T, h, E, R, K),
-            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4, num_stages=c["DW_STAGES"])
+    fused = c["DW_FUSED"]
+    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 1 if fused else 3), (x, idx, dqkv, dwqkv, T, h, E, R, K),
+            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], FUSED=fused,
+            num_warps=8 if fused else 4, num_stages=c["DW_STAGES"])
     dwr = None
     if w_router is not None:
         dwr = torch.empty_like(w_router)
@@ -655,9 +690,9 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
 # and an autograd.Function with less Python overhead per call for eager mode.
 @torch.library.custom_op("mosa_attention::sparse_attention_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
-            rope_dims: int, rope_base: float, deterministic: bool
+            rope_dims: int, rope_base: float, deterministic: bool, compute_dtype: torch.dtype
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic)
+    return _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, compute_dtype)
 
 
 def _segments_like(idx, B, T, E, R, deterministic):
@@ -668,9 +703,10 @@ def _segments_like(idx, B, T, E, R, deterministic):
 
 
 @_fwd_op.register_fake
-def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic):
+def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, compute_dtype):
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
-    return (w_qkv.new_empty(B, T, h), w_qkv.new_empty(3, E, R, D), w_qkv.new_empty(E, R, D),
+    cdt = compute_dtype
+    return (x.new_empty(B, T, h, dtype=cdt), x.new_empty(3, E, R, D, dtype=cdt), x.new_empty(E, R, D, dtype=cdt),
             x.new_empty(E, R, dtype=torch.float32), *_segments_like(idx, B, T, E, R, deterministic))
 
 
@@ -688,7 +724,7 @@ def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope
 
 
 def _setup_context(ctx, inputs, output):
-    x, scores, idx, w_qkv, w_o, rope_dims, rope_base, _ = inputs
+    x, scores, idx, w_qkv, w_o, rope_dims, rope_base, _, _ = inputs
     ctx.save_for_backward(x, scores, idx, w_qkv, w_o, *output[1:])
     ctx.rope = (rope_dims, rope_base)
     ctx.mark_non_differentiable(*output[1:])
@@ -696,7 +732,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, *_):
     dx, dsc, dwqkv, dwo = _bwd_op(dy, *ctx.saved_tensors, *ctx.rope)
-    return dx, dsc, None, dwqkv, dwo, None, None, None
+    return dx, dsc, None, dwqkv, dwo, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -704,8 +740,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _Eager(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic):
-        out = _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic)
+    def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt):
+        out = _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt)
         ctx.save_for_backward(x, scores, idx, w_qkv, w_o, *out[1:])
         ctx.rope = (rope_dims, rope_base)
         return out[0]
@@ -713,7 +749,7 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope)
-        return dx, dsc, None, dwqkv, dwo, None, None, None
+        return dx, dsc, None, dwqkv, dwo, None, None, None, None
 
 
 class _EagerRouted(torch.autograd.Function):
@@ -722,9 +758,9 @@ class _EagerRouted(torch.autograd.Function):
     the weight-gradient kernel), so no [B, T, E] gradient, no router GEMMs and no add of two dx exist."""
 
     @staticmethod
-    def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic):
+    def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, cdt):
         y, kept, idx, *saved = _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
-                                                deterministic)
+                                                deterministic, cdt)
         ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.mark_non_differentiable(kept, idx)
@@ -734,19 +770,19 @@ class _EagerRouted(torch.autograd.Function):
     def backward(ctx, dy, _kept, _idx):
         *saved, w_router = ctx.saved_tensors
         dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router)
-        return dx, dwr, dwqkv, dwo, None, None, None, None, None
+        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
-                     deterministic: bool):
+                     deterministic: bool, cdt: torch.dtype):
     """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward."""
-    idx, kept = _route(x, w_router, k, include_first)
-    y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic)
+    idx, kept = _route(x, w_router, k, include_first, cdt)
+    y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt)
     return y, kept, idx, qkv, o, lse, perm, starts
 
 
-def _route(x, w_router, k: int, include_first: bool):
-    """Router logits [B, E, T] = (w_r x^T) (one GEMM in the weights' dtype), then (each head's top-k positions,
+def _route(x, w_router, k: int, include_first: bool, cdt: torch.dtype):
+    """Router logits [B, E, T] = (w_r x^T) (one GEMM in the compute dtype), then (each head's top-k positions,
     ascending; kept scores sigmoid(logit) in float32): the fused kernel where T allows, else torch.
     Float32 scores keep the sigmoid's derivative s (1 - s) accurate for scores near 1, which top-k keeps
     (in bfloat16, 1 - s of a kept score can be off by half)."""
@@ -758,7 +794,7 @@ def _route(x, w_router, k: int, include_first: bool):
         # w_r x^T, [E, B*T]: each head's row of logits is contiguous per sequence (the top-k kernel reads it
         # coalesced), and the product's leading dimension B*T keeps cuBLAS on its tensor-core kernels (x w_r^T
         # has leading dimension E, odd for E = 17 or 505, which sent it to an sm75 fallback kernel)
-        lt = torch.mm(w_router, x.reshape(B * T, h).to(w_router.dtype).t()).view(E, B, T).permute(1, 0, 2)
+        lt = torch.mm(w_router.to(cdt), x.reshape(B * T, h).to(cdt).t()).view(E, B, T).permute(1, 0, 2)
     if T <= triton_routing.MAX_T:
         idx, kept = triton_routing.route_logits_triton(lt.transpose(1, 2), k, include_first, kept_dtype=torch.float32)
     else:
@@ -769,19 +805,22 @@ def _route(x, w_router, k: int, include_first: bool):
 
 @torch.library.custom_op("mosa_attention::mosa_routed_fwd", mutates_args=())
 def _routed_fwd_op(x: torch.Tensor, w_router: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, k: int,
-                   include_first: bool, rope_dims: int, rope_base: float, deterministic: bool
+                   include_first: bool, rope_dims: int, rope_base: float, deterministic: bool,
+                   compute_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor]:
-    return _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic)
+    return _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic,
+                            compute_dtype)
 
 
 @_routed_fwd_op.register_fake
-def _(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic):
+def _(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, compute_dtype):
     B, T, h = x.shape
     E, D, R = w_qkv.shape[0], w_qkv.shape[2] // 3, B * k
     idx = x.new_empty(B, E, k, dtype=torch.int64)
-    return (w_qkv.new_empty(B, T, h), x.new_empty(B, E, k, dtype=torch.float32), idx,
-            w_qkv.new_empty(3, E, R, D), w_qkv.new_empty(E, R, D), x.new_empty(E, R, dtype=torch.float32),
+    cdt = compute_dtype
+    return (x.new_empty(B, T, h, dtype=cdt), x.new_empty(B, E, k, dtype=torch.float32), idx,
+            x.new_empty(3, E, R, D, dtype=cdt), x.new_empty(E, R, D, dtype=cdt), x.new_empty(E, R, dtype=torch.float32),
             *_segments_like(idx, B, T, E, R, deterministic))
 
 
@@ -800,7 +839,7 @@ def _(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, rope_di
 
 
 def _routed_setup_context(ctx, inputs, output):
-    x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, _ = inputs
+    x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, _, _ = inputs
     y, kept, idx, *rest = output
     ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *rest, w_router)
     ctx.rope = (rope_dims, rope_base)
@@ -809,7 +848,7 @@ def _routed_setup_context(ctx, inputs, output):
 
 def _routed_backward(ctx, dy, *_):
     dx, dwr, dwqkv, dwo = _routed_bwd_op(dy, *ctx.saved_tensors, *ctx.rope)
-    return dx, dwr, dwqkv, dwo, None, None, None, None, None
+    return dx, dwr, dwqkv, dwo, None, None, None, None, None, None
 
 
 _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
@@ -823,12 +862,7 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     ``sparse_attention_reference(x, *select_topk(sigmoid(x w_r^T)), ...)``; differentiable in x and the
     three weights. Under torch.compile it is one custom op (forward and backward), like the others.
     ``deterministic``: see ``sparse_attention_triton``."""
-    dev_type = x.device.type
-    mixed = False
-    if torch.is_autocast_enabled(dev_type) and x.dtype in _DTYPES:
-        dt = torch.get_autocast_dtype(dev_type)
-        w_router, w_qkv, w_o = w_router.to(dt), w_qkv.to(dt), w_o.to(dt)
-        mixed = x.dtype != dt
+    cdt, (w_router, w_qkv, w_o), mixed = _compute_dtype(x, w_router, w_qkv, w_o)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
     B, T, h = x.shape if x.dim() == 3 else (0, 0, 0)
@@ -844,7 +878,7 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     _check(x, sc_like, idx_like, w_qkv, w_o, int(rope_dims), mixed)
     x, w_router, w_qkv, w_o = (t.contiguous() for t in (x, w_router, w_qkv, w_o))
     args = (x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base),
-            use_rows(deterministic, E * B * k, B * T))
+            use_rows(deterministic, E * B * k, B * T), cdt)
     if torch.compiler.is_compiling():
         return _routed_fwd_op(*args)[:3]
     return _EagerRouted.apply(*args)
@@ -873,6 +907,18 @@ def use_rows(deterministic: bool | None, kept_rows: int, out_rows: int) -> bool:
     return deterministic
 
 
+def _compute_dtype(x, *weights):
+    """(compute dtype, weights, mixed). Under autocast: the autocast dtype, and the weights as they are: the
+    kernels cast x's and the weights' tiles as they load them and write the weight gradients in the weights'
+    dtype, so float32 parameters need no 16-bit copies and no gradient casts (weights of a dtype the
+    kernels do not read are cast here). Otherwise the weights' dtype, which x must share."""
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type) and x.dtype in _DTYPES:
+        dt = torch.get_autocast_dtype(dev_type)
+        return dt, tuple(w if w.dtype in _DTYPES else w.to(dt) for w in weights), True
+    return weights[-1].dtype, weights, False
+
+
 def _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed=False):
     check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims)  # shapes, as every backend
     D = w_qkv.shape[2] // 3
@@ -883,8 +929,8 @@ def _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed=False):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if x.device.type != "cuda" and not _interpreting():
         raise ValueError(f"the triton backend runs on CUDA tensors, got x.device={x.device} (use backend='torch')")
-    if w_o.dtype != w_qkv.dtype:
-        raise ValueError(f"w_o.dtype={w_o.dtype} must match w_qkv.dtype={w_qkv.dtype}")
+    if w_o.dtype != w_qkv.dtype and not mixed:
+        raise ValueError(f"w_o.dtype={w_o.dtype} must match w_qkv.dtype={w_qkv.dtype} (outside autocast)")
     if w_qkv.dtype != x.dtype and not mixed:
         raise ValueError(f"w_qkv.dtype={w_qkv.dtype} must match x.dtype={x.dtype} (outside autocast)")
 
@@ -899,23 +945,16 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     is True under ``torch.use_deterministic_algorithms(True)``, else the faster of the two for the shape:
     atomics when the kept rows are at least ``ATOMIC_MIN_ROWS`` of the output's rows.
     """
-    dev_type = x.device.type
-    mixed = False
-    if torch.is_autocast_enabled(dev_type) and x.dtype in _DTYPES:
-        # autocast: the weights go to the autocast dtype; x stays as it is and is cast tile by tile in the
-        # kernels (the result is in the autocast dtype, x's gradient in x's dtype)
-        dt = torch.get_autocast_dtype(dev_type)
-        w_qkv, w_o = w_qkv.to(dt), w_o.to(dt)
-        mixed = x.dtype != dt
     if x.dtype == torch.float64:  # documented fallback: no fp64 kernels
         return sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
+    cdt, (w_qkv, w_o), mixed = _compute_dtype(x, w_qkv, w_o)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
     rope_dims = int(rope_dims)
     _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed)
     x, scores, idx, w_qkv, w_o = (t.contiguous() for t in (x, scores, idx, w_qkv, w_o))
     args = (x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base),
-            use_rows(deterministic, idx.numel(), x.shape[0] * x.shape[1]))
+            use_rows(deterministic, idx.numel(), x.shape[0] * x.shape[1]), cdt)
     if torch.compiler.is_compiling():
         return _fwd_op(*args)[0]
     return _Eager.apply(*args)
