@@ -536,7 +536,7 @@ def _cfg(D: int, dtype: torch.dtype):
              QKV_STAGES=3, DW_STAGES=3, DX_ATOMIC_WARPS=4, DW_FUSED=False)
     if not big:  # (v5: pipeline depths and the atomic dx kernel's warps from the same search, NOTES.md)
         c.update(QKV_BM=128, ATT_BN=32, DWO_BH=128, DQ_BN=32, DX_BH=128, DW_BH=128, SEG_BT=16, SEG_BH=512,
-                 QKV_STAGES=4, DW_STAGES=2, DX_ATOMIC_WARPS=8, DW_FUSED=os.environ.get("MOSA_DW_FUSED", "1") == "1")
+                 QKV_STAGES=4, DW_STAGES=2, DX_ATOMIC_WARPS=8, DW_FUSED=True)
     return c
 
 
