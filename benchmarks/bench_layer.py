@@ -666,6 +666,8 @@ def main():
     ap.add_argument("--tune", action="store_true",
                     help="time every kernel of ours under several tile configurations (t1, t3 shapes)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step of ours")
+    ap.add_argument("--scalar-atomics", action="store_true",
+                    help="the atomic scatter with one atomic per element instead of sm_90's four-wide red.global.add")
     ap.add_argument("--host-profile", action="store_true", help="cProfile of eager t1 steps (host overhead)")
     ap.add_argument("--scatter", default="auto", choices=("auto", "rows", "atomic"),
                     help="our layers' scatter-adds: auto (deterministic=None: by shape), rows (deterministic=True: "
@@ -680,6 +682,9 @@ def main():
     global MODE, DENSE_BACKEND, TUNE_ROUTING, DETERMINISTIC
     MODE = args.mode
     DETERMINISTIC = {"auto": None, "rows": True, "atomic": False}[args.scatter]
+    if args.scalar_atomics:
+        from mosa_attention.ops import triton_mosa
+        triton_mosa.VECTOR_ATOMICS = False
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -690,7 +695,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

@@ -89,6 +89,30 @@ def _rope(t, pos, cos_ptr, sin_ptr, R: tl.constexpr, DP: tl.constexpr, DT: tl.co
 
 
 @triton.jit
+def _add_tile(out_ptr, rowoff, n0, vals, live, h, VEC: tl.constexpr):
+    """out[rowoff + n0 + j] += vals[:, j] (float32) for rows where live, columns n0 + j < h. VEC: one 16-byte
+    red.global.add.v4.f32 (sm_90) per four columns, the tile split into its four column phases so that the
+    grouping does not depend on the register layout (needs h and n0 multiples of four: a group lies wholly
+    inside the row and is 16-byte aligned); else one relaxed atomic per element."""
+    M: tl.constexpr = vals.shape[0]
+    N: tl.constexpr = vals.shape[1]
+    if VEC:
+        g = n0 + 4 * tl.arange(0, N // 4)
+        ptr = out_ptr + rowoff[:, None] + g[None, :]
+        ok = (live[:, None] & (g < h)[None, :]).to(tl.int32)
+        t0, t1 = tl.split(tl.reshape(vals, [M, N // 4, 2, 2]))  # columns 4g + 2i and 4g + 2i + 1
+        v0, v2 = tl.split(t0)
+        v1, v3 = tl.split(t1)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p red.global.add.v4.f32 [$1], {$2, $3, $4, $5}; mov.b32 $0, 0; }",
+            "=r,l,f,f,f,f,r", [ptr.to(tl.int64), v0, v1, v2, v3, ok], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        nn = n0 + tl.arange(0, N)
+        tl.atomic_add(out_ptr + rowoff[:, None] + nn[None, :], vals, mask=live[:, None] & (nn < h)[None, :],
+                      sem="relaxed")
+
+
+@triton.jit
 def _seqs_sorted(idx_ptr, e, E, K, T, s_first, s_last, BS: tl.constexpr):
     """True iff the positions of head e in sequences s_first..s_last are strictly ascending (repeats
     allowed only for padding slots, pos >= T, whose outputs are dropped): then every key a query may see
@@ -193,7 +217,7 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K,
 @triton.jit
 def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E, R, K, qk_scale,
               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
-              BS: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr = False):
+              BS: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = False):
     """Causal attention of one block of query rows, then its rows of y = (o * score) @ w_o[e]: stored as
     per-kept-token rows for the deterministic scatter, or (ATOMIC) added in float32 straight into
     out[b, pos] (padding slots dropped)."""
@@ -250,7 +274,7 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
         w = tl.load(wbase + cols[:, None] * h + nn[None, :], mask=cm[:, None] & nm[None, :], other=0.0).to(DT)
         y = tl.dot(os, w, input_precision=PREC)
         if ATOMIC:
-            tl.atomic_add(out_ptr + orow[:, None] + nn[None, :], y, mask=live[:, None] & nm[None, :], sem="relaxed")
+            _add_tile(out_ptr, orow, n0, y, live, h, VEC)
         else:
             tl.store(out_ptr + orow[:, None] + nn[None, :], y.to(out_ptr.dtype.element_ty),
                      mask=live[:, None] & nm[None, :])
@@ -432,7 +456,7 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
 @triton.jit
 def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
                 D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                ROUTER: tl.constexpr = False, ATOMIC: tl.constexpr = False):
+                ROUTER: tl.constexpr = False, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = False):
     """Rows of [dq | dk | dv] @ w_qkv[e]^T (each kept token's share of dx), one block of rows and columns,
     stored per kept token for the deterministic scatter or (ATOMIC) added in float32 into dx[b, pos].
     ROUTER: each row also gets d logit * w_router[e], the router's share of dx (nonzero only at kept tokens:
@@ -461,7 +485,7 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
     if ATOMIC:
         drow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64) * h
         live = rm & (pos >= 0) & (pos < T)
-        tl.atomic_add(dx_ptr + drow[:, None] + nn[None, :], acc, mask=live[:, None] & nm[None, :], sem="relaxed")
+        _add_tile(dx_ptr, drow, pn * BH, acc, live, h, VEC)
     else:
         tl.store(dx_ptr + (e * R + rows).to(tl.int64)[:, None] * h + nn[None, :], acc.to(dx_ptr.dtype.element_ty),
                  mask=rm[:, None] & nm[None, :])
@@ -577,6 +601,18 @@ def _launch(kernel, grid_fn, args, blocks: dict, **meta):
             _STAGES_THAT_FIT[key] = stages
 
 
+def _vector_atomics(dev, h: int) -> bool:
+    """Whether the atomic scatter adds four columns per instruction (sm_90 and later, h a multiple of four;
+    not under the interpreter, which runs no inline PTX)."""
+    if _interpreting() or dev.type != "cuda" or h % 4 or not VECTOR_ATOMICS:
+        return False
+    return torch.cuda.get_device_capability(dev) >= (9, 0)
+
+
+# False: scalar atomics everywhere (for comparison in benchmarks)
+VECTOR_ATOMICS = True
+
+
 def _dims(x, idx, w_qkv):
     B, T, h = x.shape
     E, K = idx.shape[1], idx.shape[2]
@@ -629,7 +665,7 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     _launch(_attn_fwd, lambda t: (triton.cdiv(R, t["BM"]), E),
             (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D)),
             dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"],
-            ATOMIC=not deterministic, num_warps=4)
+            ATOMIC=not deterministic, VEC=_vector_atomics(dev, h), num_warps=4)
     if not deterministic:
         return (out.to(cdt), qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
     perm, starts = _segments(idx, T)
@@ -669,7 +705,8 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     _launch(_qkv_bwd_dx, lambda t: (triton.cdiv(R, t["BM"]), E, triton.cdiv(h, t["BH"])),
             (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
             dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
-            ATOMIC=not deterministic, num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
+            ATOMIC=not deterministic, VEC=_vector_atomics(dev, h),
+            num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
     # in x's dtype: no cast pass in autograd
     dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c) if deterministic else rows.to(x.dtype)
     dwqkv = torch.empty_like(w_qkv)
