@@ -354,3 +354,17 @@ def test_router_fused_long_rows_use_torch_topk(monkeypatch):
     from mosa_attention.ops import triton_routing
     monkeypatch.setattr(triton_routing, "MAX_T", 8)
     _routed_compare(2, 40, 48, 3, 9, 32, 16, True, torch.float32, TOL[torch.float32])
+
+
+def test_vector_atomics_only_where_they_are_valid(monkeypatch):
+    # the four-wide red.global.add needs sm_90, whole 16-byte groups (h % 4 == 0) and real PTX (no interpreter)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_mosa, "_interpreting", lambda: False)
+    for cap, h, on, want in (((9, 0), 512, True, True), ((8, 0), 512, True, False), ((9, 0), 510, True, False),
+                             ((9, 0), 512, False, False), ((10, 0), 64, True, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=cap: c)
+        monkeypatch.setattr(triton_mosa, "VECTOR_ATOMICS", on)
+        assert triton_mosa._vector_atomics(cuda, h) is want, (cap, h, on)
+    assert triton_mosa._vector_atomics(torch.device("cpu"), 512) is False
+    monkeypatch.setattr(triton_mosa, "_interpreting", lambda: True)
+    assert triton_mosa._vector_atomics(cuda, 512) is False
