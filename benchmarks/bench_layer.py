@@ -250,6 +250,40 @@ def run_sweep(args, out):
     out["sweep_T"] = res
 
 
+def run_grid(args, out):
+    """The t1 layer (h=512, 17 MoSA heads, rho=32, T=1024, B=16) with one setting changed at a time:
+    sparsity rho, batch B, head dim D (the dense layer then has h/D heads of dim D), forward + backward,
+    against the dense layer of the same B and D and, under autocast, the official release."""
+    res = []
+    base = dict(rho=32, B=16, D=64)
+    grid = [("rho", int(v)) for v in args.grid_rho.split(",") if v] + \
+           [("B", int(v)) for v in args.grid_B.split(",") if v] + [("D", int(v)) for v in args.grid_D.split(",") if v]
+    h, E, T = 512, 17, 1024
+    for name, val in grid:
+        c = dict(base, **{name: val})
+        row = {"vary": name, "value": val, **c, "k": num_selected(T, c["rho"])}
+        try:
+            ours = MoSAAttention(h, E, c["rho"], head_dim=c["D"], backend="triton", deterministic=DETERMINISTIC).cuda()
+            row["ours"] = time_layer("ours", ours, c["B"], T, h, True)
+            off = official_module(args.official, h, E, c["rho"], 0, T, D=c["D"]) if MODE == "autocast" else None
+            if off is not None:
+                row["official"] = time_layer("official", off.cuda(), c["B"], T, h, True, graphs=False)
+            dense = DenseAttention(h, h // c["D"], head_dim=c["D"], backend=DENSE_BACKEND).cuda()
+            row["dense"] = time_layer(f"dense {h // c['D']} heads", dense, c["B"], T, h, True)
+        except Exception as err:  # noqa: BLE001 (report, go on)
+            row["error"] = repr(err)[:300]
+        res.append(row)
+        torch.cuda.empty_cache()
+        if "error" in row:
+            print("grid %s=%d failed: %s" % (name, val, row["error"]), flush=True)
+            continue
+        print("grid %-3s=%4d (k=%4d) ours %.3f / %s ms %.1f MiB | official %s ms | dense %.3f / %s ms" % (
+            name, val, row["k"], row["ours"]["eager_ms"], _g(row["ours"]["graph_ms"]), row["ours"]["peak_MiB"],
+            _g(row.get("official", {}).get("eager_ms")), row["dense"]["eager_ms"], _g(row["dense"]["graph_ms"])),
+            flush=True)
+    out["grid"] = res
+
+
 def _g(v):
     return "-" if v is None else "%.3f" % v
 
@@ -654,6 +688,11 @@ def main():
                     help="autocast: bf16 autocast over float32 parameters (as the official release); "
                          "bf16: parameters and input in bfloat16 (the official release cannot run so)")
     ap.add_argument("--sweep-T", default="1024,2048,4096,8192,16384,32768,65536", help="T values of the sweep")
+    ap.add_argument("--grid", action="store_true",
+                    help="also time the t1 layer with one of sparsity, batch, head dim changed at a time")
+    ap.add_argument("--grid-rho", default="4,8,16,32,64,128,256", help="sparsities of --grid")
+    ap.add_argument("--grid-B", default="1,4,16,64", help="batch sizes of --grid")
+    ap.add_argument("--grid-D", default="32,64,128", help="head dims of --grid")
     ap.add_argument("--router", default="linear", choices=("linear", "einsum"),
                     help="einsum: time the layer with the earlier router logits, an einsum (strided dx in "
                          "backward); linear: F.linear, as ops/routing.py does now")
@@ -729,6 +768,9 @@ def main():
         save()
         if not args.no_sweep:
             run_sweep(args, out)
+    if args.grid:
+        save()
+        run_grid(args, out)
     save()
     if args.check and not all(out[c]["pass"] for c in ("check", "check_routing", "check_routed", "check_dense")):
         sys.exit(1)

@@ -2,7 +2,7 @@
 # The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
 # limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
 #   bash benchmarks/gpu_layer.sh OUT [STAGES]
-#   STAGES: any of check tune profile profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep
+#   STAGES: any of check tune profile profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
 # (…det: our layers with deterministic=True, …atomic: deterministic=False; the rest deterministic=None)
 set -u
 OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
@@ -28,6 +28,7 @@ for s in $STAGES; do
     bf16u)    timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --unfused --out "$OUT/bf16u" ;;
     autocast) timeout -k 5 "${AUTOCAST_S:-150}" $PY $B --official .official --no-sweep --out "$OUT/autocast" ;;
     autocastdet) timeout -k 5 "${AUTOCAST_S:-150}" $PY $B --no-sweep --scatter rows --out "$OUT/autocastdet" ;;
+    grid)     timeout -k 5 "${GRID_S:-150}" $PY $B --official .official --no-bench --grid --out "$OUT/grid" ;;
     sweep)    timeout -k 5 "${SWEEP_S:-150}" $PY $B --official .official --sweep-T 1024,4096,16384,65536 --out "$OUT/sweep" ;;
   esac > "$OUT/$s.log" 2>&1
   echo "== stage $s: exit $?" >> "$OUT/stages.txt"
