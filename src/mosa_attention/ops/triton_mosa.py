@@ -587,9 +587,11 @@ def _launch(kernel, grid_fn, args, blocks: dict, **meta):
                 meta[key] = val
             else:
                 blocks[key] = val
-    key = (name, tuple(blocks.items()), tuple(sorted((k, v) for k, v in meta.items() if k != "num_stages")),
-           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-    stages = min(meta.get("num_stages", 3), _STAGES_THAT_FIT.get(key, 99))
+    stages = meta.get("num_stages", 3)
+    key = None
+    if _STAGES_THAT_FIT:  # the key costs host time: only once some launch did not fit
+        key = _stages_key(name, blocks, meta, args)
+        stages = min(stages, _STAGES_THAT_FIT.get(key, stages))
     while True:
         try:
             kernel[grid_fn(blocks)](*args, **blocks, **dict(meta, num_stages=stages))
@@ -598,7 +600,12 @@ def _launch(kernel, grid_fn, args, blocks: dict, **meta):
             if stages <= 1:
                 raise
             stages -= 1
-            _STAGES_THAT_FIT[key] = stages
+            _STAGES_THAT_FIT[key or _stages_key(name, blocks, meta, args)] = stages
+
+
+def _stages_key(name, blocks, meta, args):
+    return (name, tuple(blocks.items()), tuple((k, v) for k, v in meta.items() if k != "num_stages"),
+            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
 
 
 def _vector_atomics(dev, h: int) -> bool:
