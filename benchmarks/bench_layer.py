@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from mosa_attention import DenseAttention, MoSAAttention  # noqa: E402
+from mosa_attention.bench.layer import capture_graph  # noqa: E402
 from mosa_attention.ops import num_selected  # noqa: E402
 from mosa_attention.ops.mosa import sparse_attention_reference  # noqa: E402
 
@@ -126,19 +127,7 @@ def make_step(layer, x, dy, backward):
 
 def graph_step(step):
     """One CUDA graph for a whole step (forward, and backward into .grad), replayed; None if capture fails."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g):
-            step()
-    except Exception as err:  # noqa: BLE001 (a layer that syncs cannot be captured: report and go on)
-        return None, f"{type(err).__name__}: {str(err)[:120]}"
-    return g.replay, None
+    return capture_graph(step)
 
 
 MODE = "autocast"  # or "bf16": parameters and input in bfloat16, no autocast

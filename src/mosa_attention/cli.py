@@ -15,6 +15,7 @@ COMMANDS = {
     "viz": ("mosa_attention.plots.viz_cli", "which tokens each MoSA head keeps over a text, as a PNG"),
     "generate": ("mosa_attention.inference.cli", "sample text from a trained run with the sparse KV cache, streaming"),
     "routing-report": ("mosa_attention.inference.report_cli", "causal (threshold) routing against top-k on a trained run"),
+    "bench": ("mosa_attention.bench.cli", "time a MoSA attention layer against a dense one on this machine"),
 }
 
 

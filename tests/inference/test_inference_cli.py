@@ -44,7 +44,7 @@ def test_generate_streams_text(run_dir, capsys):
     rc = call(cli, ["--checkpoint", str(run_dir), "--prompt", "the cat", "--max-new-tokens", "6", "--seed", "0",
                     "--no-stop-at-eos", "--stats", "--device", "cpu"])
     out, err = capsys.readouterr()
-    assert rc == 0 and out.startswith("the cat") and out.endswith("\n")
+    assert rc == 0 and out.startswith("the cat") and out.endswith("\n"), err
     assert "trained with top-k routing" in err  # the run was neither aux-trained nor calibrated
     assert "6 tokens" in err and "KV cache" in err
 

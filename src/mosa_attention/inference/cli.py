@@ -61,8 +61,9 @@ class _Printer:
     """Prints the newly decoded text of one sequence; holds back a partly decoded character (byte-level
     tokens may split one)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        # sys.stdout as it is now, not as it was at import (a caller may have replaced it since)
+        self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
         self.ids: list[int] = []
         self.shown = ""
 

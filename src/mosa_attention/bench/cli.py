@@ -1,0 +1,130 @@
+"""``mosa bench``: time one MoSA attention layer against a dense layer on this machine.
+
+Forward + backward (a training step from empty gradients) and forward only, eagerly and, on CUDA, as a
+replayed CUDA graph; peak memory on CUDA. The default is the paper's perplexity-matched tiny layer
+(h = 512, 17 MoSA heads at sparsity 32, T = 1024, batch 16) against 9 dense heads. The GPU measurements of
+issue 3 (all targets, the official release as a column, sweeps) are ``benchmarks/bench_layer.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--d-model", type=int, default=512, help="model width h (default 512)")
+    p.add_argument("--mosa-heads", type=int, default=17, help="MoSA heads (default 17)")
+    p.add_argument("--sparsity", type=float, default=32.0, help="sparsity ρ: each MoSA head keeps T/ρ tokens (default 32)")
+    p.add_argument("--hybrid-dense-heads", type=int, default=0, help="dense heads beside the MoSA heads (default 0)")
+    p.add_argument("--dense-heads", type=int, default=9, help="heads of the dense layer compared with (default 9)")
+    p.add_argument("--head-dim", type=int, default=64, help="head width (default 64)")
+    p.add_argument("--seq-len", type=int, default=1024, help="sequence length T (default 1024)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16-autocast", "bfloat16", "float32"),
+                   help="auto: bf16 autocast over float32 parameters on CUDA, float32 on CPU")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="MoSA kernels (default auto)")
+    p.add_argument("--deterministic", action="store_true", help="bit-repeatable scatter-adds (MoSAAttention(deterministic=True))")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--iters", type=int, default=20, help="timed repetitions, median reported (default 20)")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+class BenchError(ValueError):
+    pass
+
+
+def _check(args) -> None:
+    for name in ("d_model", "mosa_heads", "dense_heads", "head_dim", "seq_len", "batch", "iters"):
+        value = getattr(args, name)
+        if value < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.hybrid_dense_heads < 0:
+        raise BenchError(f"--hybrid-dense-heads must be at least 0, got {args.hybrid_dense_heads}")
+    if not args.sparsity >= 1:
+        raise BenchError(f"--sparsity must be at least 1, got {args.sparsity}")
+
+
+def _setup(args):
+    import torch  # noqa: PLC0415
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {args.device}: CUDA is not available here")
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bf16-autocast" if device.type == "cuda" else "float32"
+    param_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    autocast = torch.bfloat16 if dtype == "bf16-autocast" else None
+    return torch, device, dtype, param_dtype, autocast
+
+
+def measure(args) -> dict:
+    _check(args)
+    torch, device, dtype, param_dtype, autocast = _setup(args)
+    from ..layers import DenseAttention, MoSAAttention  # noqa: PLC0415
+    from ..ops.routing import num_selected  # noqa: PLC0415
+    from .layer import time_layer  # noqa: PLC0415
+
+    h, T, B = args.d_model, args.seq_len, args.batch
+    torch.manual_seed(0)
+    layers = {
+        "mosa": MoSAAttention(h, args.mosa_heads, args.sparsity, head_dim=args.head_dim,
+                              num_dense_heads=args.hybrid_dense_heads, backend=args.backend,
+                              deterministic=True if args.deterministic else None),
+        "dense": DenseAttention(h, args.dense_heads, head_dim=args.head_dim),
+    }
+    x = torch.randn(B, T, h, device=device, dtype=param_dtype)
+    rows = []
+    for name, layer in layers.items():
+        layer = layer.to(device=device, dtype=param_dtype)
+        for backward in (True, False):
+            t = time_layer(layer, x, backward, autocast_dtype=autocast, iters=args.iters,
+                           graphs=not args.no_graphs)
+            rows.append({"layer": name, "step": "f+b" if backward else "fwd", **t.to_dict(), "best_ms": t.best_ms()})
+        del layer
+    params = {name: sum(p.numel() for p in layer.parameters()) for name, layer in layers.items()}
+    best = {(r["layer"], r["step"]): r["best_ms"] for r in rows}
+    return {
+        "config": {"d_model": h, "mosa_heads": args.mosa_heads, "sparsity": args.sparsity,
+                   "k": num_selected(T, args.sparsity), "hybrid_dense_heads": args.hybrid_dense_heads,
+                   "dense_heads": args.dense_heads, "head_dim": args.head_dim, "seq_len": T, "batch": B,
+                   "dtype": dtype, "backend": args.backend, "deterministic": args.deterministic,
+                   "mosa_params": params["mosa"], "dense_params": params["dense"]},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "results": rows,
+        "mosa_over_dense": {step: best[("mosa", step)] / best[("dense", step)] for step in ("f+b", "fwd")},
+    }
+
+
+def _fmt(v, pattern):
+    return "-" if v is None else pattern % v
+
+
+def run(args) -> int:
+    try:
+        res = measure(args)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    c = res["config"]
+    print(f"{res['device']}, torch {res['torch']}, {c['dtype']}: h={c['d_model']}, {c['mosa_heads']} MoSA heads "
+          f"(k={c['k']} of T={c['seq_len']}) + {c['hybrid_dense_heads']} dense vs {c['dense_heads']} dense heads, "
+          f"head dim {c['head_dim']}, batch {c['batch']}")
+    print(f"{'layer':<6} {'step':<4} {'eager ms':>9} {'graph ms':>9} {'peak MiB':>9}")
+    for r in res["results"]:
+        print(f"{r['layer']:<6} {r['step']:<4} {r['eager_ms']:>9.3f} {_fmt(r['graph_ms'], '%9.3f'):>9} "
+              f"{_fmt(r['peak_mib'], '%9.1f'):>9}")
+    print("MoSA / dense (best of eager and graph): " + ", ".join(f"{k} {v:.2f}x" for k, v in res["mosa_over_dense"].items()))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, args.json)  # never a half-written file
+    return 0

@@ -1,0 +1,50 @@
+"""``mosa bench`` and ``bench.time_layer`` on the CPU: what is timed is what was asked for, the JSON is whole,
+bad arguments get a clear error."""
+import json
+
+import pytest
+import torch
+
+from mosa_attention.bench import time_layer
+from mosa_attention.cli import main
+from mosa_attention.layers import DenseAttention, MoSAAttention
+
+SMALL = ["--d-model", "32", "--mosa-heads", "3", "--sparsity", "4", "--dense-heads", "2", "--head-dim", "16",
+         "--seq-len", "24", "--batch", "2", "--iters", "2", "--device", "cpu"]
+
+
+def test_bench_writes_every_row_for_the_layers_asked_for(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *SMALL, "--hybrid-dense-heads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert not (tmp_path / "bench.json.tmp").exists()
+    c = res["config"]
+    assert c["k"] == 24 // 4 and c["dtype"] == "float32"
+    assert c["mosa_params"] == sum(p.numel() for p in MoSAAttention(32, 3, 4, head_dim=16, num_dense_heads=1).parameters())
+    assert c["dense_params"] == sum(p.numel() for p in DenseAttention(32, 2, head_dim=16).parameters())
+    assert [(r["layer"], r["step"]) for r in res["results"]] == [("mosa", "f+b"), ("mosa", "fwd"),
+                                                                 ("dense", "f+b"), ("dense", "fwd")]
+    assert all(r["eager_ms"] > 0 and r["graph_ms"] is None and r["peak_mib"] is None for r in res["results"])
+    best = {(r["layer"], r["step"]): r["best_ms"] for r in res["results"]}
+    assert res["mosa_over_dense"]["f+b"] == pytest.approx(best[("mosa", "f+b")] / best[("dense", "f+b")])
+    assert "MoSA / dense" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag,value", [("--sparsity", "0.5"), ("--batch", "0"), ("--hybrid-dense-heads", "-1")])
+def test_bench_rejects_bad_arguments(flag, value, capsys):
+    assert main(["bench", *SMALL, flag, value]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_time_layer_steps_leave_no_gradients_and_run_under_autocast():
+    layer = DenseAttention(32, 2, head_dim=16)
+    x = torch.randn(2, 8, 32)
+    calls = []
+    layer.register_forward_hook(lambda m, i, o: calls.append((torch.is_grad_enabled(), o.dtype)))
+    t = time_layer(layer, x, backward=True, autocast_dtype=torch.bfloat16, iters=2, warmup=1)
+    assert t.eager_ms > 0 and t.best_ms() == t.eager_ms and t.graph_ms is None
+    assert all(p.grad is None for p in layer.parameters())
+    assert calls and all(grad and dtype == torch.bfloat16 for grad, dtype in calls)
+    calls.clear()
+    time_layer(layer, x, backward=False, iters=2, warmup=1)
+    assert calls and all(not grad and dtype == torch.float32 for grad, dtype in calls)
