@@ -62,6 +62,35 @@ def test_generate_batch_and_bad_arguments(run_dir, capsys):
     assert "exceeds the longest sequence" in capsys.readouterr().err
 
 
+def test_generate_saves_the_calibrated_model_as_a_new_run(run_dir, tmp_path, capsys):
+    from mosa_attention.inference import cli
+    from mosa_attention.train.checkpoint import load_model
+
+    state_before = (checkpoint.resolve(run_dir) / "state.json").read_bytes()
+    out = tmp_path / "calibrated"
+    rc = call(cli, ["--checkpoint", str(run_dir), "--prompt", "the", "--max-new-tokens", "2", "--calibrate", "4",
+                    "--save-calibrated", str(out), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert (checkpoint.resolve(run_dir) / "state.json").read_bytes() == state_before  # the original is untouched
+    original, _, ck0 = load_model(run_dir)
+    saved, _, ck1 = load_model(out)
+    assert not original.config.thresholds_calibrated and saved.config.thresholds_calibrated
+    assert ck1.step == ck0.step and ck1.state["calibrated_from"] == str(ck0.path)
+    thresholds = {k: v for k, v in saved.state_dict().items() if k.endswith("threshold")}
+    assert thresholds and any(not torch.equal(v, original.state_dict()[k]) for k, v in thresholds.items())
+    # the saved run generates without calibrating and without the routing warning
+    capsys.readouterr()
+    assert call(cli, ["--checkpoint", str(out), "--prompt", "the", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # never over an existing run, and only with --calibrate
+    assert call(cli, ["--checkpoint", str(run_dir), "--prompt", "the", "--calibrate", "2",
+                      "--save-calibrated", str(out), "--device", "cpu"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert call(cli, ["--checkpoint", str(run_dir), "--prompt", "the", "--save-calibrated", str(tmp_path / "x"),
+                      "--device", "cpu"]) == 2
+    assert "--calibrate" in capsys.readouterr().err
+
+
 def test_generate_is_a_mosa_subcommand():
     from mosa_attention.cli import COMMANDS
 

@@ -4,7 +4,9 @@
 
 MoSA heads route causally (by threshold) and cache only the tokens they keep. A model trained with top-k
 routing and no auxiliary router loss should be calibrated first: ``--calibrate 32`` sets every head's
-threshold on 32 windows of the run's training data (in memory; the checkpoint is not changed).
+threshold on 32 windows of the run's training data (in memory; the checkpoint is not changed), and
+``--save-calibrated DIR`` also writes the calibrated model as a new run folder, so that later runs need no
+calibration.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="at most this many cached tokens per MoSA head (the lowest-score one is dropped)")
     p.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
                    help="calibrate the routing thresholds on this many training windows first")
+    p.add_argument("--save-calibrated", metavar="DIR",
+                   help="with --calibrate: also save the calibrated model as a new run folder DIR (its checkpoint "
+                        "keeps the step, tokenizer and configs; the original run is not changed)")
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a sequence at the end-of-document token")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -43,6 +48,22 @@ def load_run(path, device: str = "auto"):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return load_model(path, device=device)
+
+
+def save_calibrated(model, ckpt, out_dir):
+    """Write ``model`` (thresholds calibrated) as a new run folder ``out_dir``: one checkpoint of the same step
+    with the original's tokenizer and configs, ``model_config`` now marked calibrated. Written atomically;
+    refuses a folder that already holds checkpoints."""
+    from ..train.checkpoint import CheckpointError, list_checkpoints, save  # noqa: PLC0415
+
+    if list_checkpoints(out_dir):
+        raise CheckpointError(f"{out_dir} already holds checkpoints; give --save-calibrated a new folder")
+    skip = {"format_version", "step", "files", "optimizer_param_groups"}
+    state = {k: v for k, v in ckpt.state.items() if k not in skip}
+    state["model_config"] = model.config.to_dict()
+    state["calibrated_from"] = str(ckpt.path)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return save(out_dir, ckpt.step, weights, None, state, ckpt.tokenizer_json, keep_last=0)
 
 
 def training_windows(ckpt, count: int, split: str = "train"):
@@ -94,11 +115,22 @@ def run(args) -> int:
     except ValueError as e:
         print(f"mosa generate: {e}", file=sys.stderr)
         return 2
+    if args.save_calibrated and not args.calibrate:
+        print("mosa generate: --save-calibrated needs --calibrate WINDOWS (the thresholds to save)", file=sys.stderr)
+        return 2
     model, tokenizer, ckpt = load_run(args.checkpoint, args.device)
     if args.calibrate:
         batches = [x for x, _ in training_windows(ckpt, args.calibrate)]
         calibrate_thresholds(model, batches)
         print(f"[calibrated routing thresholds on {sum(len(b) for b in batches)} training windows]", file=sys.stderr)
+        if args.save_calibrated:
+            from ..train.checkpoint import CheckpointError  # noqa: PLC0415
+            try:
+                where = save_calibrated(model, ckpt, args.save_calibrated)
+            except CheckpointError as e:
+                print(f"mosa generate: {e}", file=sys.stderr)
+                return 2
+            print(f"[saved the calibrated model: {where}]", file=sys.stderr)
     note = not_causal_note(model)
     if note:
         print(f"warning: {note}", file=sys.stderr)
