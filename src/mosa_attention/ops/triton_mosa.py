@@ -9,8 +9,9 @@ kernel works on blocks of these rows, so one block may hold several short sequen
 64-row tile with four sequences) and one weight tile serves all of them: the projections are grouped GEMMs
 over heads. Attention masks on ``same sequence and pos_q >= pos_k``, which is the reference's rule for any
 order of ``idx``; when a sequence's positions are strictly ascending (``select_topk`` sorts them; padding
-slots at T may repeat) the kernels also skip the key blocks after the query block. Sortedness is checked on the device, per block, so unsorted
-input is slower, never wrong, and nothing is read back to the host (CUDA graphs can capture the op).
+slots at T may repeat) the kernels also skip the key blocks after the query block. Sortedness is checked on
+the device, per block, so unsorted input is slower, never wrong, and nothing is read back to the host (CUDA
+graphs can capture the op).
 
 Forward: ``_qkv_fwd`` (gather + QKV projection + RoPE), ``_attn_fwd`` (flash attention + score + W_O
 projection) and the scatter-add. Backward: ``_out_bwd`` (dO, d score), ``_dwo``, ``_attn_bwd_dkdv``,
@@ -18,7 +19,7 @@ projection) and the scatter-add. Backward: ``_out_bwd`` (dO, d score), ``_dwo``,
 scatter-add again, ``_dwqkv``. Weight gradients are reductions inside one program (no atomics). The two
 scatter-adds (y, dx) have two modes. Atomics: ``_attn_fwd`` / ``_qkv_bwd_dx`` add their tiles into a
 float32 [B, T, h] buffer (nothing per kept token is written out, no sort; the order of the additions may
-differ from run to run). Rows: they write one row per kept token, and ``_segment_sum`` sums each token's
+differ from run to run), four columns per ``red.global.add.v4.f32`` on sm_90 (``_add_tile``). Rows: they write one row per kept token, and ``_segment_sum`` sums each token's
 rows in head order through a stable sort of the destinations (computed once in the forward), writing the
 zeros of unselected tokens too; the same input then gives the same bits. ``deterministic=True`` (or
 ``torch.use_deterministic_algorithms(True)``) takes the rows, ``False`` the atomics, and the default the
@@ -38,6 +39,7 @@ copied. Float64 falls back to the reference. Under autocast the products run in 
 while x and the weights are read in their own dtypes, tile by tile: the result is in the autocast dtype,
 x's gradient in x's and each weight's gradient in its own (float32 parameters need no 16-bit copies and no
 gradient casts).
+A launch whose pipeline does not fit in the GPU's shared memory is retried with fewer stages (``_launch``).
 Positions must lie in [0, T]; T marks a padding slot (no real query's key, output dropped). Other bad
 input (shapes, devices, dtype mixes, head dim > 128, odd rope_dims) raises ValueError naming it.
 """
