@@ -19,9 +19,10 @@ projection) and the scatter-add. Backward: ``_out_bwd`` (dO, d score), ``_dwo``,
 scatter-add again, ``_dwqkv``. Weight gradients are reductions inside one program (no atomics). The two
 scatter-adds (y, dx) have two modes. Atomics: ``_attn_fwd`` / ``_qkv_bwd_dx`` add their tiles into a
 float32 [B, T, h] buffer (nothing per kept token is written out, no sort; the order of the additions may
-differ from run to run), four columns per ``red.global.add.v4.f32`` on sm_90 (``_add_tile``). Rows: they write one row per kept token, and ``_segment_sum`` sums each token's
-rows in head order through a stable sort of the destinations (computed once in the forward), writing the
-zeros of unselected tokens too; the same input then gives the same bits. ``deterministic=True`` (or
+differ from run to run), four columns per ``red.global.add.v4.f32`` on sm_90 (``_add_tile``). Rows: they
+write one row per kept token, and ``_segment_sum`` sums each token's rows in head order through a stable
+sort of the destinations (computed once in the forward), writing the zeros of unselected tokens too; the
+same input then gives the same bits. ``deterministic=True`` (or
 ``torch.use_deterministic_algorithms(True)``) takes the rows, ``False`` the atomics, and the default the
 faster for the shape (``use_rows``): atomics when many heads overlap (t3: 8 kept rows per token), rows when
 the kept tokens are few next to T (t4: the atomics' float32 buffer would cost more than the rows).
