@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from mosa_attention import DenseAttention, MoSAAttention  # noqa: E402
 from mosa_attention.bench.layer import capture_graph  # noqa: E402
+from mosa_attention.bench.official import official_layer  # noqa: E402
 from mosa_attention.ops import num_selected  # noqa: E402
 from mosa_attention.ops.mosa import sparse_attention_reference  # noqa: E402
 
@@ -97,16 +98,11 @@ def min_bytes(B, T, h, params, backward):
 def official_module(path, h, E, sparsity, dense_heads, T, D=64):
     if not path:
         return None
-    sys.path.insert(0, os.path.abspath(path))
     try:
-        from mosa.hybrid import MoSA as OfficialMoSA
-        from mosa.MoSA import PureMoSA
-    except ImportError as err:
-        print(f"official release not importable from {path}: {err}")
+        return official_layer(path, h, E, sparsity, dense_heads, T, D)
+    except ValueError as err:
+        print(err)
         return None
-    if dense_heads:
-        return OfficialMoSA(h, D, E, dense_heads, T, sparsity, hybrid_type="dense")
-    return PureMoSA(E, sparsity, h, D)
 
 
 def make_step(layer, x, dy, backward):

@@ -48,3 +48,23 @@ def test_time_layer_steps_leave_no_gradients_and_run_under_autocast():
     calls.clear()
     time_layer(layer, x, backward=False, iters=2, warmup=1)
     assert calls and all(not grad and dtype == torch.float32 for grad, dtype in calls)
+
+
+def test_bench_names_a_bad_official_path(tmp_path, capsys):
+    assert main(["bench", *SMALL, "--official", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--official" in err and str(tmp_path) in err
+
+
+def test_bench_times_the_official_release_beside(tmp_path):
+    import os
+    path = os.environ.get("MOSA_OFFICIAL_PATH")
+    if not path:
+        pytest.skip("set MOSA_OFFICIAL_PATH to the official release's folder to compare with it")
+    out = tmp_path / "bench.json"
+    assert main(["bench", *SMALL, "--official", path, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {(r["layer"], r["step"]): r for r in res["results"]}
+    assert rows[("official", "f+b")]["eager_ms"] > 0 and rows[("official", "f+b")]["graph_ms"] is None
+    assert res["mosa_over_official"]["fwd"] == pytest.approx(rows[("mosa", "fwd")]["best_ms"]
+                                                             / rows[("official", "fwd")]["best_ms"])

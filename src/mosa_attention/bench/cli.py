@@ -2,8 +2,9 @@
 
 Forward + backward (a training step from empty gradients) and forward only, eagerly and, on CUDA, as a
 replayed CUDA graph; peak memory on CUDA. The default is the paper's perplexity-matched tiny layer
-(h = 512, 17 MoSA heads at sparsity 32, T = 1024, batch 16) against 9 dense heads. The GPU measurements of
-issue 3 (all targets, the official release as a column, sweeps) are ``benchmarks/bench_layer.py``.
+(h = 512, 17 MoSA heads at sparsity 32, T = 1024, batch 16) against 9 dense heads; ``--official PATH`` adds
+the official release's layer (eager only: it reads values back to the host, so it cannot be captured). The
+GPU measurements of issue 3 (all targets, sweeps) are ``benchmarks/bench_layer.py``.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--iters", type=int, default=20, help="timed repetitions, median reported (default 20)")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--official", metavar="PATH",
+                   help="also time the official release's layer: PATH holds its mosa/ package (github piotrpiekos/MoSA)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
@@ -69,6 +72,7 @@ def measure(args) -> dict:
     from ..layers import DenseAttention, MoSAAttention  # noqa: PLC0415
     from ..ops.routing import num_selected  # noqa: PLC0415
     from .layer import time_layer  # noqa: PLC0415
+    from .official import official_layer  # noqa: PLC0415
 
     h, T, B = args.d_model, args.seq_len, args.batch
     torch.manual_seed(0)
@@ -78,13 +82,19 @@ def measure(args) -> dict:
                               deterministic=True if args.deterministic else None),
         "dense": DenseAttention(h, args.dense_heads, head_dim=args.head_dim),
     }
+    if args.official:
+        try:
+            layers["official"] = official_layer(args.official, h, args.mosa_heads, args.sparsity,
+                                                args.hybrid_dense_heads, T, args.head_dim)
+        except ValueError as err:
+            raise BenchError(f"--official: {err}") from None
     x = torch.randn(B, T, h, device=device, dtype=param_dtype)
     rows = []
     for name, layer in layers.items():
         layer = layer.to(device=device, dtype=param_dtype)
         for backward in (True, False):
             t = time_layer(layer, x, backward, autocast_dtype=autocast, iters=args.iters,
-                           graphs=not args.no_graphs)
+                           graphs=not args.no_graphs and name != "official")
             rows.append({"layer": name, "step": "f+b" if backward else "fwd", **t.to_dict(), "best_ms": t.best_ms()})
         del layer
     params = {name: sum(p.numel() for p in layer.parameters()) for name, layer in layers.items()}
@@ -100,6 +110,8 @@ def measure(args) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": rows,
         "mosa_over_dense": {step: best[("mosa", step)] / best[("dense", step)] for step in ("f+b", "fwd")},
+        **({"mosa_over_official": {step: best[("mosa", step)] / best[("official", step)] for step in ("f+b", "fwd")}}
+           if "official" in layers else {}),
     }
 
 
@@ -117,11 +129,13 @@ def run(args) -> int:
     print(f"{res['device']}, torch {res['torch']}, {c['dtype']}: h={c['d_model']}, {c['mosa_heads']} MoSA heads "
           f"(k={c['k']} of T={c['seq_len']}) + {c['hybrid_dense_heads']} dense vs {c['dense_heads']} dense heads, "
           f"head dim {c['head_dim']}, batch {c['batch']}")
-    print(f"{'layer':<6} {'step':<4} {'eager ms':>9} {'graph ms':>9} {'peak MiB':>9}")
+    print(f"{'layer':<8} {'step':<4} {'eager ms':>9} {'graph ms':>9} {'peak MiB':>9}")
     for r in res["results"]:
-        print(f"{r['layer']:<6} {r['step']:<4} {r['eager_ms']:>9.3f} {_fmt(r['graph_ms'], '%9.3f'):>9} "
+        print(f"{r['layer']:<8} {r['step']:<4} {r['eager_ms']:>9.3f} {_fmt(r['graph_ms'], '%9.3f'):>9} "
               f"{_fmt(r['peak_mib'], '%9.1f'):>9}")
     print("MoSA / dense (best of eager and graph): " + ", ".join(f"{k} {v:.2f}x" for k, v in res["mosa_over_dense"].items()))
+    if "mosa_over_official" in res:
+        print("MoSA / official: " + ", ".join(f"{k} {v:.2f}x" for k, v in res["mosa_over_official"].items()))
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
