@@ -10,6 +10,12 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def check_optional_bool(name: str, value):
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or None, got {name}={value!r}")
+    return value
+
+
 def check_input(x, d_model: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -9,7 +9,7 @@ from torch import nn
 from ..ops import num_selected, rope_dims_for, select_topk, sparse_attention
 from ..ops.mosa import fused_topk_available, mosa_topk_fused
 from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
-from ._checks import check_input, check_positive_int
+from ._checks import check_input, check_optional_bool, check_positive_int
 from .dense import DenseAttention
 
 DENSE_KINDS = ("dense", "local")
@@ -65,9 +65,7 @@ class MoSAAttention(nn.Module):
         self.backend = backend
         self.local_window = None if local_window is None else check_positive_int("local_window", local_window)
         self.router_aux = bool(router_aux)
-        if deterministic is not None and not isinstance(deterministic, bool):
-            raise ValueError(f"deterministic must be True, False or None, got deterministic={deterministic!r}")
-        self.deterministic = deterministic
+        self.deterministic = check_optional_bool("deterministic", deterministic)
         self.aux_loss = None
         E, D = num_mosa_heads, head_dim
         self.router = nn.Parameter(torch.empty(E, d_model))

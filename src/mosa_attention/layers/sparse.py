@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops import apply_rope, num_selected, rope_cos_sin, rope_dims_for, sparse_attention, strided_positions
 from ..ops.routing import check_sparsity
-from ._checks import check_input, check_positive_int
+from ._checks import check_input, check_optional_bool, check_positive_int
 
 
 class FixedSparseAttention(nn.Module):
@@ -30,9 +30,7 @@ class FixedSparseAttention(nn.Module):
         self.rope_dims = rope_dims_for(head_dim, rope_fraction)
         self.rope_base = float(rope_base)
         self.backend = backend
-        if deterministic is not None and not isinstance(deterministic, bool):
-            raise ValueError(f"deterministic must be True, False or None, got deterministic={deterministic!r}")
-        self.deterministic = deterministic
+        self.deterministic = check_optional_bool("deterministic", deterministic)
         self.W_QKV = nn.Parameter(torch.empty(num_heads, d_model, 3 * head_dim))
         self.W_O = nn.Parameter(torch.empty(num_heads, head_dim, d_model))
         nn.init.uniform_(self.W_QKV, -1 / math.sqrt(3 * head_dim), 1 / math.sqrt(3 * head_dim))
