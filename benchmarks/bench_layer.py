@@ -361,7 +361,9 @@ def check_one(op, B, T, h, E, k, D, rd, pad, unsorted, dt, tol):
         row = {"shape": [B, T, h, E, k, D, rd, pad, unsorted], "deterministic": det, "errors": errs,
                "bitwise_repeat": repeat, "pass": good}
         rows.append(row)
-        print("check %-46s %s det=%d %s %s" % (row["shape"], dt, det, " ".join(
+        from mosa_attention.ops import triton_mosa
+        row["narrow_atomics"] = triton_mosa.NARROW_ATOMICS
+        print("check %-46s %s det=%d narrow=%d %s %s" % (row["shape"], dt, det, triton_mosa.NARROW_ATOMICS, " ".join(
             "%s=%.1e" % kv for kv in errs.items()), "PASS" if good else "FAIL"), flush=True)
     return rows
 
@@ -373,24 +375,31 @@ def check(out):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     shapes = [  # B, T, h, E, k, D, rope_dims, pad, unsorted, dtypes
-        (16, 1024, 512, 17, 32, 64, 32, 0, False, ("bf16", "fp32")),
-        (16, 1024, 512, 505, 16, 64, 32, 0, False, ("bf16",)),
+        (16, 1024, 512, 17, 32, 64, 32, 0, False, ("bf16", "fp32", "fp16")),
+        (16, 1024, 512, 505, 16, 64, 32, 0, False, ("bf16", "bf16-wide", "fp16")),
         (1, 65536, 1024, 60, 64, 64, 32, 0, False, ("bf16",)),
         (4, 2048, 256, 8, 1024, 128, 64, 0, False, ("bf16", "fp32")),
         (2, 4096, 512, 4, 4096, 32, 16, 0, False, ("bf16",)),
         (8, 1024, 512, 17, 300, 64, 32, 20, True, ("bf16", "fp32")),
-        (3, 1000, 384, 6, 250, 64, 32, 0, False, ("bf16",)),
+        (3, 1000, 384, 6, 250, 64, 32, 0, False, ("bf16", "fp16")),
+        (2, 300, 36, 5, 40, 32, 16, 0, False, ("bf16", "fp16")),  # h % 8 != 0: four-column atomics
     ]
-    tol = {"bf16": 1e-2, "fp32": 1e-4}
-    dts = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    # "-wide": 16-bit results summed in a float32 buffer (NARROW_ATOMICS = False), to compare the errors
+    tol = {"bf16": 1e-2, "fp32": 1e-4, "fp16": 1e-2, "bf16-wide": 1e-2}
+    dts = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "bf16-wide": torch.bfloat16}
+    from mosa_attention.ops import triton_mosa
+    narrow = triton_mosa.NARROW_ATOMICS
     res, ok = [], True
     for B, T, h, E, k, D, rd, pad, unsorted, names in shapes:
         for name in names:
+            triton_mosa.NARROW_ATOMICS = narrow and not name.endswith("-wide")
             try:
                 rows = check_one(sparse_attention_triton, B, T, h, E, k, D, rd, pad, unsorted, dts[name], tol[name])
             except Exception as err:  # noqa: BLE001 (report, go on with the other shapes)
                 rows = [{"shape": [B, T, h, E, k, D, rd, pad, unsorted], "error": repr(err)[:300], "pass": False}]
                 print("check", rows[0], flush=True)
+            finally:
+                triton_mosa.NARROW_ATOMICS = narrow
             for row in rows:
                 row["dtype"] = name
                 ok &= row["pass"]
@@ -692,6 +701,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step of ours")
     ap.add_argument("--scalar-atomics", action="store_true",
                     help="the atomic scatter with one atomic per element instead of sm_90's four-wide red.global.add")
+    ap.add_argument("--wide-atomics", action="store_true",
+                    help="16-bit results of the atomic scatter summed in a float32 buffer and cast (as up to v5.2) "
+                         "instead of added in their own dtype")
     ap.add_argument("--host-profile", action="store_true", help="cProfile of eager t1 steps (host overhead)")
     ap.add_argument("--scatter", default="auto", choices=("auto", "rows", "atomic"),
                     help="our layers' scatter-adds: auto (deterministic=None: by shape), rows (deterministic=True: "
@@ -706,9 +718,10 @@ def main():
     global MODE, DENSE_BACKEND, TUNE_ROUTING, DETERMINISTIC
     MODE = args.mode
     DETERMINISTIC = {"auto": None, "rows": True, "atomic": False}[args.scatter]
-    if args.scalar_atomics:
+    if args.scalar_atomics or args.wide_atomics:
         from mosa_attention.ops import triton_mosa
-        triton_mosa.VECTOR_ATOMICS = False
+        triton_mosa.VECTOR_ATOMICS = not args.scalar_atomics
+        triton_mosa.NARROW_ATOMICS = not args.wide_atomics
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -719,7 +732,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

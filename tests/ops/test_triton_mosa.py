@@ -368,3 +368,37 @@ def test_vector_atomics_only_where_they_are_valid(monkeypatch):
     assert triton_mosa._vector_atomics(torch.device("cpu"), 512) is False
     monkeypatch.setattr(triton_mosa, "_interpreting", lambda: True)
     assert triton_mosa._vector_atomics(cuda, 512) is False
+
+
+def test_atomic_scatter_dtype_plan(monkeypatch):
+    # 16-bit results take the atomic additions themselves where the GPU adds them natively (bfloat16 from
+    # sm_90, eight columns per instruction where h allows), else a float32 buffer; float32 stays float32
+    cuda = torch.device("cuda", 0)
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    monkeypatch.setattr(triton_mosa, "_interpreting", lambda: False)
+    # (bfloat16 only where about one kept row lands on a token: each addition rounds)
+    cases = (((9, 0), 512, bf16, True, 0.5, (bf16, 8)), ((9, 0), 36, bf16, True, 1.0, (bf16, 4)),
+             ((9, 0), 512, bf16, True, 7.9, (f32, 4)), ((9, 0), 510, bf16, True, 0.5, (f32, 0)),
+             ((8, 0), 512, bf16, True, 0.5, (f32, 0)), ((8, 0), 512, f16, True, 7.9, (f16, 0)),
+             ((9, 0), 512, f16, True, 7.9, (f16, 8)), ((9, 0), 512, f32, True, 0.5, (f32, 4)),
+             ((9, 0), 512, bf16, False, 0.5, (f32, 4)), ((8, 0), 512, f16, False, 0.5, (f32, 0)))
+    for cap, h, dt, narrow, overlap, want in cases:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=cap: c)
+        monkeypatch.setattr(triton_mosa, "NARROW_ATOMICS", narrow)
+        assert triton_mosa._atomic_plan(cuda, h, dt, overlap) == want, (cap, h, dt, narrow, overlap)
+    monkeypatch.setattr(triton_mosa, "_interpreting", lambda: True)
+    monkeypatch.setattr(triton_mosa, "NARROW_ATOMICS", True)
+    assert triton_mosa._atomic_plan(cuda, 512, f16, 7.9) == (f16, 0)
+    assert triton_mosa._atomic_plan(cuda, 512, bf16, 0.5) == (f32, 0)
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_float16_atomic_scatter_in_place_or_in_float32(monkeypatch, narrow):
+    # float16 results summed by float16 atomics (the result's own buffer) or in a float32 buffer: both close
+    # to the reference, output and every gradient, with many heads on each token (the additions that round)
+    monkeypatch.setattr(triton_mosa, "NARROW_ATOMICS", narrow)
+    plan, used = triton_mosa._atomic_plan, []
+    monkeypatch.setattr(triton_mosa, "_atomic_plan", lambda *a: used.append(plan(*a)) or used[-1])
+    _compare(2, 24, 32, 12, 20, 32, 16, torch.float16, deterministic=False)
+    assert used == [(torch.float16 if narrow else torch.float32, 0)] * 2  # y, then dx
+

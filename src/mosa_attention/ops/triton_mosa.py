@@ -18,14 +18,16 @@ projection) and the scatter-add. Backward: ``_out_bwd`` (dO, d score), ``_dwo``,
 ``_attn_bwd_dq`` (both with RoPE backward), ``_qkv_bwd_dx`` (each kept token's share of dx) and the
 scatter-add again, ``_dwqkv``. Weight gradients are reductions inside one program (no atomics). The two
 scatter-adds (y, dx) have two modes. Atomics: ``_attn_fwd`` / ``_qkv_bwd_dx`` add their tiles into a
-float32 [B, T, h] buffer (nothing per kept token is written out, no sort; the order of the additions may
-differ from run to run), four columns per ``red.global.add.v4.f32`` on sm_90 (``_add_tile``). Rows: they
+[B, T, h] buffer (nothing per kept token is written out, no sort; the order of the additions may differ
+from run to run), 16 bytes per ``red.global.add`` on sm_90 (``_add_tile``). The buffer is float32 and
+cast at the end, or the 16-bit result itself where its rounding allows (``_atomic_plan``: float16
+always, bfloat16 at up to one kept row per token). Rows: they
 write one row per kept token, and ``_segment_sum`` sums each token's rows in head order through a stable
 sort of the destinations (computed once in the forward), writing the zeros of unselected tokens too; the
 same input then gives the same bits. ``deterministic=True`` (or
 ``torch.use_deterministic_algorithms(True)``) takes the rows, ``False`` the atomics, and the default the
 faster for the shape (``use_rows``): atomics when many heads overlap (t3: 8 kept rows per token), rows when
-the kept tokens are few next to T (t4: the atomics' float32 buffer would cost more than the rows).
+the kept tokens are few next to T (t4: the atomics' buffer would cost more than the rows).
 
 ``mosa_triton`` runs the router in front of the same kernels as one autograd node: the router product
 (w_r x^T, one cuBLAS call), the top-k kernel of ``triton_routing`` (positions sorted, kept scores in
@@ -93,26 +95,63 @@ def _rope(t, pos, cos_ptr, sin_ptr, R: tl.constexpr, DP: tl.constexpr, DT: tl.co
 
 @triton.jit
 def _add_tile(out_ptr, rowoff, n0, vals, live, h, VEC: tl.constexpr):
-    """out[rowoff + n0 + j] += vals[:, j] (float32) for rows where live, columns n0 + j < h. VEC: one 16-byte
-    red.global.add.v4.f32 (sm_90) per four columns, the tile split into its four column phases so that the
-    grouping does not depend on the register layout (needs h and n0 multiples of four: a group lies wholly
-    inside the row and is 16-byte aligned); else one relaxed atomic per element."""
+    """out[rowoff + n0 + j] += vals[:, j] for rows where live, columns n0 + j < h; vals float32, out float32,
+    float16 or bfloat16 (rounded once per addition). VEC (sm_90): one 16-byte red.global.add per four columns
+    (float32) or per eight (16-bit; VEC = 4 gives eight bytes per four), the tile split into its column
+    phases so that the grouping does not depend on the register layout (needs h and n0 multiples of VEC: a
+    group lies wholly inside the row and is aligned); VEC = 0: one relaxed atomic per element."""
     M: tl.constexpr = vals.shape[0]
     N: tl.constexpr = vals.shape[1]
-    if VEC:
-        g = n0 + 4 * tl.arange(0, N // 4)
-        ptr = out_ptr + rowoff[:, None] + g[None, :]
-        ok = (live[:, None] & (g < h)[None, :]).to(tl.int32)
-        t0, t1 = tl.split(tl.reshape(vals, [M, N // 4, 2, 2]))  # columns 4g + 2i and 4g + 2i + 1
-        v0, v2 = tl.split(t0)
-        v1, v3 = tl.split(t1)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p red.global.add.v4.f32 [$1], {$2, $3, $4, $5}; mov.b32 $0, 0; }",
-            "=r,l,f,f,f,f,r", [ptr.to(tl.int64), v0, v1, v2, v3, ok], dtype=tl.int32, is_pure=False, pack=1)
-    else:
+    ODT: tl.constexpr = out_ptr.dtype.element_ty
+    if VEC == 0:
         nn = n0 + tl.arange(0, N)
-        tl.atomic_add(out_ptr + rowoff[:, None] + nn[None, :], vals, mask=live[:, None] & (nn < h)[None, :],
-                      sem="relaxed")
+        tl.atomic_add(out_ptr + rowoff[:, None] + nn[None, :], vals.to(ODT),
+                      mask=live[:, None] & (nn < h)[None, :], sem="relaxed")
+    else:
+        g = n0 + VEC * tl.arange(0, N // VEC)
+        ptr = (out_ptr + rowoff[:, None] + g[None, :]).to(tl.int64)
+        ok = (live[:, None] & (g < h)[None, :]).to(tl.int32)
+        if VEC == 4:
+            t0, t1 = tl.split(tl.reshape(vals, [M, N // 4, 2, 2]))  # columns 4g + 2i and 4g + 2i + 1
+            v0, v2 = tl.split(t0)
+            v1, v3 = tl.split(t1)
+            if ODT == tl.float32:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p red.global.add.v4.f32 [$1], {$2, $3, $4, $5}; "
+                    "mov.b32 $0, 0; }", "=r,l,f,f,f,f,r", [ptr, v0, v1, v2, v3, ok], dtype=tl.int32,
+                    is_pure=False, pack=1)
+            elif ODT == tl.bfloat16:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; .reg .b32 a, b; setp.ne.b32 p, $6, 0; cvt.rn.bf16x2.f32 a, $3, $2; "
+                    "cvt.rn.bf16x2.f32 b, $5, $4; @p red.global.add.noftz.v2.bf16x2 [$1], {a, b}; mov.b32 $0, 0; }",
+                    "=r,l,f,f,f,f,r", [ptr, v0, v1, v2, v3, ok], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; .reg .b32 a, b; setp.ne.b32 p, $6, 0; cvt.rn.f16x2.f32 a, $3, $2; "
+                    "cvt.rn.f16x2.f32 b, $5, $4; @p red.global.add.noftz.v2.f16x2 [$1], {a, b}; mov.b32 $0, 0; }",
+                    "=r,l,f,f,f,f,r", [ptr, v0, v1, v2, v3, ok], dtype=tl.int32, is_pure=False, pack=1)
+        else:  # VEC == 8, 16-bit out: columns 8g + 4i + 2j + l
+            t0, t1 = tl.split(tl.reshape(vals, [M, N // 8, 2, 2, 2]))
+            t00, t01 = tl.split(t0)
+            t10, t11 = tl.split(t1)
+            v0, v4 = tl.split(t00)
+            v2, v6 = tl.split(t01)
+            v1, v5 = tl.split(t10)
+            v3, v7 = tl.split(t11)
+            if ODT == tl.bfloat16:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.b32 p, $10, 0; cvt.rn.bf16x2.f32 a, $3, $2; "
+                    "cvt.rn.bf16x2.f32 b, $5, $4; cvt.rn.bf16x2.f32 c, $7, $6; cvt.rn.bf16x2.f32 d, $9, $8; "
+                    "@p red.global.add.noftz.v4.bf16x2 [$1], {a, b, c, d}; mov.b32 $0, 0; }",
+                    "=r,l,f,f,f,f,f,f,f,f,r", [ptr, v0, v1, v2, v3, v4, v5, v6, v7, ok], dtype=tl.int32,
+                    is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.b32 p, $10, 0; cvt.rn.f16x2.f32 a, $3, $2; "
+                    "cvt.rn.f16x2.f32 b, $5, $4; cvt.rn.f16x2.f32 c, $7, $6; cvt.rn.f16x2.f32 d, $9, $8; "
+                    "@p red.global.add.noftz.v4.f16x2 [$1], {a, b, c, d}; mov.b32 $0, 0; }",
+                    "=r,l,f,f,f,f,f,f,f,f,r", [ptr, v0, v1, v2, v3, v4, v5, v6, v7, ok], dtype=tl.int32,
+                    is_pure=False, pack=1)
 
 
 @triton.jit
@@ -220,7 +259,7 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K,
 @triton.jit
 def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E, R, K, qk_scale,
               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
-              BS: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = False):
+              BS: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = 0):
     """Causal attention of one block of query rows, then its rows of y = (o * score) @ w_o[e]: stored as
     per-kept-token rows for the deterministic scatter, or (ATOMIC) added in float32 straight into
     out[b, pos] (padding slots dropped)."""
@@ -459,7 +498,7 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
 @triton.jit
 def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
                 D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                ROUTER: tl.constexpr = False, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = False):
+                ROUTER: tl.constexpr = False, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = 0):
     """Rows of [dq | dk | dv] @ w_qkv[e]^T (each kept token's share of dx), one block of rows and columns,
     stored per kept token for the deterministic scatter or (ATOMIC) added in float32 into dx[b, pos].
     ROUTER: each row also gets d logit * w_router[e], the router's share of dx (nonzero only at kept tokens:
@@ -612,15 +651,40 @@ def _stages_key(name, blocks, meta, args):
 
 
 def _vector_atomics(dev, h: int) -> bool:
-    """Whether the atomic scatter adds four columns per instruction (sm_90 and later, h a multiple of four;
-    not under the interpreter, which runs no inline PTX)."""
+    """Whether the atomic scatter adds four columns (or more) per instruction (sm_90 and later, h a multiple
+    of four; not under the interpreter, which runs no inline PTX)."""
     if _interpreting() or dev.type != "cuda" or h % 4 or not VECTOR_ATOMICS:
         return False
     return torch.cuda.get_device_capability(dev) >= (9, 0)
 
 
+def _atomic_plan(dev, h: int, dtype: torch.dtype, overlap: float) -> tuple[torch.dtype, int]:
+    """(dtype of the buffer the atomic scatter adds into, columns per atomic instruction: ``VEC`` of
+    ``_add_tile``) for a result of ``dtype`` that receives ``overlap`` kept rows per token on average.
+    A 16-bit result can take the additions itself: half the bytes of a float32 buffer, no fill of one and
+    no cast pass (t1 on an H200: 0.211 -> 0.171 ms), where the GPU adds 16-bit floats natively (bfloat16
+    from sm_90, eight columns per 16-byte instruction; float16 on every CUDA GPU and under the
+    interpreter). Each addition then rounds to the result's dtype, so bfloat16 does it only where a token
+    gets about one row (overlap <= ``NARROW_MAX_OVERLAP``: as many roundings as the float32 buffer's final
+    cast); with 8 rows per token (t3) its error doubled (dx 1.3e-2 against float64, float32 buffer 4.6e-3).
+    float16 keeps three more bits and always adds in place. Otherwise, or with ``NARROW_ATOMICS = False``,
+    a float32 buffer."""
+    vec = _vector_atomics(dev, h)
+    narrow = NARROW_ATOMICS and (dtype == torch.float16 or (dtype == torch.bfloat16 and overlap <= NARROW_MAX_OVERLAP))
+    if narrow:
+        if vec:
+            return dtype, 8 if h % 8 == 0 else 4
+        if dtype == torch.float16:
+            return dtype, 0
+    return torch.float32, 4 if vec else 0
+
+
 # False: scalar atomics everywhere (for comparison in benchmarks)
 VECTOR_ATOMICS = True
+# False: 16-bit results are summed in a float32 buffer and cast (for comparison in benchmarks)
+NARROW_ATOMICS = True
+# bfloat16 results take their atomic additions in place up to this many kept rows per token on average
+NARROW_MAX_OVERLAP = 1.0
 
 
 def _dims(x, idx, w_qkv):
@@ -668,14 +732,15 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
             (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K), dict(BM=c["QKV_BM"], BK=c["BK"]),
             D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused, num_warps=8 if fused else 4,
             num_stages=c["QKV_STAGES"])
+    adt, vec = _atomic_plan(dev, h, cdt, E * R / (B * T))
     if deterministic:
         out = torch.empty(E * R, h, device=dev, dtype=cdt)
     else:
-        out = torch.zeros(B, T, h, device=dev, dtype=torch.float32)
+        out = torch.zeros(B, T, h, device=dev, dtype=adt)
     _launch(_attn_fwd, lambda t: (triton.cdiv(R, t["BM"]), E),
             (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D)),
             dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"],
-            ATOMIC=not deterministic, VEC=_vector_atomics(dev, h), num_warps=4)
+            ATOMIC=not deterministic, VEC=vec, num_warps=4)
     if not deterministic:
         return (out.to(cdt), qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
     perm, starts = _segments(idx, T)
@@ -708,14 +773,15 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     _launch(_attn_bwd_dkdv, lambda t: (triton.cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]), **common)
     _launch(_attn_bwd_dq, lambda t: (triton.cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]), **common)
     deterministic = perm.numel() > 0  # the forward's choice
+    adt, vec = _atomic_plan(dev, h, x.dtype, E * R / (B * T))
     if deterministic:
         rows = torch.empty(E * R, h, device=dev, dtype=cdt)
-    else:  # float32 x (autocast) takes the sums in place; otherwise one cast at the end
-        rows = torch.zeros(B, T, h, device=dev, dtype=torch.float32)
+    else:  # x's dtype takes the sums in place where it can (_atomic_plan); otherwise one cast at the end
+        rows = torch.zeros(B, T, h, device=dev, dtype=adt)
     _launch(_qkv_bwd_dx, lambda t: (triton.cdiv(R, t["BM"]), E, triton.cdiv(h, t["BH"])),
             (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
             dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
-            ATOMIC=not deterministic, VEC=_vector_atomics(dev, h),
+            ATOMIC=not deterministic, VEC=vec,
             num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
     # in x's dtype: no cast pass in autograd
     dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c) if deterministic else rows.to(x.dtype)
@@ -938,8 +1004,10 @@ def _interpreting() -> bool:
 
 # Default scatter when nothing asks for determinism: atomics when the kept rows (E * B * k) are at least this
 # fraction of the output's rows (B * T), else the rows + segment sum, which then moves fewer bytes than the
-# atomics' float32 buffer (fill, add, cast). Measured on an H200 (benchmarks/NOTES.md, v5): atomics faster at
-# 0.53 (t1, t2) and 7.9 (t3), slower at 0.23 (T = 16384) and 0.06 (t4).
+# atomics' buffer (fill, add, and for a float32 buffer the cast). Measured on an H200 with float32 buffers
+# (benchmarks/NOTES.md, v5): atomics faster at 0.53 (t1, t2) and 7.9 (t3), slower at 0.23 (T = 16384) and
+# 0.06 (t4). The 16-bit buffers of v6 (_atomic_plan) make the atomics cheaper below one row per token, so
+# the break-even may now lie lower; not re-measured.
 ATOMIC_MIN_ROWS = 0.4
 
 

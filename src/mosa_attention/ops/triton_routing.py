@@ -39,9 +39,9 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     pos = tl.arange(0, BT)
     inside = (pos < T)[:, None] & (e < E)[None, :]
-    s = tl.load(s_ptr + b * stride_b + pos[:, None].to(tl.int64) * stride_t + e[None, :] * stride_e,
-                mask=inside, other=0.0).to(tl.float32)
-    bits = s.to(tl.uint32, bitcast=True)
+    s_row = s_ptr + b * stride_b + e * stride_e
+    bits = tl.load(s_row[None, :] + pos[:, None] * stride_t, mask=inside, other=0.0).to(tl.float32)
+    bits = bits.to(tl.uint32, bitcast=True)
     key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
     if INCLUDE_FIRST:
         key = tl.where((pos == 0)[:, None], 0xFFFFFFFF, key)
@@ -63,23 +63,38 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
     eq_rank = tl.cumsum(equal, axis=0) - equal
     keep = above | ((equal == 1) & (eq_rank < need[None, :]))
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    out = (b * E + e[None, :]) * k + slot
-    tl.store(idx_ptr + out, (pos[:, None] + tl.zeros([BT, BE], tl.int64)), mask=keep)
+    tl.store(idx_ptr + (b * E + e[None, :]) * k + slot, pos[:, None] + tl.zeros([BT, BE], tl.int64), mask=keep)
     if SIGMOID:
-        tl.store(kept_ptr + out, (1.0 / (1.0 + tl.exp(-s))).to(kept_ptr.dtype.element_ty), mask=keep)
+        # the kept logits gathered again through the positions just written (the barrier makes them visible
+        # to the whole program): computing sigmoid over the tile in registers and storing it through the
+        # same masked addresses spilled registers (255 per thread at T = 1024)
+        tl.debug_barrier()
+        base = (b * E + e) * k
+        for j0 in range(0, k, 16):
+            j = j0 + tl.arange(0, 16)
+            m = (e < E)[:, None] & (j < k)[None, :]
+            p = tl.load(idx_ptr + base[:, None] + j[None, :], mask=m, other=0)
+            lg = tl.load(s_row[:, None] + p * stride_t, mask=m, other=0.0).to(tl.float32)
+            tl.store(kept_ptr + base[:, None] + j[None, :], (1.0 / (1.0 + tl.exp(-lg))).to(kept_ptr.dtype.element_ty),
+                     mask=m)
 
 
 # (BE columns per program, num_warps) override, for tuning only (benchmarks/bench_layer.py); None in normal use
 TILE_OVERRIDE = None
 
 
-def _tiles(T: int, E: int):
-    """[BT, BE] tile and warps. Small tiles on one warp: the 33 counting passes then reduce by warp shuffles
-    alone (on 8 warps each pass also went through shared memory and a barrier: 213 us for 16 x 505 rows
-    of 1024 on an H200, benchmarks/NOTES.md)."""
+def _tiles(T: int, E: int, rows: int):
+    """[BT, BE] tile and warps for ``rows`` rows of length T: about 32 keys per thread, so that the 16-33
+    counting passes reduce mostly in registers and warp shuffles (64 per thread on one warp spilled and took
+    95 us for 16 x 505 rows of 1024 on an H200; 8 warps per row went through shared memory and a barrier
+    every pass: 213 us). Few rows (t1's 272) get one row per program on more warps (16 us against 22 us
+    for two rows on two warps; benchmarks/NOTES.md, v6)."""
     BT = max(triton.next_power_of_2(T), 16)
-    BE = max(1, min(triton.next_power_of_2(E), 2048 // BT))
-    warps = max(1, BT * BE // 2048)
+    if rows <= 512:
+        BE, warps = 1, max(1, min(8, BT // 256))
+    else:
+        BE = max(1, min(triton.next_power_of_2(E), 2048 // BT))
+        warps = max(1, min(8, BT * BE // 1024))
     if TILE_OVERRIDE is not None:
         BE, warps = TILE_OVERRIDE
     return BT, BE, warps
@@ -91,7 +106,7 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
     idx = torch.empty(B, E, k, dtype=torch.int64, device=s.device)
     kept = torch.empty(B, E, k, dtype=kept_dtype, device=s.device) if sigmoid else idx
     if B * E:
-        BT, BE, warps = _tiles(T, E)
+        BT, BE, warps = _tiles(T, E, B * E)
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
         _topk_select[(B, triton.cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
                                               SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits, num_warps=warps)
