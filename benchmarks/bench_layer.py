@@ -504,6 +504,60 @@ def check_dense(out):
     out["check_dense"] = {"pass": ok, "rows": rows}
 
 
+def check_streams(out):
+    """Hybrids with the MoSA heads on a second stream (``layers.mosa.PARALLEL_HEADS``) against one stream:
+    every gradient (x and all parameters), eagerly and replayed from a CUDA graph, bf16 and autocast over
+    float32 parameters. The MoSA heads run deterministic=True; the dense heads' cuDNN backward need not be
+    bit-repeatable, so a second one-stream run shows the run-to-run spread, and the check asks for
+    relative differences within 2e-3 (a missing synchronisation shows up as garbage, not as last bits)."""
+    import mosa_attention.layers.mosa as layer_module
+    ok, rows = True, []
+    for E, rho, mode in ((17, 32, "bf16"), (505, 64, "bf16"), (17, 32, "autocast")):
+        torch.manual_seed(0)
+        layer = MoSAAttention(512, E, rho, num_dense_heads=4, backend="triton", deterministic=True).cuda()
+        dt = torch.bfloat16 if mode == "bf16" else torch.float32
+        layer = layer.to(dt)
+        x = torch.randn(16, 1024, 512, device="cuda", dtype=dt, requires_grad=True)
+        dy = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16)
+        params = [x] + list(layer.parameters())
+        got = {}
+        for parallel, graphed in ((False, False), ("again", False), (True, False), (False, True), (True, True)):
+            layer_module.PARALLEL_HEADS = parallel is True
+            def step():
+                for p in params:
+                    p.grad = None
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "autocast"):
+                    y = layer(x)
+                y.backward(dy)
+                return y
+            if graphed:  # the replay writes the gradients into the .grad tensors made during capture
+                replay = graph_step(step)[0]
+                if replay is None:
+                    got[(parallel, graphed)] = None
+                    continue
+                replay()
+            else:
+                step()
+            torch.cuda.synchronize()
+            got[(parallel, graphed)] = [p.grad.clone() for p in params]
+        layer_module.PARALLEL_HEADS = True
+        ref = got[(False, False)]
+        for key, val in got.items():
+            if val is None:
+                row = {"E": E, "mode": mode, "parallel": key[0], "graph": key[1], "capture_failed": True}
+                good = False
+            else:
+                diff = max(((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+                           for a, b in zip(val, ref))
+                same = all(torch.equal(a, b) for a, b in zip(val, ref))
+                good = diff <= 2e-3
+                row = {"E": E, "mode": mode, "parallel": key[0], "graph": key[1], "bitwise": same, "max_rel_diff": diff}
+            rows.append(row)
+            ok &= good
+            print("check_streams", row, "PASS" if good else "FAIL", flush=True)
+    out["check_streams"] = {"pass": ok, "rows": rows}
+
+
 def check_routing(out):
     """The fused top-k kernel against torch.topk + sort at real shapes (distinct scores, so the kept set is
     unique), and both timed (CUDA graph of one call)."""
@@ -704,6 +758,10 @@ def main():
     ap.add_argument("--wide-atomics", action="store_true",
                     help="16-bit results of the atomic scatter summed in a float32 buffer and cast (as up to v5.2) "
                          "instead of added in their own dtype")
+    ap.add_argument("--serial-heads", action="store_true",
+                    help="a hybrid's MoSA and dense heads one after the other on one stream (before v6.2)")
+    ap.add_argument("--check-streams", action="store_true",
+                    help="hybrids on two streams against one: every gradient bit for bit, eager and graphed")
     ap.add_argument("--host-profile", action="store_true", help="cProfile of eager t1 steps (host overhead)")
     ap.add_argument("--scatter", default="auto", choices=("auto", "rows", "atomic"),
                     help="our layers' scatter-adds: auto (deterministic=None: by shape), rows (deterministic=True: "
@@ -718,6 +776,9 @@ def main():
     global MODE, DENSE_BACKEND, TUNE_ROUTING, DETERMINISTIC
     MODE = args.mode
     DETERMINISTIC = {"auto": None, "rows": True, "atomic": False}[args.scatter]
+    if args.serial_heads:
+        import mosa_attention.layers.mosa as layer_mod
+        layer_mod.PARALLEL_HEADS = False
     if args.scalar_atomics or args.wide_atomics:
         from mosa_attention.ops import triton_mosa
         triton_mosa.VECTOR_ATOMICS = not args.scalar_atomics
@@ -732,7 +793,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
@@ -751,6 +812,9 @@ def main():
         check_routing(out)
         save()
         check(out)
+        save()
+    if args.check_streams:
+        check_streams(out)
         save()
     if args.tune:
         tune(out)

@@ -2,7 +2,7 @@
 # The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
 # limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
 #   bash benchmarks/gpu_layer.sh OUT [STAGES]
-#   STAGES: any of check tune checktune profile profilewide bf16wide mosabench profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
+#   STAGES: any of check tune checktune profile profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
 # (…det: our layers with deterministic=True, …atomic: deterministic=False; the rest deterministic=None)
 set -u
 OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
@@ -19,6 +19,9 @@ for s in $STAGES; do
     check)    timeout -k 5 "${CHECK_S:-240}" $PY $B --check --no-bench --out "$OUT/check" ;;
     checktune) timeout -k 5 "${CHECK_S:-420}" $PY $B --check --tune --no-bench --out "$OUT/checktune" ;;
     profilewide) timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --wide-atomics --out "$OUT/profilewide" ;;
+    streams)  timeout -k 5 "${CHECK_S:-120}" $PY $B --check-streams --no-bench --out "$OUT/streams" ;;
+    bf16serial) timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --serial-heads --out "$OUT/bf16serial" ;;
+    autocastserial) timeout -k 5 "${AUTOCAST_S:-150}" $PY $B --no-sweep --serial-heads --out "$OUT/autocastserial" ;;
     bf16wide) timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --wide-atomics --out "$OUT/bf16wide" ;;
     mosabench) { timeout -k 5 "${MOSABENCH_S:-120}" $PY -m mosa_attention.cli bench --official .official --json "$OUT/mosabench.json" &&
                  timeout -k 5 "${MOSABENCH_S:-120}" $PY -m mosa_attention.cli bench --mosa-heads 505 --sparsity 64 --hybrid-dense-heads 4 --json "$OUT/mosabench_t3.json"; } ;;

@@ -1,5 +1,6 @@
 """MoSAAttention against a per-head, per-sequence loop written here from the paper's equations."""
 import math
+import types
 
 import pytest
 import torch
@@ -240,3 +241,20 @@ def test_reference_under_cpu_autocast():
     assert layer.W_QKV.grad is not None
     # the selection can flip where bf16 router scores tie, so compare in aggregate
     assert (y.float() - layer(x)).norm() / layer(x).norm() < 0.05
+
+
+def test_hybrid_heads_share_one_stream_off_cuda_and_under_compile(monkeypatch):
+    # the second stream for a hybrid's MoSA heads is a CUDA-only overlap: CPU layers, MoSA-only layers and
+    # compiled graphs run one stream (the GPU check compares both on a card: benchmarks/bench_layer.py)
+    import mosa_attention.layers.mosa as layer_module
+    hybrid = MoSAAttention(32, 2, 4, head_dim=16, num_dense_heads=1)
+    x = torch.randn(1, 8, 32)
+    assert hybrid._side_stream(x) is None
+    assert MoSAAttention(32, 2, 4, head_dim=16)._side_stream(x) is None
+    # a stand-in for a CUDA tensor: the answer is None before any stream would be made
+    on_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    monkeypatch.setattr(layer_module, "PARALLEL_HEADS", False)
+    assert hybrid._side_stream(on_cuda) is None
+    monkeypatch.setattr(layer_module, "PARALLEL_HEADS", True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert hybrid._side_stream(on_cuda) is None

@@ -15,6 +15,12 @@ from .dense import DenseAttention
 DENSE_KINDS = ("dense", "local")
 ROUTINGS = ("topk", "threshold")
 
+# A hybrid's MoSA heads and dense/local heads read the same x and do not depend on each other: on CUDA the
+# MoSA heads run on a second stream, so their small kernels fill the gaps the dense heads leave (autograd
+# runs each backward on its forward's stream, so the backward overlaps too). False: one stream.
+PARALLEL_HEADS = True
+_SIDE_STREAMS: dict = {}
+
 
 class MoSAAttention(nn.Module):
     """Mixture of Sparse Attention.
@@ -107,21 +113,51 @@ class MoSAAttention(nn.Module):
         aux = self.router_aux and self.training and torch.is_grad_enabled()
         return self.routing == "topk" and not aux and fused_topk_available(x, self.backend)
 
+    def _mosa_heads(self, x: torch.Tensor):
+        """(y of the MoSA heads, selection)."""
+        if self._fused(x):
+            return mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
+                                   include_first=self.include_first, rope_dims=self.rope_dims,
+                                   rope_base=self.rope_base, deterministic=self.deterministic)
+        selection = self.select(x)
+        y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
+                             rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
+        return y, selection
+
+    def _dense_heads(self, x: torch.Tensor) -> torch.Tensor:
+        window = self.window(x.shape[1]) if self.dense_kind == "local" else None
+        return self.dense(x, window=window)
+
+    def _side_stream(self, x: torch.Tensor):
+        """The stream the MoSA heads of a hybrid run on beside the dense heads (``PARALLEL_HEADS``), or None:
+        not CUDA, not a hybrid, or under torch.compile (which orders the graph itself)."""
+        if not (PARALLEL_HEADS and x.is_cuda and self.num_mosa_heads and self.dense is not None):
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        if x.device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+        return _SIDE_STREAMS[x.device]
+
     def forward(self, x: torch.Tensor, return_selection: bool = False):
         check_input(x, self.d_model)
-        y = 0
-        selection = None
-        if self.num_mosa_heads and self._fused(x):
-            y, selection = mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
-                                           include_first=self.include_first, rope_dims=self.rope_dims,
-                                           rope_base=self.rope_base, deterministic=self.deterministic)
-        elif self.num_mosa_heads:
-            selection = self.select(x)
-            y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
-                                 rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
-        if self.dense is not None:
-            window = self.window(x.shape[1]) if self.dense_kind == "local" else None
-            y = y + self.dense(x, window=window)
+        side = self._side_stream(x)
+        if side is not None:
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                y, selection = self._mosa_heads(x)
+            y_dense = self._dense_heads(x)
+            main.wait_stream(side)
+            # memory handed between the streams: x is read on the side stream, its results used on this one
+            x.record_stream(side)
+            for t in (y, *selection, *([self.aux_loss] if self.aux_loss is not None else [])):
+                t.record_stream(main)
+            y = y + y_dense
+        else:
+            y, selection = self._mosa_heads(x) if self.num_mosa_heads else (0, None)
+            if self.dense is not None:
+                y = y + self._dense_heads(x)
         return (y, selection) if return_selection else y
 
     def extra_repr(self) -> str:
