@@ -36,6 +36,28 @@ def test_matches_torch_ops(B, T, h, H, D, rope_dims, dtype):
         assert ((a.double() - b).norm() / b.norm()).item() < tol
 
 
+@pytest.mark.parametrize("grad_layout", ["head-major", "token-major", "strided"])
+def test_token_major_views_and_gradients_of_any_layout(grad_layout):
+    # q, k, v are [B, H, T, D] views of token-major memory (SDPA keeps that layout, so its output reshapes
+    # to [B, T, H * D] without a copy); the backward reads gradients in whatever (B, H, T) strides they come
+    B, T, h, H, D = 2, 19, 32, 3, 16
+    x = torch.randn(B, T, h, device=DEVICE)
+    w = torch.randn(3 * H * D, h, device=DEVICE) / h ** 0.5
+    xs = [x.clone().requires_grad_(), x.double().requires_grad_()]
+    got = project_qkv(xs[0], w, H, 8, 10000.0, backend="triton")
+    want = project_qkv(xs[1], w.double(), H, 8, 10000.0, backend="torch")
+    for t in got:
+        assert t.shape == (B, H, T, D) and t.transpose(1, 2).is_contiguous()
+    gs = [torch.randn(B, H, T, D, device=DEVICE) for _ in range(3)]
+    if grad_layout == "token-major":
+        gs = [g.transpose(1, 2).contiguous().transpose(1, 2) for g in gs]
+    elif grad_layout == "strided":  # every other element of a wider buffer along T
+        gs = [torch.randn(B, H, 2 * T, D, device=DEVICE)[:, :, ::2] for _ in range(3)]
+    torch.autograd.backward(got, gs)
+    torch.autograd.backward(want, [g.double() for g in gs])
+    assert ((xs[0].grad.double() - xs[1].grad).norm() / xs[1].grad.norm()).item() < 1e-5
+
+
 def test_unused_output_gets_no_gradient():
     x = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
     w = torch.randn(3 * 2 * 32, 16, device=DEVICE)

@@ -1,7 +1,8 @@
-"""One Triton kernel between the dense heads' QKV projection and attention: split, RoPE, head-major layout.
+"""One Triton kernel between the dense heads' QKV projection and attention: split, RoPE, attention layout.
 
 ``split_rope_triton(qkv, n_heads, rope_dims, rope_base)`` takes the projection ``[B, T, H * 3 * D]`` (per head
-``[q | k | v]``, the official layout) and returns q, k, v ``[B, H, T, D]`` (contiguous views of one buffer),
+``[q | k | v]``, the official layout) and returns q, k, v ``[B, H, T, D]`` (views of one token-major buffer
+``[3, B, T, H, D]``, the layout SDPA's cuDNN kernels keep end to end),
 q and k rotated at positions 0..T-1 exactly as ``rope.apply_rope`` does (rotate-half on the first
 ``rope_dims`` dims, float32 angles). Its backward is the same kernel run the other way (RoPE's inverse is
 the rotation by minus the angle), writing the gradient of ``qkv`` in place of the three gradients.
@@ -39,10 +40,11 @@ def rope_tables(rope_dims: int, base: float, length: int, device):
 
 
 @triton.jit
-def _split_rope(src0, src1, src2, dst_ptr, cos_ptr, sin_ptr, B, T, H, D: tl.constexpr, DP: tl.constexpr,
-                ROPE: tl.constexpr, BT: tl.constexpr, BACKWARD: tl.constexpr):
-    """Forward: src0 = qkv [B, T, H, 3, D] -> dst = [3, B, H, T, D], RoPE on parts 0 and 1 (src1, src2 unused).
-    BACKWARD: src0, src1, src2 = dq, dk, dv [B, H, T, D] -> dst = [B, T, H, 3, D], rotated by minus the angle."""
+def _split_rope(src0, src1, src2, dst_ptr, cos_ptr, sin_ptr, B, T, H, sb0, sh0, st0, sb1, sh1, st1, sb2, sh2, st2,
+                D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr, BT: tl.constexpr, BACKWARD: tl.constexpr):
+    """Forward: src0 = qkv [B, T, H, 3, D] -> dst = [3, B, T, H, D], RoPE on parts 0 and 1 (src1, src2 and
+    the strides unused). BACKWARD: src0, src1, src2 = dq, dk, dv [B, H, T, D] with element strides
+    (sb, sh, st) each and unit stride along D -> dst = [B, T, H, 3, D], rotated by minus the angle."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     bh = tl.program_id(1)
     part = tl.program_id(2)
@@ -54,16 +56,15 @@ def _split_rope(src0, src1, src2, dst_ptr, cos_ptr, sin_ptr, B, T, H, D: tl.cons
     packed = ((b * T + t.to(tl.int64)) * H + hh) * (3 * D) + part * D            # [B, T, H, 3, D]
     if BACKWARD:
         if part == 0:
-            base = src0
+            src = src0 + b.to(tl.int64) * sb0 + hh * sh0 + t.to(tl.int64) * st0
         elif part == 1:
-            base = src1
+            src = src1 + b.to(tl.int64) * sb1 + hh * sh1 + t.to(tl.int64) * st1
         else:
-            base = src2
-        src = base + ((b * H + hh).to(tl.int64) * T + t) * D                    # [B, H, T, D]
+            src = src2 + b.to(tl.int64) * sb2 + hh * sh2 + t.to(tl.int64) * st2
         dst = dst_ptr + packed
     else:
         src = src0 + packed
-        dst = dst_ptr + (((part * B + b) * H + hh).to(tl.int64) * T + t) * D    # [3, B, H, T, D]
+        dst = dst_ptr + (((part * B + b).to(tl.int64) * T + t) * H + hh) * D      # [3, B, T, H, D]
     x = tl.load(src[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
     if ROPE > 0:
         HALF: tl.constexpr = ROPE // 2
@@ -86,7 +87,8 @@ def _split_rope(src0, src1, src2, dst_ptr, cos_ptr, sin_ptr, B, T, H, D: tl.cons
 def _run(srcs, dst, B, T, H, D, rope_dims, rope_base, backward):
     cos, sin = rope_tables(rope_dims, rope_base, T, dst.device)
     BT = 32 if D <= 64 else 16
-    _split_rope[(triton.cdiv(T, BT), B * H, 3)](*srcs, dst, cos, sin, B, T, H, D=D,
+    strides = [st for g in srcs for st in (g.stride()[:3] if backward else (0, 0, 0))]
+    _split_rope[(triton.cdiv(T, BT), B * H, 3)](*srcs, dst, cos, sin, B, T, H, *strides, D=D,
                                                 DP=max(16, triton.next_power_of_2(D)), ROPE=rope_dims, BT=BT,
                                                 BACKWARD=backward, num_warps=4)
 
@@ -96,18 +98,22 @@ class _SplitRope(torch.autograd.Function):
     def forward(ctx, qkv, n_heads, rope_dims, rope_base):
         B, T, F = qkv.shape
         D = F // (3 * n_heads)
-        out = torch.empty(3, B, n_heads, T, D, device=qkv.device, dtype=qkv.dtype)
+        # token-major [3, B, T, H, D], handed out as [B, H, T, D] views: SDPA (cuDNN) takes these strides as
+        # they are and lays its output out the same way, so that o.transpose(1, 2).reshape(B, T, H * D) is a
+        # view and the backward's gradients arrive in that layout too (no layout copies either way)
+        out = torch.empty(3, B, T, n_heads, D, device=qkv.device, dtype=qkv.dtype)
         _run((qkv, qkv, qkv), out, B, T, n_heads, D, rope_dims, rope_base, False)
         ctx.dims = (B, T, n_heads, D, rope_dims, rope_base)
         ctx.like = (qkv.device, qkv.dtype)
-        return out[0], out[1], out[2]
+        return out[0].transpose(1, 2), out[1].transpose(1, 2), out[2].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         B, T, H, D, rope_dims, rope_base = ctx.dims
         dev, dt = ctx.like
-        grads = [torch.zeros(B, H, T, D, device=dev, dtype=dt) if g is None else g.to(dt).contiguous()
-                 for g in (dq, dk, dv)]
+        # any strides over (B, H, T); the kernel reads them as they are, only a non-unit D stride is copied
+        grads = [torch.zeros(B, H, T, D, device=dev, dtype=dt) if g is None
+                 else (g.to(dt) if g.stride(-1) == 1 else g.to(dt).contiguous()) for g in (dq, dk, dv)]
         dqkv = torch.empty(B, T, H * 3 * D, device=dev, dtype=dt)
         _run(grads, dqkv, B, T, H, D, rope_dims, rope_base, True)
         return dqkv, None, None, None
