@@ -244,8 +244,9 @@ def test_reference_under_cpu_autocast():
 
 
 def test_hybrid_heads_share_one_stream_off_cuda_and_under_compile(monkeypatch):
-    # the second stream for a hybrid's MoSA heads is a CUDA-only overlap: CPU layers, MoSA-only layers and
-    # compiled graphs run one stream (the GPU check compares both on a card: benchmarks/bench_layer.py)
+    # the second stream for a hybrid's MoSA heads is a CUDA-only overlap: CPU layers, MoSA-only layers,
+    # compiled graphs and distributed runs keep one stream (the GPU check compares both on a card:
+    # benchmarks/bench_layer.py --check-streams)
     import mosa_attention.layers.mosa as layer_module
     hybrid = MoSAAttention(32, 2, 4, head_dim=16, num_dense_heads=1)
     x = torch.randn(1, 8, 32)
@@ -257,4 +258,7 @@ def test_hybrid_heads_share_one_stream_off_cuda_and_under_compile(monkeypatch):
     assert hybrid._side_stream(on_cuda) is None
     monkeypatch.setattr(layer_module, "PARALLEL_HEADS", True)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert hybrid._side_stream(on_cuda) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # DDP / FSDP runs: one stream
     assert hybrid._side_stream(on_cuda) is None

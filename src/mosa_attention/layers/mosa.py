@@ -17,7 +17,9 @@ ROUTINGS = ("topk", "threshold")
 
 # A hybrid's MoSA heads and dense/local heads read the same x and do not depend on each other: on CUDA the
 # MoSA heads run on a second stream, so their small kernels fill the gaps the dense heads leave (autograd
-# runs each backward on its forward's stream, so the backward overlaps too). False: one stream.
+# runs each backward on its forward's stream, so the backward overlaps too). Not in distributed runs: the
+# gradient hooks of DDP and FSDP work on their own streams, and that combination has not been verified on
+# several GPUs. False: one stream everywhere.
 PARALLEL_HEADS = True
 _SIDE_STREAMS: dict = {}
 
@@ -41,7 +43,9 @@ class MoSAAttention(nn.Module):
     to add to its loss. It teaches the score to cross 0.5 on about the top-k tokens in either routing mode.
 
     ``deterministic`` (Triton kernels): None follows ``torch.use_deterministic_algorithms``; True makes the
-    scatter-adds bit-repeatable (slower), False uses float32 atomics (see ``ops.sparse_attention``).
+    scatter-adds bit-repeatable (slower), False uses atomics (see ``ops.sparse_attention``).
+
+    On CUDA a hybrid runs its MoSA heads on a second stream beside the dense heads (``PARALLEL_HEADS``).
     """
 
     def __init__(self, d_model: int, num_mosa_heads: int, sparsity: float, head_dim: int = 64,
@@ -130,10 +134,12 @@ class MoSAAttention(nn.Module):
 
     def _side_stream(self, x: torch.Tensor):
         """The stream the MoSA heads of a hybrid run on beside the dense heads (``PARALLEL_HEADS``), or None:
-        not CUDA, not a hybrid, or under torch.compile (which orders the graph itself)."""
+        not CUDA, not a hybrid, under torch.compile (which orders the graph itself) or in a distributed run."""
         if not (PARALLEL_HEADS and x.is_cuda and self.num_mosa_heads and self.dense is not None):
             return None
         if torch.compiler.is_compiling():
+            return None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             return None
         if x.device not in _SIDE_STREAMS:
             _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)

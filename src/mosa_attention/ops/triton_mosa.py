@@ -715,8 +715,8 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
 
 def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype):
     """(y, qkv, o, lse, perm, starts). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
-    through the destination sort (perm, starts); else added with float32 atomics (perm, starts empty, which
-    tells the backward to do the same)."""
+    through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself or
+    a float32 buffer; perm, starts empty, which tells the backward to do the same)."""
     # cdt is the compute dtype (the autocast dtype, else the weights'); x and the weights may be wider
     # (float32 under autocast): their tiles are cast as they are loaded, so no 16-bit copy of the sequence or
     # of the weights is made, and the weight gradients come out in the weights' dtype
@@ -1055,10 +1055,11 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     """Fused Triton ``sparse_attention``; same arguments and result as ``sparse_attention_reference``.
 
     Differentiable in x, scores, w_qkv and w_o. ``deterministic`` picks the scatter-add of y and of x's
-    gradient: True sums each token's rows in head order (same input, same bits); False adds with float32
-    atomics (the order of the additions, hence the last bits, may change from run to run); None (default)
-    is True under ``torch.use_deterministic_algorithms(True)``, else the faster of the two for the shape:
-    atomics when the kept rows are at least ``ATOMIC_MIN_ROWS`` of the output's rows.
+    gradient: True sums each token's rows in head order (same input, same bits); False adds with atomics,
+    in float32 or, where its rounding allows, in the 16-bit result (``_atomic_plan``); the order of the
+    additions, hence the last bits, may change from run to run. None (default) is True under
+    ``torch.use_deterministic_algorithms(True)``, else the faster of the two for the shape: atomics when the
+    kept rows are at least ``ATOMIC_MIN_ROWS`` of the output's rows.
     """
     if x.dtype == torch.float64:  # documented fallback: no fp64 kernels
         return sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
