@@ -93,6 +93,28 @@ def _rope(t, pos, cos_ptr, sin_ptr, R: tl.constexpr, DP: tl.constexpr, DT: tl.co
     return t * cs + _rot(t.to(DT), R, DP, False, PREC) * sn
 
 
+def _red_asm(cols: int, ty: str) -> str:
+    """PTX for one predicated 16-byte (or, four 16-bit columns, 8-byte) atomic add of ``cols`` float32
+    operands $2.. at address $1, predicate last: as they are (``ty`` f32) or rounded in pairs to
+    ``ty`` (f16x2 / bf16x2, low column in the low half)."""
+    pred = f"${cols + 2}"
+    if ty == "f32":
+        regs = ", ".join(f"${i + 2}" for i in range(cols))
+        return (f"{{ .reg .pred p; setp.ne.b32 p, {pred}, 0; @p red.global.add.v{cols}.f32 [$1], {{{regs}}}; "
+                "mov.b32 $0, 0; }")
+    names = "abcd"[:cols // 2]
+    cvt = " ".join(f"cvt.rn.{ty}.f32 {r}, ${2 * i + 3}, ${2 * i + 2};" for i, r in enumerate(names))
+    return (f"{{ .reg .pred p; .reg .b32 {', '.join(names)}; setp.ne.b32 p, {pred}, 0; {cvt} "
+            f"@p red.global.add.noftz.v{cols // 2}.{ty} [$1], {{{', '.join(names)}}}; mov.b32 $0, 0; }}")
+
+
+_RED4_F32 = tl.constexpr(_red_asm(4, "f32"))
+_RED4_BF16 = tl.constexpr(_red_asm(4, "bf16x2"))
+_RED4_F16 = tl.constexpr(_red_asm(4, "f16x2"))
+_RED8_BF16 = tl.constexpr(_red_asm(8, "bf16x2"))
+_RED8_F16 = tl.constexpr(_red_asm(8, "f16x2"))
+
+
 @triton.jit
 def _add_tile(out_ptr, rowoff, n0, vals, live, h, VEC: tl.constexpr):
     """out[rowoff + n0 + j] += vals[:, j] for rows where live, columns n0 + j < h; vals float32, out float32,
@@ -116,20 +138,13 @@ def _add_tile(out_ptr, rowoff, n0, vals, live, h, VEC: tl.constexpr):
             v0, v2 = tl.split(t0)
             v1, v3 = tl.split(t1)
             if ODT == tl.float32:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p red.global.add.v4.f32 [$1], {$2, $3, $4, $5}; "
-                    "mov.b32 $0, 0; }", "=r,l,f,f,f,f,r", [ptr, v0, v1, v2, v3, ok], dtype=tl.int32,
-                    is_pure=False, pack=1)
+                asm: tl.constexpr = _RED4_F32
             elif ODT == tl.bfloat16:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; .reg .b32 a, b; setp.ne.b32 p, $6, 0; cvt.rn.bf16x2.f32 a, $3, $2; "
-                    "cvt.rn.bf16x2.f32 b, $5, $4; @p red.global.add.noftz.v2.bf16x2 [$1], {a, b}; mov.b32 $0, 0; }",
-                    "=r,l,f,f,f,f,r", [ptr, v0, v1, v2, v3, ok], dtype=tl.int32, is_pure=False, pack=1)
+                asm: tl.constexpr = _RED4_BF16
             else:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; .reg .b32 a, b; setp.ne.b32 p, $6, 0; cvt.rn.f16x2.f32 a, $3, $2; "
-                    "cvt.rn.f16x2.f32 b, $5, $4; @p red.global.add.noftz.v2.f16x2 [$1], {a, b}; mov.b32 $0, 0; }",
-                    "=r,l,f,f,f,f,r", [ptr, v0, v1, v2, v3, ok], dtype=tl.int32, is_pure=False, pack=1)
+                asm: tl.constexpr = _RED4_F16
+            tl.inline_asm_elementwise(asm, "=r,l,f,f,f,f,r", [ptr, v0, v1, v2, v3, ok], dtype=tl.int32,
+                                      is_pure=False, pack=1)
         else:  # VEC == 8, 16-bit out: columns 8g + 4i + 2j + l
             t0, t1 = tl.split(tl.reshape(vals, [M, N // 8, 2, 2, 2]))
             t00, t01 = tl.split(t0)
@@ -139,19 +154,11 @@ def _add_tile(out_ptr, rowoff, n0, vals, live, h, VEC: tl.constexpr):
             v1, v5 = tl.split(t10)
             v3, v7 = tl.split(t11)
             if ODT == tl.bfloat16:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.b32 p, $10, 0; cvt.rn.bf16x2.f32 a, $3, $2; "
-                    "cvt.rn.bf16x2.f32 b, $5, $4; cvt.rn.bf16x2.f32 c, $7, $6; cvt.rn.bf16x2.f32 d, $9, $8; "
-                    "@p red.global.add.noftz.v4.bf16x2 [$1], {a, b, c, d}; mov.b32 $0, 0; }",
-                    "=r,l,f,f,f,f,f,f,f,f,r", [ptr, v0, v1, v2, v3, v4, v5, v6, v7, ok], dtype=tl.int32,
-                    is_pure=False, pack=1)
+                asm8: tl.constexpr = _RED8_BF16
             else:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.b32 p, $10, 0; cvt.rn.f16x2.f32 a, $3, $2; "
-                    "cvt.rn.f16x2.f32 b, $5, $4; cvt.rn.f16x2.f32 c, $7, $6; cvt.rn.f16x2.f32 d, $9, $8; "
-                    "@p red.global.add.noftz.v4.f16x2 [$1], {a, b, c, d}; mov.b32 $0, 0; }",
-                    "=r,l,f,f,f,f,f,f,f,f,r", [ptr, v0, v1, v2, v3, v4, v5, v6, v7, ok], dtype=tl.int32,
-                    is_pure=False, pack=1)
+                asm8: tl.constexpr = _RED8_F16
+            tl.inline_asm_elementwise(asm8, "=r,l,f,f,f,f,f,f,f,f,r", [ptr, v0, v1, v2, v3, v4, v5, v6, v7, ok],
+                                      dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
