@@ -176,7 +176,10 @@ def cases(quick):
 
 def run_cases(args, out):
     res = []
+    only = args.cases.split(",") if args.cases else None
     for label, h, E, rho, nd, dense_h, T, B in cases(args.quick):
+        if only and label.split()[0] not in only:
+            continue
         k = num_selected(T, rho)
         for backward in (True, False):
             try:
@@ -205,6 +208,10 @@ def time_case(args, label, h, E, rho, nd, dense_h, T, B, k, backward):
     dense = DenseAttention(h, dense_h, backend=DENSE_BACKEND).cuda()
     row["dense"] = time_layer(f"dense {dense_h} heads", dense, B, T, h, backward)
     del dense
+    if nd:  # the hybrid's dense heads alone: what the MoSA heads on the second stream can hide behind
+        part = DenseAttention(h, nd, backend=DENSE_BACKEND).cuda()
+        row["dense_part"] = time_layer(f"dense {nd} heads", part, B, T, h, backward)
+        del part
     f = mosa_flops(B, T, h, E, k, 64) + dense_flops(B, T, h, nd, 64)
     row["flops"] = f * (3 if backward else 1)
     nparam = E * h * (1 + 4 * 64) + nd * 4 * 64 * h
@@ -279,7 +286,9 @@ def fmt_row(r):
             " %8.1f MiB | %.1f TFLOP/s %.0f GB/s") % (
         r["case"], "f+b" if r["backward"] else "fwd", r["ours"]["eager_ms"], _g(r["ours"]["graph_ms"]),
         r["ours"]["peak_MiB"], _g(o.get("eager_ms")), "%.1f" % o["peak_MiB"] if o else "-",
-        r["dense"]["eager_ms"], _g(r["dense"]["graph_ms"]), r["dense"]["peak_MiB"], r["ours_TFLOPs"], r["ours_GBps"])
+        r["dense"]["eager_ms"], _g(r["dense"]["graph_ms"]), r["dense"]["peak_MiB"], r["ours_TFLOPs"], r["ours_GBps"]) + (
+        " | its %d dense heads alone %s ms graph" % (r["dense_in_hybrid"], _g(r["dense_part"]["graph_ms"]))
+        if "dense_part" in r else "")
 
 
 def profile():
@@ -292,13 +301,16 @@ def profile():
         layer = (MoSAAttention(h, E, rho, num_dense_heads=nd, backend="triton", deterministic=DETERMINISTIC)
                  if E else DenseAttention(h, nd)).cuda().to(dt)
         x = torch.randn(B, T, h, device="cuda", dtype=dt, requires_grad=True)
+        # a dense dy, as in the timings (y.sum().backward() hands an expanded one, which costs a copy)
+        dy = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16)
+        step = make_step(layer, x, dy, True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=MODE == "autocast"):
             for _ in range(3):
-                layer(x).sum().backward()
+                step()
             torch.cuda.synchronize()
             with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
                 for _ in range(5):
-                    layer(x).sum().backward()
+                    step()
                 torch.cuda.synchronize()
         print(f"== profile {label} ({MODE}), 5 steps ==")
         try:
@@ -603,6 +615,43 @@ def check_routing(out):
     out["check_routing"] = {"pass": ok, "rows": rows}
 
 
+def tune_topk(out):
+    """The routed top-k kernel (router logits in, positions and float32 kept scores out, as in training)
+    at the targets' shapes in bf16, GPU time of one call (CUDA graph) for each tile ([BE heads per program,
+    warps]); every variant must give the default's positions and scores."""
+    import triton
+    from mosa_attention.ops import triton_routing as tr
+    res = []
+    for B, E, T, k in ((16, 17, 1024, 32), (16, 505, 1024, 16), (4, 60, 4096, 16), (1, 60, 16384, 64)):
+        x = torch.randn(B * T, 512, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(E, 512, device="cuda", dtype=torch.bfloat16) / 512 ** 0.5
+        lt = torch.mm(w, x.t()).view(E, B, T).permute(1, 0, 2).transpose(1, 2)  # [B, T, E] as _route has it
+
+        def call():
+            return tr.route_logits_triton(lt, k, False, kept_dtype=torch.float32)
+        want = call()
+        bt = triton.next_power_of_2(T)
+        row = {"shape": [B, E, T, k], "default_tile": list(tr._tiles(T, E, B * E)[1:]), "ms": {}}
+        for tile in [None] + [(be, nw) for be in (1, 2, 4, 8) for nw in (1, 2, 4, 8)
+                              if 4 <= bt * be // (32 * nw) <= 64]:
+            tr.TILE_OVERRIDE = tile
+            key = "default" if tile is None else "%d,%d" % tile
+            try:
+                got = call()
+                same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+                row["ms"][key] = cuda_time(graph_step(call)[0]) if same else "WRONG"
+            except Exception as err:  # noqa: BLE001 (report the variant, go on)
+                row["ms"][key] = repr(err)[:100]
+        tr.TILE_OVERRIDE = None
+        res.append(row)
+        best = sorted((v, n) for n, v in row["ms"].items() if isinstance(v, float))[:4]
+        print("tune_topk %-22s default %s: %s | best %s" % (
+            row["shape"], row["default_tile"], " ".join("%s=%.4f" % (n, v) for n, v in row["ms"].items()
+                                                         if isinstance(v, float) and "default" in n),
+            ", ".join("%s %.4f" % (n, v) for v, n in best)), flush=True)
+    out["tune_topk"] = res
+
+
 TUNE_VARIANTS = {  # kernel -> list of overrides (the first is the default)
     "_qkv_fwd": [{}, {"BM": 128}, {"BM": 128, "num_warps": 4}, {"BK": 32}, {"num_stages": 4}, {"num_stages": 2},
                  {"BM": 128, "BK": 32, "num_stages": 4}, {"BM": 32, "num_warps": 4}],
@@ -732,6 +781,7 @@ def main():
     ap.add_argument("--no-bench", action="store_true", help="skip the timings")
     ap.add_argument("--no-sweep", action="store_true", help="skip the T sweep")
     ap.add_argument("--quick", action="store_true", help="fewer cases")
+    ap.add_argument("--cases", default=None, help="only these cases, by the label's first word (e.g. t1,t2,t3)")
     ap.add_argument("--mode", default="autocast", choices=("autocast", "bf16"),
                     help="autocast: bf16 autocast over float32 parameters (as the official release); "
                          "bf16: parameters and input in bfloat16 (the official release cannot run so)")
@@ -762,6 +812,15 @@ def main():
                     help="a hybrid's MoSA and dense heads one after the other on one stream (before v6.2)")
     ap.add_argument("--check-streams", action="store_true",
                     help="hybrids on two streams against one: every gradient bit for bit, eager and graphed")
+    ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
+    ap.add_argument("--dwr-separate", action="store_true",
+                    help="the router's weight gradient in its own kernel (_dwr) instead of inside _dwqkv")
+    ap.add_argument("--side-heads", default=None, choices=("mosa", "dense"),
+                    help="which heads of a hybrid run on the second stream (default: the library's)")
+    ap.add_argument("--side-priority", type=int, default=None,
+                    help="CUDA priority of the second stream (lower is higher; default: the library's)")
+    ap.add_argument("--sum-after", action="store_true",
+                    help="a hybrid adds its two kinds of heads in a separate pass (not in W_O's epilogue)")
     ap.add_argument("--host-profile", action="store_true", help="cProfile of eager t1 steps (host overhead)")
     ap.add_argument("--scatter", default="auto", choices=("auto", "rows", "atomic"),
                     help="our layers' scatter-adds: auto (deterministic=None: by shape), rows (deterministic=True: "
@@ -783,6 +842,15 @@ def main():
         from mosa_attention.ops import triton_mosa
         triton_mosa.VECTOR_ATOMICS = not args.scalar_atomics
         triton_mosa.NARROW_ATOMICS = not args.wide_atomics
+    from mosa_attention.ops import triton_mosa as _tm
+    import mosa_attention.layers.mosa as _lm
+    if args.dwr_separate:
+        _tm.DWR_IN_DWQKV = False
+    if args.side_heads:
+        _lm.SIDE_HEADS = args.side_heads
+    if args.side_priority is not None:
+        _lm.SIDE_PRIORITY = args.side_priority
+    _lm.SUM_IN_PROJECTION = not args.sum_after
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -793,7 +861,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "side_heads": _lm.SIDE_HEADS, "side_priority": _lm.SIDE_PRIORITY, "sum_in_projection": not args.sum_after, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
@@ -818,6 +886,9 @@ def main():
         save()
     if args.tune:
         tune(out)
+        save()
+    if args.tune_topk:
+        tune_topk(out)
         save()
     if args.profile:
         profile()

@@ -2,7 +2,7 @@
 # The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
 # limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
 #   bash benchmarks/gpu_layer.sh OUT [STAGES]
-#   STAGES: any of check tune checktune profile profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
+#   STAGES: any of check tune checktune topk bf16+FLAGS profile profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
 # (…det: our layers with deterministic=True, …atomic: deterministic=False; the rest deterministic=None)
 set -u
 OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
@@ -25,6 +25,11 @@ for s in $STAGES; do
     bf16wide) timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --wide-atomics --out "$OUT/bf16wide" ;;
     mosabench) { timeout -k 5 "${MOSABENCH_S:-120}" $PY -m mosa_attention.cli bench --official .official --json "$OUT/mosabench.json" &&
                  timeout -k 5 "${MOSABENCH_S:-120}" $PY -m mosa_attention.cli bench --mosa-heads 505 --sparsity 64 --hybrid-dense-heads 4 --json "$OUT/mosabench_t3.json"; } ;;
+    topk)     timeout -k 5 "${TOPK_S:-120}" $PY $B --tune-topk --no-bench --out "$OUT/topk" ;;
+    bf16+*)   # bf16 timings of t1-t3 with the flags after "bf16+", "+" for spaces (A/B runs in one call)
+              flags=${s#bf16+}
+              timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --cases "${CASES:-t1,t2,t3}" ${flags//+/ } \
+                --out "$OUT/${s//[^A-Za-z0-9_.-]/_}" ;;
     tune)     timeout -k 5 "${TUNE_S:-200}" $PY $B --tune --no-bench --out "$OUT/tune" ;;
     profile)  timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --out "$OUT/profile" ;;
     hostprof) timeout -k 5 "${PROFILE_S:-60}" $PY $B --host-profile --no-bench --out "$OUT/hostprof" ;;
@@ -38,10 +43,10 @@ for s in $STAGES; do
     autocastdet) timeout -k 5 "${AUTOCAST_S:-150}" $PY $B --no-sweep --scatter rows --out "$OUT/autocastdet" ;;
     grid)     timeout -k 5 "${GRID_S:-150}" $PY $B --official .official --no-bench --grid --out "$OUT/grid" ;;
     sweep)    timeout -k 5 "${SWEEP_S:-150}" $PY $B --official .official --sweep-T 1024,4096,16384,65536 --out "$OUT/sweep" ;;
-  esac > "$OUT/$s.log" 2>&1
+  esac > "$OUT/${s//[^A-Za-z0-9_.-]/_}.log" 2>&1
   echo "== stage $s: exit $?" >> "$OUT/stages.txt"
 done
 # everything in one file as well (the device brings back at most 8 files)
 tar -czf "$OUT/all.tar.gz" -C "$OUT" --exclude all.tar.gz . 2>/dev/null
 cat "$OUT/gpu.txt" "$OUT/stages.txt"
-for s in $STAGES; do echo "== $s"; grep -E "PASS|FAIL|best|failed|Error|error|f\+b|fwd " "$OUT/$s.log" | tail -40; done
+for s in $STAGES; do echo "== $s"; grep -E "PASS|FAIL|best|failed|Error|error|f\+b|fwd " "$OUT/${s//[^A-Za-z0-9_.-]/_}.log" | tail -40; done

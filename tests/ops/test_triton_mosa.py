@@ -275,6 +275,14 @@ def test_router_fused_matches_reference(B, T, h, E, k, D, rope_dims, include_fir
     _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, TOL[dtype], deterministic)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_router_weight_gradient_in_its_own_kernel(monkeypatch, dtype):
+    # DWR_IN_DWQKV off: w_router's gradient from ``_dwr`` instead of ``_dwqkv`` (kept for comparison)
+    from mosa_attention.ops import triton_mosa
+    monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", False)
+    _routed_compare(2, 40, 48, 3, 9, 32, 16, False, dtype, TOL[dtype], False)
+
+
 @pytest.mark.parametrize("deterministic", [None, True])
 def test_layer_uses_the_fused_router_and_matches_torch_backend(deterministic):
     from mosa_attention.layers import MoSAAttention
@@ -402,3 +410,16 @@ def test_float16_atomic_scatter_in_place_or_in_float32(monkeypatch, narrow):
     _compare(2, 24, 32, 12, 20, 32, 16, torch.float16, deterministic=False)
     assert used == [(torch.float16 if narrow else torch.float32, 0)] * 2  # y, then dx
 
+
+
+def test_router_weight_gradient_placement_rule(monkeypatch):
+    # None (default): inside _dwqkv where its grid fits in one wave of one program per SM, else _dwr
+    from mosa_attention.ops import triton_mosa
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setitem(triton_mosa._SM_COUNT, gpu, 132)
+    assert triton_mosa._dwr_in_dwqkv(gpu, 68) and triton_mosa._dwr_in_dwqkv(gpu, 132)
+    assert not triton_mosa._dwr_in_dwqkv(gpu, 133)
+    assert triton_mosa._dwr_in_dwqkv(torch.device("cpu"), 10 ** 6)  # the interpreter: the fused path
+    for forced in (True, False):
+        monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", forced)
+        assert triton_mosa._dwr_in_dwqkv(gpu, 68) is forced and triton_mosa._dwr_in_dwqkv(gpu, 10 ** 6) is forced

@@ -33,8 +33,9 @@ the kept tokens are few next to T (t4: the atomics' buffer would cost more than 
 (w_r x^T, one cuBLAS call), the top-k kernel of ``triton_routing`` (positions sorted, kept scores in
 float32), then the kernels above. Its backward folds the router's gradients into them: ``_out_bwd``
 stores d logit = d score * s (1 - s) per kept slot, ``_qkv_bwd_dx`` adds d logit * w_router[e] to each
-kept token's row of dx (the scatter sums it with the rest), and ``_dwr`` reduces d logit * x[b, pos] into
-w_router's gradient. Top-k passes no gradient to unkept tokens, so nothing of size [B, E, T] is made.
+kept token's row of dx (the scatter sums it with the rest), and ``_dwqkv`` reduces d logit * x[b, pos]
+into w_router's gradient from the same gathered x tiles as w_qkv's where its grid is small, ``_dwr``
+where it is large (``DWR_IN_DWQKV``). Top-k passes no gradient to unkept tokens, so nothing of size [B, E, T] is made.
 
 Supported: x, w_qkv, w_o all float16, bfloat16 or float32 (float32 runs exact fp32 dots, no tf32);
 head dim D <= 128 (any D, padded to a power of two in registers); any k >= 1. Non-contiguous inputs are
@@ -541,39 +542,54 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
 
 
 @triton.jit
-def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K,
+def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
            D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-           FUSED: tl.constexpr = False):
+           FUSED: tl.constexpr = False, ROUTER: tl.constexpr = False):
     """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part. FUSED: one program makes all three
-    parts from one load of the gathered x tile (grid axis 2 has size 1); else one program per part."""
+    parts from one load of the gathered x tile (grid axis 2 has size 1); else one program per part.
+    ROUTER: also dw_router[e][rows of h] = sum over kept rows of x[b, pos] * d logit (top-k passes gradient
+    only to kept tokens), as one more product of the same x tile with a 16-column matrix whose first column
+    is d logit (rounded to the compute dtype, like d_part): no second gather of x. Where the parts have one
+    program each, part 0's program writes it."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     part = tl.program_id(2)
+    DT: tl.constexpr = dqkv_ptr.dtype.element_ty
     nn = pid * BH + tl.arange(0, BH)
     nm = nn < h
     cols = tl.arange(0, DP)
     cm = cols < D
+    c16 = tl.arange(0, 16)
     acc = tl.zeros([BH, DP], tl.float32)
     acc_k = tl.zeros([BH, DP], tl.float32)
     acc_v = tl.zeros([BH, DP], tl.float32)
+    acc_r = tl.zeros([BH, 16], tl.float32)
     for r0 in range(0, R, BR):
         rows = r0 + tl.arange(0, BR)
         rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
         xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
         xt = tl.load(x_ptr + xrow[None, :] * h + nn[:, None], mask=rm[None, :] & nm[:, None], other=0.0)
-        xt = xt.to(dqkv_ptr.dtype.element_ty)
+        xt = xt.to(DT)
         dp = dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
         dm = rm[:, None] & cm[None, :]
         acc = tl.dot(xt, tl.load(dp, mask=dm, other=0.0), acc, input_precision=PREC)
         if FUSED:
             acc_k = tl.dot(xt, tl.load(dp + E * R * D, mask=dm, other=0.0), acc_k, input_precision=PREC)
             acc_v = tl.dot(xt, tl.load(dp + 2 * E * R * D, mask=dm, other=0.0), acc_v, input_precision=PREC)
+        if ROUTER:
+            dl = tl.load(dl_ptr + sel, mask=rm & (pos >= 0) & (pos < T), other=0.0)
+            g = tl.where((c16 == 0)[None, :], dl[:, None], 0.0).to(DT)
+            acc_r = tl.dot(xt, g, acc_r, input_precision=PREC)
     out = dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :]
     om = nm[:, None] & cm[None, :]
     tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=om)
     if FUSED:
         tl.store(out + D, acc_k.to(dw_ptr.dtype.element_ty), mask=om)
         tl.store(out + 2 * D, acc_v.to(dw_ptr.dtype.element_ty), mask=om)
+    if ROUTER:
+        dwr = tl.sum(tl.where((c16 == 0)[None, :], acc_r, 0.0), 1)
+        if part == 0:
+            tl.store(dwr_ptr + e.to(tl.int64) * h + nn, dwr.to(dwr_ptr.dtype.element_ty), mask=nm)
 
 
 @triton.jit
@@ -693,6 +709,23 @@ VECTOR_ATOMICS = True
 NARROW_ATOMICS = True
 # bfloat16 results take their atomic additions in place up to this many kept rows per token on average
 NARROW_MAX_OVERLAP = 1.0
+# Where the router's weight gradient is made: True, inside ``_dwqkv`` as one more product of the gathered
+# x tiles (no second gather, one launch less); False, in its own kernel ``_dwr``; None, inside ``_dwqkv``
+# when its grid has at most one program per SM. The fused program needs more registers (170 against 126
+# per thread at head dim 64: one program per SM instead of two), which costs more than it saves on a
+# grid of many waves (t3 on an H200: 186 us against 100 + 36) and less on a small one (t1: 19 against 15 + 13).
+DWR_IN_DWQKV = None
+_SM_COUNT: dict = {}
+
+
+def _dwr_in_dwqkv(dev, programs: int) -> bool:
+    if DWR_IN_DWQKV is not None:
+        return DWR_IN_DWQKV
+    if dev.type != "cuda":
+        return True
+    if dev not in _SM_COUNT:
+        _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return programs <= _SM_COUNT[dev]
 
 
 def _dims(x, idx, w_qkv):
@@ -795,12 +828,13 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c) if deterministic else rows.to(x.dtype)
     dwqkv = torch.empty_like(w_qkv)
     fused = c["DW_FUSED"]
-    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 1 if fused else 3), (x, idx, dqkv, dwqkv, T, h, E, R, K),
-            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], FUSED=fused,
+    dwr = None if w_router is None else torch.empty_like(w_router)
+    in_dw = dwr is not None and _dwr_in_dwqkv(dev, triton.cdiv(h, c["DW_BH"]) * E * (1 if fused else 3))
+    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 1 if fused else 3),
+            (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr if in_dw else dsc),
+            dict(BR=c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], FUSED=fused, ROUTER=in_dw,
             num_warps=8 if fused else 4, num_stages=c["DW_STAGES"])
-    dwr = None
-    if w_router is not None:
-        dwr = torch.empty_like(w_router)
+    if dwr is not None and not in_dw:
         _launch(_dwr, lambda t: (triton.cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
                 dict(BR=32, BH=min(128, max(16, triton.next_power_of_2(h)))), num_warps=4)
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo

@@ -84,17 +84,17 @@ TILE_OVERRIDE = None
 
 
 def _tiles(T: int, E: int, rows: int):
-    """[BT, BE] tile and warps for ``rows`` rows of length T: about 32 keys per thread, so that the 16-33
-    counting passes reduce mostly in registers and warp shuffles (64 per thread on one warp spilled and took
-    95 us for 16 x 505 rows of 1024 on an H200; 8 warps per row went through shared memory and a barrier
-    every pass: 213 us). Few rows (t1's 272) get one row per program on more warps (16 us against 22 us
-    for two rows on two warps; benchmarks/NOTES.md, v6)."""
+    """[BT, BE] tile and warps for ``rows`` rows of length T. Many rows: one row per program, about 32 keys
+    per thread, so that the 16-33 counting passes reduce in registers and warp shuffles (t3's 16 x 505 rows
+    of 1024 on an H200: one warp per row 54 us, two rows on two warps 61 us; 64 keys per thread spilled,
+    95 us; 8 warps per row went through shared memory and a barrier every pass, 213 us). Few rows (t1's
+    272) leave SMs idle: one row per program on more warps (16 us against 22 us for two rows on two warps;
+    benchmarks/NOTES.md, v6, v7)."""
     BT = max(triton.next_power_of_2(T), 16)
     if rows <= 512:
         BE, warps = 1, max(1, min(8, BT // 256))
     else:
-        BE = max(1, min(triton.next_power_of_2(E), 2048 // BT))
-        warps = max(1, min(8, BT * BE // 1024))
+        BE, warps = 1, max(1, min(8, BT // 1024))
     if TILE_OVERRIDE is not None:
         BE, warps = TILE_OVERRIDE
     return BT, BE, warps
