@@ -654,13 +654,13 @@ def tune_topk(out):
 
 TUNE_VARIANTS = {  # kernel -> list of overrides (the first is the default)
     "_qkv_fwd": [{}, {"BM": 128}, {"BM": 128, "num_warps": 4}, {"BK": 32}, {"num_stages": 4}, {"num_stages": 2},
-                 {"BM": 128, "BK": 32, "num_stages": 4}, {"BM": 32, "num_warps": 4}],
+                 {"BM": 128, "BK": 32, "num_stages": 4}, {"BM": 32, "num_warps": 4}, {"BM": 64}],
     "_attn_fwd": [{}, {"BN": 32}, {"BM": 128, "num_warps": 8}, {"BH": 128}, {"BH": 128, "num_warps": 8},
                   {"BM": 32, "BN": 32}, {"num_stages": 2}, {"BM": 128, "BH": 128, "num_warps": 8}],
     "_out_bwd": [{}, {"BH": 128}, {"BM": 128, "num_warps": 8}, {"BM": 32}, {"num_stages": 4}, {"BH": 128, "num_warps": 8},
                  {"BM": 128, "BH": 128, "num_warps": 8}, {"num_stages": 2}],
     "_dwo": [{}, {"BR": 128}, {"BH": 128}, {"BH": 128, "num_warps": 8}, {"BR": 32}, {"num_stages": 4},
-             {"BR": 128, "BH": 128, "num_warps": 8}, {"num_stages": 2}],
+             {"BR": 128, "BH": 128, "num_warps": 8}, {"num_stages": 2}, {"BH": 64}],
     "_attn_bwd_dkdv": [{}, {"BM": 32}, {"BN": 32}, {"BM": 32, "BN": 32}, {"num_warps": 8}, {"num_stages": 2},
                        {"BM": 128, "num_warps": 8}, {"BN": 128, "num_warps": 8}],
     "_attn_bwd_dq": [{}, {"BM": 32}, {"BN": 32}, {"BM": 32, "BN": 32}, {"num_warps": 8}, {"num_stages": 2},
@@ -668,13 +668,13 @@ TUNE_VARIANTS = {  # kernel -> list of overrides (the first is the default)
     "_qkv_bwd_dx": [{}, {"BH": 128}, {"BH": 128, "num_warps": 8}, {"BM": 128, "num_warps": 8}, {"BH": 256, "num_warps": 8},
                     {"BM": 128, "BH": 128, "num_warps": 8}, {"BM": 32}, {"num_stages": 2}],
     "_dwqkv": [{}, {"BR": 128}, {"BH": 128}, {"BH": 128, "num_warps": 8}, {"BR": 32}, {"num_stages": 4},
-               {"BR": 128, "BH": 128, "num_warps": 8}, {"num_stages": 2}],
+               {"BR": 128, "BH": 128, "num_warps": 8}, {"num_stages": 2}, {"BH": 64}],
     "_segment_sum": [{}, {"BT": 16}, {"BT": 64}, {"BH": 512}, {"BT": 16, "BH": 512}, {"num_warps": 8},
                      {"BT": 64, "num_warps": 8}, {"BT": 8, "BH": 512}],
 }
 
 
-def tune(out):
+def tune(out, only=None):
     """Per-kernel GPU time (torch profiler) of ours, f+b, bf16, under each tile variant; outputs checked
     against the float64 reference for every variant (a variant that breaks a result is reported, not used)."""
     from torch.profiler import ProfilerActivity, profile as prof
@@ -684,6 +684,8 @@ def tune(out):
     n = max(len(v) for v in TUNE_VARIANTS.values())
     for label, B, T, h, E, k in (("t3", 16, 1024, 512, 505, 16), ("t1", 16, 1024, 512, 17, 32),
                                  ("t4", 1, 65536, 1024, 60, 64)):
+        if only and label not in only:
+            continue
         x = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         sc = torch.rand(B, E, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         idx = torch.rand(B, E, T, device="cuda").topk(k, dim=-1).indices.sort(-1).values
@@ -815,12 +817,6 @@ def main():
     ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
     ap.add_argument("--dwr-separate", action="store_true",
                     help="the router's weight gradient in its own kernel (_dwr) instead of inside _dwqkv")
-    ap.add_argument("--side-heads", default=None, choices=("mosa", "dense"),
-                    help="which heads of a hybrid run on the second stream (default: the library's)")
-    ap.add_argument("--side-priority", type=int, default=None,
-                    help="CUDA priority of the second stream (lower is higher; default: the library's)")
-    ap.add_argument("--sum-after", action="store_true",
-                    help="a hybrid adds its two kinds of heads in a separate pass (not in W_O's epilogue)")
     ap.add_argument("--host-profile", action="store_true", help="cProfile of eager t1 steps (host overhead)")
     ap.add_argument("--scatter", default="auto", choices=("auto", "rows", "atomic"),
                     help="our layers' scatter-adds: auto (deterministic=None: by shape), rows (deterministic=True: "
@@ -843,14 +839,8 @@ def main():
         triton_mosa.VECTOR_ATOMICS = not args.scalar_atomics
         triton_mosa.NARROW_ATOMICS = not args.wide_atomics
     from mosa_attention.ops import triton_mosa as _tm
-    import mosa_attention.layers.mosa as _lm
     if args.dwr_separate:
         _tm.DWR_IN_DWQKV = False
-    if args.side_heads:
-        _lm.SIDE_HEADS = args.side_heads
-    if args.side_priority is not None:
-        _lm.SIDE_PRIORITY = args.side_priority
-    _lm.SUM_IN_PROJECTION = not args.sum_after
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -861,7 +851,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "side_heads": _lm.SIDE_HEADS, "side_priority": _lm.SIDE_PRIORITY, "sum_in_projection": not args.sum_after, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
@@ -885,7 +875,7 @@ def main():
         check_streams(out)
         save()
     if args.tune:
-        tune(out)
+        tune(out, args.cases.split(",") if args.cases else None)
         save()
     if args.tune_topk:
         tune_topk(out)

@@ -30,7 +30,7 @@ for s in $STAGES; do
               flags=${s#bf16+}
               timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --cases "${CASES:-t1,t2,t3}" ${flags//+/ } \
                 --out "$OUT/${s//[^A-Za-z0-9_.-]/_}" ;;
-    tune)     timeout -k 5 "${TUNE_S:-200}" $PY $B --tune --no-bench --out "$OUT/tune" ;;
+    tune)     timeout -k 5 "${TUNE_S:-200}" $PY $B --tune --no-bench ${TUNE_CASES:+--cases $TUNE_CASES} --out "$OUT/tune" ;;
     profile)  timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --out "$OUT/profile" ;;
     hostprof) timeout -k 5 "${PROFILE_S:-60}" $PY $B --host-profile --no-bench --out "$OUT/hostprof" ;;
     profiledet) timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --scatter rows --out "$OUT/profiledet" ;;

@@ -423,3 +423,27 @@ def test_router_weight_gradient_placement_rule(monkeypatch):
     for forced in (True, False):
         monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", forced)
         assert triton_mosa._dwr_in_dwqkv(gpu, 68) is forced and triton_mosa._dwr_in_dwqkv(gpu, 10 ** 6) is forced
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_atomic_buffers_are_cleared_by_the_kernel_before_the_scatter(monkeypatch, dtype):
+    # the [B, T, h] buffers of the atomic scatter come uncleared and _qkv_fwd / _out_bwd zero them: hand
+    # them over full of NaN, so that any element those kernels miss shows up in y or dx (most tokens of this
+    # shape are kept by no head, so their rows are only ever cleared)
+    from mosa_attention.ops import triton_mosa
+    monkeypatch.setattr(triton_mosa, "_atomic_buffer",
+                        lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev))
+    _routed_compare(2, 150, 40, 2, 9, 32, 16, False, dtype, TOL[dtype], False)
+    _compare(2, 150, 40, 2, 9, 32, 16, dtype, deterministic=False)
+
+
+def test_kept_and_idx_take_no_gradient_work():
+    # backward of the fused op when only y carries gradient, and a loss that uses only the selection:
+    # neither fails, and the second gives no gradient at all
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    x = torch.randn(1, 20, 32, device=DEVICE, requires_grad=True)
+    w = [torch.randn(2, 32, device=DEVICE, requires_grad=True), torch.randn(2, 32, 96, device=DEVICE) / 6,
+         torch.randn(2, 32, 32, device=DEVICE) / 6]
+    y, kept, idx = mosa_triton(x, *w, 4, False, 16)
+    (y.sum() + kept.sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

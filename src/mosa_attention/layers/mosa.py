@@ -15,21 +15,13 @@ from .dense import DenseAttention
 DENSE_KINDS = ("dense", "local")
 ROUTINGS = ("topk", "threshold")
 
-# A hybrid's MoSA heads and dense/local heads read the same x and do not depend on each other: on CUDA one
-# kind runs on a second stream, so the MoSA heads' small kernels fill the gaps the dense heads leave
-# (autograd runs each backward on its forward's stream, so the backward overlaps too). Not in distributed
-# runs: the gradient hooks of DDP and FSDP work on their own streams, and that combination has not been
-# verified on several GPUs. False: one stream everywhere.
+# A hybrid's MoSA heads and dense/local heads read the same x and do not depend on each other: on CUDA the
+# MoSA heads run on a second stream, so their small kernels fill the gaps the dense heads leave (autograd
+# runs each backward on its forward's stream, so the backward overlaps too). Not in distributed runs: the
+# gradient hooks of DDP and FSDP work on their own streams, and that combination has not been verified on
+# several GPUs. False: one stream everywhere.
 PARALLEL_HEADS = True
-# Which kind runs on the second stream, and that stream's CUDA priority (lower is higher, 0 the default).
-# The dense heads are the longer path of a perplexity-matched hybrid, so they run on a stream of higher
-# priority: the block scheduler then serves their kernels first and the MoSA kernels fill what is left.
-SIDE_HEADS = "dense"
-SIDE_PRIORITY = -1
 _SIDE_STREAMS: dict = {}
-# A hybrid adds its MoSA heads' output inside the dense heads' W_O product (addmm's epilogue) instead of in
-# a pass of its own. False: the separate addition (for comparison in benchmarks).
-SUM_IN_PROJECTION = True
 
 
 class MoSAAttention(nn.Module):
@@ -53,8 +45,7 @@ class MoSAAttention(nn.Module):
     ``deterministic`` (Triton kernels): None follows ``torch.use_deterministic_algorithms``; True makes the
     scatter-adds bit-repeatable (slower), False uses atomics (see ``ops.sparse_attention``).
 
-    On CUDA a hybrid runs its dense heads on a second stream of higher priority beside the MoSA heads
-    (``PARALLEL_HEADS``, ``SIDE_HEADS``, ``SIDE_PRIORITY``).
+    On CUDA a hybrid runs its MoSA heads on a second stream beside the dense heads (``PARALLEL_HEADS``).
     """
 
     def __init__(self, d_model: int, num_mosa_heads: int, sparsity: float, head_dim: int = 64,
@@ -142,15 +133,8 @@ class MoSAAttention(nn.Module):
         window = self.window(x.shape[1]) if self.dense_kind == "local" else None
         return self.dense.heads(x, window=window)
 
-    def _sum(self, o: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """The dense heads' W_O product of o plus the MoSA heads' y (if any): in the product's epilogue
-        (``SUM_IN_PROJECTION``), so the sum costs no pass of its own."""
-        if y is None or SUM_IN_PROJECTION:
-            return self.dense.project(o, residual=y)
-        return y + self.dense.project(o)
-
     def _side_stream(self, x: torch.Tensor):
-        """The stream one kind of a hybrid's heads runs on beside the other (``PARALLEL_HEADS``), or None:
+        """The stream the MoSA heads of a hybrid run on beside the dense heads (``PARALLEL_HEADS``), or None:
         not CUDA, not a hybrid, under torch.compile (which orders the graph itself) or in a distributed run."""
         if not (PARALLEL_HEADS and x.is_cuda and self.num_mosa_heads and self.dense is not None):
             return None
@@ -158,10 +142,9 @@ class MoSAAttention(nn.Module):
             return None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return None
-        key = (x.device, SIDE_PRIORITY)
-        if key not in _SIDE_STREAMS:
-            _SIDE_STREAMS[key] = torch.cuda.Stream(x.device, priority=SIDE_PRIORITY)
-        return _SIDE_STREAMS[key]
+        if x.device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+        return _SIDE_STREAMS[x.device]
 
     def forward(self, x: torch.Tensor, return_selection: bool = False):
         check_input(x, self.d_model)
@@ -169,26 +152,20 @@ class MoSAAttention(nn.Module):
         if side is not None:
             main = torch.cuda.current_stream(x.device)
             side.wait_stream(main)
-            if SIDE_HEADS == "dense":
-                with torch.cuda.stream(side):
-                    o = self._dense_heads(x)
+            with torch.cuda.stream(side):
                 y, selection = self._mosa_heads(x)
-                handed = (o,)
-            else:
-                with torch.cuda.stream(side):
-                    y, selection = self._mosa_heads(x)
-                o = self._dense_heads(x)
-                handed = (y, *selection, *([self.aux_loss] if self.aux_loss is not None else []))
+            o = self._dense_heads(x)
             main.wait_stream(side)
             # memory handed between the streams: x is read on the side stream, its results used on this one
             x.record_stream(side)
-            for t in handed:
+            for t in (y, *selection, *([self.aux_loss] if self.aux_loss is not None else [])):
                 t.record_stream(main)
-            y = self._sum(o, y)
+            # the sum of the two kinds of heads is the epilogue of the dense heads' W_O product (addmm)
+            y = self.dense.project(o, residual=y)
         else:
             y, selection = self._mosa_heads(x) if self.num_mosa_heads else (None, None)
             if self.dense is not None:
-                y = self._sum(self._dense_heads(x), y)
+                y = self.dense.project(self._dense_heads(x), residual=y)
         return (y, selection) if return_selection else y
 
     def extra_repr(self) -> str:

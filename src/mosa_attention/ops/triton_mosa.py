@@ -216,14 +216,31 @@ def _query_range(idx_ptr, e, E, K, R, T, n0, BLOCK: tl.constexpr, BS: tl.constex
     return start, end
 
 
+@triton.jit
+def _zero_share(ptr, n, BLOCK: tl.constexpr):
+    """This program's share of zeroing ptr[0:n]: the atomic scatter's buffer is cleared by the kernel that
+    runs before the scatter (its stores drain while the program computes) instead of by a fill launch."""
+    n_prog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+    per = tl.cdiv(tl.cdiv(n, n_prog), BLOCK) * BLOCK
+    start = tl.multiple_of(pid.to(tl.int64) * per, BLOCK)
+    zeros = tl.zeros([BLOCK], ptr.dtype.element_ty)
+    for i in range(0, per, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, zeros, mask=offs < n)
+
+
 # --------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K,
+def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, zero_ptr, zero_n,
              D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-             PREC: tl.constexpr, FUSED: tl.constexpr):
+             PREC: tl.constexpr, FUSED: tl.constexpr, ZERO: tl.constexpr = False):
     """qkv[part, e, rows] = RoPE(x[b, pos] @ w_qkv[e][:, part*D:(part+1)*D]) for part in q, k, v.
     FUSED: one program makes all three from one load of the gathered rows (grid axis 2 has size 1);
-    else one program per part (less register and shared memory for large head dims or fp32)."""
+    else one program per part (less register and shared memory for large head dims or fp32).
+    ZERO: also clear zero_ptr[0:zero_n] (the buffer ``_attn_fwd`` adds y into), shared by all programs."""
+    if ZERO:
+        _zero_share(zero_ptr, zero_n, 1024)
     pid = tl.program_id(0)
     e = tl.program_id(1)
     part = tl.program_id(2)
@@ -355,11 +372,14 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.co
 
 # --------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K,
+def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K, zero_ptr, zero_n,
              D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-             DLOGIT: tl.constexpr = False):
+             DLOGIT: tl.constexpr = False, ZERO: tl.constexpr = False):
     """dO = score * (dy[b, pos] @ w_o[e]^T); d score = rowsum(dy[b, pos] @ w_o[e]^T * o); delta = rowsum(dO*o).
-    DLOGIT: the scores are sigmoid(router logits); store d logit = d score * score * (1 - score) instead."""
+    DLOGIT: the scores are sigmoid(router logits); store d logit = d score * score * (1 - score) instead.
+    ZERO: also clear zero_ptr[0:zero_n] (the buffer ``_qkv_bwd_dx`` adds dx into), shared by all programs."""
+    if ZERO:
+        _zero_share(zero_ptr, zero_n, 1024)
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = o_ptr.dtype.element_ty
@@ -728,6 +748,12 @@ def _dwr_in_dwqkv(dev, programs: int) -> bool:
     return programs <= _SM_COUNT[dev]
 
 
+def _atomic_buffer(shape, dtype, dev):
+    """The [B, T, h] buffer an atomic scatter adds into, left uncleared: the kernel before the scatter
+    clears it (``_zero_share``)."""
+    return torch.empty(shape, device=dev, dtype=dtype)
+
+
 def _dims(x, idx, w_qkv):
     B, T, h = x.shape
     E, K = idx.shape[1], idx.shape[2]
@@ -769,15 +795,15 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     o = torch.empty(E, R, D, device=dev, dtype=cdt)
     lse = torch.empty(E, R, device=dev, dtype=torch.float32)
     fused = c["DP"] <= 64 and cdt != torch.float32
-    _launch(_qkv_fwd, lambda t: (triton.cdiv(R, t["BM"]), E, 1 if fused else 3),
-            (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K), dict(BM=c["QKV_BM"], BK=c["BK"]),
-            D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused, num_warps=8 if fused else 4,
-            num_stages=c["QKV_STAGES"])
     adt, vec = _atomic_plan(dev, h, cdt, E * R / (B * T))
     if deterministic:
         out = torch.empty(E * R, h, device=dev, dtype=cdt)
-    else:
-        out = torch.zeros(B, T, h, device=dev, dtype=adt)
+    else:  # cleared by _qkv_fwd
+        out = _atomic_buffer((B, T, h), adt, dev)
+    _launch(_qkv_fwd, lambda t: (triton.cdiv(R, t["BM"]), E, 1 if fused else 3),
+            (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, out, out.numel()), dict(BM=c["QKV_BM"], BK=c["BK"]),
+            D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused, ZERO=not deterministic,
+            num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
     _launch(_attn_fwd, lambda t: (triton.cdiv(R, t["BM"]), E),
             (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D)),
             dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"],
@@ -801,9 +827,16 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     do = torch.empty(E, R, D, device=dev, dtype=cdt)
     delta = torch.empty(E, R, device=dev, dtype=torch.float32)
     dsc = torch.empty(B, E, K, device=dev, dtype=torch.float32)
+    deterministic = perm.numel() > 0  # the forward's choice
+    adt, vec = _atomic_plan(dev, h, x.dtype, E * R / (B * T))
+    if deterministic:
+        rows = torch.empty(E * R, h, device=dev, dtype=cdt)
+    else:  # x's dtype takes the sums in place where it can (_atomic_plan); cleared by _out_bwd
+        rows = _atomic_buffer((B, T, h), adt, dev)
     _launch(_out_bwd, lambda t: (triton.cdiv(R, t["BM"]), E),
-            (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K), dict(BM=c["BM"], BH=c["BH"]),
-            D=D, DP=c["DP"], PREC=c["PREC"], DLOGIT=w_router is not None, num_warps=4)
+            (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, rows, rows.numel()),
+            dict(BM=c["BM"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"], DLOGIT=w_router is not None,
+            ZERO=not deterministic, num_warps=4)
     dwo = torch.empty_like(w_o)
     _launch(_dwo, lambda t: (triton.cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
             dict(BR=c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
@@ -813,12 +846,6 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
     _launch(_attn_bwd_dkdv, lambda t: (triton.cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]), **common)
     _launch(_attn_bwd_dq, lambda t: (triton.cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]), **common)
-    deterministic = perm.numel() > 0  # the forward's choice
-    adt, vec = _atomic_plan(dev, h, x.dtype, E * R / (B * T))
-    if deterministic:
-        rows = torch.empty(E * R, h, device=dev, dtype=cdt)
-    else:  # x's dtype takes the sums in place where it can (_atomic_plan); otherwise one cast at the end
-        rows = torch.zeros(B, T, h, device=dev, dtype=adt)
     _launch(_qkv_bwd_dx, lambda t: (triton.cdiv(R, t["BM"]), E, triton.cdiv(h, t["BH"])),
             (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
             dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
@@ -919,10 +946,13 @@ class _EagerRouted(torch.autograd.Function):
         ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.mark_non_differentiable(kept, idx)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for kept and idx (two launches)
         return y, kept, idx
 
     @staticmethod
     def backward(ctx, dy, _kept, _idx):
+        if dy is None:  # y took no part in the loss (grads are not materialised)
+            return (None,) * 10
         *saved, w_router = ctx.saved_tensors
         dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router)
         return dx, dwr, dwqkv, dwo, None, None, None, None, None, None
