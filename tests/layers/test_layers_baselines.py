@@ -100,24 +100,3 @@ def test_routing_matches_direct_computation():
         out[keep] += naive_attention(qk, qk, v[keep], torch.ones(4, 4, dtype=torch.bool).tril())
     torch.testing.assert_close(layer(x)[0], out @ layer.W_O[0])
 
-
-def test_dense_residual_is_added_in_the_output_projection():
-    # a hybrid adds its MoSA heads' output inside the dense heads' W_O product (addmm): same sum, same
-    # gradients as adding afterwards; a residual of the wrong shape or dtype is named in the error
-    from mosa_attention.ops import project_out
-    layer = DenseAttention(16, 2, head_dim=8).double()
-    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
-    fused = layer(x, residual=r)
-    dy = torch.randn_like(fused)
-    got = torch.autograd.grad(fused, (x, r, layer.W_O.weight), dy)
-    plain = layer(x) + r
-    want = torch.autograd.grad(plain, (x, r, layer.W_O.weight), dy)
-    torch.testing.assert_close(fused, plain)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
-    o = layer.heads(x)
-    with pytest.raises(ValueError, match=r"residual must be \[B, T, h\] = \[2, 9, 16\].*\(2, 9, 15\)"):
-        project_out(o, layer.W_O.weight, torch.zeros(2, 9, 15, dtype=torch.float64))
-    with pytest.raises(ValueError, match="residual.dtype=torch.float32"):
-        project_out(o, layer.W_O.weight, torch.zeros(2, 9, 16))

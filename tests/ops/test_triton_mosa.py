@@ -447,3 +447,9 @@ def test_kept_and_idx_take_no_gradient_work():
     y, kept, idx = mosa_triton(x, *w, 4, False, 16)
     (y.sum() + kept.sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_long_row_reductions(deterministic):
+    # 16-bit heads with R = B*k >= 512 rows reduce 128 rows per step in the weight-gradient kernels
+    _routed_compare(4, 160, 32, 2, 130, 32, 16, False, torch.float16, TOL[torch.float16], deterministic)

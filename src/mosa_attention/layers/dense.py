@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import causal_attention_heads, project_out, rope_dims_for
+from ..ops import causal_attention, rope_dims_for
 from ._checks import check_input, check_positive_int
 
 
@@ -35,21 +35,11 @@ class DenseAttention(nn.Module):
         self.W_QKV = nn.Linear(d_model, 3 * head_dim * num_heads, bias=False)
         self.W_O = nn.Linear(head_dim * num_heads, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, window: int | None = None, residual: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """``residual`` [B, T, d_model], when given, is added to the result inside the output projection."""
-        return self.project(self.heads(x, window), residual)
-
-    def heads(self, x: torch.Tensor, window: int | None = None) -> torch.Tensor:
-        """The heads' outputs before W_O, [B, T, num_heads * head_dim]."""
+    def forward(self, x: torch.Tensor, window: int | None = None) -> torch.Tensor:
         check_input(x, self.d_model)
-        return causal_attention_heads(x, self.W_QKV.weight, self.num_heads, rope_dims=self.rope_dims,
-                                      rope_base=self.rope_base,
-                                      window=window if window is not None else self.window, backend=self.backend)
-
-    def project(self, o: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """o @ W_O^T (+ ``residual``, in the product's epilogue)."""
-        return project_out(o, self.W_O.weight, residual)
+        return causal_attention(x, self.W_QKV.weight, self.W_O.weight, self.num_heads, rope_dims=self.rope_dims,
+                                rope_base=self.rope_base, window=window if window is not None else self.window,
+                                backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"

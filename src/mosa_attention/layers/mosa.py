@@ -129,9 +129,8 @@ class MoSAAttention(nn.Module):
         return y, selection
 
     def _dense_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """The dense or local heads' outputs before their W_O."""
         window = self.window(x.shape[1]) if self.dense_kind == "local" else None
-        return self.dense.heads(x, window=window)
+        return self.dense(x, window=window)
 
     def _side_stream(self, x: torch.Tensor):
         """The stream the MoSA heads of a hybrid run on beside the dense heads (``PARALLEL_HEADS``), or None:
@@ -154,18 +153,17 @@ class MoSAAttention(nn.Module):
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 y, selection = self._mosa_heads(x)
-            o = self._dense_heads(x)
+            y_dense = self._dense_heads(x)
             main.wait_stream(side)
             # memory handed between the streams: x is read on the side stream, its results used on this one
             x.record_stream(side)
             for t in (y, *selection, *([self.aux_loss] if self.aux_loss is not None else [])):
                 t.record_stream(main)
-            # the sum of the two kinds of heads is the epilogue of the dense heads' W_O product (addmm)
-            y = self.dense.project(o, residual=y)
+            y = y + y_dense
         else:
-            y, selection = self._mosa_heads(x) if self.num_mosa_heads else (None, None)
+            y, selection = self._mosa_heads(x) if self.num_mosa_heads else (0, None)
             if self.dense is not None:
-                y = self.dense.project(self._dense_heads(x), residual=y)
+                y = y + self._dense_heads(x)
         return (y, selection) if return_selection else y
 
     def extra_repr(self) -> str:

@@ -55,9 +55,10 @@ def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
     return (d >= 0) & (d < window)
 
 
-def causal_attention_heads(x, w_qkv, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0,
-                           window: int | None = None, backend: str = "auto"):
-    """The heads' outputs before W_O, [B, T, H*D] (``causal_attention`` without the output projection)."""
+def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0,
+                     window: int | None = None, backend: str = "auto"):
+    """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens.
+    ``backend``: how q, k, v are made (see ``project_qkv``); attention itself is SDPA."""
     B, T, _ = x.shape
     D = w_qkv.shape[0] // (3 * n_heads)
     if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
@@ -67,28 +68,4 @@ def causal_attention_heads(x, w_qkv, n_heads: int, *, rope_dims: int, rope_base:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(T, window, x.device))
-    return o.transpose(1, 2).reshape(B, T, -1)
-
-
-def project_out(o, w_o, residual=None):
-    """o [B, T, H*D] @ w_o^T, plus ``residual`` [B, T, h] when given: then the sum is the product's epilogue
-    (``addmm``: no separate pass over the result; it rounds once, after the addition)."""
-    if residual is None:
-        return F.linear(o, w_o)
-    want = (*o.shape[:-1], w_o.shape[0])
-    if tuple(residual.shape) != want:
-        raise ValueError(f"residual must be [B, T, h] = {list(want)}, got residual.shape={tuple(residual.shape)}")
-    B, T, h = want
-    if residual.dtype != o.dtype and not torch.is_autocast_enabled(o.device.type):
-        raise ValueError(f"residual must have o's dtype {o.dtype}, got residual.dtype={residual.dtype}")
-    return torch.addmm(residual.reshape(B * T, h), o.reshape(B * T, -1), w_o.t()).view(B, T, h)
-
-
-def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0,
-                     window: int | None = None, backend: str = "auto", residual=None):
-    """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens.
-    ``backend``: how q, k, v are made (see ``project_qkv``); attention itself is SDPA. ``residual``: added
-    to the result inside the output projection (``project_out``)."""
-    o = causal_attention_heads(x, w_qkv, n_heads, rope_dims=rope_dims, rope_base=rope_base, window=window,
-                               backend=backend)
-    return project_out(o, w_o, residual)
+    return F.linear(o.transpose(1, 2).reshape(B, T, -1), w_o)
