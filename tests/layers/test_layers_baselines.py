@@ -99,4 +99,3 @@ def test_routing_matches_direct_computation():
         qk = apply_rope(q[keep], cos, sin)
         out[keep] += naive_attention(qk, qk, v[keep], torch.ones(4, 4, dtype=torch.bool).tril())
     torch.testing.assert_close(layer(x)[0], out @ layer.W_O[0])
-

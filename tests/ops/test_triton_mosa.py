@@ -411,7 +411,6 @@ def test_float16_atomic_scatter_in_place_or_in_float32(monkeypatch, narrow):
     assert used == [(torch.float16 if narrow else torch.float32, 0)] * 2  # y, then dx
 
 
-
 def test_router_weight_gradient_placement_rule(monkeypatch):
     # None (default): inside _dwqkv where its grid fits in one wave of one program per SM, else _dwr
     from mosa_attention.ops import triton_mosa
@@ -438,8 +437,8 @@ def test_atomic_buffers_are_cleared_by_the_kernel_before_the_scatter(monkeypatch
 
 
 def test_kept_and_idx_take_no_gradient_work():
-    # backward of the fused op when only y carries gradient, and a loss that uses only the selection:
-    # neither fails, and the second gives no gradient at all
+    # the op's kept scores and positions carry no gradient and autograd hands them none (not even zeros):
+    # a loss over y and the kept scores backpropagates through y alone
     from mosa_attention.ops.triton_mosa import mosa_triton
     x = torch.randn(1, 20, 32, device=DEVICE, requires_grad=True)
     w = [torch.randn(2, 32, device=DEVICE, requires_grad=True), torch.randn(2, 32, 96, device=DEVICE) / 6,

@@ -35,7 +35,8 @@ float32), then the kernels above. Its backward folds the router's gradients into
 stores d logit = d score * s (1 - s) per kept slot, ``_qkv_bwd_dx`` adds d logit * w_router[e] to each
 kept token's row of dx (the scatter sums it with the rest), and ``_dwqkv`` reduces d logit * x[b, pos]
 into w_router's gradient from the same gathered x tiles as w_qkv's where its grid is small, ``_dwr``
-where it is large (``DWR_IN_DWQKV``). Top-k passes no gradient to unkept tokens, so nothing of size [B, E, T] is made.
+where it is large (``DWR_IN_DWQKV``). Top-k passes no gradient to unkept tokens, so nothing of size
+[B, E, T] is made.
 
 Supported: x, w_qkv, w_o all float16, bfloat16 or float32 (float32 runs exact fp32 dots, no tf32);
 head dim D <= 128 (any D, padded to a power of two in registers); any k >= 1. Non-contiguous inputs are
@@ -372,9 +373,9 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.co
 
 # --------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K, zero_ptr, zero_n,
-             D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-             DLOGIT: tl.constexpr = False, ZERO: tl.constexpr = False):
+def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K,
+             zero_ptr, zero_n, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
+             PREC: tl.constexpr, DLOGIT: tl.constexpr = False, ZERO: tl.constexpr = False):
     """dO = score * (dy[b, pos] @ w_o[e]^T); d score = rowsum(dy[b, pos] @ w_o[e]^T * o); delta = rowsum(dO*o).
     DLOGIT: the scores are sigmoid(router logits); store d logit = d score * score * (1 - score) instead.
     ZERO: also clear zero_ptr[0:zero_n] (the buffer ``_qkv_bwd_dx`` adds dx into), shared by all programs."""
@@ -733,7 +734,8 @@ NARROW_MAX_OVERLAP = 1.0
 # x tiles (no second gather, one launch less); False, in its own kernel ``_dwr``; None, inside ``_dwqkv``
 # when its grid has at most one program per SM. The fused program needs more registers (170 against 126
 # per thread at head dim 64: one program per SM instead of two), which costs more than it saves on a
-# grid of many waves (t3 on an H200: 186 us against 100 + 36) and less on a small one (t1: 19 against 15 + 13).
+# grid of many waves (t3 on an H200: 186 us against 100 + 36) and less on a small one (t1: 19 against
+# 15 + 13).
 DWR_IN_DWQKV = None
 _SM_COUNT: dict = {}
 
@@ -801,7 +803,8 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     else:  # cleared by _qkv_fwd
         out = _atomic_buffer((B, T, h), adt, dev)
     _launch(_qkv_fwd, lambda t: (triton.cdiv(R, t["BM"]), E, 1 if fused else 3),
-            (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, out, out.numel()), dict(BM=c["QKV_BM"], BK=c["BK"]),
+            (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, out, out.numel()),
+            dict(BM=c["QKV_BM"], BK=c["BK"]),
             D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused, ZERO=not deterministic,
             num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
     _launch(_attn_fwd, lambda t: (triton.cdiv(R, t["BM"]), E),
