@@ -814,6 +814,8 @@ def main():
                     help="a hybrid's MoSA and dense heads one after the other on one stream (before v6.2)")
     ap.add_argument("--check-streams", action="store_true",
                     help="hybrids on two streams against one: every gradient bit for bit, eager and graphed")
+    ap.add_argument("--attn-bwd-split", action="store_true",
+                    help="attention backward as the dk/dv and dq kernels even for short sequences")
     ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
     ap.add_argument("--dwr-separate", action="store_true",
                     help="the router's weight gradient in its own kernel (_dwr) instead of inside _dwqkv")
@@ -841,6 +843,8 @@ def main():
     from mosa_attention.ops import triton_mosa as _tm
     if args.dwr_separate:
         _tm.DWR_IN_DWQKV = False
+    if args.attn_bwd_split:
+        _tm.SEQ_BLOCK_BWD = False
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -851,7 +855,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

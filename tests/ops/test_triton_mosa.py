@@ -452,3 +452,13 @@ def test_kept_and_idx_take_no_gradient_work():
 def test_long_row_reductions(deterministic):
     # 16-bit heads with R = B*k >= 512 rows reduce 128 rows per step in the weight-gradient kernels
     _routed_compare(4, 160, 32, 2, 130, 32, 16, False, torch.float16, TOL[torch.float16], deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seq_block", [True, False], ids=["one-kernel", "two-kernels"])
+def test_attention_backward_for_short_sequences(monkeypatch, dtype, seq_block):
+    # k <= the row block: one kernel per block of whole sequences (here 64 // 9 = 7 sequences of 9 rows,
+    # the block's last row idle), with unsorted positions and padding slots; or the dk/dv and dq kernels
+    from mosa_attention.ops import triton_mosa
+    monkeypatch.setattr(triton_mosa, "SEQ_BLOCK_BWD", seq_block)
+    _compare(9, 40, 32, 2, 9, 32, 16, dtype, pad=2, unsorted=True, deterministic=False)

@@ -15,7 +15,8 @@ graphs can capture the op).
 
 Forward: ``_qkv_fwd`` (gather + QKV projection + RoPE), ``_attn_fwd`` (flash attention + score + W_O
 projection) and the scatter-add. Backward: ``_out_bwd`` (dO, d score), ``_dwo``, ``_attn_bwd_dkdv``,
-``_attn_bwd_dq`` (both with RoPE backward), ``_qkv_bwd_dx`` (each kept token's share of dx) and the
+``_attn_bwd_dq`` (both with RoPE backward; for k <= 64 one kernel, ``_attn_bwd_seqs``, makes all three
+from one score tile per block of whole sequences), ``_qkv_bwd_dx`` (each kept token's share of dx) and the
 scatter-add again, ``_dwqkv``. Weight gradients are reductions inside one program (no atomics). The two
 scatter-adds (y, dx) have two modes. Atomics: ``_attn_fwd`` / ``_qkv_bwd_dx`` add their tiles into a
 [B, T, h] buffer (nothing per kept token is written out, no sort; the order of the additions may differ
@@ -525,6 +526,48 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
 
 
 @triton.jit
+def _attn_bwd_seqs(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr, sin_ptr, T, E, R, K, NR,
+                   qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
+                   BLK: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk and dv of NR = (BLK // K) * K rows that hold whole sequences (K <= BLK): every query that sees
+    one of their keys is among them, so one program makes all three from one tile of scores, in any order
+    of positions (the mask is same sequence and pos_q >= pos_k). Replaces ``_attn_bwd_dkdv`` +
+    ``_attn_bwd_dq`` (which each recompute the scores and dO V^T) where sequences are short."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    DT: tl.constexpr = qkv_ptr.dtype.element_ty
+    i = tl.arange(0, BLK)
+    rows = pid * NR + i
+    live = (i < NR) & (rows < R)
+    b = rows // K
+    pos = tl.load(idx_ptr + (b * E + e) * K + rows % K, mask=live, other=0)
+    cols = tl.arange(0, DP)
+    off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    mask = live[:, None] & (cols < D)[None, :]
+    q = tl.load(qkv_ptr + (e * R).to(tl.int64) * D + off, mask=mask, other=0.0)
+    k = tl.load(qkv_ptr + ((E + e) * R).to(tl.int64) * D + off, mask=mask, other=0.0)
+    v = tl.load(qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D + off, mask=mask, other=0.0)
+    do = tl.load(do_ptr + (e * R).to(tl.int64) * D + off, mask=mask, other=0.0)
+    lse = tl.load(lse_ptr + e * R + rows, mask=live, other=0.0)
+    delta = tl.load(delta_ptr + e * R + rows, mask=live, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    ok = live[:, None] & live[None, :] & (b[:, None] == b[None, :]) & (pos[:, None] >= pos[None, :])
+    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+    dv = tl.dot(tl.trans(p.to(DT)), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = (p * (dp - delta[:, None])).to(DT)
+    dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
+    dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
+    if ROPE > 0:
+        rp = tl.minimum(tl.maximum(pos, 0), T)
+        dk = _rope(dk, rp, cos_ptr, sin_ptr, ROPE, DP, DT, True, PREC)
+        dq = _rope(dq, rp, cos_ptr, sin_ptr, ROPE, DP, DT, True, PREC)
+    tl.store(dqkv_ptr + (e * R).to(tl.int64) * D + off, dq.to(DT), mask=mask)
+    tl.store(dqkv_ptr + ((E + e) * R).to(tl.int64) * D + off, dk.to(DT), mask=mask)
+    tl.store(dqkv_ptr + ((2 * E + e) * R).to(tl.int64) * D + off, dv.to(DT), mask=mask)
+
+
+@triton.jit
 def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
                 D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
                 ROUTER: tl.constexpr = False, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = 0):
@@ -740,6 +783,12 @@ DWR_IN_DWQKV = None
 _SM_COUNT: dict = {}
 
 
+# Attention backward for k <= 64 (32 for wide heads and float32): one kernel over blocks of whole
+# sequences (``_attn_bwd_seqs``) instead of the dk/dv and dq kernels. False: the two kernels everywhere
+# (for comparison in benchmarks).
+SEQ_BLOCK_BWD = True
+
+
 def _dwr_in_dwqkv(dev, programs: int) -> bool:
     if DWR_IN_DWQKV is not None:
         return DWR_IN_DWQKV
@@ -851,8 +900,17 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
     common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
     args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
-    _launch(_attn_bwd_dkdv, lambda t: (triton.cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]), **common)
-    _launch(_attn_bwd_dq, lambda t: (triton.cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]), **common)
+    blk = c["BM"]  # 64, or 32 for wide heads and float32
+    if SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
+        nr = (blk // K) * K
+        _launch(_attn_bwd_seqs, lambda t: (triton.cdiv(R, nr), E),
+                (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr, qk_scale, sm_scale), dict(BLK=blk),
+                **common)
+    else:
+        _launch(_attn_bwd_dkdv, lambda t: (triton.cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
+                **common)
+        _launch(_attn_bwd_dq, lambda t: (triton.cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]),
+                **common)
     _launch(_qkv_bwd_dx, lambda t: (triton.cdiv(R, t["BM"]), E, triton.cdiv(h, t["BH"])),
             (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
             dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
