@@ -814,8 +814,8 @@ def main():
                     help="a hybrid's MoSA and dense heads one after the other on one stream (before v6.2)")
     ap.add_argument("--check-streams", action="store_true",
                     help="hybrids on two streams against one: every gradient bit for bit, eager and graphed")
-    ap.add_argument("--attn-bwd-split", action="store_true",
-                    help="attention backward as the dk/dv and dq kernels even for short sequences")
+    ap.add_argument("--attn-bwd-seqs", action="store_true",
+                    help="attention backward for short sequences as one kernel per block of whole sequences")
     ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
     ap.add_argument("--dwr-separate", action="store_true",
                     help="the router's weight gradient in its own kernel (_dwr) instead of inside _dwqkv")
@@ -843,8 +843,8 @@ def main():
     from mosa_attention.ops import triton_mosa as _tm
     if args.dwr_separate:
         _tm.DWR_IN_DWQKV = False
-    if args.attn_bwd_split:
-        _tm.SEQ_BLOCK_BWD = False
+    if args.attn_bwd_seqs:
+        _tm.SEQ_BLOCK_BWD = True
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module

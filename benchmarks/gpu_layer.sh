@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 B=benchmarks/bench_layer.py
 for s in $STAGES; do
   case $s in
-    check)    timeout -k 5 "${CHECK_S:-240}" $PY $B --check --no-bench --out "$OUT/check" ;;
+    check)    timeout -k 5 "${CHECK_S:-240}" $PY $B --check --no-bench ${CHECK_FLAGS:-} --out "$OUT/check" ;;
     checktune) timeout -k 5 "${CHECK_S:-420}" $PY $B --check --tune --no-bench --out "$OUT/checktune" ;;
     profilewide) timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --wide-atomics --out "$OUT/profilewide" ;;
     streams)  timeout -k 5 "${CHECK_S:-120}" $PY $B --check-streams --no-bench --out "$OUT/streams" ;;
