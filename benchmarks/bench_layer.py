@@ -631,7 +631,7 @@ def tune_topk(out):
             return tr.route_logits_triton(lt, k, False, kept_dtype=torch.float32)
         want = call()
         bt = triton.next_power_of_2(T)
-        row = {"shape": [B, E, T, k], "default_tile": list(tr._tiles(T, E, B * E)[1:]), "ms": {}}
+        row = {"shape": [B, E, T, k], "default_tile": list(tr._tiles(T, B * E)[1:]), "ms": {}}
         for tile in [None] + [(be, nw) for be in (1, 2, 4, 8) for nw in (1, 2, 4, 8)
                               if 4 <= bt * be // (32 * nw) <= 64]:
             tr.TILE_OVERRIDE = tile

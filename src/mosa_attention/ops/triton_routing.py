@@ -83,7 +83,7 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
 TILE_OVERRIDE = None
 
 
-def _tiles(T: int, E: int, rows: int):
+def _tiles(T: int, rows: int):
     """[BT, BE] tile and warps for ``rows`` rows of length T. Many rows: one row per program, about 32 keys
     per thread, so that the 16-33 counting passes reduce in registers and warp shuffles (t3's 16 x 505 rows
     of 1024 on an H200: one warp per row 54 us, two rows on two warps 61 us; 64 keys per thread spilled,
@@ -106,7 +106,7 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
     idx = torch.empty(B, E, k, dtype=torch.int64, device=s.device)
     kept = torch.empty(B, E, k, dtype=kept_dtype, device=s.device) if sigmoid else idx
     if B * E:
-        BT, BE, warps = _tiles(T, E, B * E)
+        BT, BE, warps = _tiles(T, B * E)
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
         _topk_select[(B, triton.cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
                                               SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits, num_warps=warps)
