@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ._host import cdiv, next_pow2
 from .mosa import check_sparse_inputs, sparse_attention_reference
 from .triton_rope import rope_tables as _rope_tables
 
@@ -678,7 +679,7 @@ def _dwr(x_ptr, idx_ptr, dl_ptr, dwr_ptr, T, h, E, R, K, BR: tl.constexpr, BH: t
 
 # --------------------------------------------------------------------------------------------- launchers
 def _cfg(D: int, dtype: torch.dtype):
-    DP = max(16, triton.next_power_of_2(D))
+    DP = max(16, next_pow2(D))
     prec = "ieee" if dtype == torch.float32 else "tf32"
     big = DP >= 128 or dtype == torch.float32
     c = dict(DP=DP, PREC=prec, BM=32 if big else 64, BN=32 if big else 64, BK=32 if big else 64,
@@ -825,9 +826,9 @@ def _segments(idx, T):
 
 def _scatter(rows, perm, starts, B, T, h, dtype, c):
     out = torch.empty(B, T, h, device=rows.device, dtype=dtype)
-    _launch(_segment_sum, lambda t: (triton.cdiv(B * T, t["BT"]), triton.cdiv(h, t["BH"])),
+    _launch(_segment_sum, lambda t: (cdiv(B * T, t["BT"]), cdiv(h, t["BH"])),
             (rows, perm, starts, out, B * T, perm.numel(), T, h),
-            dict(BT=c["SEG_BT"], BH=min(c["SEG_BH"], max(16, triton.next_power_of_2(h)))), num_warps=4)
+            dict(BT=c["SEG_BT"], BH=min(c["SEG_BH"], max(16, next_pow2(h)))), num_warps=4)
     return out
 
 
@@ -851,12 +852,12 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
         out = torch.empty(E * R, h, device=dev, dtype=cdt)
     else:  # cleared by _qkv_fwd
         out = _atomic_buffer((B, T, h), adt, dev)
-    _launch(_qkv_fwd, lambda t: (triton.cdiv(R, t["BM"]), E, 1 if fused else 3),
+    _launch(_qkv_fwd, lambda t: (cdiv(R, t["BM"]), E, 1 if fused else 3),
             (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, out, out.numel()),
             dict(BM=c["QKV_BM"], BK=c["BK"]),
             D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused, ZERO=not deterministic,
             num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
-    _launch(_attn_fwd, lambda t: (triton.cdiv(R, t["BM"]), E),
+    _launch(_attn_fwd, lambda t: (cdiv(R, t["BM"]), E),
             (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D)),
             dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"],
             ATOMIC=not deterministic, VEC=vec, num_warps=4)
@@ -885,7 +886,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
         rows = torch.empty(E * R, h, device=dev, dtype=cdt)
     else:  # x's dtype takes the sums in place where it can (_atomic_plan); cleared by _out_bwd
         rows = _atomic_buffer((B, T, h), adt, dev)
-    _launch(_out_bwd, lambda t: (triton.cdiv(R, t["BM"]), E),
+    _launch(_out_bwd, lambda t: (cdiv(R, t["BM"]), E),
             (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, rows, rows.numel()),
             dict(BM=c["BM"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"], DLOGIT=w_router is not None,
             ZERO=not deterministic, num_warps=4)
@@ -894,7 +895,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
     # 16-bit tiles only (wider ones would not fit the pipeline in shared memory)
     long_r = R >= 512 and c["DP"] <= 64 and cdt != torch.float32
-    _launch(_dwo, lambda t: (triton.cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
+    _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
             dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     dqkv = torch.empty_like(qkv)
     qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
@@ -903,15 +904,15 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     blk = c["BM"]  # 64, or 32 for wide heads and float32
     if SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
         nr = (blk // K) * K
-        _launch(_attn_bwd_seqs, lambda t: (triton.cdiv(R, nr), E),
+        _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr), E),
                 (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr, qk_scale, sm_scale), dict(BLK=blk),
                 D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4)
     else:
-        _launch(_attn_bwd_dkdv, lambda t: (triton.cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
+        _launch(_attn_bwd_dkdv, lambda t: (cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
                 **common)
-        _launch(_attn_bwd_dq, lambda t: (triton.cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]),
+        _launch(_attn_bwd_dq, lambda t: (cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]),
                 **common)
-    _launch(_qkv_bwd_dx, lambda t: (triton.cdiv(R, t["BM"]), E, triton.cdiv(h, t["BH"])),
+    _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"])),
             (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
             dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
             ATOMIC=not deterministic, VEC=vec,
@@ -921,15 +922,15 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     dwqkv = torch.empty_like(w_qkv)
     fused = c["DW_FUSED"]
     dwr = None if w_router is None else torch.empty_like(w_router)
-    in_dw = dwr is not None and _dwr_in_dwqkv(dev, triton.cdiv(h, c["DW_BH"]) * E * (1 if fused else 3))
-    _launch(_dwqkv, lambda t: (triton.cdiv(h, t["BH"]), E, 1 if fused else 3),
+    in_dw = dwr is not None and _dwr_in_dwqkv(dev, cdiv(h, c["DW_BH"]) * E * (1 if fused else 3))
+    _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, 1 if fused else 3),
             (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr if in_dw else dsc),
             dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"],
             PREC=c["PREC"], FUSED=fused, ROUTER=in_dw,
             num_warps=8 if fused else 4, num_stages=c["DW_STAGES"])
     if dwr is not None and not in_dw:
-        _launch(_dwr, lambda t: (triton.cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
-                dict(BR=32, BH=min(128, max(16, triton.next_power_of_2(h)))), num_warps=4)
+        _launch(_dwr, lambda t: (cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
+                dict(BR=32, BH=min(128, max(16, next_pow2(h)))), num_warps=4)
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 _TABLES: dict = {}
 
 
@@ -88,8 +90,8 @@ def _run(srcs, dst, B, T, H, D, rope_dims, rope_base, backward):
     cos, sin = rope_tables(rope_dims, rope_base, T, dst.device)
     BT = 32 if D <= 64 else 16
     strides = [st for g in srcs for st in (g.stride()[:3] if backward else (0, 0, 0))]
-    _split_rope[(triton.cdiv(T, BT), B * H, 3)](*srcs, dst, cos, sin, B, T, H, *strides, D=D,
-                                                DP=max(16, triton.next_power_of_2(D)), ROPE=rope_dims, BT=BT,
+    _split_rope[(cdiv(T, BT), B * H, 3)](*srcs, dst, cos, sin, B, T, H, *strides, D=D,
+                                                DP=max(16, next_pow2(D)), ROPE=rope_dims, BT=BT,
                                                 BACKWARD=backward, num_warps=4)
 
 

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 MAX_T = 16384
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -90,7 +92,7 @@ def _tiles(T: int, rows: int):
     95 us; 8 warps per row went through shared memory and a barrier every pass, 213 us). Few rows (t1's
     272) leave SMs idle: one row per program on more warps (16 us against 22 us for two rows on two warps;
     benchmarks/NOTES.md, v6, v7)."""
-    BT = max(triton.next_power_of_2(T), 16)
+    BT = max(next_pow2(T), 16)
     if rows <= 512:
         BE, warps = 1, max(1, min(8, BT // 256))
     else:
@@ -108,7 +110,7 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
     if B * E:
         BT, BE, warps = _tiles(T, B * E)
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
-        _topk_select[(B, triton.cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
+        _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
                                               SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits, num_warps=warps)
     return idx, (kept if sigmoid else None)
 
