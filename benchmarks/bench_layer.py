@@ -521,7 +521,9 @@ def check_streams(out):
     every gradient (x and all parameters), eagerly and replayed from a CUDA graph, bf16 and autocast over
     float32 parameters. The MoSA heads run deterministic=True; the dense heads' cuDNN backward need not be
     bit-repeatable, so a second one-stream run shows the run-to-run spread, and the check asks for
-    relative differences within 2e-3 (a missing synchronisation shows up as garbage, not as last bits)."""
+    relative differences within 2e-3 (a missing synchronisation shows up as garbage, not as last bits).
+    The row ``parallel="unshared"`` is one stream with the MoSA heads reading x itself
+    (``SHARED_INPUT_GRAD = False``: autograd sums x's two gradients) against the default's shared product."""
     import mosa_attention.layers.mosa as layer_module
     ok, rows = True, []
     for E, rho, mode in ((17, 32, "bf16"), (505, 64, "bf16"), (17, 32, "autocast")):
@@ -533,8 +535,10 @@ def check_streams(out):
         dy = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16)
         params = [x] + list(layer.parameters())
         got = {}
-        for parallel, graphed in ((False, False), ("again", False), (True, False), (False, True), (True, True)):
+        for parallel, graphed in ((False, False), ("again", False), ("unshared", False), (True, False), (False, True),
+                                  (True, True)):
             layer_module.PARALLEL_HEADS = parallel is True
+            layer_module.SHARED_INPUT_GRAD = parallel != "unshared"
             def step():
                 for p in params:
                     p.grad = None
@@ -552,7 +556,7 @@ def check_streams(out):
                 step()
             torch.cuda.synchronize()
             got[(parallel, graphed)] = [p.grad.clone() for p in params]
-        layer_module.PARALLEL_HEADS = True
+        layer_module.PARALLEL_HEADS = layer_module.SHARED_INPUT_GRAD = True
         ref = got[(False, False)]
         for key, val in got.items():
             if val is None:
@@ -814,8 +818,10 @@ def main():
                     help="a hybrid's MoSA and dense heads one after the other on one stream (before v6.2)")
     ap.add_argument("--check-streams", action="store_true",
                     help="hybrids on two streams against one: every gradient bit for bit, eager and graphed")
-    ap.add_argument("--attn-bwd-seqs", action="store_true",
-                    help="attention backward for short sequences as one kernel per block of whole sequences")
+    ap.add_argument("--unshared-input", action="store_true",
+                    help="a hybrid's MoSA heads read x itself, autograd sums x's two gradients (before v8.1)")
+    ap.add_argument("--attn-bwd-split", action="store_true",
+                    help="attention backward as two kernels (dk/dv, dq) also for short sequences (before v8.0)")
     ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
     ap.add_argument("--dwr-separate", action="store_true",
                     help="the router's weight gradient in its own kernel (_dwr) instead of inside _dwqkv")
@@ -843,8 +849,11 @@ def main():
     from mosa_attention.ops import triton_mosa as _tm
     if args.dwr_separate:
         _tm.DWR_IN_DWQKV = False
-    if args.attn_bwd_seqs:
-        _tm.SEQ_BLOCK_BWD = True
+    if args.attn_bwd_split:
+        _tm.SEQ_BLOCK_BWD = False
+    if args.unshared_input:
+        import mosa_attention.layers.mosa as _lm
+        _lm.SHARED_INPUT_GRAD = False
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -855,7 +864,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "shared_input_grad": not args.unshared_input, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

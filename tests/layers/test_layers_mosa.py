@@ -262,3 +262,26 @@ def test_hybrid_heads_share_one_stream_off_cuda_and_under_compile(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # DDP / FSDP runs: one stream
     assert hybrid._side_stream(on_cuda) is None
+
+
+@pytest.mark.parametrize("kind", ["dense", "local"])
+def test_hybrid_shared_input_gradient_equals_two_readers(monkeypatch, kind):
+    """The MoSA heads reading x through the dense heads' product (x's two gradients summed in that product's
+    backward) give the same output and gradients as both reading x."""
+    import mosa_attention.layers.mosa as layer_module
+    torch.manual_seed(4)
+    layer = MoSAAttention(16, 3, 4, head_dim=8, num_dense_heads=2, dense_kind=kind).double()
+    x = torch.randn(2, 20, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 20, 16, dtype=torch.float64)
+    results = []
+    for shared in (True, False):
+        monkeypatch.setattr(layer_module, "SHARED_INPUT_GRAD", shared)
+        y = layer(x)
+        results.append((y, *torch.autograd.grad((y * g).sum(), [x, *layer.parameters()])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # and the shared path is the default one: the dense heads' product hands x on
+    monkeypatch.setattr(layer_module, "SHARED_INPUT_GRAD", True)
+    assert layer._share_input(x)[0] is not None
+    with torch.no_grad():
+        assert layer._share_input(x)[0] is None

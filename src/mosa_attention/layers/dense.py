@@ -35,11 +35,12 @@ class DenseAttention(nn.Module):
         self.W_QKV = nn.Linear(d_model, 3 * head_dim * num_heads, bias=False)
         self.W_O = nn.Linear(head_dim * num_heads, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: int | None = None, qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """``qkv``: ``x @ W_QKV^T`` where the caller has made it (a hybrid, ``ops.linear_sharing_input``)."""
         check_input(x, self.d_model)
         return causal_attention(x, self.W_QKV.weight, self.W_O.weight, self.num_heads, rope_dims=self.rope_dims,
                                 rope_base=self.rope_base, window=window if window is not None else self.window,
-                                backend=self.backend)
+                                backend=self.backend, qkv=qkv)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"

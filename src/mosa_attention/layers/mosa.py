@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import num_selected, rope_dims_for, select_topk, sparse_attention
+from ..ops import linear_sharing_input, num_selected, rope_dims_for, select_topk, sparse_attention
 from ..ops.mosa import fused_topk_available, mosa_topk_fused
 from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
 from ._checks import check_input, check_optional_bool, check_positive_int
@@ -22,6 +22,10 @@ ROUTINGS = ("topk", "threshold")
 # several GPUs. False: one stream everywhere.
 PARALLEL_HEADS = True
 _SIDE_STREAMS: dict = {}
+# The MoSA heads of a hybrid read x through the dense heads' QKV product (``ops.linear_sharing_input``), so
+# that the dense heads' gradient of x is added into the MoSA heads' one in that product's epilogue instead
+# of in a pass of autograd's own. False: both read x (for comparison).
+SHARED_INPUT_GRAD = True
 
 
 class MoSAAttention(nn.Module):
@@ -128,9 +132,17 @@ class MoSAAttention(nn.Module):
                              rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
         return y, selection
 
-    def _dense_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense_heads(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
         window = self.window(x.shape[1]) if self.dense_kind == "local" else None
-        return self.dense(x, window=window)
+        return self.dense(x, window=window, qkv=qkv)
+
+    def _share_input(self, x: torch.Tensor):
+        """(the dense heads' QKV product or None, the x the MoSA heads read): in a hybrid that takes
+        gradients, x reaches the MoSA heads through the dense heads' product (``SHARED_INPUT_GRAD``)."""
+        if not (SHARED_INPUT_GRAD and self.num_mosa_heads and self.dense is not None and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return None, x
+        return linear_sharing_input(x, self.dense.W_QKV.weight)
 
     def _side_stream(self, x: torch.Tensor):
         """The stream the MoSA heads of a hybrid run on beside the dense heads (``PARALLEL_HEADS``), or None:
@@ -151,9 +163,10 @@ class MoSAAttention(nn.Module):
         if side is not None:
             main = torch.cuda.current_stream(x.device)
             side.wait_stream(main)
+            qkv, x_mosa = self._share_input(x)  # (after the wait: the MoSA heads need x, not this product)
             with torch.cuda.stream(side):
-                y, selection = self._mosa_heads(x)
-            y_dense = self._dense_heads(x)
+                y, selection = self._mosa_heads(x_mosa)
+            y_dense = self._dense_heads(x, qkv)
             main.wait_stream(side)
             # memory handed between the streams: x is read on the side stream, its results used on this one
             x.record_stream(side)
@@ -161,9 +174,10 @@ class MoSAAttention(nn.Module):
                 t.record_stream(main)
             y = y + y_dense
         else:
-            y, selection = self._mosa_heads(x) if self.num_mosa_heads else (0, None)
+            qkv, x_mosa = self._share_input(x)
+            y, selection = self._mosa_heads(x_mosa) if self.num_mosa_heads else (0, None)
             if self.dense is not None:
-                y = y + self._dense_heads(x)
+                y = y + self._dense_heads(x, qkv)
         return (y, selection) if return_selection else y
 
     def extra_repr(self) -> str:

@@ -30,13 +30,71 @@ def _fused_split(qkv: torch.Tensor, backend: str) -> bool:
     return True
 
 
-def project_qkv(x, w_qkv, n_heads: int, rope_dims: int, rope_base: float, positions=None, backend: str = "auto"):
+class _SharedInputLinear(torch.autograd.Function):
+    """(x @ w^T, x): see ``linear_sharing_input``."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        dev = x.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            xc, wc = x.to(cdt), w.to(cdt)
+            y = F.linear(xc, wc)
+        ctx.save_for_backward(xc, wc)
+        ctx.dtypes = (x.dtype, w.dtype)
+        return y, x
+
+    @staticmethod
+    def backward(ctx, dy, dx_other):
+        xc, wc = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(wc.dtype)
+        dx = dw = None
+        if ctx.needs_input_grad[1]:
+            dw = dy2.t().mm(xc.reshape(-1, xc.shape[-1])).to(w_dtype)
+        if ctx.needs_input_grad[0]:
+            if dx_other is None:
+                dx = dy2.mm(wc).to(x_dtype)
+            else:
+                dx = _addmm(dx_other.reshape(-1, dx_other.shape[-1]), dy2, wc)
+            dx = dx.view(xc.shape)
+        return dx, dw
+
+
+def _addmm(c, a, b):
+    """c + a @ b in c's dtype, as one GEMM whose epilogue reads c (a wider c, e.g. float32 under autocast,
+    through cuBLAS's out_dtype where this torch has it), else the product and one add."""
+    if c.dtype == a.dtype:
+        return torch.addmm(c, a, b)
+    if c.is_cuda and c.dtype == torch.float32:
+        try:
+            return torch.addmm(c, a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # no mixed-dtype GEMM in this torch build
+            pass
+    return c + a.mm(b)
+
+
+def linear_sharing_input(x: torch.Tensor, w: torch.Tensor):
+    """(x @ w^T, x): the product, and x handed out again for the other readers of x.
+
+    A hybrid's dense heads and MoSA heads both read x, so autograd would sum their two [B, T, h] gradients
+    of x in a pass of its own. When the MoSA heads read the second output instead, their gradient of x
+    arrives here, and the dense product's gradient is added into it in the GEMM's epilogue
+    (``addmm``): no separate pass, one [B, T, h] tensor less at the peak. Under autocast the product runs
+    in the autocast dtype (as ``F.linear`` would) and x's gradient comes back in x's dtype."""
+    return _SharedInputLinear.apply(x, w)
+
+
+def project_qkv(x, w_qkv, n_heads: int, rope_dims: int, rope_base: float, positions=None, backend: str = "auto",
+                qkv=None):
     """x [B, T, h] -> q, k, v each [B, H, T, D], RoPE applied to q and k at ``positions`` (default 0..T-1).
+    ``qkv``: x's projection ``x @ w_qkv^T`` where the caller has already made it (``linear_sharing_input``).
 
     At the default positions on CUDA the split, RoPE and layout change run as one Triton kernel each way
     (``triton_rope``); ``backend="torch"`` keeps the plain-torch ops, the reference."""
     B, T, _ = x.shape
-    qkv = F.linear(x, w_qkv)
+    if qkv is None:
+        qkv = F.linear(x, w_qkv)
     if positions is None and _fused_split(qkv, backend):
         from .triton_rope import split_rope_triton
         return split_rope_triton(qkv, n_heads, rope_dims, rope_base)
@@ -56,14 +114,15 @@ def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
 
 
 def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0,
-                     window: int | None = None, backend: str = "auto"):
+                     window: int | None = None, backend: str = "auto", qkv=None):
     """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens.
-    ``backend``: how q, k, v are made (see ``project_qkv``); attention itself is SDPA."""
+    ``backend``: how q, k, v are made (see ``project_qkv``); attention itself is SDPA. ``qkv``: x's
+    projection, where the caller has made it."""
     B, T, _ = x.shape
     D = w_qkv.shape[0] // (3 * n_heads)
     if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
         raise ValueError(f"rope_dims must be even and in [0, head_dim={D}], got rope_dims={rope_dims}")
-    q, k, v = project_qkv(x, w_qkv, n_heads, rope_dims, rope_base, backend=backend)
+    q, k, v = project_qkv(x, w_qkv, n_heads, rope_dims, rope_base, backend=backend, qkv=qkv)
     if window is None or window >= T:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:

@@ -15,8 +15,8 @@ graphs can capture the op).
 
 Forward: ``_qkv_fwd`` (gather + QKV projection + RoPE), ``_attn_fwd`` (flash attention + score + W_O
 projection) and the scatter-add. Backward: ``_out_bwd`` (dO, d score), ``_dwo``, ``_attn_bwd_dkdv``,
-``_attn_bwd_dq`` (both with RoPE backward; ``_attn_bwd_seqs``, off by default, makes all three from one
-score tile per block of whole sequences for k <= 64), ``_qkv_bwd_dx`` (each kept token's share of dx) and the
+``_attn_bwd_dq`` (both with RoPE backward; where k <= 64, ``_attn_bwd_seqs`` makes all three from one
+score tile per block of whole sequences instead), ``_qkv_bwd_dx`` (each kept token's share of dx) and the
 scatter-add again, ``_dwqkv``. Weight gradients are reductions inside one program (no atomics). The two
 scatter-adds (y, dx) have two modes. Atomics: ``_attn_fwd`` / ``_qkv_bwd_dx`` add their tiles into a
 [B, T, h] buffer (nothing per kept token is written out, no sort; the order of the additions may differ
@@ -785,9 +785,9 @@ _SM_COUNT: dict = {}
 
 
 # Attention backward for k <= 64 (32 for wide heads and float32): one kernel over blocks of whole
-# sequences (``_attn_bwd_seqs``) instead of the dk/dv and dq kernels. Off until it has been checked and
-# timed on a GPU (benchmarks/NOTES.md, v7.6: tested under the interpreter only); False: the two kernels.
-SEQ_BLOCK_BWD = False
+# sequences (``_attn_bwd_seqs``) instead of the dk/dv and dq kernels (H200, bf16, graph: t1 0.113 -> 0.104 ms,
+# t3 1.063 -> 1.021; benchmarks/NOTES.md v8.0). False: the two kernels everywhere (for comparison).
+SEQ_BLOCK_BWD = True
 
 
 def _dwr_in_dwqkv(dev, programs: int) -> bool:

@@ -1,0 +1,75 @@
+"""ops.attention's plain-torch pieces: the shared-input product of a hybrid."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mosa_attention.ops import linear_sharing_input
+from mosa_attention.ops.attention import _addmm
+
+
+def _two_readers(x, w, g1, g2, shared: bool):
+    """y = x w^T read by one loss term, x read by a second (through the second output when shared)."""
+    if shared:
+        y, x2 = linear_sharing_input(x, w)
+    else:
+        y, x2 = F.linear(x, w), x
+    return (y.float() * g1).sum() + (x2.float().sin() * g2).sum()
+
+
+@pytest.mark.parametrize("second_reader", [True, False])
+def test_gradients_equal_two_separate_readers(second_reader):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    g1 = torch.randn(2, 5, 12, dtype=torch.float64)
+    g2 = torch.randn(2, 5, 8, dtype=torch.float64) * second_reader
+    got = torch.autograd.grad(_two_readers(x, w, g1, g2, True), (x, w))
+    want = torch.autograd.grad(_two_readers(x, w, g1, g2, False), (x, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_only_the_product_read():
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    y, _ = linear_sharing_input(x, w)
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad((y * g).sum(), (x, w))
+    torch.testing.assert_close(dx, g @ w)
+    torch.testing.assert_close(dw, g.reshape(-1, 5).t() @ x.reshape(-1, 6))
+    torch.testing.assert_close(y, x @ w.t())
+
+
+def test_gradcheck():
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: tuple(o * 1.0 for o in linear_sharing_input(x, w)), (x, w))
+
+
+def test_under_cpu_autocast_like_linear():
+    """x and w float32 under bf16 autocast: the product in bf16 as F.linear's, gradients in float32."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    w = torch.randn(24, 16, requires_grad=True)
+    g1, g2 = torch.randn(2, 6, 24), torch.randn(2, 6, 16)
+    outs = []
+    for shared in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = linear_sharing_input(x, w)[0] if shared else F.linear(x, w)
+            loss = _two_readers(x, w, g1, g2, shared)
+        outs.append((y, *torch.autograd.grad(loss, (x, w))))
+    assert outs[0][0].dtype == torch.bfloat16
+    assert outs[0][1].dtype == torch.float32 and outs[0][2].dtype == torch.float32
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_addmm_wide_accumulator():
+    """A float32 accumulator plus a bf16 product stays float32 (off CUDA: product, then one add)."""
+    torch.manual_seed(3)
+    c = torch.randn(4, 3)
+    a, b = torch.randn(4, 8).bfloat16(), torch.randn(8, 3).bfloat16()
+    got = _addmm(c, a, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, c + (a.float() @ b.float()), rtol=1e-2, atol=1e-2)
