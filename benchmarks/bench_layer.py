@@ -319,6 +319,56 @@ def profile():
             print(p.key_averages().table(sort_by="device_time_total", row_limit=22, max_name_column_width=60))
 
 
+def timeline(folder):
+    """Kernel timeline of graph-replayed f+b steps (what runs beside what, and where the GPU idles): the
+    hybrids t2 / t3, the t2 hybrid's 4 dense heads alone and the dense 9-head layer, 3 replays each. Writes
+    a Chrome trace per case into ``folder`` and prints, for the last replay, each kernel's start and end
+    (us from the replay's first kernel) and stream, and the busy time per stream."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    os.makedirs(folder, exist_ok=True)
+    dt = torch.bfloat16 if MODE == "bf16" else torch.float32
+    for label, E, rho, nd in (("t2", 17, 32, 4), ("t2 dense part", 0, 32, 4), ("dense 9 heads", 0, 32, 9),
+                              ("t3", 505, 64, 4)):
+        torch.manual_seed(0)
+        layer = (MoSAAttention(512, E, rho, num_dense_heads=nd, backend="triton", deterministic=DETERMINISTIC)
+                 if E else DenseAttention(512, nd)).cuda().to(dt)
+        x = torch.randn(16, 1024, 512, device="cuda", dtype=dt, requires_grad=True)
+        dy = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False, enabled=MODE == "autocast"):
+            replay = graph_step(make_step(layer, x, dy, True))[0]
+        if replay is None:
+            print(f"== timeline {label}: capture failed")
+            continue
+        for _ in range(5):
+            replay()
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(3):
+                replay()
+                torch.cuda.synchronize()
+        path = os.path.join(folder, "trace_" + label.replace(" ", "_") + ".json")
+        p.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+        kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+        if not kernels:
+            print(f"== timeline {label}: the trace holds no kernels")
+            continue
+        # the last replay: kernels after the largest gap between consecutive starts
+        starts = [e["ts"] for e in kernels]
+        cut = max(range(1, len(starts)), key=lambda i: starts[i] - starts[i - 1]) if len(starts) > 1 else 0
+        last = kernels[cut:]
+        t0 = last[0]["ts"]
+        end = max(e["ts"] + e["dur"] for e in last)
+        print(f"== timeline {label} ({MODE}), one graph replay: {end - t0:.1f} us, {len(last)} kernels")
+        busy: dict = {}
+        for e in last:
+            stream = e.get("args", {}).get("stream", "?")
+            busy[stream] = busy.get(stream, 0.0) + e["dur"]
+            print(f"  {e['ts'] - t0:8.1f} {e['ts'] - t0 + e['dur']:8.1f}  s{stream:<4} {e['name'][:90]}")
+        print("  busy us per stream:", {k: round(v, 1) for k, v in busy.items()}, flush=True)
+
+
 def host_profile():
     """Where the host's time goes in eager steps (t1, bf16, f+b): cProfile over 50 steps, the GPU
     synchronised once at the end, so the time is the host's."""
@@ -522,8 +572,9 @@ def check_streams(out):
     float32 parameters. The MoSA heads run deterministic=True; the dense heads' cuDNN backward need not be
     bit-repeatable, so a second one-stream run shows the run-to-run spread, and the check asks for
     relative differences within 2e-3 (a missing synchronisation shows up as garbage, not as last bits).
-    The row ``parallel="unshared"`` is one stream with the MoSA heads reading x itself
-    (``SHARED_INPUT_GRAD = False``: autograd sums x's two gradients) against the default's shared product."""
+    The row ``parallel="shared"`` is one stream with the MoSA heads reading x through the dense heads'
+    product (``SHARED_INPUT_GRAD = True``, x's two gradients summed in its epilogue) where the default
+    (None) lets autograd sum them, and the row ``"unshared"`` the other way round."""
     import mosa_attention.layers.mosa as layer_module
     ok, rows = True, []
     for E, rho, mode in ((17, 32, "bf16"), (505, 64, "bf16"), (17, 32, "autocast")):
@@ -535,10 +586,10 @@ def check_streams(out):
         dy = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16)
         params = [x] + list(layer.parameters())
         got = {}
-        for parallel, graphed in ((False, False), ("again", False), ("unshared", False), (True, False), (False, True),
-                                  (True, True)):
+        for parallel, graphed in ((False, False), ("again", False), ("shared", False), ("unshared", False),
+                                  (True, False), (False, True), (True, True)):
             layer_module.PARALLEL_HEADS = parallel is True
-            layer_module.SHARED_INPUT_GRAD = parallel != "unshared"
+            layer_module.SHARED_INPUT_GRAD = {"shared": True, "unshared": False}.get(parallel)
             def step():
                 for p in params:
                     p.grad = None
@@ -556,7 +607,7 @@ def check_streams(out):
                 step()
             torch.cuda.synchronize()
             got[(parallel, graphed)] = [p.grad.clone() for p in params]
-        layer_module.PARALLEL_HEADS = layer_module.SHARED_INPUT_GRAD = True
+        layer_module.PARALLEL_HEADS, layer_module.SHARED_INPUT_GRAD = True, None
         ref = got[(False, False)]
         for key, val in got.items():
             if val is None:
@@ -818,13 +869,16 @@ def main():
                     help="a hybrid's MoSA and dense heads one after the other on one stream (before v6.2)")
     ap.add_argument("--check-streams", action="store_true",
                     help="hybrids on two streams against one: every gradient bit for bit, eager and graphed")
-    ap.add_argument("--unshared-input", action="store_true",
-                    help="a hybrid's MoSA heads read x itself, autograd sums x's two gradients (before v8.1)")
+    ap.add_argument("--shared-input", default="auto", choices=("auto", "on", "off"),
+                    help="a hybrid's MoSA heads read x through the dense heads' QKV product (x's two gradients "
+                         "summed in its epilogue): auto (under autocast over wider x), on, off (before v8.1)")
     ap.add_argument("--attn-bwd-split", action="store_true",
                     help="attention backward as two kernels (dk/dv, dq) also for short sequences (before v8.0)")
     ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
     ap.add_argument("--dwr-separate", action="store_true",
                     help="the router's weight gradient in its own kernel (_dwr) instead of inside _dwqkv")
+    ap.add_argument("--timeline", action="store_true",
+                    help="kernel timelines of graph-replayed t2 / t3 steps and dense layers (Chrome traces)")
     ap.add_argument("--host-profile", action="store_true", help="cProfile of eager t1 steps (host overhead)")
     ap.add_argument("--scatter", default="auto", choices=("auto", "rows", "atomic"),
                     help="our layers' scatter-adds: auto (deterministic=None: by shape), rows (deterministic=True: "
@@ -851,9 +905,8 @@ def main():
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:
         _tm.SEQ_BLOCK_BWD = False
-    if args.unshared_input:
-        import mosa_attention.layers.mosa as _lm
-        _lm.SHARED_INPUT_GRAD = False
+    import mosa_attention.layers.mosa as _lm
+    _lm.SHARED_INPUT_GRAD = {"auto": None, "on": True, "off": False}[args.shared_input]
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -864,7 +917,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "shared_input_grad": not args.unshared_input, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "shared_input_grad": args.shared_input, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
@@ -897,6 +950,8 @@ def main():
         profile()
     if args.host_profile:
         host_profile()
+    if args.timeline:
+        timeline(os.path.join(args.out, "timeline"))
     if not args.no_bench:
         out["ceilings"] = ceilings()
         print(out["ceilings"], flush=True)

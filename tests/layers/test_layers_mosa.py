@@ -280,8 +280,11 @@ def test_hybrid_shared_input_gradient_equals_two_readers(monkeypatch, kind):
         results.append((y, *torch.autograd.grad((y * g).sum(), [x, *layer.parameters()])))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    # and the shared path is the default one: the dense heads' product hands x on
-    monkeypatch.setattr(layer_module, "SHARED_INPUT_GRAD", True)
-    assert layer._share_input(x)[0] is not None
-    with torch.no_grad():
-        assert layer._share_input(x)[0] is None
+    # the default (None) shares only where x is wider than the product's dtype: autocast over float32
+    monkeypatch.setattr(layer_module, "SHARED_INPUT_GRAD", None)
+    assert layer._share_input(x)[0] is None
+    x32 = torch.randn(2, 20, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._share_input(x32)[0] is not None
+        with torch.no_grad():
+            assert layer._share_input(x32)[0] is None

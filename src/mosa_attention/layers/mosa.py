@@ -22,10 +22,14 @@ ROUTINGS = ("topk", "threshold")
 # several GPUs. False: one stream everywhere.
 PARALLEL_HEADS = True
 _SIDE_STREAMS: dict = {}
-# The MoSA heads of a hybrid read x through the dense heads' QKV product (``ops.linear_sharing_input``), so
+# The MoSA heads of a hybrid may read x through the dense heads' QKV product (``ops.linear_sharing_input``), so
 # that the dense heads' gradient of x is added into the MoSA heads' one in that product's epilogue instead
-# of in a pass of autograd's own. False: both read x (for comparison).
-SHARED_INPUT_GRAD = True
+# of in autograd's own passes. True: always; False: never; None: where x is wider than the product's dtype
+# (autocast over float32), where it saves the cast of the product's gradient and a float32 add (H200, t2
+# 0.451 -> 0.435 ms). With x in the product's dtype it saved nothing (bf16 t2 0.349 / 0.350 ms: cuBLAS's
+# epilogue that reads the other gradient took 31 against 21 us) and raised the peak by 7 MiB
+# (benchmarks/NOTES.md, v8.1).
+SHARED_INPUT_GRAD = None
 
 
 class MoSAAttention(nn.Module):
@@ -138,8 +142,12 @@ class MoSAAttention(nn.Module):
 
     def _share_input(self, x: torch.Tensor):
         """(the dense heads' QKV product or None, the x the MoSA heads read): in a hybrid that takes
-        gradients, x reaches the MoSA heads through the dense heads' product (``SHARED_INPUT_GRAD``)."""
-        if not (SHARED_INPUT_GRAD and self.num_mosa_heads and self.dense is not None and torch.is_grad_enabled()
+        gradients, x may reach the MoSA heads through the dense heads' product (``SHARED_INPUT_GRAD``)."""
+        share = SHARED_INPUT_GRAD
+        if share is None:
+            dev = x.device.type
+            share = torch.is_autocast_enabled(dev) and x.element_size() > torch.get_autocast_dtype(dev).itemsize
+        if not (share and self.num_mosa_heads and self.dense is not None and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             return None, x
         return linear_sharing_input(x, self.dense.W_QKV.weight)
