@@ -879,6 +879,10 @@ def main():
                     help="the router's weight gradient in its own kernel (_dwr) instead of inside _dwqkv")
     ap.add_argument("--timeline", action="store_true",
                     help="kernel timelines of graph-replayed t2 / t3 steps and dense layers (Chrome traces)")
+    ap.add_argument("--check-parts", default="dense,routed,routing,ops",
+                    help="with --check: which checks (dense heads, routed op, top-k, op at given selections)")
+    ap.add_argument("--dwr-kernel", action="store_true",
+                    help="the router's weight gradient from _dwr at any overlap (before v8.2), not one dense GEMM")
     ap.add_argument("--host-profile", action="store_true", help="cProfile of eager t1 steps (host overhead)")
     ap.add_argument("--scatter", default="auto", choices=("auto", "rows", "atomic"),
                     help="our layers' scatter-adds: auto (deterministic=None: by shape), rows (deterministic=True: "
@@ -905,6 +909,8 @@ def main():
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:
         _tm.SEQ_BLOCK_BWD = False
+    if args.dwr_kernel:
+        _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP = None
     import mosa_attention.layers.mosa as _lm
     _lm.SHARED_INPUT_GRAD = {"auto": None, "on": True, "off": False}[args.shared_input]
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
@@ -917,7 +923,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "shared_input_grad": args.shared_input, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
@@ -929,14 +935,11 @@ def main():
             json.dump(out, f, indent=1)
 
     if args.check:
-        check_dense(out)
-        save()
-        check_routed(out)
-        save()
-        check_routing(out)
-        save()
-        check(out)
-        save()
+        parts = args.check_parts.split(",")
+        for name, fn in (("dense", check_dense), ("routed", check_routed), ("routing", check_routing), ("ops", check)):
+            if name in parts:
+                fn(out)
+                save()
     if args.check_streams:
         check_streams(out)
         save()

@@ -283,6 +283,24 @@ def test_router_weight_gradient_in_its_own_kernel(monkeypatch, dtype):
     _routed_compare(2, 40, 48, 3, 9, 32, 16, False, dtype, TOL[dtype], False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("first", [False, True])
+def test_router_weight_gradient_as_one_dense_product(monkeypatch, dtype, first):
+    # outside _dwqkv, heads that keep >= DENSE_ROUTER_GRAD_MIN_OVERLAP rows per token (here 6 * 16 / 40 = 2.4;
+    # t3: 7.9) get w_router's gradient from one GEMM over the dense d-logit matrix _out_bwd writes, not _dwr
+    from mosa_attention.ops import triton_mosa
+    monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", False)
+    launch, seen = triton_mosa._launch, []
+    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (seen.append(kernel.fn.__name__),
+                                                                           launch(kernel, *a, **kw))[1])
+    for deterministic in (False, True):
+        _routed_compare(2, 40, 48, 6, 16, 32, 16, first, dtype, TOL[dtype], deterministic)
+    assert "_dwr" not in seen and "_out_bwd" in seen
+    monkeypatch.setattr(triton_mosa, "DENSE_ROUTER_GRAD_MIN_OVERLAP", None)  # off: _dwr at any overlap
+    _routed_compare(2, 40, 48, 6, 16, 32, 16, first, dtype, TOL[dtype], False)
+    assert "_dwr" in seen
+
+
 @pytest.mark.parametrize("deterministic", [None, True])
 def test_layer_uses_the_fused_router_and_matches_torch_backend(deterministic):
     from mosa_attention.layers import MoSAAttention
@@ -485,3 +503,8 @@ def test_every_launch_names_only_the_kernels_parameters(monkeypatch, seq_block):
     for det in (False, True):
         _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float32, TOL[torch.float32], det)
     assert ("_attn_bwd_seqs" in seen) == seq_block and ("_attn_bwd_dq" in seen) != seq_block
+    # the router's weight gradient outside _dwqkv: in _dwr, or (heads overlapping much) the dense d logit
+    monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", False)
+    _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float32, TOL[torch.float32], False)
+    _routed_compare(2, 40, 48, 6, 16, 32, 16, False, torch.float32, TOL[torch.float32], False)
+    assert "_dwr" in seen
