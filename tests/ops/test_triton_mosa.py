@@ -286,10 +286,12 @@ def test_router_weight_gradient_in_its_own_kernel(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("first", [False, True])
 def test_router_weight_gradient_as_one_dense_product(monkeypatch, dtype, first):
-    # outside _dwqkv, heads that keep >= DENSE_ROUTER_GRAD_MIN_OVERLAP rows per token (here 6 * 16 / 40 = 2.4;
-    # t3: 7.9) get w_router's gradient from one GEMM over the dense d-logit matrix _out_bwd writes, not _dwr
+    # DENSE_ROUTER_GRAD_MIN_OVERLAP set (off by default): outside _dwqkv, heads that keep at least that many
+    # rows per token (here 6 * 16 / 40 = 2.4; t3: 7.9) get w_router's gradient from one GEMM over the dense
+    # d-logit matrix _out_bwd writes, not from _dwr
     from mosa_attention.ops import triton_mosa
     monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", False)
+    monkeypatch.setattr(triton_mosa, "DENSE_ROUTER_GRAD_MIN_OVERLAP", 2.0)
     launch, seen = triton_mosa._launch, []
     monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (seen.append(kernel.fn.__name__),
                                                                            launch(kernel, *a, **kw))[1])
@@ -505,6 +507,7 @@ def test_every_launch_names_only_the_kernels_parameters(monkeypatch, seq_block):
     assert ("_attn_bwd_seqs" in seen) == seq_block and ("_attn_bwd_dq" in seen) != seq_block
     # the router's weight gradient outside _dwqkv: in _dwr, or (heads overlapping much) the dense d logit
     monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", False)
+    monkeypatch.setattr(triton_mosa, "DENSE_ROUTER_GRAD_MIN_OVERLAP", 2.0)
     _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float32, TOL[torch.float32], False)
     _routed_compare(2, 40, 48, 6, 16, 32, 16, False, torch.float32, TOL[torch.float32], False)
     assert "_dwr" in seen

@@ -796,10 +796,13 @@ SEQ_BLOCK_BWD = True
 
 
 # Where the router's weight gradient is not made inside ``_dwqkv`` and heads keep at least this many rows per
-# token on average, it is one dense product dw_router = dL [E, B*T] @ x [B*T, h] over a d-logit matrix that
-# is zero off the kept tokens (``_out_bwd`` writes it): x is read once, instead of gathered once per kept
-# row by ``_dwr`` (t3 keeps 7.9 rows per token: 132 MB gathered against 16 MB of x and 16.5 MB of dL).
-DENSE_ROUTER_GRAD_MIN_OVERLAP = 2.0
+# token on average, it can be one dense product dw_router = dL [E, B*T] @ x [B*T, h] over a d-logit matrix
+# that is zero off the kept tokens (``_out_bwd`` writes it): x is read once instead of gathered once per
+# kept row by ``_dwr`` (t3 keeps 7.9 rows per token: 132 MB gathered against 16 MB of x and 16.5 MB of dL).
+# Measured on an H200 (NOTES.md v8.2): t3 bf16 1.028 against 1.032 ms, autocast 1.370 against 1.390, for
+# 16 / 32 MiB more peak memory (the dL matrix, its zero fill). Not worth it there: None (off), _dwr always;
+# a number turns it on from that overlap.
+DENSE_ROUTER_GRAD_MIN_OVERLAP = None
 
 
 def _dense_router_grad(overlap: float) -> bool:
