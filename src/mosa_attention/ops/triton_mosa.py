@@ -220,6 +220,23 @@ def _query_range(idx_ptr, e, E, K, R, T, n0, BLOCK: tl.constexpr, BS: tl.constex
 
 
 @triton.jit
+def _visible(qm, km, bq, bk, posq, posk):
+    """[queries, keys] mask of the causal rule among kept tokens: both live, same sequence, pos_q >= pos_k."""
+    return qm[:, None] & km[None, :] & (bq[:, None] == bk[None, :]) & (posq[:, None] >= posk[None, :])
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, ok, qk_scale, PREC: tl.constexpr):
+    """(P, dS) of one [queries, keys] tile in the backward: the probabilities recomputed from the saved
+    log2-sum-exp (zero where not ``ok``) and the scores' gradient P * (dO V^T - delta), softmax scale not
+    yet applied."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _zero_share(ptr, n, BLOCK: tl.constexpr):
     """This program's share of zeroing ptr[0:n]: the atomic scatter's buffer is cleared by the kernel that
     runs before the scatter (its stores drain while the program computes) instead of by a fill launch."""
@@ -314,8 +331,7 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
         posk = tl.load(idx_ptr + (bk * E + e) * K + kr % K, mask=km, other=0)
         kt = tl.load(k_ptr + kr[None, :] * D + cols[:, None], mask=km[None, :] & cm[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        ok = km[None, :] & (bq[:, None] == bk[None, :]) & (posq[:, None] >= posk[None, :])
-        s = tl.where(ok, s, float("-inf"))
+        s = tl.where(_visible(rm, km, bq, bk, posq, posk), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -474,12 +490,8 @@ def _attn_bwd_dkdv(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_p
         do = tl.load(do_ptr + (e * R).to(tl.int64) * D + qoff, mask=qmask, other=0.0)
         lse = tl.load(lse_ptr + e * R + qr, mask=qm, other=0.0)
         delta = tl.load(delta_ptr + e * R + qr, mask=qm, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        ok = qm[:, None] & km[None, :] & (bq[:, None] == bk[None, :]) & (posq[:, None] >= posk[None, :])
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, _visible(qm, km, bq, bk, posq, posk), qk_scale, PREC)
         dv = tl.dot(tl.trans(p.to(DT)), do, dv, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(DT)), q, dk, input_precision=PREC)
     dk = dk * sm_scale
     if ROPE > 0:
@@ -519,11 +531,7 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
         kmask = km[:, None] & cm[None, :]
         k = tl.load(k_ptr + koff, mask=kmask, other=0.0)
         v = tl.load(v_ptr + koff, mask=kmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        ok = rm[:, None] & km[None, :] & (bq[:, None] == bk[None, :]) & (posq[:, None] >= posk[None, :])
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, _visible(rm, km, bq, bk, posq, posk), qk_scale, PREC)
         dq = tl.dot(ds.to(DT), k, dq, input_precision=PREC)
     dq = dq * sm_scale
     if ROPE > 0:
@@ -556,12 +564,9 @@ def _attn_bwd_seqs(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_p
     do = tl.load(do_ptr + (e * R).to(tl.int64) * D + off, mask=mask, other=0.0)
     lse = tl.load(lse_ptr + e * R + rows, mask=live, other=0.0)
     delta = tl.load(delta_ptr + e * R + rows, mask=live, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    ok = live[:, None] & live[None, :] & (b[:, None] == b[None, :]) & (pos[:, None] >= pos[None, :])
-    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+    p, ds = _probs_and_dscores(q, k, v, do, lse, delta, _visible(live, live, b, b, pos, pos), qk_scale, PREC)
     dv = tl.dot(tl.trans(p.to(DT)), do, input_precision=PREC)
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    ds = (p * (dp - delta[:, None])).to(DT)
+    ds = ds.to(DT)
     dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * sm_scale
     dq = tl.dot(ds, k, input_precision=PREC) * sm_scale
     if ROPE > 0:
