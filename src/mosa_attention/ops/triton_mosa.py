@@ -531,7 +531,9 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
         kmask = km[:, None] & cm[None, :]
         k = tl.load(k_ptr + koff, mask=kmask, other=0.0)
         v = tl.load(v_ptr + koff, mask=kmask, other=0.0)
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, _visible(rm, km, bq, bk, posq, posk), qk_scale, PREC)
+        # (not "_": that name holds _row_info's int tensor above, and a loop may not change its type)
+        p_unused, ds = _probs_and_dscores(q, k, v, do, lse, delta, _visible(rm, km, bq, bk, posq, posk), qk_scale,
+                                          PREC)
         dq = tl.dot(ds.to(DT), k, dq, input_precision=PREC)
     dq = dq * sm_scale
     if ROPE > 0:
