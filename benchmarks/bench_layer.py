@@ -291,9 +291,24 @@ def fmt_row(r):
         if "dense_part" in r else "")
 
 
+def profiled(fn, warmup: int, runs: int, cpu: bool = False, sync_each: bool = False):
+    """torch.profiler over ``runs`` calls of ``fn`` after ``warmup`` unprofiled ones (CUDA activity, and the
+    CPU's with ``cpu``); ``sync_each``: synchronise after every call, so that the runs do not overlap."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if cpu else [ProfilerActivity.CUDA]) as p:
+        for _ in range(runs):
+            fn()
+            if sync_each:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+    return p
+
+
 def profile():
     """GPU time per kernel over a few forward + backward steps of our MoSA heads (where the time goes)."""
-    from torch.profiler import ProfilerActivity, profile as prof
     for label, h, E, rho, T, B, nd in (("t1", 512, 17, 32, 1024, 16, 0), ("t2 hybrid", 512, 17, 32, 1024, 16, 4),
                                        ("dense 9 heads", 512, 0, 32, 1024, 16, 9),
                                        ("t3 mosa part", 512, 505, 64, 1024, 16, 0), ("t4", 1024, 60, 1024, 65536, 1, 0)):
@@ -305,13 +320,7 @@ def profile():
         dy = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16)
         step = make_step(layer, x, dy, True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=MODE == "autocast"):
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-                for _ in range(5):
-                    step()
-                torch.cuda.synchronize()
+            p = profiled(step, 3, 5, cpu=True)
         print(f"== profile {label} ({MODE}), 5 steps ==")
         try:
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
@@ -324,7 +333,6 @@ def timeline(folder):
     hybrids t2 / t3, the t2 hybrid's 4 dense heads alone and the dense 9-head layer, 3 replays each. Writes
     a Chrome trace per case into ``folder`` and prints, for the last replay, each kernel's start and end
     (us from the replay's first kernel) and stream, and the busy time per stream."""
-    from torch.profiler import ProfilerActivity, profile as prof
     os.makedirs(folder, exist_ok=True)
     dt = torch.bfloat16 if MODE == "bf16" else torch.float32
     for label, E, rho, nd in (("t2", 17, 32, 4), ("t2 dense part", 0, 32, 4), ("dense 9 heads", 0, 32, 9),
@@ -339,13 +347,7 @@ def timeline(folder):
         if replay is None:
             print(f"== timeline {label}: capture failed")
             continue
-        for _ in range(5):
-            replay()
-        torch.cuda.synchronize()
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(3):
-                replay()
-                torch.cuda.synchronize()
+        p = profiled(replay, 5, 3, sync_each=True)
         path = os.path.join(folder, "trace_" + label.replace(" ", "_") + ".json")
         p.export_chrome_trace(path)
         with open(path) as f:
@@ -731,7 +733,6 @@ TUNE_VARIANTS = {  # kernel -> list of overrides (the first is the default)
 def tune(out, only=None):
     """Per-kernel GPU time (torch profiler) of ours, f+b, bf16, under each tile variant; outputs checked
     against the float64 reference for every variant (a variant that breaks a result is reported, not used)."""
-    from torch.profiler import ProfilerActivity, profile as prof
     from mosa_attention.ops import triton_mosa
     from mosa_attention.ops.triton_mosa import sparse_attention_triton
     res = {}
@@ -766,13 +767,7 @@ def tune(out, only=None):
                 if ref is None:
                     ref = got
                 errs = [((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, ref)]
-                for _ in range(2):
-                    step()
-                torch.cuda.synchronize()
-                with prof(activities=[ProfilerActivity.CUDA]) as p:
-                    for _ in range(5):
-                        step()
-                    torch.cuda.synchronize()
+                p = profiled(step, 2, 5)
                 times = {}
                 if i == 0:
                     print(p.key_averages().table(sort_by="device_time_total", row_limit=16, max_name_column_width=50))

@@ -72,7 +72,7 @@ ALL_KERNELS = textwrap.dedent("""
         for name in kern.arg_names:
             if name in cons:
                 sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
+            elif name.endswith("_ptr") or name in ("src0", "src1", "src2"):
                 sig[name] = "*fp32" if name in FP32 else "*i64" if name in I64 else "*bf16"
             else:
                 sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
@@ -95,12 +95,29 @@ ALL_KERNELS = textwrap.dedent("""
                            options=dict(num_warps=4, num_stages=2))
         assert k.asm["cubin"], kern.__name__
         print("compiled", kern.__name__)
+    # the routing and dense-head kernels too
+    from mosa_attention.ops import triton_routing as tr, triton_rope as rp
+    for bits, s_dt in ((16, "*bf16"), (32, "*fp32")):
+        cons = dict(INCLUDE_FIRST=True, SIGMOID=True, BT=1024, BE=1, KEY_BITS=bits)
+        sig = dict(s_ptr=s_dt, idx_ptr="*i64", kept_ptr="*fp32", T="i32", E="i32", k="i32", stride_b="i64",
+                   stride_t="i64", stride_e="i64", **{n: "constexpr" for n in cons})
+        k = triton.compile(ASTSource(tr._topk_select, sig, cons), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=1, num_stages=2))
+        assert k.asm["cubin"]
+        print("compiled _topk_select", bits)
+    for backward in (False, True):
+        cons = dict(D=64, DP=64, ROPE=32, BT=32, BACKWARD=backward)
+        k = triton.compile(ASTSource(rp._split_rope, sig_of(rp._split_rope, cons), cons),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+        assert k.asm["cubin"]
+        print("compiled _split_rope", backward)
 """)
 
 
 def test_every_kernel_compiles_for_sm90():
     # the interpreter runs Python semantics: it accepts what Triton's compiler rejects (a loop that changes
-    # a variable's type, say), so compile each kernel of the op for an H100/H200 as a GPU launch would
+    # a variable's type, say), so compile each kernel (the op's, top-k's, the dense heads' split + RoPE) for
+    # an H100/H200 as a GPU launch would
     try:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:
@@ -108,4 +125,4 @@ def test_every_kernel_compiles_for_sm90():
     run = subprocess.run([sys.executable, "-c", ALL_KERNELS], env=dict(os.environ, TRITON_INTERPRET="0"),
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 11, run.stdout
+    assert run.stdout.count("compiled") == 15, run.stdout
