@@ -575,7 +575,8 @@ def check_streams(out):
     relative differences within 2e-3 (a missing synchronisation shows up as garbage, not as last bits).
     The row ``parallel="shared"`` is one stream with the MoSA heads reading x through the dense heads'
     product (``SHARED_INPUT_GRAD = True``, x's two gradients summed in its epilogue) where the default
-    (None) lets autograd sum them, and the row ``"unshared"`` the other way round."""
+    (None) lets autograd sum them, and the row ``"unshared"`` the other way round; ``"dense-first"``: two
+    streams with the dense heads launched first (``MOSA_HEADS_FIRST = False``)."""
     import mosa_attention.layers.mosa as layer_module
     ok, rows = True, []
     for E, rho, mode in ((17, 32, "bf16"), (505, 64, "bf16"), (17, 32, "autocast")):
@@ -588,8 +589,9 @@ def check_streams(out):
         params = [x] + list(layer.parameters())
         got = {}
         for parallel, graphed in ((False, False), ("again", False), ("shared", False), ("unshared", False),
-                                  (True, False), (False, True), (True, True)):
-            layer_module.PARALLEL_HEADS = parallel is True
+                                  (True, False), ("dense-first", False), (False, True), (True, True)):
+            layer_module.PARALLEL_HEADS = parallel in (True, "dense-first")
+            layer_module.MOSA_HEADS_FIRST = parallel != "dense-first"
             layer_module.SHARED_INPUT_GRAD = {"shared": True, "unshared": False}.get(parallel)
             def step():
                 for p in params:
@@ -608,7 +610,7 @@ def check_streams(out):
                 step()
             torch.cuda.synchronize()
             got[(parallel, graphed)] = [p.grad.clone() for p in params]
-        layer_module.PARALLEL_HEADS, layer_module.SHARED_INPUT_GRAD = True, None
+        layer_module.PARALLEL_HEADS, layer_module.SHARED_INPUT_GRAD, layer_module.MOSA_HEADS_FIRST = True, None, True
         ref = got[(False, False)]
         for key, val in got.items():
             if val is None:
@@ -866,6 +868,8 @@ def main():
     ap.add_argument("--shared-input", default="auto", choices=("auto", "on", "off"),
                     help="a hybrid's MoSA heads read x through the dense heads' QKV product (x's two gradients "
                          "summed in its epilogue): auto (under autocast over wider x), on, off (before v8.1)")
+    ap.add_argument("--dense-first", action="store_true",
+                    help="a two-stream hybrid launches its dense heads before its MoSA heads")
     ap.add_argument("--attn-bwd-split", action="store_true",
                     help="attention backward as two kernels (dk/dv, dq) also for short sequences (before v8.0)")
     ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
@@ -907,6 +911,7 @@ def main():
         _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP = args.dense_router_grad
     import mosa_attention.layers.mosa as _lm
     _lm.SHARED_INPUT_GRAD = {"auto": None, "on": True, "off": False}[args.shared_input]
+    _lm.MOSA_HEADS_FIRST = not args.dense_first
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -917,7 +922,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

@@ -30,6 +30,10 @@ _SIDE_STREAMS: dict = {}
 # epilogue that reads the other gradient took 31 against 21 us) and raised the peak by 7 MiB
 # (benchmarks/NOTES.md, v8.1).
 SHARED_INPUT_GRAD = None
+# Which heads of a two-stream hybrid are launched first. The MoSA heads first (True, as measured) put their
+# router GEMM ahead of the dense heads' QKV product, whose SMs it then holds for ~9 us at t2 on an H200
+# (benchmarks/NOTES.md v8.3); False launches the dense heads first. Not yet timed on a card.
+MOSA_HEADS_FIRST = True
 
 
 class MoSAAttention(nn.Module):
@@ -172,9 +176,12 @@ class MoSAAttention(nn.Module):
             main = torch.cuda.current_stream(x.device)
             side.wait_stream(main)
             qkv, x_mosa = self._share_input(x)  # (after the wait: the MoSA heads need x, not this product)
+            if not MOSA_HEADS_FIRST:
+                y_dense = self._dense_heads(x, qkv)
             with torch.cuda.stream(side):
                 y, selection = self._mosa_heads(x_mosa)
-            y_dense = self._dense_heads(x, qkv)
+            if MOSA_HEADS_FIRST:
+                y_dense = self._dense_heads(x, qkv)
             main.wait_stream(side)
             # memory handed between the streams: x is read on the side stream, its results used on this one
             x.record_stream(side)
