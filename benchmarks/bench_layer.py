@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -24,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from mosa_attention import DenseAttention, MoSAAttention  # noqa: E402
-from mosa_attention.bench.layer import capture_graph  # noqa: E402
+from mosa_attention.bench.layer import capture_graph, median_ms  # noqa: E402
+from mosa_attention.bench.layer import make_step as _step  # noqa: E402
 from mosa_attention.bench.official import official_layer  # noqa: E402
 from mosa_attention.ops import num_selected  # noqa: E402
 from mosa_attention.ops.mosa import sparse_attention_reference  # noqa: E402
@@ -36,17 +36,7 @@ def cuda_time(fn, warmup=3, iters=20, max_s=1.5):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times, t0 = [], time.perf_counter()
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-        if time.perf_counter() - t0 > max_s and len(times) >= 5:
-            break
-    return statistics.median(times)
+    return median_ms(fn, iters, True, max_s=max_s)
 
 
 def ceilings():
@@ -106,19 +96,9 @@ def official_module(path, h, E, sparsity, dense_heads, T, D=64):
 
 
 def make_step(layer, x, dy, backward):
-    """One training step's attention work: gradients start empty (as after zero_grad(set_to_none=True)), so
-    backward writes them instead of adding into the previous step's."""
-    params = list(layer.parameters()) + [x]
-
-    def step():
-        if backward:
-            for p in params:
-                p.grad = None
-        y = layer(x)
-        if backward:
-            y.backward(dy)
-        return y
-    return step
+    """One training step's attention work (``mosa_attention.bench.layer.make_step``): gradients start empty
+    (as after zero_grad(set_to_none=True)); forward only (under no_grad) without ``backward``."""
+    return _step(layer, x, dy if backward else None)
 
 
 def graph_step(step):

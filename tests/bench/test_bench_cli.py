@@ -68,3 +68,18 @@ def test_bench_times_the_official_release_beside(tmp_path):
     assert rows[("official", "f+b")]["eager_ms"] > 0 and rows[("official", "f+b")]["graph_ms"] is None
     assert res["mosa_over_official"]["fwd"] == pytest.approx(rows[("mosa", "fwd")]["best_ms"]
                                                              / rows[("official", "fwd")]["best_ms"])
+
+
+def test_median_ms_is_the_median_and_stops_at_max_s():
+    import time as _time
+    from mosa_attention.bench.layer import median_ms
+    calls = []
+
+    def slow():
+        calls.append(1)
+        _time.sleep(0.01 * (len(calls) % 3 + 1))  # 20, 30, 10, 20, 30, ... ms
+
+    assert 19.5 <= median_ms(slow, 6, cuda=False) <= 35  # the median of 20, 30, 10, 20, 30, 10 ms (sleep overshoots)
+    calls.clear()
+    median_ms(slow, 1000, cuda=False, max_s=0.1)
+    assert 5 <= len(calls) < 20  # stopped once 0.1 s had passed, after at least five calls

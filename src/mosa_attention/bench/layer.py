@@ -43,8 +43,10 @@ def make_step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor | None):
     return step
 
 
-def _median_ms(fn, iters: int, cuda: bool) -> float:
-    times = []
+def median_ms(fn, iters: int, cuda: bool, max_s: float | None = None) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` calls: CUDA-event times on CUDA, host times elsewhere.
+    ``max_s``: stop early once that much wall time has passed and five calls are timed."""
+    times, t_start = [], time.perf_counter()
     for _ in range(iters):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -57,6 +59,8 @@ def _median_ms(fn, iters: int, cuda: bool) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+        if max_s is not None and len(times) >= 5 and time.perf_counter() - t_start > max_s:
+            break
     return statistics.median(times)
 
 
@@ -98,12 +102,12 @@ def time_layer(layer: torch.nn.Module, x: torch.Tensor, backward: bool = True, *
             step()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated(x.device) - base) / 2 ** 20
-        eager = _median_ms(step, iters, cuda)
+        eager = median_ms(step, iters, cuda)
         graph_ms, why = None, None
         if cuda and graphs:
             replay, why = capture_graph(step)
             if replay is not None:
-                graph_ms = _median_ms(replay, iters, cuda)
+                graph_ms = median_ms(replay, iters, cuda)
     for p in list(layer.parameters()) + [x]:
         p.grad = None
     return Timing(eager, graph_ms, peak, why)
