@@ -5,7 +5,7 @@ from .rope import apply_rope, rope_cos_sin, rope_dims_for, rotate_half
 from .routing import num_selected, router_scores, select_topk, strided_positions
 
 __all__ = [
-    "BACKENDS", "apply_rope", "causal_attention", "linear_sharing_input", "mosa", "num_selected", "project_qkv", "resolve_backend",
-    "rope_cos_sin", "rope_dims_for", "rotate_half", "router_scores", "select_topk", "sliding_window_mask",
-    "sparse_attention", "sparse_attention_reference", "strided_positions",
+    "BACKENDS", "apply_rope", "causal_attention", "linear_sharing_input", "mosa", "num_selected", "project_qkv",
+    "resolve_backend", "rope_cos_sin", "rope_dims_for", "rotate_half", "router_scores", "select_topk",
+    "sliding_window_mask", "sparse_attention", "sparse_attention_reference", "strided_positions",
 ]

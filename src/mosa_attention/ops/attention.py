@@ -79,9 +79,10 @@ def linear_sharing_input(x: torch.Tensor, w: torch.Tensor):
 
     A hybrid's dense heads and MoSA heads both read x, so autograd would sum their two [B, T, h] gradients
     of x in a pass of its own. When the MoSA heads read the second output instead, their gradient of x
-    arrives here, and the dense product's gradient is added into it in the GEMM's epilogue
-    (``addmm``): no separate pass, one [B, T, h] tensor less at the peak. Under autocast the product runs
-    in the autocast dtype (as ``F.linear`` would) and x's gradient comes back in x's dtype."""
+    arrives here, and the dense product's gradient is added into it in the GEMM's epilogue (``addmm``),
+    with no separate pass. Under autocast the product runs in the autocast dtype (as ``F.linear`` would)
+    and x's gradient comes back in x's dtype. The other gradient is held until this backward runs, which
+    can raise the peak (H200, t2 hybrid: +7 MiB in bf16, +13 under autocast; benchmarks/NOTES.md v8.1)."""
     return _SharedInputLinear.apply(x, w)
 
 
