@@ -556,7 +556,8 @@ def check_streams(out):
     The row ``parallel="shared"`` is one stream with the MoSA heads reading x through the dense heads'
     product (``SHARED_INPUT_GRAD = True``, x's two gradients summed in its epilogue) where the default
     (None) lets autograd sum them, and the row ``"unshared"`` the other way round; ``"dense-first"``: two
-    streams with the dense heads launched first (``MOSA_HEADS_FIRST = False``)."""
+    streams with the dense heads launched first (``MOSA_HEADS_FIRST = False``); ``"masked"``: two streams,
+    the hybrid's sums at the kept tokens only (``MASKED_SUMS``), eager and graphed."""
     import mosa_attention.layers.mosa as layer_module
     ok, rows = True, []
     for E, rho, mode in ((17, 32, "bf16"), (505, 64, "bf16"), (17, 32, "autocast")):
@@ -569,8 +570,10 @@ def check_streams(out):
         params = [x] + list(layer.parameters())
         got = {}
         for parallel, graphed in ((False, False), ("again", False), ("shared", False), ("unshared", False),
-                                  (True, False), ("dense-first", False), (False, True), (True, True)):
-            layer_module.PARALLEL_HEADS = parallel in (True, "dense-first")
+                                  (True, False), ("dense-first", False), ("masked", False), ("masked", True),
+                                  (False, True), (True, True)):
+            layer_module.PARALLEL_HEADS = parallel in (True, "dense-first", "masked")
+            layer_module.MASKED_SUMS = parallel == "masked"
             layer_module.MOSA_HEADS_FIRST = parallel != "dense-first"
             layer_module.SHARED_INPUT_GRAD = {"shared": True, "unshared": False}.get(parallel)
             def step():
@@ -591,6 +594,7 @@ def check_streams(out):
             torch.cuda.synchronize()
             got[(parallel, graphed)] = [p.grad.clone() for p in params]
         layer_module.PARALLEL_HEADS, layer_module.SHARED_INPUT_GRAD, layer_module.MOSA_HEADS_FIRST = True, None, True
+        layer_module.MASKED_SUMS = False
         ref = got[(False, False)]
         for key, val in got.items():
             if val is None:
@@ -848,6 +852,8 @@ def main():
     ap.add_argument("--shared-input", default="auto", choices=("auto", "on", "off"),
                     help="a hybrid's MoSA heads read x through the dense heads' QKV product (x's two gradients "
                          "summed in its epilogue): auto (under autocast over wider x), on, off (before v8.1)")
+    ap.add_argument("--masked-sums", action="store_true",
+                    help="a hybrid on the fused op sums y and x's gradient at the kept tokens only")
     ap.add_argument("--dense-first", action="store_true",
                     help="a two-stream hybrid launches its dense heads before its MoSA heads")
     ap.add_argument("--attn-bwd-split", action="store_true",
@@ -892,6 +898,7 @@ def main():
     import mosa_attention.layers.mosa as _lm
     _lm.SHARED_INPUT_GRAD = {"auto": None, "on": True, "off": False}[args.shared_input]
     _lm.MOSA_HEADS_FIRST = not args.dense_first
+    _lm.MASKED_SUMS = args.masked_sums
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -902,7 +909,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

@@ -324,6 +324,32 @@ def test_layer_uses_the_fused_router_and_matches_torch_backend(deterministic):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["dense", "local"])
+def test_hybrid_sums_at_the_kept_rows_only(monkeypatch, dtype, kind):
+    # MASKED_SUMS: a hybrid on the fused op adds its MoSA part (y, and x's gradient) at the kept tokens only;
+    # everything equals the full sums (the fused op's share is zero at every other token)
+    import mosa_attention.layers.mosa as layer_module
+    from mosa_attention.layers import MoSAAttention
+    torch.manual_seed(5)
+    layer = MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, dense_kind=kind, backend="triton").to(DEVICE)
+    layer = layer.to(dtype)
+    x = torch.randn(2, 37, 48, device=DEVICE, dtype=dtype)
+    g = torch.randn_like(x)
+    results = []
+    for masked in (True, False):
+        monkeypatch.setattr(layer_module, "MASKED_SUMS", masked)
+        xs = x.clone().requires_grad_()
+        y = layer(xs)
+        results.append((y.detach(), *torch.autograd.grad((y * g).sum(), [xs, *layer.parameters()])))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+    monkeypatch.setattr(layer_module, "MASKED_SUMS", True)
+    assert layer._kept_rows(x) is not None
+    assert MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, backend="torch")._kept_rows(x.cpu()) is None
+
+
 def test_layer_rejects_bad_deterministic():
     from mosa_attention.layers import FixedSparseAttention, MoSAAttention
     with pytest.raises(ValueError, match="deterministic='on'"):

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import linear_sharing_input, num_selected, rope_dims_for, select_topk, sparse_attention
+from ..ops import add_at_rows, linear_sharing_input, num_selected, rope_dims_for, select_topk, sparse_attention
 from ..ops.mosa import fused_topk_available, mosa_topk_fused
 from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
 from ._checks import check_input, check_optional_bool, check_positive_int
@@ -34,6 +34,11 @@ SHARED_INPUT_GRAD = None
 # router GEMM ahead of the dense heads' QKV product, whose SMs it then holds for ~9 us at t2 on an H200
 # (benchmarks/NOTES.md v8.3); False launches the dense heads first. Not yet timed on a card.
 MOSA_HEADS_FIRST = True
+# A hybrid on the fused MoSA op sums its two parts (y, and x's gradient) only at the tokens some MoSA head
+# kept (``ops.add_at_rows``): the fused op's output and its share of x's gradient are zero elsewhere. At
+# t2 17 heads keep ~42 % of the tokens, so each sum would read and write ~42 % of the rows it does now
+# (two 11 us passes on an H200). Off until timed on a card (benchmarks/NOTES.md v8.6).
+MASKED_SUMS = False
 
 
 class MoSAAttention(nn.Module):
@@ -144,17 +149,41 @@ class MoSAAttention(nn.Module):
         window = self.window(x.shape[1]) if self.dense_kind == "local" else None
         return self.dense(x, window=window, qkv=qkv)
 
-    def _share_input(self, x: torch.Tensor):
+    def _kept_rows(self, x: torch.Tensor):
+        """A cleared [B, T] mask to mark the tokens the MoSA heads keep, where the hybrid's sums take only
+        those rows (``MASKED_SUMS``: a hybrid on the fused op), else None."""
+        if not (MASKED_SUMS and self.num_mosa_heads and self.dense is not None and self._fused(x)
+                and not torch.compiler.is_compiling()):
+            return None
+        return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+
+    def _share_input(self, x: torch.Tensor, rows: torch.Tensor | None = None):
         """(the dense heads' QKV product or None, the x the MoSA heads read): in a hybrid that takes
-        gradients, x may reach the MoSA heads through the dense heads' product (``SHARED_INPUT_GRAD``)."""
+        gradients, x may reach the MoSA heads through the dense heads' product (``SHARED_INPUT_GRAD``, or
+        ``rows`` for the masked sum of x's gradient)."""
         share = SHARED_INPUT_GRAD
         if share is None:
             dev = x.device.type
-            share = torch.is_autocast_enabled(dev) and x.element_size() > torch.get_autocast_dtype(dev).itemsize
+            share = rows is not None or (torch.is_autocast_enabled(dev)
+                                         and x.element_size() > torch.get_autocast_dtype(dev).itemsize)
         if not (share and self.num_mosa_heads and self.dense is not None and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             return None, x
-        return linear_sharing_input(x, self.dense.W_QKV.weight)
+        return linear_sharing_input(x, self.dense.W_QKV.weight, rows)
+
+    @staticmethod
+    def _sum(y_mosa, y_dense, rows):
+        """y_mosa + y_dense; with ``rows`` (marked by ``_mark``), at those rows only, in y_dense's memory."""
+        if rows is None:
+            return y_mosa + y_dense
+        return add_at_rows(y_dense, y_mosa, rows)
+
+    @staticmethod
+    def _mark(rows, selection):
+        """Mark in ``rows`` the tokens the selection keeps."""
+        if rows is not None:
+            idx = selection[1]
+            rows.scatter_(1, idx.reshape(idx.shape[0], -1), True)
 
     def _side_stream(self, x: torch.Tensor):
         """The stream the MoSA heads of a hybrid run on beside the dense heads (``PARALLEL_HEADS``), or None:
@@ -174,25 +203,31 @@ class MoSAAttention(nn.Module):
         side = self._side_stream(x)
         if side is not None:
             main = torch.cuda.current_stream(x.device)
+            rows = self._kept_rows(x)
             side.wait_stream(main)
-            qkv, x_mosa = self._share_input(x)  # (after the wait: the MoSA heads need x, not this product)
+            qkv, x_mosa = self._share_input(x, rows)  # (after the wait: the MoSA heads need x, not this product)
             if not MOSA_HEADS_FIRST:
                 y_dense = self._dense_heads(x, qkv)
             with torch.cuda.stream(side):
                 y, selection = self._mosa_heads(x_mosa)
+                self._mark(rows, selection)
             if MOSA_HEADS_FIRST:
                 y_dense = self._dense_heads(x, qkv)
             main.wait_stream(side)
             # memory handed between the streams: x is read on the side stream, its results used on this one
             x.record_stream(side)
+            if rows is not None:
+                rows.record_stream(side)
             for t in (y, *selection, *([self.aux_loss] if self.aux_loss is not None else [])):
                 t.record_stream(main)
-            y = y + y_dense
+            y = self._sum(y, y_dense, rows)
         else:
-            qkv, x_mosa = self._share_input(x)
+            rows = self._kept_rows(x)
+            qkv, x_mosa = self._share_input(x, rows)
             y, selection = self._mosa_heads(x_mosa) if self.num_mosa_heads else (0, None)
+            self._mark(rows, selection)
             if self.dense is not None:
-                y = y + self._dense_heads(x, qkv)
+                y = self._sum(y, self._dense_heads(x, qkv), rows)
         return (y, selection) if return_selection else y
 
     def extra_repr(self) -> str:

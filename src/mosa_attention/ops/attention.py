@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .combine import add_at_rows_
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -34,7 +35,8 @@ class _SharedInputLinear(torch.autograd.Function):
     """(x @ w^T, x): see ``linear_sharing_input``."""
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(ctx, x, w, rows):
+        ctx.rows = rows  # (may be filled in after this call: kept as it is, not saved for a version check)
         dev = x.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
@@ -55,10 +57,12 @@ class _SharedInputLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if dx_other is None:
                 dx = dy2.mm(wc).to(x_dtype)
+            elif ctx.rows is not None and dx_other.dtype == wc.dtype:
+                dx = add_at_rows_(dy2.mm(wc).view(xc.shape), dx_other.contiguous(), ctx.rows)
             else:
                 dx = _addmm(dx_other.reshape(-1, dx_other.shape[-1]), dy2, wc)
             dx = dx.view(xc.shape)
-        return dx, dw
+        return dx, dw, None
 
 
 def _addmm(c, a, b):
@@ -74,7 +78,7 @@ def _addmm(c, a, b):
     return c + a.mm(b)
 
 
-def linear_sharing_input(x: torch.Tensor, w: torch.Tensor):
+def linear_sharing_input(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None = None):
     """(x @ w^T, x): the product, and x handed out again for the other readers of x.
 
     A hybrid's dense heads and MoSA heads both read x, so autograd would sum their two [B, T, h] gradients
@@ -82,8 +86,13 @@ def linear_sharing_input(x: torch.Tensor, w: torch.Tensor):
     arrives here, and the dense product's gradient is added into it in the GEMM's epilogue (``addmm``),
     with no separate pass. Under autocast the product runs in the autocast dtype (as ``F.linear`` would)
     and x's gradient comes back in x's dtype. The other gradient is held until this backward runs, which
-    can raise the peak (H200, t2 hybrid: +7 MiB in bf16, +13 under autocast; benchmarks/NOTES.md v8.1)."""
-    return _SharedInputLinear.apply(x, w)
+    can raise the peak (H200, t2 hybrid: +7 MiB in bf16, +13 under autocast; benchmarks/NOTES.md v8.1).
+
+    ``rows``: a bool mask over x's tokens outside which the other readers' gradient is zero (the fused MoSA
+    op's: only kept tokens get one), which the caller may fill in after this call, before the backward.
+    Where that gradient has the product's dtype, the backward then adds it at those rows only
+    (``combine.add_at_rows_``) after a plain product."""
+    return _SharedInputLinear.apply(x, w, rows)
 
 
 def project_qkv(x, w_qkv, n_heads: int, rope_dims: int, rope_base: float, positions=None, backend: str = "auto",
