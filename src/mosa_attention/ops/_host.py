@@ -1,9 +1,15 @@
-"""Integer helpers for the kernels' launchers (grids, tile sizes) on the host.
+"""Host-side helpers of the kernels' launchers: grid and tile arithmetic, and whether Triton interprets.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions: called from Python each goes
 through Triton's argument unwrapping (about 4 us per call, a dozen calls per MoSA step in eager mode).
 These plain versions give the same numbers for the positive ints the launchers pass.
 """
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``: on CPU tensors, in CI)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def cdiv(a: int, b: int) -> int:

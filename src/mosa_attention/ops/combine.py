@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._host import interpreting
+
 
 def _check(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> None:
     if dst.shape != src.shape or dst.dtype != src.dtype or dst.device != src.device:
@@ -32,17 +34,12 @@ def add_at_rows_(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> to
     """dst[rows] += src[rows] in place, on one Triton kernel where triton runs (no host synchronisation: the
     marked rows are not counted on the host), else (and for float64 or strided tensors) the reference;
     returns dst."""
-    if dst.is_cuda or _interpreting():
+    if dst.is_cuda or interpreting():
         _check(dst, src, rows)
         if dst.is_contiguous() and src.is_contiguous() and dst.dtype != torch.float64:  # (the kernel adds in float32)
             from .triton_combine import add_at_rows_triton  # noqa: WPS433 (optional dependency)
             return add_at_rows_triton(dst, src, rows)
     return add_at_rows_reference_(dst, src, rows)
-
-
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class _AddAtRows(torch.autograd.Function):

@@ -52,7 +52,6 @@ input (shapes, devices, dtype mixes, head dim > 128, odd rope_dims) raises Value
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -60,6 +59,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ._host import cdiv, next_pow2
+from ._host import interpreting as _interpreting
 from .mosa import check_sparse_inputs, sparse_attention_reference
 from .triton_rope import rope_tables as _rope_tables
 
@@ -1185,10 +1185,6 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
 
 
 # --------------------------------------------------------------------------------------------- entry point
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # Default scatter when nothing asks for determinism: atomics when the kept rows (E * B * k) are at least this
 # fraction of the output's rows (B * T), else the rows + segment sum, which then moves fewer bytes than the
 # atomics' buffer (fill, add, and for a float32 buffer the cast). Measured on an H200 with float32 buffers
