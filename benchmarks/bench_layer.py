@@ -557,7 +557,9 @@ def check_streams(out):
     product (``SHARED_INPUT_GRAD = True``, x's two gradients summed in its epilogue) where the default
     (None) lets autograd sum them, and the row ``"unshared"`` the other way round; ``"dense-first"``: two
     streams with the dense heads launched first (``MOSA_HEADS_FIRST = False``); ``"masked"``: two streams,
-    the hybrid's sums at the kept tokens only (``MASKED_SUMS``), eager and graphed."""
+    the hybrid's sums at the kept tokens only (``MASKED_SUMS``), eager and graphed; ``"prio-dense"`` /
+    ``"prio-mosa"``: that part on a high-priority stream (``STREAM_PRIORITY``; the dense heads on a third
+    stream), eager and graphed."""
     import mosa_attention.layers.mosa as layer_module
     ok, rows = True, []
     for E, rho, mode in ((17, 32, "bf16"), (505, 64, "bf16"), (17, 32, "autocast")):
@@ -571,8 +573,10 @@ def check_streams(out):
         got = {}
         for parallel, graphed in ((False, False), ("again", False), ("shared", False), ("unshared", False),
                                   (True, False), ("dense-first", False), ("masked", False), ("masked", True),
+                                  ("prio-dense", False), ("prio-dense", True), ("prio-mosa", True),
                                   (False, True), (True, True)):
-            layer_module.PARALLEL_HEADS = parallel in (True, "dense-first", "masked")
+            layer_module.PARALLEL_HEADS = parallel in (True, "dense-first", "masked", "prio-dense", "prio-mosa")
+            layer_module.STREAM_PRIORITY = {"prio-dense": "dense", "prio-mosa": "mosa"}.get(parallel)
             layer_module.MASKED_SUMS = parallel == "masked"
             layer_module.MOSA_HEADS_FIRST = parallel != "dense-first"
             layer_module.SHARED_INPUT_GRAD = {"shared": True, "unshared": False}.get(parallel)
@@ -594,7 +598,7 @@ def check_streams(out):
             torch.cuda.synchronize()
             got[(parallel, graphed)] = [p.grad.clone() for p in params]
         layer_module.PARALLEL_HEADS, layer_module.SHARED_INPUT_GRAD, layer_module.MOSA_HEADS_FIRST = True, None, True
-        layer_module.MASKED_SUMS = False
+        layer_module.MASKED_SUMS, layer_module.STREAM_PRIORITY = False, None
         ref = got[(False, False)]
         for key, val in got.items():
             if val is None:
@@ -858,6 +862,8 @@ def main():
                     help="a hybrid on the fused op sums y and x's gradient at the kept tokens only")
     ap.add_argument("--dense-first", action="store_true",
                     help="a two-stream hybrid launches its dense heads before its MoSA heads")
+    ap.add_argument("--priority", default=None, choices=("dense", "mosa"),
+                    help="a two-stream hybrid runs this part on a high-priority CUDA stream (STREAM_PRIORITY)")
     ap.add_argument("--attn-bwd-split", action="store_true",
                     help="attention backward as two kernels (dk/dv, dq) also for short sequences (before v8.0)")
     ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
@@ -901,6 +907,7 @@ def main():
     _lm.SHARED_INPUT_GRAD = {"auto": None, "on": True, "off": False}[args.shared_input]
     _lm.MOSA_HEADS_FIRST = not args.dense_first
     _lm.MASKED_SUMS = args.masked_sums
+    _lm.STREAM_PRIORITY = args.priority
     from mosa_attention.ops import triton_routing as _tr
     _tr.RADIX_SELECT = args.radix_topk
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"

@@ -22,6 +22,14 @@ ROUTINGS = ("topk", "threshold")
 # several GPUs. False: one stream everywhere.
 PARALLEL_HEADS = True
 _SIDE_STREAMS: dict = {}
+
+
+def _stream(device, high: bool, key: str = "mosa"):
+    """The side stream ``key`` of ``device``, of the highest priority or the default one (made once)."""
+    name = (device, key, high)
+    if name not in _SIDE_STREAMS:
+        _SIDE_STREAMS[name] = torch.cuda.Stream(device, priority=-1 if high else 0)
+    return _SIDE_STREAMS[name]
 # The MoSA heads of a hybrid may read x through the dense heads' QKV product (``ops.linear_sharing_input``), so
 # that the dense heads' gradient of x is added into the MoSA heads' one in that product's epilogue instead
 # of in autograd's own passes. True: always; False: never; None: where x is wider than the product's dtype
@@ -39,6 +47,11 @@ MOSA_HEADS_FIRST = True
 # t2 17 heads keep ~42 % of the tokens, so each sum would read and write ~42 % of the rows it does now
 # (two 11 us passes on an H200). Off until timed on a card (benchmarks/NOTES.md v8.6).
 MASKED_SUMS = False
+# Which part of a two-stream hybrid runs on a higher-priority CUDA stream, so that the block scheduler hands
+# SMs that come free to its kernels first: "dense" (the dense heads get a stream of their own; the critical
+# path of a perplexity-matched hybrid such as t2), "mosa" (the MoSA heads' stream; the critical path of a
+# FLOP-matched one such as t3) or None (equal priorities). Not yet timed on a card (benchmarks/NOTES.md v9.0).
+STREAM_PRIORITY = None
 
 
 class MoSAAttention(nn.Module):
@@ -185,41 +198,53 @@ class MoSAAttention(nn.Module):
             idx = selection[1]
             rows.scatter_(1, idx.reshape(idx.shape[0], -1), True)
 
-    def _side_stream(self, x: torch.Tensor):
-        """The stream the MoSA heads of a hybrid run on beside the dense heads (``PARALLEL_HEADS``), or None:
-        not CUDA, not a hybrid, under torch.compile (which orders the graph itself) or in a distributed run."""
+    def _streams(self, x: torch.Tensor):
+        """(the MoSA heads' stream, the dense heads' stream) of a hybrid whose MoSA heads run beside its dense
+        heads (``PARALLEL_HEADS``), or None: not CUDA, not a hybrid, under torch.compile (which orders the
+        graph itself) or in a distributed run. The dense heads' stream is the current one unless
+        ``STREAM_PRIORITY`` is "dense"."""
         if not (PARALLEL_HEADS and x.is_cuda and self.num_mosa_heads and self.dense is not None):
             return None
         if torch.compiler.is_compiling():
             return None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return None
-        if x.device not in _SIDE_STREAMS:
-            _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
-        return _SIDE_STREAMS[x.device]
+        if STREAM_PRIORITY not in (None, "dense", "mosa"):
+            raise ValueError(f'STREAM_PRIORITY must be None, "dense" or "mosa", got {STREAM_PRIORITY!r}')
+        mosa = _stream(x.device, high=STREAM_PRIORITY == "mosa")
+        dense = _stream(x.device, high=True, key="dense") if STREAM_PRIORITY == "dense" else None
+        return mosa, dense or torch.cuda.current_stream(x.device)
 
     def forward(self, x: torch.Tensor, return_selection: bool = False):
         check_input(x, self.d_model)
-        side = self._side_stream(x)
-        if side is not None:
+        streams = self._streams(x)
+        if streams is not None:
+            side, dense = streams
             main = torch.cuda.current_stream(x.device)
             rows = self._kept_rows(x)
             side.wait_stream(main)
-            qkv, x_mosa = self._share_input(x, rows)  # (after the wait: the MoSA heads need x, not this product)
-            if not MOSA_HEADS_FIRST:
-                y_dense = self._dense_heads(x, qkv)
+            dense.wait_stream(main)
+            with torch.cuda.stream(dense):
+                qkv, x_mosa = self._share_input(x, rows)  # (after the wait: the MoSA heads need x, not this product)
+                if not MOSA_HEADS_FIRST:
+                    y_dense = self._dense_heads(x, qkv)
             with torch.cuda.stream(side):
                 y, selection = self._mosa_heads(x_mosa)
                 self._mark(rows, selection)
             if MOSA_HEADS_FIRST:
-                y_dense = self._dense_heads(x, qkv)
+                with torch.cuda.stream(dense):
+                    y_dense = self._dense_heads(x, qkv)
             main.wait_stream(side)
-            # memory handed between the streams: x is read on the side stream, its results used on this one
-            x.record_stream(side)
-            if rows is not None:
-                rows.record_stream(side)
+            main.wait_stream(dense)
+            # memory handed between the streams: x is read on the side streams, their results used on this one
+            for s in {side, dense} - {main}:
+                x.record_stream(s)
+                if rows is not None:
+                    rows.record_stream(s)
             for t in (y, *selection, *([self.aux_loss] if self.aux_loss is not None else [])):
                 t.record_stream(main)
+            if dense != main:
+                y_dense.record_stream(main)
             y = self._sum(y, y_dense, rows)
         else:
             rows = self._kept_rows(x)
