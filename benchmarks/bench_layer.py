@@ -598,7 +598,7 @@ def check_streams(out):
             torch.cuda.synchronize()
             got[(parallel, graphed)] = [p.grad.clone() for p in params]
         layer_module.PARALLEL_HEADS, layer_module.SHARED_INPUT_GRAD, layer_module.MOSA_HEADS_FIRST = True, None, True
-        layer_module.MASKED_SUMS, layer_module.STREAM_PRIORITY = False, None
+        layer_module.MASKED_SUMS, layer_module.STREAM_PRIORITY = None, None
         ref = got[(False, False)]
         for key, val in got.items():
             if val is None:
@@ -858,8 +858,9 @@ def main():
                          "summed in its epilogue): auto (under autocast over wider x), on, off (before v8.1)")
     ap.add_argument("--radix-topk", action="store_true",
                     help="top-k's k-th key from 256-bin histograms (16-bit scores) instead of one pass per bit")
-    ap.add_argument("--masked-sums", action="store_true",
-                    help="a hybrid on the fused op sums y and x's gradient at the kept tokens only")
+    ap.add_argument("--masked-sums", default="auto", choices=("auto", "on", "off"),
+                    help="a hybrid on the fused op sums y and x's gradient at the kept tokens only: auto (where "
+                         "the heads keep at most half of the tokens, MASKED_SUMS = None), on, off (before v9.0)")
     ap.add_argument("--dense-first", action="store_true",
                     help="a two-stream hybrid launches its dense heads before its MoSA heads")
     ap.add_argument("--priority", default=None, choices=("dense", "mosa"),
@@ -906,7 +907,7 @@ def main():
     import mosa_attention.layers.mosa as _lm
     _lm.SHARED_INPUT_GRAD = {"auto": None, "on": True, "off": False}[args.shared_input]
     _lm.MOSA_HEADS_FIRST = not args.dense_first
-    _lm.MASKED_SUMS = args.masked_sums
+    _lm.MASKED_SUMS = {"auto": None, "on": True, "off": False}[args.masked_sums]
     _lm.STREAM_PRIORITY = args.priority
     from mosa_attention.ops import triton_routing as _tr
     _tr.RADIX_SELECT = args.radix_topk
@@ -920,7 +921,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "radix_topk": args.radix_topk, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "stream_priority": args.priority, "radix_topk": args.radix_topk, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

@@ -347,6 +347,12 @@ def test_hybrid_sums_at_the_kept_rows_only(monkeypatch, dtype, kind):
         torch.testing.assert_close(a, b, **tol)
     monkeypatch.setattr(layer_module, "MASKED_SUMS", True)
     assert layer._kept_rows(x) is not None
+    # None (the default): masked where the heads are expected to keep at most half of the tokens, here
+    # 1 - (1 - 9/37)^E of them: 24 % for one head, 57 % for three
+    monkeypatch.setattr(layer_module, "MASKED_SUMS", None)
+    assert layer._kept_rows(x) is None
+    one_head = MoSAAttention(48, 1, 4, head_dim=32, num_dense_heads=1, dense_kind=kind, backend="triton")
+    assert one_head._kept_rows(x) is not None
     assert MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, backend="torch")._kept_rows(x.cpu()) is None
 
 

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from ..ops._host import side_stream
 from ..ops import add_at_rows, linear_sharing_input, num_selected, rope_dims_for, select_topk, sparse_attention
 from ..ops.mosa import fused_topk_available, mosa_topk_fused
 from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
@@ -21,15 +22,6 @@ ROUTINGS = ("topk", "threshold")
 # gradient hooks of DDP and FSDP work on their own streams, and that combination has not been verified on
 # several GPUs. False: one stream everywhere.
 PARALLEL_HEADS = True
-_SIDE_STREAMS: dict = {}
-
-
-def _stream(device, high: bool, key: str = "mosa"):
-    """The side stream ``key`` of ``device``, of the highest priority or the default one (made once)."""
-    name = (device, key, high)
-    if name not in _SIDE_STREAMS:
-        _SIDE_STREAMS[name] = torch.cuda.Stream(device, priority=-1 if high else 0)
-    return _SIDE_STREAMS[name]
 # The MoSA heads of a hybrid may read x through the dense heads' QKV product (``ops.linear_sharing_input``), so
 # that the dense heads' gradient of x is added into the MoSA heads' one in that product's epilogue instead
 # of in autograd's own passes. True: always; False: never; None: where x is wider than the product's dtype
@@ -43,10 +35,13 @@ SHARED_INPUT_GRAD = None
 # (benchmarks/NOTES.md v8.3); False launches the dense heads first. Not yet timed on a card.
 MOSA_HEADS_FIRST = True
 # A hybrid on the fused MoSA op sums its two parts (y, and x's gradient) only at the tokens some MoSA head
-# kept (``ops.add_at_rows``): the fused op's output and its share of x's gradient are zero elsewhere. At
-# t2 17 heads keep ~42 % of the tokens, so each sum would read and write ~42 % of the rows it does now
-# (two 11 us passes on an H200). Off until timed on a card (benchmarks/NOTES.md v8.6).
-MASKED_SUMS = False
+# kept (``ops.add_at_rows``): the fused op's output and its share of x's gradient are zero elsewhere. True:
+# always; False: never; None: where the expected kept fraction of the tokens, 1 - (1 - k/T)^E for E heads
+# that keep k of T each, is at most ``MASKED_MAX_KEPT``. H200, bf16, graph: t2 (17 heads keep ~42 %)
+# 0.349 -> 0.339 ms, under autocast 0.438 -> 0.432; t3 (505 heads keep all) 1.031 -> 1.071, so off there
+# (benchmarks/NOTES.md v9.0).
+MASKED_SUMS = None
+MASKED_MAX_KEPT = 0.5
 # Which part of a two-stream hybrid runs on a higher-priority CUDA stream, so that the block scheduler hands
 # SMs that come free to its kernels first: "dense" (the dense heads get a stream of their own; the critical
 # path of a perplexity-matched hybrid such as t2), "mosa" (the MoSA heads' stream; the critical path of a
@@ -165,9 +160,14 @@ class MoSAAttention(nn.Module):
     def _kept_rows(self, x: torch.Tensor):
         """A cleared [B, T] mask to mark the tokens the MoSA heads keep, where the hybrid's sums take only
         those rows (``MASKED_SUMS``: a hybrid on the fused op), else None."""
-        if not (MASKED_SUMS and self.num_mosa_heads and self.dense is not None and self._fused(x)
+        if not (MASKED_SUMS is not False and self.num_mosa_heads and self.dense is not None and self._fused(x)
                 and not torch.compiler.is_compiling()):
             return None
+        if MASKED_SUMS is None:
+            T = x.shape[1]
+            kept = 1.0 - (1.0 - self.num_selected(T) / T) ** self.num_mosa_heads
+            if kept > MASKED_MAX_KEPT:
+                return None
         return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
 
     def _share_input(self, x: torch.Tensor, rows: torch.Tensor | None = None):
@@ -211,8 +211,8 @@ class MoSAAttention(nn.Module):
             return None
         if STREAM_PRIORITY not in (None, "dense", "mosa"):
             raise ValueError(f'STREAM_PRIORITY must be None, "dense" or "mosa", got {STREAM_PRIORITY!r}')
-        mosa = _stream(x.device, high=STREAM_PRIORITY == "mosa")
-        dense = _stream(x.device, high=True, key="dense") if STREAM_PRIORITY == "dense" else None
+        mosa = side_stream(x.device, "mosa heads", high=STREAM_PRIORITY == "mosa")
+        dense = side_stream(x.device, "dense heads", high=True) if STREAM_PRIORITY == "dense" else None
         return mosa, dense or torch.cuda.current_stream(x.device)
 
     def forward(self, x: torch.Tensor, return_selection: bool = False):

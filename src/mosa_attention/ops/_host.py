@@ -1,10 +1,22 @@
-"""Host-side helpers of the kernels' launchers: grid and tile arithmetic, and whether Triton interprets.
+"""Host-side helpers of the kernels' launchers: grid and tile arithmetic, whether Triton interprets, and
+the side CUDA streams that independent work forks onto.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions: called from Python each goes
 through Triton's argument unwrapping (about 4 us per call, a dozen calls per MoSA step in eager mode).
 These plain versions give the same numbers for the positive ints the launchers pass.
 """
 import os
+
+_STREAMS: dict = {}
+
+
+def side_stream(device, key: str = "side", high: bool = False):
+    """The CUDA stream named ``key`` on ``device`` (made once), of the highest priority or the default one."""
+    import torch
+    name = (device, key, high)
+    if name not in _STREAMS:
+        _STREAMS[name] = torch.cuda.Stream(device, priority=-1 if high else 0)
+    return _STREAMS[name]
 
 
 def interpreting() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._host import side_stream
 from .combine import add_at_rows_
 from .rope import apply_rope, rope_cos_sin
 
@@ -51,18 +52,38 @@ class _SharedInputLinear(torch.autograd.Function):
         xc, wc = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         dy2 = dy.reshape(-1, dy.shape[-1]).to(wc.dtype)
-        dx = dw = None
-        if ctx.needs_input_grad[1]:
-            dw = dy2.t().mm(xc.reshape(-1, xc.shape[-1])).to(w_dtype)
+        dx = dw = join = None
         if ctx.needs_input_grad[0]:
             if dx_other is None:
                 dx = dy2.mm(wc).to(x_dtype)
             elif ctx.rows is not None and dx_other.dtype == wc.dtype:
-                dx = add_at_rows_(dy2.mm(wc).view(xc.shape), dx_other.contiguous(), ctx.rows)
+                # the masked sum needs only this product: on CUDA it runs on a side stream beside the weight
+                # gradient's product that follows
+                dx = dy2.mm(wc).view(xc.shape)
+                join = _beside(add_at_rows_, dx, dx_other.contiguous(), ctx.rows) if dx.is_cuda else None
+                if join is None:
+                    add_at_rows_(dx, dx_other.contiguous(), ctx.rows)
             else:
                 dx = _addmm(dx_other.reshape(-1, dx_other.shape[-1]), dy2, wc)
             dx = dx.view(xc.shape)
+        if ctx.needs_input_grad[1]:
+            dw = dy2.t().mm(xc.reshape(-1, xc.shape[-1])).to(w_dtype)
+        if join is not None:
+            join()
         return dx, dw, None
+
+
+def _beside(fn, *tensors):
+    """Launch ``fn(*tensors)`` on a side stream after the work queued so far on the current one; returns the
+    function that makes the current stream wait for it (call it after queueing the work to overlap)."""
+    main = torch.cuda.current_stream(tensors[0].device)
+    side = side_stream(tensors[0].device, "beside")
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        fn(*tensors)
+    for t in tensors:  # made on the current stream, used on the side one
+        t.record_stream(side)
+    return lambda: main.wait_stream(side)
 
 
 def _addmm(c, a, b):
@@ -91,7 +112,7 @@ def linear_sharing_input(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | 
     ``rows``: a bool mask over x's tokens outside which the other readers' gradient is zero (the fused MoSA
     op's: only kept tokens get one), which the caller may fill in after this call, before the backward.
     Where that gradient has the product's dtype, the backward then adds it at those rows only
-    (``combine.add_at_rows_``) after a plain product."""
+    (``combine.add_at_rows_``) after a plain product, on CUDA on a side stream beside the weight gradient."""
     return _SharedInputLinear.apply(x, w, rows)
 
 
