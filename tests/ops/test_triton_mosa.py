@@ -364,6 +364,23 @@ def test_layer_rejects_bad_deterministic():
         FixedSparseAttention(32, 2, 4, deterministic=1)
 
 
+def test_router_fused_marks_the_kept_rows():
+    # mark_rows: the [B, T] mask of tokens some head kept (a hybrid's masked sums read it), set by the op
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    torch.manual_seed(3)
+    x = torch.randn(2, 21, 32, device=DEVICE)
+    wr, wq, wo = torch.randn(3, 32, device=DEVICE), torch.randn(3, 32, 96, device=DEVICE), torch.randn(3, 32, 32, device=DEVICE)
+    rows = torch.zeros(2, 21, dtype=torch.bool, device=DEVICE)
+    y, kept, idx = mosa_triton(x, wr, wq, wo, 4, False, 16, mark_rows=rows)
+    want = torch.zeros_like(rows)
+    want.scatter_(1, idx.reshape(2, -1), True)
+    assert torch.equal(rows, want) and 4 <= int(rows[0].sum()) <= 12
+    with pytest.raises(ValueError, match="mark_rows"):
+        mosa_triton(x, wr, wq, wo, 4, False, 16, mark_rows=torch.zeros(2, 20, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="mark_rows"):
+        mosa_triton(x, wr, wq, wo, 4, False, 16, mark_rows=rows.float())
+
+
 def test_router_fused_bad_input():
     from mosa_attention.ops.triton_mosa import mosa_triton
     x = torch.randn(1, 10, 32, device=DEVICE)

@@ -142,12 +142,13 @@ class MoSAAttention(nn.Module):
         aux = self.router_aux and self.training and torch.is_grad_enabled()
         return self.routing == "topk" and not aux and fused_topk_available(x, self.backend)
 
-    def _mosa_heads(self, x: torch.Tensor):
-        """(y of the MoSA heads, selection)."""
+    def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None):
+        """(y of the MoSA heads, selection); the kept tokens marked in ``rows`` (only given on the fused
+        path, see ``_kept_rows``)."""
         if self._fused(x):
             return mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
                                    include_first=self.include_first, rope_dims=self.rope_dims,
-                                   rope_base=self.rope_base, deterministic=self.deterministic)
+                                   rope_base=self.rope_base, deterministic=self.deterministic, mark_rows=rows)
         selection = self.select(x)
         y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
                              rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
@@ -191,13 +192,6 @@ class MoSAAttention(nn.Module):
             return y_mosa + y_dense
         return add_at_rows(y_dense, y_mosa, rows)
 
-    @staticmethod
-    def _mark(rows, selection):
-        """Mark in ``rows`` the tokens the selection keeps."""
-        if rows is not None:
-            idx = selection[1]
-            rows.scatter_(1, idx.reshape(idx.shape[0], -1), True)
-
     def _streams(self, x: torch.Tensor):
         """(the MoSA heads' stream, the dense heads' stream) of a hybrid whose MoSA heads run beside its dense
         heads (``PARALLEL_HEADS``), or None: not CUDA, not a hybrid, under torch.compile (which orders the
@@ -229,8 +223,7 @@ class MoSAAttention(nn.Module):
                 if not MOSA_HEADS_FIRST:
                     y_dense = self._dense_heads(x, qkv)
             with torch.cuda.stream(side):
-                y, selection = self._mosa_heads(x_mosa)
-                self._mark(rows, selection)
+                y, selection = self._mosa_heads(x_mosa, rows)
             if MOSA_HEADS_FIRST:
                 with torch.cuda.stream(dense):
                     y_dense = self._dense_heads(x, qkv)
@@ -249,8 +242,7 @@ class MoSAAttention(nn.Module):
         else:
             rows = self._kept_rows(x)
             qkv, x_mosa = self._share_input(x, rows)
-            y, selection = self._mosa_heads(x_mosa) if self.num_mosa_heads else (0, None)
-            self._mark(rows, selection)
+            y, selection = self._mosa_heads(x_mosa, rows) if self.num_mosa_heads else (0, None)
             if self.dense is not None:
                 y = self._sum(y, self._dense_heads(x, qkv), rows)
         return (y, selection) if return_selection else y

@@ -52,38 +52,41 @@ class _SharedInputLinear(torch.autograd.Function):
         xc, wc = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         dy2 = dy.reshape(-1, dy.shape[-1]).to(wc.dtype)
-        dx = dw = join = None
+        dx = dw = after_dx = None
+        masked = ctx.needs_input_grad[0] and dx_other is not None and ctx.rows is not None \
+            and dx_other.dtype == wc.dtype
         if ctx.needs_input_grad[0]:
             if dx_other is None:
                 dx = dy2.mm(wc).to(x_dtype)
-            elif ctx.rows is not None and dx_other.dtype == wc.dtype:
-                # the masked sum needs only this product: on CUDA it runs on a side stream beside the weight
-                # gradient's product that follows
+            elif masked:
                 dx = dy2.mm(wc).view(xc.shape)
-                join = _beside(add_at_rows_, dx, dx_other.contiguous(), ctx.rows) if dx.is_cuda else None
-                if join is None:
-                    add_at_rows_(dx, dx_other.contiguous(), ctx.rows)
+                after_dx = torch.cuda.current_stream(dx.device).record_event() if dx.is_cuda else None
             else:
                 dx = _addmm(dx_other.reshape(-1, dx_other.shape[-1]), dy2, wc)
             dx = dx.view(xc.shape)
         if ctx.needs_input_grad[1]:
             dw = dy2.t().mm(xc.reshape(-1, xc.shape[-1])).to(w_dtype)
-        if join is not None:
-            join()
+        if masked:
+            # the masked sum needs only the input-gradient product: on CUDA it runs on a side stream beside
+            # the weight-gradient product, launched after it so that the product's tiles are placed first
+            _beside(after_dx, add_at_rows_, dx, dx_other.contiguous(), ctx.rows)
         return dx, dw, None
 
 
-def _beside(fn, *tensors):
-    """Launch ``fn(*tensors)`` on a side stream after the work queued so far on the current one; returns the
-    function that makes the current stream wait for it (call it after queueing the work to overlap)."""
+def _beside(after, fn, *tensors):
+    """``fn(*tensors)``: with a CUDA event ``after``, on a side stream once the current stream has reached
+    it, with the current stream then waiting for the side one (the work queued in between overlaps)."""
+    if after is None:
+        fn(*tensors)
+        return
     main = torch.cuda.current_stream(tensors[0].device)
     side = side_stream(tensors[0].device, "beside")
-    side.wait_stream(main)
+    side.wait_event(after)
     with torch.cuda.stream(side):
         fn(*tensors)
     for t in tensors:  # made on the current stream, used on the side one
         t.record_stream(side)
-    return lambda: main.wait_stream(side)
+    main.wait_stream(side)
 
 
 def _addmm(c, a, b):

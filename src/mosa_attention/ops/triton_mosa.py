@@ -1055,9 +1055,10 @@ class _EagerRouted(torch.autograd.Function):
     the weight-gradient kernel), so no [B, T, E] gradient, no router GEMMs and no add of two dx exist."""
 
     @staticmethod
-    def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, cdt):
+    def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, cdt,
+                mark_rows=None):
         y, kept, idx, *saved = _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
-                                                deterministic, cdt)
+                                                deterministic, cdt, mark_rows)
         ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.mark_non_differentiable(kept, idx)
@@ -1067,16 +1068,19 @@ class _EagerRouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _kept, _idx):
         if dy is None:  # y took no part in the loss (grads are not materialised)
-            return (None,) * 10
+            return (None,) * 11
         *saved, w_router = ctx.saved_tensors
         dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router)
-        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None
+        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
-                     deterministic: bool, cdt: torch.dtype):
-    """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward."""
+                     deterministic: bool, cdt: torch.dtype, mark_rows=None):
+    """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward. ``mark_rows``:
+    a [B, T] bool tensor in which the kept tokens are set to True as soon as they are known."""
     idx, kept = _route(x, w_router, k, include_first, cdt)
+    if mark_rows is not None:
+        mark_rows.scatter_(1, idx.view(idx.shape[0], -1), True)
     y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt)
     return y, kept, idx, qkv, o, lse, perm, starts
 
@@ -1155,13 +1159,14 @@ _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_c
 
 
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0,
-                deterministic: bool | None = None):
+                deterministic: bool | None = None, mark_rows: torch.Tensor | None = None):
     """MoSA heads with top-k routing fused in: router GEMM, the fused top-k kernel and ``sparse_attention``'s
     kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k] float32,
     positions [B, E, k] ascending); the last two carry no gradient. Same math as
     ``sparse_attention_reference(x, *select_topk(sigmoid(x w_r^T)), ...)``; differentiable in x and the
     three weights. Under torch.compile it is one custom op (forward and backward), like the others.
-    ``deterministic``: see ``sparse_attention_triton``."""
+    ``deterministic``: see ``sparse_attention_triton``. ``mark_rows``: a [B, T] bool tensor in which every
+    kept token is set to True (right after the selection, before the attention kernels run)."""
     cdt, (w_router, w_qkv, w_o), mixed = _compute_dtype(x, w_router, w_qkv, w_o)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
@@ -1179,9 +1184,16 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     x, w_router, w_qkv, w_o = (t.contiguous() for t in (x, w_router, w_qkv, w_o))
     args = (x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base),
             use_rows(deterministic, E * B * k, B * T), cdt)
+    if mark_rows is not None and (mark_rows.dtype != torch.bool or tuple(mark_rows.shape) != (B, T)
+                                  or mark_rows.device != x.device):
+        raise ValueError(f"mark_rows must be a bool tensor [B={B}, T={T}] on {x.device}, got "
+                         f"{tuple(mark_rows.shape)} {mark_rows.dtype} on {mark_rows.device}")
     if torch.compiler.is_compiling():
-        return _routed_fwd_op(*args)[:3]
-    return _EagerRouted.apply(*args)
+        y, kept, idx = _routed_fwd_op(*args)[:3]
+        if mark_rows is not None:
+            mark_rows.scatter_(1, idx.view(B, -1), True)
+        return y, kept, idx
+    return _EagerRouted.apply(*args, mark_rows)
 
 
 # --------------------------------------------------------------------------------------------- entry point
