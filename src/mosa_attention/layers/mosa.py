@@ -32,7 +32,8 @@ PARALLEL_HEADS = True
 SHARED_INPUT_GRAD = None
 # Which heads of a two-stream hybrid are launched first. The MoSA heads first (True, as measured) put their
 # router GEMM ahead of the dense heads' QKV product, whose SMs it then holds for ~9 us at t2 on an H200
-# (benchmarks/NOTES.md v8.3); False launches the dense heads first. Not yet timed on a card.
+# (benchmarks/NOTES.md v8.3); False launches the dense heads first, which was slower (t2 bf16 0.349 -> 0.371
+# ms, H200): the MoSA heads' forward chain then ends after the dense heads' (NOTES.md v9.0).
 MOSA_HEADS_FIRST = True
 # A hybrid on the fused MoSA op sums its two parts (y, and x's gradient) only at the tokens some MoSA head
 # kept (``ops.add_at_rows``): the fused op's output and its share of x's gradient are zero elsewhere. True:
@@ -45,7 +46,8 @@ MASKED_MAX_KEPT = 0.5
 # Which part of a two-stream hybrid runs on a higher-priority CUDA stream, so that the block scheduler hands
 # SMs that come free to its kernels first: "dense" (the dense heads get a stream of their own; the critical
 # path of a perplexity-matched hybrid such as t2), "mosa" (the MoSA heads' stream; the critical path of a
-# FLOP-matched one such as t3) or None (equal priorities). Not yet timed on a card (benchmarks/NOTES.md v9.0).
+# FLOP-matched one such as t3) or None (equal priorities). Neither changed a time on an H200 (t2 0.348 /
+# 0.349 against 0.349 ms, t3 "mosa" 1.037 against 1.031; benchmarks/NOTES.md v9.0).
 STREAM_PRIORITY = None
 
 

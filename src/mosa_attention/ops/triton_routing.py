@@ -114,8 +114,9 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
 TILE_OVERRIDE = None
 # The k-th key by 256-bin histograms, eight bits per pass (``_kth_key_radix``: 2 passes for bfloat16
 # scores, 3 for float16; float32 keys keep the bit passes: four histogram passes spilled on one warp),
-# instead of one counting pass per bit. Off until timed on a card (benchmarks/NOTES.md v8.7): the bit
-# passes are register work and warp shuffles, the histograms go through shared-memory atomics.
+# instead of one counting pass per bit. Correct on an H200 but slower there (t3's top-k 0.110 -> 0.194 ms,
+# T = 16384 0.054 -> 0.067; benchmarks/NOTES.md v9.0): the bit passes are register work and warp shuffles,
+# the histograms go through shared-memory atomics. Off.
 RADIX_SELECT = False
 
 
