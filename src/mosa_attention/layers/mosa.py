@@ -6,8 +6,8 @@ import math
 import torch
 from torch import nn
 
-from ..ops._host import side_stream
 from ..ops import add_at_rows, linear_sharing_input, num_selected, rope_dims_for, select_topk, sparse_attention
+from ..ops._host import side_stream
 from ..ops.mosa import fused_topk_available, mosa_topk_fused
 from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
 from ._checks import check_input, check_optional_bool, check_positive_int
