@@ -557,9 +557,8 @@ def check_streams(out):
     product (``SHARED_INPUT_GRAD = True``, x's two gradients summed in its epilogue) where the default
     (None) lets autograd sum them, and the row ``"unshared"`` the other way round; ``"dense-first"``: two
     streams with the dense heads launched first (``MOSA_HEADS_FIRST = False``); ``"masked"``: two streams,
-    the hybrid's sums at the kept tokens only (``MASKED_SUMS``), eager and graphed; ``"prio-dense"`` /
-    ``"prio-mosa"``: that part on a high-priority stream (``STREAM_PRIORITY``; the dense heads on a third
-    stream), eager and graphed."""
+    the hybrid's sums at the kept tokens only (``MASKED_SUMS = True``, also where the rule would not take
+    them), eager and graphed."""
     import mosa_attention.layers.mosa as layer_module
     ok, rows = True, []
     for E, rho, mode in ((17, 32, "bf16"), (505, 64, "bf16"), (17, 32, "autocast")):
@@ -573,10 +572,8 @@ def check_streams(out):
         got = {}
         for parallel, graphed in ((False, False), ("again", False), ("shared", False), ("unshared", False),
                                   (True, False), ("dense-first", False), ("masked", False), ("masked", True),
-                                  ("prio-dense", False), ("prio-dense", True), ("prio-mosa", True),
                                   (False, True), (True, True)):
-            layer_module.PARALLEL_HEADS = parallel in (True, "dense-first", "masked", "prio-dense", "prio-mosa")
-            layer_module.STREAM_PRIORITY = {"prio-dense": "dense", "prio-mosa": "mosa"}.get(parallel)
+            layer_module.PARALLEL_HEADS = parallel in (True, "dense-first", "masked")
             layer_module.MASKED_SUMS = parallel == "masked"
             layer_module.MOSA_HEADS_FIRST = parallel != "dense-first"
             layer_module.SHARED_INPUT_GRAD = {"shared": True, "unshared": False}.get(parallel)
@@ -598,7 +595,7 @@ def check_streams(out):
             torch.cuda.synchronize()
             got[(parallel, graphed)] = [p.grad.clone() for p in params]
         layer_module.PARALLEL_HEADS, layer_module.SHARED_INPUT_GRAD, layer_module.MOSA_HEADS_FIRST = True, None, True
-        layer_module.MASKED_SUMS, layer_module.STREAM_PRIORITY = None, None
+        layer_module.MASKED_SUMS = None
         ref = got[(False, False)]
         for key, val in got.items():
             if val is None:
@@ -856,15 +853,11 @@ def main():
     ap.add_argument("--shared-input", default="auto", choices=("auto", "on", "off"),
                     help="a hybrid's MoSA heads read x through the dense heads' QKV product (x's two gradients "
                          "summed in its epilogue): auto (under autocast over wider x), on, off (before v8.1)")
-    ap.add_argument("--radix-topk", action="store_true",
-                    help="top-k's k-th key from 256-bin histograms (16-bit scores) instead of one pass per bit")
     ap.add_argument("--masked-sums", default="auto", choices=("auto", "on", "off"),
                     help="a hybrid on the fused op sums y and x's gradient at the kept tokens only: auto (where "
                          "the heads keep at most half of the tokens, MASKED_SUMS = None), on, off (before v9.0)")
     ap.add_argument("--dense-first", action="store_true",
                     help="a two-stream hybrid launches its dense heads before its MoSA heads")
-    ap.add_argument("--priority", default=None, choices=("dense", "mosa"),
-                    help="a two-stream hybrid runs this part on a high-priority CUDA stream (STREAM_PRIORITY)")
     ap.add_argument("--attn-bwd-split", action="store_true",
                     help="attention backward as two kernels (dk/dv, dq) also for short sequences (before v8.0)")
     ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
@@ -908,9 +901,6 @@ def main():
     _lm.SHARED_INPUT_GRAD = {"auto": None, "on": True, "off": False}[args.shared_input]
     _lm.MOSA_HEADS_FIRST = not args.dense_first
     _lm.MASKED_SUMS = {"auto": None, "on": True, "off": False}[args.masked_sums]
-    _lm.STREAM_PRIORITY = args.priority
-    from mosa_attention.ops import triton_routing as _tr
-    _tr.RADIX_SELECT = args.radix_topk
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -921,7 +911,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "stream_priority": args.priority, "radix_topk": args.radix_topk, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

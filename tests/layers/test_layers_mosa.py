@@ -250,22 +250,18 @@ def test_hybrid_heads_share_one_stream_off_cuda_and_under_compile(monkeypatch):
     import mosa_attention.layers.mosa as layer_module
     hybrid = MoSAAttention(32, 2, 4, head_dim=16, num_dense_heads=1)
     x = torch.randn(1, 8, 32)
-    assert hybrid._streams(x) is None
-    assert MoSAAttention(32, 2, 4, head_dim=16)._streams(x) is None
+    assert hybrid._side_stream(x) is None
+    assert MoSAAttention(32, 2, 4, head_dim=16)._side_stream(x) is None
     # a stand-in for a CUDA tensor: the answer is None before any stream would be made
     on_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
     monkeypatch.setattr(layer_module, "PARALLEL_HEADS", False)
-    assert hybrid._streams(on_cuda) is None
+    assert hybrid._side_stream(on_cuda) is None
     monkeypatch.setattr(layer_module, "PARALLEL_HEADS", True)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert hybrid._streams(on_cuda) is None
+    assert hybrid._side_stream(on_cuda) is None
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # DDP / FSDP runs: one stream
-    assert hybrid._streams(on_cuda) is None
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(layer_module, "STREAM_PRIORITY", "fast")  # checked before any stream is made
-    with pytest.raises(ValueError, match="STREAM_PRIORITY.*'fast'"):
-        hybrid._streams(on_cuda)
+    assert hybrid._side_stream(on_cuda) is None
 
 
 @pytest.mark.parametrize("kind", ["dense", "local"])

@@ -121,20 +121,19 @@ def test_route_logits_reads_router_output_and_writes_scores(B, T, E, k, include_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("include_first", [False, True])
-def test_radix_select_matches_the_bit_passes_and_torch(monkeypatch, dtype, include_first):
-    # RADIX_SELECT (off by default): the k-th key from 256-bin histograms, eight bits per pass; same positions
-    # as the one-bit passes, and the same kept scores as torch.topk, ties and all
+def test_topk_with_ties_keeps_a_top_k_multiset(dtype, include_first):
+    # ties at the k-th score: positions ascending and unique, and the kept scores the same multiset as
+    # torch.topk's, in every dtype (16-bit keys search fewer bits)
     from mosa_attention.ops import triton_routing
     torch.manual_seed(3)
     for B, E, T, k in ((2, 3, 100, 7), (1, 2, 40, 40), (2, 4, 300, 1), (1, 1, 2, 2), (1, 3, 1000, 250)):
         s = torch.randn(B, E, T, device=DEVICE).to(dtype)
         if T > 9:
             s[0, 0, 5:9] = s[0, 0, 4]  # ties
-        monkeypatch.setattr(triton_routing, "RADIX_SELECT", False)
-        bits = triton_routing.topk_positions_triton(s, k, include_first)
-        monkeypatch.setattr(triton_routing, "RADIX_SELECT", True)
-        radix = triton_routing.topk_positions_triton(s, k, include_first)
-        assert torch.equal(radix, bits), (B, E, T, k)
+        got = triton_routing.topk_positions_triton(s, k, include_first)
+        assert k == 1 or bool((got.diff(dim=-1) > 0).all()), (B, E, T, k)
         ref = torch.topk(s.float(), k, dim=-1).values.sort(-1).values
         if not include_first:
-            torch.testing.assert_close(s.float().gather(-1, radix).sort(-1).values, ref, rtol=0, atol=0)
+            torch.testing.assert_close(s.float().gather(-1, got).sort(-1).values, ref, rtol=0, atol=0)
+        else:
+            assert bool((got[..., 0] == 0).all())

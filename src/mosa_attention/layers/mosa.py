@@ -43,12 +43,6 @@ MOSA_HEADS_FIRST = True
 # (benchmarks/NOTES.md v9.0).
 MASKED_SUMS = None
 MASKED_MAX_KEPT = 0.5
-# Which part of a two-stream hybrid runs on a higher-priority CUDA stream, so that the block scheduler hands
-# SMs that come free to its kernels first: "dense" (the dense heads get a stream of their own; the critical
-# path of a perplexity-matched hybrid such as t2), "mosa" (the MoSA heads' stream; the critical path of a
-# FLOP-matched one such as t3) or None (equal priorities). Neither changed a time on an H200 (t2 0.348 /
-# 0.349 against 0.349 ms, t3 "mosa" 1.037 against 1.031; benchmarks/NOTES.md v9.0).
-STREAM_PRIORITY = None
 
 
 class MoSAAttention(nn.Module):
@@ -189,57 +183,44 @@ class MoSAAttention(nn.Module):
 
     @staticmethod
     def _sum(y_mosa, y_dense, rows):
-        """y_mosa + y_dense; with ``rows`` (marked by ``_mark``), at those rows only, in y_dense's memory."""
+        """y_mosa + y_dense; with ``rows`` (marked by the fused op), at those rows only, in y_dense's memory."""
         if rows is None:
             return y_mosa + y_dense
         return add_at_rows(y_dense, y_mosa, rows)
 
-    def _streams(self, x: torch.Tensor):
-        """(the MoSA heads' stream, the dense heads' stream) of a hybrid whose MoSA heads run beside its dense
-        heads (``PARALLEL_HEADS``), or None: not CUDA, not a hybrid, under torch.compile (which orders the
-        graph itself) or in a distributed run. The dense heads' stream is the current one unless
-        ``STREAM_PRIORITY`` is "dense"."""
+    def _side_stream(self, x: torch.Tensor):
+        """The stream the MoSA heads of a hybrid run on beside the dense heads (``PARALLEL_HEADS``), or None:
+        not CUDA, not a hybrid, under torch.compile (which orders the graph itself) or in a distributed run.
+        (A high-priority stream for either part changed no time on an H200: benchmarks/NOTES.md v9.0.)"""
         if not (PARALLEL_HEADS and x.is_cuda and self.num_mosa_heads and self.dense is not None):
             return None
         if torch.compiler.is_compiling():
             return None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return None
-        if STREAM_PRIORITY not in (None, "dense", "mosa"):
-            raise ValueError(f'STREAM_PRIORITY must be None, "dense" or "mosa", got {STREAM_PRIORITY!r}')
-        mosa = side_stream(x.device, "mosa heads", high=STREAM_PRIORITY == "mosa")
-        dense = side_stream(x.device, "dense heads", high=True) if STREAM_PRIORITY == "dense" else None
-        return mosa, dense or torch.cuda.current_stream(x.device)
+        return side_stream(x.device, "mosa heads")
 
     def forward(self, x: torch.Tensor, return_selection: bool = False):
         check_input(x, self.d_model)
-        streams = self._streams(x)
-        if streams is not None:
-            side, dense = streams
+        side = self._side_stream(x)
+        if side is not None:
             main = torch.cuda.current_stream(x.device)
             rows = self._kept_rows(x)
             side.wait_stream(main)
-            dense.wait_stream(main)
-            with torch.cuda.stream(dense):
-                qkv, x_mosa = self._share_input(x, rows)  # (after the wait: the MoSA heads need x, not this product)
-                if not MOSA_HEADS_FIRST:
-                    y_dense = self._dense_heads(x, qkv)
+            qkv, x_mosa = self._share_input(x, rows)  # (after the wait: the MoSA heads need x, not this product)
+            if not MOSA_HEADS_FIRST:
+                y_dense = self._dense_heads(x, qkv)
             with torch.cuda.stream(side):
                 y, selection = self._mosa_heads(x_mosa, rows)
             if MOSA_HEADS_FIRST:
-                with torch.cuda.stream(dense):
-                    y_dense = self._dense_heads(x, qkv)
+                y_dense = self._dense_heads(x, qkv)
             main.wait_stream(side)
-            main.wait_stream(dense)
-            # memory handed between the streams: x is read on the side streams, their results used on this one
-            for s in {side, dense} - {main}:
-                x.record_stream(s)
-                if rows is not None:
-                    rows.record_stream(s)
+            # memory handed between the streams: x is read on the side stream, its results used on this one
+            x.record_stream(side)
+            if rows is not None:
+                rows.record_stream(side)
             for t in (y, *selection, *([self.aux_loss] if self.aux_loss is not None else [])):
                 t.record_stream(main)
-            if dense != main:
-                y_dense.record_stream(main)
             y = self._sum(y, y_dense, rows)
         else:
             rows = self._kept_rows(x)

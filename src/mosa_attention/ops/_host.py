@@ -10,13 +10,12 @@ import os
 _STREAMS: dict = {}
 
 
-def side_stream(device, key: str = "side", high: bool = False):
-    """The CUDA stream named ``key`` on ``device`` (made once), of the highest priority or the default one."""
+def side_stream(device, key: str = "side"):
+    """The CUDA stream named ``key`` on ``device`` (made once)."""
     import torch
-    name = (device, key, high)
-    if name not in _STREAMS:
-        _STREAMS[name] = torch.cuda.Stream(device, priority=-1 if high else 0)
-    return _STREAMS[name]
+    if (device, key) not in _STREAMS:
+        _STREAMS[device, key] = torch.cuda.Stream(device)
+    return _STREAMS[device, key]
 
 
 def interpreting() -> bool:

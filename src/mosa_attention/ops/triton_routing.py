@@ -34,34 +34,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _kth_key_radix(key, live, k, KEY_BITS: tl.constexpr):
-    """The k-th largest of the live keys (KEY_BITS-bit unsigned) of one row, eight bits per pass from the
-    top: a 256-bin histogram of the next digit among the keys that match the digits found so far, and the
-    largest digit that at least the still-needed count of keys reach (ceil(KEY_BITS / 8) passes, against
-    KEY_BITS one-bit counting passes)."""
-    bins = tl.arange(0, 256)
-    prefix = tl.zeros([], dtype=tl.uint32)
-    need = k
-    for p in tl.static_range((KEY_BITS + 7) // 8):
-        top = KEY_BITS - 8 * p  # (constexprs: bits above `top` are fixed, this pass finds those from `shift`)
-        shift = (top - 8) * (top > 8)
-        if p == 0:
-            match = live
-        else:
-            match = live & ((key >> top) == prefix)
-        digit = ((key >> shift) & ((1 << (top - shift)) - 1)).to(tl.int32)
-        hist = tl.histogram(digit, 256, mask=match)
-        reach = tl.cumsum(hist, 0, reverse=True)  # keys (among the matching) with a digit >= bin
-        d = tl.max(tl.where(reach >= need, bins, 0), 0)
-        need = need - tl.sum(tl.where(bins > d, hist, 0), 0)
-        prefix = (prefix << (top - shift)) | d.to(tl.uint32)
-    return prefix
-
-
-@triton.jit
 def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e,
                  INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                 KEY_BITS: tl.constexpr = 32, RADIX: tl.constexpr = False):
+                 KEY_BITS: tl.constexpr = 32):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     pos = tl.arange(0, BT)
@@ -76,17 +51,14 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
     # float16): keep those, so the search below takes KEY_BITS passes instead of 32
     key = tl.where(inside, key >> (32 - KEY_BITS), 0)
 
-    if RADIX:  # (one column per program) eight bits per pass, from histograms
-        prefix = _kth_key_radix(tl.reshape(key, [BT]), tl.reshape(inside, [BT]), k, KEY_BITS)
-        prefix = tl.zeros([BE], dtype=tl.uint32) + prefix
-    else:
-        # the k-th largest key per column, from the top bit down: keep a bit when >= k keys reach the prefix
-        prefix = tl.zeros([BE], dtype=tl.uint32)
-        one = tl.full([BE], 1, dtype=tl.uint32)
-        for i in range(KEY_BITS):
-            cand = prefix | (one << (KEY_BITS - 1 - i))
-            reach = tl.sum((key >= cand[None, :]).to(tl.int32), axis=0)  # outside keys are 0 < every cand
-            prefix = tl.where(reach >= k, cand, prefix)
+    # the k-th largest key per column, from the top bit down: keep a bit when >= k keys reach the prefix
+    # (a 256-bin histogram per eight bits instead was slower on an H200: benchmarks/NOTES.md v9.0)
+    prefix = tl.zeros([BE], dtype=tl.uint32)
+    one = tl.full([BE], 1, dtype=tl.uint32)
+    for i in range(KEY_BITS):
+        cand = prefix | (one << (KEY_BITS - 1 - i))
+        reach = tl.sum((key >= cand[None, :]).to(tl.int32), axis=0)  # outside keys are 0 < every cand
+        prefix = tl.where(reach >= k, cand, prefix)
 
     above = inside & (key > prefix[None, :])
     need = k - tl.sum(above.to(tl.int32), axis=0)  # keys equal to the k-th that are kept
@@ -112,12 +84,6 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
 
 # (BE columns per program, num_warps) override, for tuning only (benchmarks/bench_layer.py); None in normal use
 TILE_OVERRIDE = None
-# The k-th key by 256-bin histograms, eight bits per pass (``_kth_key_radix``: 2 passes for bfloat16
-# scores, 3 for float16; float32 keys keep the bit passes: four histogram passes spilled on one warp),
-# instead of one counting pass per bit. Correct on an H200 but slower there (t3's top-k 0.110 -> 0.194 ms,
-# T = 16384 0.054 -> 0.067; benchmarks/NOTES.md v9.0): the bit passes are register work and warp shuffles,
-# the histograms go through shared-memory atomics. Off.
-RADIX_SELECT = False
 
 
 def _tiles(T: int, rows: int):
@@ -147,7 +113,7 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
         _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
                                               SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits,
-                                              RADIX=RADIX_SELECT and BE == 1 and bits <= 19, num_warps=warps)
+                                              num_warps=warps)
     return idx, (kept if sigmoid else None)
 
 
