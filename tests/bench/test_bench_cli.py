@@ -83,3 +83,38 @@ def test_median_ms_is_the_median_and_stops_at_max_s():
     calls.clear()
     median_ms(slow, 1000, cuda=False, max_s=0.1)
     assert 5 <= len(calls) < 20  # stopped once 0.1 s had passed, after at least five calls
+
+
+SWEEP = [a for a in SMALL if a not in ("--seq-len", "24", "--sparsity", "4")]
+
+
+def test_bench_sweeps_every_combination_and_plots_time_against_the_swept_setting(tmp_path, capsys):
+    out, png = tmp_path / "sweep.json", tmp_path / "plots" / "t.png"
+    assert main(["bench", *SWEEP, "--seq-len", "16,32", "--sparsity", "4", "--json", str(out), "--plot", str(png)]) == 0
+    res = json.loads(out.read_text())
+    assert res["sweep"] == {"seq_len": [16, 32]}
+    assert [(r["config"]["seq_len"], r["config"]["k"]) for r in res["runs"]] == [(16, 4), (32, 8)]
+    for run in res["runs"]:
+        best = {(r["layer"], r["step"]): r["best_ms"] for r in run["results"]}
+        assert run["mosa_over_dense"]["fwd"] == pytest.approx(best[("mosa", "fwd")] / best[("dense", "fwd")])
+    assert png.read_bytes()[:4] == b"\x89PNG" and sorted(p.name for p in png.parent.iterdir()) == ["t.png"]
+    printed = capsys.readouterr().out
+    assert printed.count("\n    16 ") == 1 and printed.count("\n    32 ") == 1
+    # two swept settings: their product, T outermost
+    assert main(["bench", *SWEEP, "--seq-len", "16,32", "--sparsity", "2,4", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["config"]["seq_len"], r["config"]["sparsity"]) for r in runs] == [(16, 2), (16, 4), (32, 2), (32, 4)]
+
+
+@pytest.mark.parametrize("args,named", [(["--seq-len", "16,0"], "--seq-len"), (["--sparsity", "4,0.5"], "--sparsity"),
+                                        (["--seq-len", "16", "--plot", "x.png"], "--plot"),
+                                        (["--seq-len", "16,32", "--batch", "1,2", "--plot", "x.png"], "--plot")])
+def test_bench_sweep_rejects_bad_values_and_plots_without_one_swept_setting(args, named, capsys):
+    assert main(["bench", *SWEEP, *args]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_bench_list_arguments_must_parse(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *SWEEP, "--seq-len", "16,x"])
+    assert exc.value.code == 2 and "--seq-len" in capsys.readouterr().err

@@ -1,30 +1,51 @@
-"""``mosa bench``: time one MoSA attention layer against a dense layer on this machine.
+"""``mosa bench``: time a MoSA attention layer against a dense layer on this machine.
 
 Forward + backward (a training step from empty gradients) and forward only, eagerly and, on CUDA, as a
 replayed CUDA graph; peak memory on CUDA. The default is the paper's perplexity-matched tiny layer
 (h = 512, 17 MoSA heads at sparsity 32, T = 1024, batch 16) against 9 dense heads; ``--official PATH`` adds
-the official release's layer (eager only: it reads values back to the host, so it cannot be captured). The
-GPU measurements of issue 3 (all targets, sweeps) are ``benchmarks/bench_layer.py``.
+the official release's layer (eager only: it reads values back to the host, so it cannot be captured).
+``--seq-len``, ``--sparsity``, ``--batch`` and ``--head-dim`` take comma-separated lists: every combination
+is timed (a sweep: one table row each, one JSON, and with one swept setting ``--plot`` draws time against
+it). The GPU measurements of issue 3 (all targets) are ``benchmarks/bench_layer.py``.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import sys
 import time
 
+SWEEPABLE = ("seq_len", "sparsity", "batch", "head_dim")
+
+
+def _list_of(kind):
+    """An argparse type: one value, or a comma-separated list of them (a sweep)."""
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} or a comma-separated list, got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} or a comma-separated list, got {text!r}")
+        return values
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=512, help="model width h (default 512)")
     p.add_argument("--mosa-heads", type=int, default=17, help="MoSA heads (default 17)")
-    p.add_argument("--sparsity", type=float, default=32.0, help="sparsity ρ: each MoSA head keeps T/ρ tokens (default 32)")
+    p.add_argument("--sparsity", type=_list_of(float), default=[32.0],
+                   help="sparsity ρ: each MoSA head keeps T/ρ tokens (default 32; a comma-separated list sweeps)")
     p.add_argument("--hybrid-dense-heads", type=int, default=0, help="dense heads beside the MoSA heads (default 0)")
     p.add_argument("--dense-heads", type=int, default=9, help="heads of the dense layer compared with (default 9)")
-    p.add_argument("--head-dim", type=int, default=64, help="head width (default 64)")
-    p.add_argument("--seq-len", type=int, default=1024, help="sequence length T (default 1024)")
-    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--head-dim", type=_list_of(int), default=[64], help="head width (default 64; a list sweeps)")
+    p.add_argument("--seq-len", type=_list_of(int), default=[1024],
+                   help="sequence length T (default 1024; a list such as 1024,4096,16384 sweeps)")
+    p.add_argument("--batch", type=_list_of(int), default=[16], help="batch size (default 16; a list sweeps)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16-autocast", "bfloat16", "float32"),
                    help="auto: bf16 autocast over float32 parameters on CUDA, float32 on CPU")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="MoSA kernels (default auto)")
@@ -35,6 +56,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--official", metavar="PATH",
                    help="also time the official release's layer: PATH holds its mosa/ package (github piotrpiekos/MoSA)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--plot", metavar="PNG", help="with one swept setting: draw each layer's time against it")
 
 
 class BenchError(ValueError):
@@ -42,14 +64,25 @@ class BenchError(ValueError):
 
 
 def _check(args) -> None:
-    for name in ("d_model", "mosa_heads", "dense_heads", "head_dim", "seq_len", "batch", "iters"):
+    for name in ("d_model", "mosa_heads", "dense_heads", "iters"):
         value = getattr(args, name)
         if value < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("head_dim", "seq_len", "batch"):
+        for value in _values(args, name):
+            if value < 1:
+                raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.hybrid_dense_heads < 0:
         raise BenchError(f"--hybrid-dense-heads must be at least 0, got {args.hybrid_dense_heads}")
-    if not args.sparsity >= 1:
-        raise BenchError(f"--sparsity must be at least 1, got {args.sparsity}")
+    for value in _values(args, "sparsity"):
+        if not value >= 1:
+            raise BenchError(f"--sparsity must be at least 1, got {value}")
+
+
+def _values(args, name) -> list:
+    """The values of a sweepable setting (a list from the command line, or one value set in code)."""
+    value = getattr(args, name)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _setup(args):
@@ -67,7 +100,9 @@ def _setup(args):
 
 
 def measure(args) -> dict:
+    """One configuration (every sweepable setting a single value): the layers' timings and the ratios."""
     _check(args)
+    args = argparse.Namespace(**{**vars(args), **{name: _values(args, name)[0] for name in SWEEPABLE}})
     torch, device, dtype, param_dtype, autocast = _setup(args)
     from ..layers import DenseAttention, MoSAAttention  # noqa: PLC0415
     from ..ops.routing import num_selected  # noqa: PLC0415
@@ -119,12 +154,28 @@ def _fmt(v, pattern):
     return "-" if v is None else pattern % v
 
 
-def run(args) -> int:
-    try:
-        res = measure(args)
-    except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def sweep(args) -> dict:
+    """Every combination of the sweepable settings' values, each measured as by ``measure``."""
+    _check(args)
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    combos = list(itertools.product(*(_values(args, name) for name in SWEEPABLE)))
+    runs = []
+    for combo in tqdm(combos, desc="mosa bench", unit="config", disable=len(combos) == 1, file=sys.stderr):
+        runs.append(measure(argparse.Namespace(**{**vars(args), **dict(zip(SWEEPABLE, combo))})))
+    return {"sweep": {name: _values(args, name) for name in SWEEPABLE if len(_values(args, name)) > 1},
+            "device": runs[0]["device"], "torch": runs[0]["torch"], "python": runs[0]["python"],
+            "date": runs[0]["date"], "runs": runs}
+
+
+def _write_json(res: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, path)  # never a half-written file
+
+
+def _print_one(res: dict) -> None:
     c = res["config"]
     print(f"{res['device']}, torch {res['torch']}, {c['dtype']}: h={c['d_model']}, {c['mosa_heads']} MoSA heads "
           f"(k={c['k']} of T={c['seq_len']}) + {c['hybrid_dense_heads']} dense vs {c['dense_heads']} dense heads, "
@@ -136,9 +187,46 @@ def run(args) -> int:
     print("MoSA / dense (best of eager and graph): " + ", ".join(f"{k} {v:.2f}x" for k, v in res["mosa_over_dense"].items()))
     if "mosa_over_official" in res:
         print("MoSA / official: " + ", ".join(f"{k} {v:.2f}x" for k, v in res["mosa_over_official"].items()))
+
+
+def _print_sweep(res: dict) -> None:
+    c = res["runs"][0]["config"]
+    print(f"{res['device']}, torch {res['torch']}, {c['dtype']}: h={c['d_model']}, {c['mosa_heads']} MoSA heads "
+          f"+ {c['hybrid_dense_heads']} dense vs {c['dense_heads']} dense heads; best of eager and graph, ms")
+    official = "mosa_over_official" in res["runs"][0]
+    head = (f"{'T':>6} {'rho':>6} {'k':>6} {'B':>4} {'D':>4} | {'MoSA f+b':>9} {'dense f+b':>9} {'ratio':>6} | "
+            f"{'MoSA fwd':>9} {'dense fwd':>9} {'ratio':>6}" + (f" | {'vs official f+b':>15}" if official else ""))
+    print(head)
+    for run in res["runs"]:
+        c = run["config"]
+        best = {(r["layer"], r["step"]): r["best_ms"] for r in run["results"]}
+        line = (f"{c['seq_len']:>6} {c['sparsity']:>6g} {c['k']:>6} {c['batch']:>4} {c['head_dim']:>4} | "
+                f"{best['mosa', 'f+b']:>9.3f} {best['dense', 'f+b']:>9.3f} {run['mosa_over_dense']['f+b']:>5.2f}x | "
+                f"{best['mosa', 'fwd']:>9.3f} {best['dense', 'fwd']:>9.3f} {run['mosa_over_dense']['fwd']:>5.2f}x")
+        if official:
+            line += f" | {run['mosa_over_official']['f+b']:>14.2f}x"
+        print(line)
+
+
+def run(args) -> int:
+    try:
+        _check(args)
+        swept = [name for name in SWEEPABLE if len(_values(args, name)) > 1]
+        if args.plot and len(swept) != 1:
+            raise BenchError(f"--plot draws time against one swept setting (a comma-separated list in one of "
+                             f"--seq-len, --sparsity, --batch, --head-dim), got {len(swept)} swept: {swept}")
+        if all(len(_values(args, name)) == 1 for name in SWEEPABLE):
+            res = measure(args)
+            _print_one(res)
+        else:
+            res = sweep(args)
+            _print_sweep(res)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, args.json)  # never a half-written file
+        _write_json(res, args.json)
+    if args.plot:
+        from ..plots.bench import plot_sweep  # noqa: PLC0415
+        print(f"plot: {plot_sweep(res['runs'], next(iter(res['sweep'])), args.plot)}")
     return 0
