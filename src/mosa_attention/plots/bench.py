@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._figure import save_png
 from .curves import PlotError
 
 _LABELS = {"seq_len": "sequence length T", "sparsity": "sparsity ρ", "batch": "batch size B", "head_dim": "head dim"}
@@ -43,11 +44,4 @@ def plot_sweep(runs: list[dict], axis: str, out) -> Path:
     c = runs[0]["config"]
     fig.suptitle(f"{runs[0]['device']}, {c['dtype']}: h={c['d_model']}, {c['mosa_heads']} MoSA heads "
                  f"+ {c['hybrid_dense_heads']} dense vs {c['dense_heads']} dense heads", fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_png(fig, out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ._figure import save_png
+
 
 class PlotError(ValueError):
     pass
@@ -77,11 +79,4 @@ def plot_runs(run_dirs, out, *, x: str = "step", smooth: int = 1, labels=None, t
     ax.set_title(title or "training loss (lines) and validation loss (dots)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_png(fig, out)

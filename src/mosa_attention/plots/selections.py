@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._figure import save_png
+
 
 @torch.no_grad()
 def selections_for_text(model, tokenizer, text: str, device="cpu"):
@@ -58,10 +60,4 @@ def draw_selections(tokens: list[str], panels, out, title: str = "") -> Path:
         ax.tick_params(axis="x", length=0)
     fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=min(1.0, 6 / fig_h), pad=0.01, label="router score of kept tokens")
     fig.suptitle(title or "tokens kept by each MoSA head (grey: not kept)", fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_png(fig, out, tight=False)
