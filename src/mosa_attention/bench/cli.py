@@ -102,6 +102,9 @@ def _setup(args):
 def measure(args) -> dict:
     """One configuration (every sweepable setting a single value): the layers' timings and the ratios."""
     _check(args)
+    swept = [name for name in SWEEPABLE if len(_values(args, name)) > 1]
+    if swept:
+        raise BenchError(f"measure() times one configuration; {swept} hold several values (use sweep())")
     args = argparse.Namespace(**{**vars(args), **{name: _values(args, name)[0] for name in SWEEPABLE}})
     torch, device, dtype, param_dtype, autocast = _setup(args)
     from ..layers import DenseAttention, MoSAAttention  # noqa: PLC0415
