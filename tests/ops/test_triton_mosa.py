@@ -332,6 +332,11 @@ def test_hybrid_sums_at_the_kept_rows_only(monkeypatch, dtype, kind):
     import mosa_attention.layers.mosa as layer_module
     from mosa_attention.layers import MoSAAttention
     torch.manual_seed(5)
+    # the atomic scatter's buffers come full of NaN: rows-only outputs (``ROWS_ONLY``, on with masked sums)
+    # leave the rows of tokens no head kept as they are, so a sum that read one, or a kept row left
+    # uncleared, would show up as NaN
+    monkeypatch.setattr(triton_mosa, "_atomic_buffer",
+                        lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev))
     layer = MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, dense_kind=kind, backend="triton").to(DEVICE)
     layer = layer.to(dtype)
     x = torch.randn(2, 37, 48, device=DEVICE, dtype=dtype)
@@ -354,6 +359,30 @@ def test_hybrid_sums_at_the_kept_rows_only(monkeypatch, dtype, kind):
     one_head = MoSAAttention(48, 1, 4, head_dim=32, num_dense_heads=1, dense_kind=kind, backend="triton")
     assert one_head._kept_rows(x) is not None
     assert MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, backend="torch")._kept_rows(x.cpu()) is None
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_hybrid_router_logits_from_the_dense_product(monkeypatch, masked):
+    # ROUTER_IN_DENSE: where the MoSA heads read x through the dense heads' product, that one GEMM also
+    # makes the router logits; output and every gradient equal the op's own router GEMM
+    import mosa_attention.layers.mosa as layer_module
+    from mosa_attention.layers import MoSAAttention
+    torch.manual_seed(7)
+    monkeypatch.setattr(layer_module, "SHARED_INPUT_GRAD", True)
+    monkeypatch.setattr(layer_module, "MASKED_SUMS", masked)
+    layer = MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=2, backend="triton").to(DEVICE)
+    x = torch.randn(2, 37, 48, device=DEVICE)
+    g = torch.randn_like(x)
+    results = []
+    for in_dense in (True, False):
+        monkeypatch.setattr(layer_module, "ROUTER_IN_DENSE", in_dense)
+        xs = x.clone().requires_grad_()
+        assert layer._router_in_dense(xs, layer._kept_rows(xs)) is in_dense
+        y, (kept, idx) = layer(xs, return_selection=True)
+        results.append((idx, y.detach(), *torch.autograd.grad((y * g).sum(), [xs, *layer.parameters()])))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_layer_rejects_bad_deterministic():
@@ -379,6 +408,68 @@ def test_router_fused_marks_the_kept_rows():
         mosa_triton(x, wr, wq, wo, 4, False, 16, mark_rows=torch.zeros(2, 20, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="mark_rows"):
         mosa_triton(x, wr, wq, wo, 4, False, 16, mark_rows=rows.float())
+    with pytest.raises(ValueError, match="not contiguous"):
+        mosa_triton(x, wr, wq, wo, 4, False, 16, mark_rows=torch.zeros(21, 2, dtype=torch.bool, device=DEVICE).t())
+    with pytest.raises(ValueError, match="rows_only=True needs mark_rows"):
+        mosa_triton(x, wr, wq, wo, 4, False, 16, rows_only=True)
+
+
+def test_router_fused_takes_the_callers_logits():
+    # logits: router logits made by the caller (strided, e.g. columns of a wider product) replace the op's
+    # router GEMM; the selection, y and every gradient (the router's included) are the same
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    torch.manual_seed(6)
+    B, T, h, E = 2, 40, 32, 3
+    x = torch.randn(B, T, h, device=DEVICE)
+    w = [torch.randn(E, h, device=DEVICE), torch.randn(E, h, 96, device=DEVICE) / 6,
+         torch.randn(E, 32, h, device=DEVICE) / 6]
+    wide = x @ torch.cat([torch.randn(7, h, device=DEVICE), w[0]]).t()
+    dy = torch.randn(B, T, h, device=DEVICE)
+    out = []
+    for logits in (None, wide[..., 7:]):
+        xs, ws = x.clone().requires_grad_(), [t.clone().requires_grad_() for t in w]
+        y, kept, idx = mosa_triton(xs, *ws, 9, True, 16, logits=logits)
+        y.backward(dy)
+        out.append((idx, kept, y.detach(), xs.grad, *(t.grad for t in ws)))
+    assert torch.equal(out[0][0], out[1][0])
+    for a, b in zip(out[0][1:], out[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits must be"):
+        mosa_triton(x, *w, 9, True, 16, logits=wide[..., 6:])
+    with pytest.raises(ValueError, match="requires grad"):
+        mosa_triton(x, *w, 9, True, 16, logits=wide[..., 7:].clone().requires_grad_())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_router_fused_rows_only(monkeypatch, dtype):
+    # rows_only: y and x's gradient are written at the marked (kept) rows only, the scatter buffers cleared
+    # there only. Buffers handed over full of NaN: the marked rows must equal the full op's, the others
+    # must be left untouched (still NaN: nothing cleared or wrote them)
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    monkeypatch.setattr(triton_mosa, "_atomic_buffer",
+                        lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev))
+    torch.manual_seed(4)
+    B, T, h, E = 2, 70, 32, 3
+    x = torch.randn(B, T, h, device=DEVICE, dtype=dtype)
+    w = [torch.randn(E, h, device=DEVICE, dtype=dtype), torch.randn(E, h, 96, device=DEVICE, dtype=dtype) / 6,
+         torch.randn(E, 32, h, device=DEVICE, dtype=dtype) / 6]
+    dy = torch.randn(B, T, h, device=DEVICE, dtype=dtype)
+    out = []
+    for rows_only in (False, True):
+        xs, ws = x.clone().requires_grad_(), [t.clone().requires_grad_() for t in w]
+        rows = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+        # 3 heads keep 12 of 70: 0.51 kept rows per token (atomics: above ATOMIC_MIN_ROWS), ~43 % of tokens
+        y, kept, idx = mosa_triton(xs, *ws, 12, False, 16, mark_rows=rows, rows_only=rows_only)
+        y.backward(dy)
+        out.append((rows, y.detach(), xs.grad, *(t.grad for t in ws)))
+    (rows, y, dx, *dw), (rows1, y1, dx1, *dw1) = out
+    assert torch.equal(rows, rows1) and 0 < int(rows.sum()) < B * T
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(y1[rows], y[rows], **tol)
+    torch.testing.assert_close(dx1[rows], dx[rows], **tol)
+    assert torch.isfinite(y[~rows]).all() and torch.isnan(y1[~rows]).all() and torch.isnan(dx1[~rows]).all()
+    for a, b in zip(dw1, dw):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_router_fused_bad_input():

@@ -73,17 +73,20 @@ ALL_KERNELS = textwrap.dedent("""
             if name in cons:
                 sig[name] = "constexpr"
             elif name.endswith("_ptr") or name in ("src0", "src1", "src2"):
-                sig[name] = "*fp32" if name in FP32 else "*i64" if name in I64 else "*bf16"
+                sig[name] = ("*fp32" if name in FP32 else "*i64" if name in I64 else "*u8" if name == "mark_ptr"
+                             else "*bf16")
             else:
                 sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
         return sig
 
     base = dict(D=64, DP=64, PREC="tf32")
     for kern, cons in (
-            (tm._qkv_fwd, dict(base, ROPE=32, BM=128, BK=64, FUSED=True, ZERO=True)),
+            (tm._qkv_fwd, dict(base, ROPE=32, BM=128, BK=64, FUSED=True, ZERO=1)),
+            (tm._qkv_fwd, dict(base, ROPE=32, BM=128, BK=64, FUSED=True, ZERO=2, MARK=True)),
             (tm._attn_fwd, dict(base, BM=64, BN=32, BH=64, BS=128)),
             (tm._segment_sum, dict(BT=16, BH=512)),
-            (tm._out_bwd, dict(base, BM=64, BH=64, DLOGIT=True, ZERO=True, DENSE_DL=True)),
+            (tm._out_bwd, dict(base, BM=64, BH=64, DLOGIT=True, ZERO=1, DENSE_DL=True)),
+            (tm._out_bwd, dict(base, BM=64, BH=64, DLOGIT=True, ZERO=2)),
             (tm._dwo, dict(base, BR=128, BH=128)),
             (tm._attn_bwd_dkdv, dict(base, ROPE=32, BM=64, BN=64, BS=128)),
             (tm._attn_bwd_dq, dict(base, ROPE=32, BM=64, BN=32, BS=128)),
@@ -132,4 +135,4 @@ def test_every_kernel_compiles_for_sm90():
     run = subprocess.run([sys.executable, "-c", ALL_KERNELS], env=dict(os.environ, TRITON_INTERPRET="0"),
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 17, run.stdout
+    assert run.stdout.count("compiled") == 19, run.stdout

@@ -36,6 +36,26 @@ def test_matches_torch_ops(B, T, h, H, D, rope_dims, dtype):
         assert ((a.double() - b).norm() / b.norm()).item() < tol
 
 
+def test_strided_projection_is_read_in_place():
+    # the projection may be the first columns of a wider product (a hybrid's dense q, k, v beside the MoSA
+    # router logits): rows strided over B and T, unit stride along the features
+    B, T, h, H, D = 2, 37, 32, 2, 32
+    x = torch.randn(B, T, h, device=DEVICE)
+    w = torch.randn(3 * H * D + 5, h, device=DEVICE) / h ** 0.5
+    wide = (x @ w.t()).requires_grad_()
+    qkv = wide[..., :3 * H * D]
+    assert not qkv.is_contiguous()
+    got = triton_rope.split_rope_triton(qkv, H, 16, 10000.0)
+    ref = qkv.detach().contiguous().requires_grad_()
+    want = triton_rope.split_rope_triton(ref, H, 16, 10000.0)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    gs = [torch.randn(B, H, T, D, device=DEVICE) for _ in range(3)]
+    torch.autograd.backward(got, gs)
+    torch.autograd.backward(want, gs)
+    assert torch.equal(wide.grad[..., :3 * H * D], ref.grad) and not wide.grad[..., 3 * H * D:].any()
+
+
 @pytest.mark.parametrize("grad_layout", ["head-major", "token-major", "strided"])
 def test_token_major_views_and_gradients_of_any_layout(grad_layout):
     # q, k, v are [B, H, T, D] views of token-major memory (SDPA keeps that layout, so its output reshapes

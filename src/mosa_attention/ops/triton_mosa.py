@@ -250,16 +250,28 @@ def _zero_share(ptr, n, BLOCK: tl.constexpr):
         tl.store(ptr + offs, zeros, mask=offs < n)
 
 
+@triton.jit
+def _zero_rows(ptr, rowoff, live, h, BH: tl.constexpr):
+    """Clear ptr[rowoff[i] : rowoff[i] + h] for the rows i where live: a rows-only scatter's buffer, cleared
+    at the rows the scatter will add into (the rows of the tokens some head keeps) instead of everywhere."""
+    zeros = tl.zeros([rowoff.shape[0], BH], ptr.dtype.element_ty)
+    for c0 in range(0, h, BH):
+        c = c0 + tl.arange(0, BH)
+        tl.store(ptr + rowoff[:, None] + c[None, :], zeros, mask=live[:, None] & (c < h)[None, :])
+
+
 # --------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, zero_ptr, zero_n,
+def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, zero_ptr, zero_n, mark_ptr,
              D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-             PREC: tl.constexpr, FUSED: tl.constexpr, ZERO: tl.constexpr = False):
+             PREC: tl.constexpr, FUSED: tl.constexpr, ZERO: tl.constexpr = 0, MARK: tl.constexpr = False):
     """qkv[part, e, rows] = RoPE(x[b, pos] @ w_qkv[e][:, part*D:(part+1)*D]) for part in q, k, v.
     FUSED: one program makes all three from one load of the gathered rows (grid axis 2 has size 1);
     else one program per part (less register and shared memory for large head dims or fp32).
-    ZERO: also clear zero_ptr[0:zero_n] (the buffer ``_attn_fwd`` adds y into), shared by all programs."""
-    if ZERO:
+    ZERO = 1: also clear zero_ptr[0:zero_n] (the [B, T, h] buffer ``_attn_fwd`` adds y into), shared by all
+    programs; 2: clear only its rows of the kept tokens (rows-only output). MARK: set mark[b, pos] = 1 for
+    the kept tokens (a [B, T] mask)."""
+    if ZERO == 1:
         _zero_share(zero_ptr, zero_n, 1024)
     pid = tl.program_id(0)
     e = tl.program_id(1)
@@ -267,6 +279,12 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, ze
     DT: tl.constexpr = qkv_ptr.dtype.element_ty
     rows = pid * BM + tl.arange(0, BM)
     rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+    if ZERO == 2 or MARK:  # (unfused: the three parts' programs each do it; same values)
+        live = rm & (pos >= 0) & (pos < T)
+        if MARK:
+            tl.store(mark_ptr + b * T + pos, tl.full([BM], 1, tl.uint8), mask=live)
+        if ZERO == 2:
+            _zero_rows(zero_ptr, (b * T + pos).to(tl.int64) * h, live, h, 64)
     xoff = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64) * h
     cols = tl.arange(0, DP)
     cm = cols < D
@@ -393,14 +411,15 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.co
 @triton.jit
 def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K,
              zero_ptr, zero_n, dlf_ptr, dlf_stride, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
-             BH: tl.constexpr, PREC: tl.constexpr, DLOGIT: tl.constexpr = False, ZERO: tl.constexpr = False,
+             BH: tl.constexpr, PREC: tl.constexpr, DLOGIT: tl.constexpr = False, ZERO: tl.constexpr = 0,
              DENSE_DL: tl.constexpr = False):
     """dO = score * (dy[b, pos] @ w_o[e]^T); d score = rowsum(dy[b, pos] @ w_o[e]^T * o); delta = rowsum(dO*o).
     DLOGIT: the scores are sigmoid(router logits); store d logit = d score * score * (1 - score) instead.
-    ZERO: also clear zero_ptr[0:zero_n] (the buffer ``_qkv_bwd_dx`` adds dx into), shared by all programs.
+    ZERO = 1: also clear zero_ptr[0:zero_n] (the [B, T, h] buffer ``_qkv_bwd_dx`` adds dx into), shared by all
+    programs; 2: clear only its rows of the kept tokens (rows-only output).
     DENSE_DL: also write d logit into the zeroed [E, B * T] matrix dlf (row stride dlf_stride) at column
     b * T + pos, for the router's weight gradient as one dense product (``_router_grad_dense``)."""
-    if ZERO:
+    if ZERO == 1:
         _zero_share(zero_ptr, zero_n, 1024)
     pid = tl.program_id(0)
     e = tl.program_id(1)
@@ -409,6 +428,8 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
     rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
     keep = rm & (pos >= 0) & (pos < T)
     grow = (b * T + pos).to(tl.int64) * h
+    if ZERO == 2:
+        _zero_rows(zero_ptr, grow, keep, h, 64)
     cols = tl.arange(0, DP)
     cm = cols < D
     wbase = wo_ptr + e.to(tl.int64) * D * h
@@ -874,10 +895,13 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
     return out
 
 
-def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype):
+def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype,
+              mark=None, rows_only: bool = False):
     """(y, qkv, o, lse, perm, starts). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
     through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself or
-    a float32 buffer; perm, starts empty, which tells the backward to do the same)."""
+    a float32 buffer; perm, starts empty, which tells the backward to do the same). ``mark``: a [B, T] bool
+    tensor in which ``_qkv_fwd`` sets the kept tokens. ``rows_only`` (atomics only): y is written at the kept
+    tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only)."""
     # cdt is the compute dtype (the autocast dtype, else the weights'); x and the weights may be wider
     # (float32 under autocast): their tiles are cast as they are loaded, so no 16-bit copy of the sequence or
     # of the weights is made, and the weight gradients come out in the weights' dtype
@@ -895,9 +919,11 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     else:  # cleared by _qkv_fwd
         out = _atomic_buffer((B, T, h), adt, dev)
     _launch(_qkv_fwd, lambda t: (cdiv(R, t["BM"]), E, 1 if fused else 3),
-            (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, out, out.numel()),
+            (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, out, out.numel(),
+             idx if mark is None else mark.view(torch.uint8)),
             dict(BM=c["QKV_BM"], BK=c["BK"]),
-            D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused, ZERO=not deterministic,
+            D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused,
+            ZERO=0 if deterministic else 2 if rows_only else 1, MARK=mark is not None,
             num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
     _launch(_attn_fwd, lambda t: (cdiv(R, t["BM"]), E),
             (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D)),
@@ -910,9 +936,10 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
 
 
 def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
-              w_router=None):
+              w_router=None, rows_only: bool = False):
     """Gradients for x, scores, w_qkv, w_o; with ``w_router`` (the fused router: scores are sigmoid(x w_r^T)
-    at the kept tokens) the second is w_router's gradient and x's includes the router's share."""
+    at the kept tokens) the second is w_router's gradient and x's includes the router's share.
+    ``rows_only`` (atomics only): x's gradient is written at the kept tokens' rows only (see ``_fwd_impl``)."""
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     cdt = qkv.dtype  # the forward's compute dtype
     c = _cfg(D, cdt)
@@ -937,7 +964,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
             (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, rows, rows.numel(), dlf,
              dlf.stride(0) if dense_dl else 0),
             dict(BM=c["BM"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"], DLOGIT=w_router is not None,
-            ZERO=not deterministic, DENSE_DL=dense_dl, num_warps=4)
+            ZERO=0 if deterministic else 2 if rows_only else 1, DENSE_DL=dense_dl, num_warps=4)
     dwo = torch.empty_like(w_o)
     # the weight gradients reduce over a head's R rows: 128 per step where R is long and the grid small (t1's
     # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
@@ -1056,11 +1083,12 @@ class _EagerRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, cdt,
-                mark_rows=None):
+                mark_rows=None, rows_only=False, logits=None):
         y, kept, idx, *saved = _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
-                                                deterministic, cdt, mark_rows)
+                                                deterministic, cdt, mark_rows, rows_only, logits)
         ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
+        ctx.rows_only = rows_only
         ctx.mark_non_differentiable(kept, idx)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for kept and idx (two launches)
         return y, kept, idx
@@ -1068,37 +1096,42 @@ class _EagerRouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _kept, _idx):
         if dy is None:  # y took no part in the loss (grads are not materialised)
-            return (None,) * 11
+            return (None,) * 13
         *saved, w_router = ctx.saved_tensors
-        dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router)
-        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None
+        dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router, rows_only=ctx.rows_only)
+        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
-                     deterministic: bool, cdt: torch.dtype, mark_rows=None):
+                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False,
+                     logits=None):
     """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward. ``mark_rows``:
-    a [B, T] bool tensor in which the kept tokens are set to True as soon as they are known."""
-    idx, kept = _route(x, w_router, k, include_first, cdt)
-    if mark_rows is not None:
-        mark_rows.scatter_(1, idx.view(idx.shape[0], -1), True)
-    y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt)
+    a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``: see
+    ``_fwd_impl``; ``logits``: the router logits [B, T, E] where the caller made them (see ``_route``)."""
+    idx, kept = _route(x, w_router, k, include_first, cdt, logits)
+    y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt,
+                                             mark_rows, rows_only and not deterministic)
     return y, kept, idx, qkv, o, lse, perm, starts
 
 
-def _route(x, w_router, k: int, include_first: bool, cdt: torch.dtype):
-    """Router logits [B, E, T] = (w_r x^T) (one GEMM in the compute dtype), then (each head's top-k positions,
-    ascending; kept scores sigmoid(logit) in float32): the fused kernel where T allows, else torch.
+def _route(x, w_router, k: int, include_first: bool, cdt: torch.dtype, logits=None):
+    """Router logits [B, E, T] = (w_r x^T) (one GEMM in the compute dtype; or ``logits`` [B, T, E], any
+    strides, where the caller made them), then (each head's top-k positions, ascending; kept scores
+    sigmoid(logit) in float32): the fused kernel where T allows, else torch.
     Float32 scores keep the sigmoid's derivative s (1 - s) accurate for scores near 1, which top-k keeps
     (in bfloat16, 1 - s of a kept score can be off by half)."""
     from . import triton_routing
     from .routing import select_topk
     B, T, h = x.shape
     E = w_router.shape[0]
-    with torch.autocast(x.device.type, enabled=False):
-        # w_r x^T, [E, B*T]: each head's row of logits is contiguous per sequence (the top-k kernel reads it
-        # coalesced), and the product's leading dimension B*T keeps cuBLAS on its tensor-core kernels (x w_r^T
-        # has leading dimension E, odd for E = 17 or 505, which sent it to an sm75 fallback kernel)
-        lt = torch.mm(w_router.to(cdt), x.reshape(B * T, h).to(cdt).t()).view(E, B, T).permute(1, 0, 2)
+    if logits is not None:
+        lt = logits.transpose(1, 2)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            # w_r x^T, [E, B*T]: each head's row of logits is contiguous per sequence (the top-k kernel reads
+            # it coalesced), and the product's leading dimension B*T keeps cuBLAS on its tensor-core kernels
+            # (x w_r^T has leading dimension E, odd for E = 17 or 505, which sent it to an sm75 fallback kernel)
+            lt = torch.mm(w_router.to(cdt), x.reshape(B * T, h).to(cdt).t()).view(E, B, T).permute(1, 0, 2)
     if T <= triton_routing.MAX_T:
         idx, kept = triton_routing.route_logits_triton(lt.transpose(1, 2), k, include_first, kept_dtype=torch.float32)
     else:
@@ -1159,14 +1192,22 @@ _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_c
 
 
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0,
-                deterministic: bool | None = None, mark_rows: torch.Tensor | None = None):
+                deterministic: bool | None = None, mark_rows: torch.Tensor | None = None, rows_only: bool = False,
+                logits: torch.Tensor | None = None):
     """MoSA heads with top-k routing fused in: router GEMM, the fused top-k kernel and ``sparse_attention``'s
     kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k] float32,
     positions [B, E, k] ascending); the last two carry no gradient. Same math as
     ``sparse_attention_reference(x, *select_topk(sigmoid(x w_r^T)), ...)``; differentiable in x and the
     three weights. Under torch.compile it is one custom op (forward and backward), like the others.
-    ``deterministic``: see ``sparse_attention_triton``. ``mark_rows``: a [B, T] bool tensor in which every
-    kept token is set to True (right after the selection, before the attention kernels run)."""
+    ``deterministic``: see ``sparse_attention_triton``. ``mark_rows``: a [B, T] contiguous bool tensor in
+    which every kept token is set to True (before the attention kernels run). ``rows_only`` (needs
+    ``mark_rows``): y, and in the backward x's gradient, are defined only at the marked rows; the other rows
+    are left unwritten (uninitialised memory), which saves clearing the whole [B, T, h] scatter buffers. For
+    a caller that reads the marked rows only (``ops.add_at_rows``); ignored under torch.compile and with
+    deterministic scatters, which write every row. ``logits``: the router logits x w_r^T [B, T, E] (any
+    strides, the compute dtype, no gradient) where the caller has made them, e.g. in one GEMM with other
+    heads' projections (``ops.linear_sharing_input``'s ``w_extra``); the op then skips its router GEMM and
+    still makes the router's gradients itself. Under torch.compile they are recomputed."""
     cdt, (w_router, w_qkv, w_o), mixed = _compute_dtype(x, w_router, w_qkv, w_o)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
@@ -1185,15 +1226,23 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     args = (x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base),
             use_rows(deterministic, E * B * k, B * T), cdt)
     if mark_rows is not None and (mark_rows.dtype != torch.bool or tuple(mark_rows.shape) != (B, T)
-                                  or mark_rows.device != x.device):
-        raise ValueError(f"mark_rows must be a bool tensor [B={B}, T={T}] on {x.device}, got "
-                         f"{tuple(mark_rows.shape)} {mark_rows.dtype} on {mark_rows.device}")
+                                  or mark_rows.device != x.device or not mark_rows.is_contiguous()):
+        raise ValueError(f"mark_rows must be a contiguous bool tensor [B={B}, T={T}] on {x.device}, got "
+                         f"{tuple(mark_rows.shape)} {mark_rows.dtype} on {mark_rows.device}"
+                         + ("" if mark_rows.is_contiguous() else " (not contiguous)"))
+    if rows_only and mark_rows is None:
+        raise ValueError("rows_only=True needs mark_rows (the rows it leaves defined), got mark_rows=None")
+    if logits is not None and (tuple(logits.shape) != (B, T, E) or logits.dtype != cdt
+                               or logits.device != x.device or logits.requires_grad):
+        raise ValueError(f"logits must be [B={B}, T={T}, E={E}] in the compute dtype {cdt} on {x.device}, without "
+                         f"gradient, got {tuple(logits.shape)} {logits.dtype} on {logits.device}"
+                         + (" (requires grad)" if logits.requires_grad else ""))
     if torch.compiler.is_compiling():
         y, kept, idx = _routed_fwd_op(*args)[:3]
         if mark_rows is not None:
             mark_rows.scatter_(1, idx.view(B, -1), True)
         return y, kept, idx
-    return _EagerRouted.apply(*args, mark_rows)
+    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), logits)
 
 
 # --------------------------------------------------------------------------------------------- entry point

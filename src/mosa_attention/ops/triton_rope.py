@@ -44,8 +44,9 @@ def rope_tables(rope_dims: int, base: float, length: int, device):
 @triton.jit
 def _split_rope(src0, src1, src2, dst_ptr, cos_ptr, sin_ptr, B, T, H, sb0, sh0, st0, sb1, sh1, st1, sb2, sh2, st2,
                 D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr, BT: tl.constexpr, BACKWARD: tl.constexpr):
-    """Forward: src0 = qkv [B, T, H, 3, D] -> dst = [3, B, T, H, D], RoPE on parts 0 and 1 (src1, src2 and
-    the strides unused). BACKWARD: src0, src1, src2 = dq, dk, dv [B, H, T, D] with element strides
+    """Forward: src0 = qkv [B, T, H * 3 * D] with element strides (sb0, -, st0) over (B, T) and unit stride
+    along the features (a column slice of a wider product may be passed) -> dst = [3, B, T, H, D], RoPE on
+    parts 0 and 1 (src1, src2 and the other strides unused). BACKWARD: src0, src1, src2 = dq, dk, dv [B, H, T, D] with element strides
     (sb, sh, st) each and unit stride along D -> dst = [B, T, H, 3, D], rotated by minus the angle."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     bh = tl.program_id(1)
@@ -65,7 +66,7 @@ def _split_rope(src0, src1, src2, dst_ptr, cos_ptr, sin_ptr, B, T, H, sb0, sh0, 
             src = src2 + b.to(tl.int64) * sb2 + hh * sh2 + t.to(tl.int64) * st2
         dst = dst_ptr + packed
     else:
-        src = src0 + packed
+        src = src0 + b.to(tl.int64) * sb0 + t.to(tl.int64) * st0 + (hh * 3 + part) * D
         dst = dst_ptr + (((part * B + b).to(tl.int64) * T + t) * H + hh) * D      # [3, B, T, H, D]
     x = tl.load(src[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
     if ROPE > 0:
@@ -89,7 +90,8 @@ def _split_rope(src0, src1, src2, dst_ptr, cos_ptr, sin_ptr, B, T, H, sb0, sh0, 
 def _run(srcs, dst, B, T, H, D, rope_dims, rope_base, backward):
     cos, sin = rope_tables(rope_dims, rope_base, T, dst.device)
     BT = 32 if D <= 64 else 16
-    strides = [st for g in srcs for st in (g.stride()[:3] if backward else (0, 0, 0))]
+    # backward: (b, h, t) strides of dq, dk, dv; forward: qkv's (b, -, t) strides
+    strides = [st for g in srcs for st in (g.stride()[:3] if backward else (g.stride(0), 0, g.stride(1)))]
     _split_rope[(cdiv(T, BT), B * H, 3)](*srcs, dst, cos, sin, B, T, H, *strides, D=D,
                                                 DP=max(16, next_pow2(D)), ROPE=rope_dims, BT=BT,
                                                 BACKWARD=backward, num_warps=4)
@@ -122,10 +124,13 @@ class _SplitRope(torch.autograd.Function):
 
 
 def split_rope_triton(qkv: torch.Tensor, n_heads: int, rope_dims: int, rope_base: float):
-    """qkv [B, T, H * 3 * D] -> q, k, v [B, H, T, D] with RoPE on q and k at positions 0..T-1."""
+    """qkv [B, T, H * 3 * D] -> q, k, v [B, H, T, D] with RoPE on q and k at positions 0..T-1. qkv may be
+    strided over B and T (e.g. the first columns of a wider product); it is read in place where its
+    features have unit stride."""
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * n_heads):
         raise ValueError(f"qkv must be [B, T, {n_heads} * 3 * D], got qkv.shape={tuple(qkv.shape)}")
     D = qkv.shape[-1] // (3 * n_heads)
     if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
         raise ValueError(f"rope_dims must be even and in [0, head_dim={D}], got rope_dims={rope_dims}")
-    return _SplitRope.apply(qkv.contiguous(), n_heads, int(rope_dims), float(rope_base))
+    return _SplitRope.apply(qkv if qkv.stride(-1) == 1 else qkv.contiguous(), n_heads, int(rope_dims),
+                            float(rope_base))
