@@ -275,23 +275,6 @@ def test_router_fused_matches_reference(B, T, h, E, k, D, rope_dims, include_fir
     _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, TOL[dtype], deterministic)
 
 
-@pytest.mark.parametrize("one_pass", [True, False], ids=["one-kernel", "two-kernels"])
-@pytest.mark.parametrize("dtype,deterministic", [(torch.float32, False), (torch.float16, False),
-                                                 (torch.float16, True)])
-@pytest.mark.parametrize("B,T,k,first", [(5, 30, 13, False),  # 4 sequences per block of 64, the last one short
-                                         (3, 20, 20, True)])  # k = T
-def test_router_fused_forward_in_one_kernel(monkeypatch, B, T, k, first, dtype, deterministic, one_pass):
-    # SEQ_BLOCK_FWD: where k fits a row block, projection and attention run as one kernel over blocks of whole
-    # sequences (the top-k kernel clears the scatter's buffer); off: the two kernels
-    monkeypatch.setattr(triton_mosa, "SEQ_BLOCK_FWD", one_pass)
-    seen = []
-    launch = triton_mosa._launch
-    monkeypatch.setattr(triton_mosa, "_launch", lambda kern, *a, **kw: (seen.append(kern.fn.__name__),
-                                                                          launch(kern, *a, **kw))[1])
-    _routed_compare(B, T, 32, 3, k, 32, 16, first, dtype, TOL[dtype], deterministic)
-    assert ("_qkv_attn_fwd" in seen) is one_pass and ("_attn_fwd" in seen) is not one_pass
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_router_weight_gradient_in_its_own_kernel(monkeypatch, dtype):
     # DWR_IN_DWQKV off: w_router's gradient from ``_dwr`` instead of ``_dwqkv`` (kept for comparison)

@@ -358,23 +358,10 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PREC)
         m_i = m_new
     l_i = tl.where(l_i > 0, l_i, 1.0)
-    _attn_out(acc / l_i[:, None], m_i + tl.log2(l_i), rows, rm, bq, sel, posq, e, sc_ptr, wo_ptr, o_ptr, lse_ptr,
-              out_ptr, T, h, E, R, D, DP, BH, PREC, ATOMIC, VEC)
-
-
-@triton.jit
-def _attn_out(o, lse, rows, rm, bq, sel, posq, e, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E, R,
-              D: tl.constexpr, DP: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
-              VEC: tl.constexpr):
-    """The attention output o [BM, DP] (float32) and log2-sum-exp of a block of rows stored for the backward,
-    then their rows of y = (o * score) @ w_o[e]: stored as per-kept-token rows for the deterministic
-    scatter, or (ATOMIC) added in float32 straight into out[b, pos] (padding slots dropped)."""
-    DT: tl.constexpr = o_ptr.dtype.element_ty
-    cols = tl.arange(0, DP)
-    cm = cols < D
+    o = acc / l_i[:, None]
     tl.store(o_ptr + (e * R + rows).to(tl.int64)[:, None] * D + cols[None, :], o.to(DT),
              mask=rm[:, None] & cm[None, :])
-    tl.store(lse_ptr + e * R + rows, lse, mask=rm)
+    tl.store(lse_ptr + e * R + rows, m_i + tl.log2(l_i), mask=rm)
     # score scaling + output projection + scatter-add; padding slots (pos == T) are dropped
     sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
     os = (o.to(DT).to(tl.float32) * sc[:, None]).to(DT)
@@ -395,65 +382,6 @@ def _attn_out(o, lse, rows, rm, bq, sel, posq, e, sc_ptr, wo_ptr, o_ptr, lse_ptr
         else:
             tl.store(out_ptr + orow[:, None] + nn[None, :], y.to(out_ptr.dtype.element_ty),
                      mask=live[:, None] & nm[None, :])
-
-
-@triton.jit
-def _qkv_attn_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, sc_ptr, wo_ptr, qkv_ptr, o_ptr, lse_ptr, out_ptr,
-                  T, h, E, R, K, NR, qk_scale, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
-                  BLK: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                  ATOMIC: tl.constexpr = False, VEC: tl.constexpr = 0):
-    """``_qkv_fwd`` and ``_attn_fwd`` in one program for NR = (BLK // K) * K rows that hold whole sequences
-    (K <= BLK): q, k, v of the rows (stored for the backward), attention among them (every key one of
-    their queries may see is among them, in any order of positions: the mask is same sequence and
-    pos_q >= pos_k), then their rows of y as ``_attn_fwd``. One launch less, no q, k, v round trip through
-    memory, and the attention cannot be held back behind other kernels once the projection is done.
-    The atomic scatter's buffer must be cleared before (the top-k kernel does it, ``_topk_select``)."""
-    pid = tl.program_id(0)
-    e = tl.program_id(1)
-    DT: tl.constexpr = qkv_ptr.dtype.element_ty
-    i = tl.arange(0, BLK)
-    rows = pid * NR + i
-    rm = (i < NR) & (rows < R)
-    b = rows // K
-    sel = (b * E + e) * K + rows % K
-    pos = tl.load(idx_ptr + sel, mask=rm, other=0)
-    xoff = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64) * h
-    cols = tl.arange(0, DP)
-    cm = cols < D
-    wbase = w_ptr + e.to(tl.int64) * h * 3 * D
-    acc_q = tl.zeros([BLK, DP], tl.float32)
-    acc_k = tl.zeros([BLK, DP], tl.float32)
-    acc_v = tl.zeros([BLK, DP], tl.float32)
-    for k0 in range(0, h, BK):
-        kk = k0 + tl.arange(0, BK)
-        km = kk < h
-        xa = tl.load(x_ptr + xoff[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0).to(DT)
-        wp = wbase + kk[:, None] * (3 * D) + cols[None, :]
-        wm = km[:, None] & cm[None, :]
-        acc_q = tl.dot(xa, tl.load(wp, mask=wm, other=0.0).to(DT), acc_q, input_precision=PREC)
-        acc_k = tl.dot(xa, tl.load(wp + D, mask=wm, other=0.0).to(DT), acc_k, input_precision=PREC)
-        acc_v = tl.dot(xa, tl.load(wp + 2 * D, mask=wm, other=0.0).to(DT), acc_v, input_precision=PREC)
-    if ROPE > 0:
-        rope_pos = tl.minimum(tl.maximum(pos, 0), T)
-        acc_q = _rope(acc_q, rope_pos, cos_ptr, sin_ptr, ROPE, DP, DT, False, PREC)
-        acc_k = _rope(acc_k, rope_pos, cos_ptr, sin_ptr, ROPE, DP, DT, False, PREC)
-    q = acc_q.to(DT)
-    k = acc_k.to(DT)
-    v = acc_v.to(DT)
-    off = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    om = rm[:, None] & cm[None, :]
-    tl.store(qkv_ptr + (e * R).to(tl.int64) * D + off, q, mask=om)
-    tl.store(qkv_ptr + ((E + e) * R).to(tl.int64) * D + off, k, mask=om)
-    tl.store(qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D + off, v, mask=om)
-    sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    sc = tl.where(_visible(rm, rm, b, b, pos, pos), sc, float("-inf"))
-    m = tl.maximum(tl.max(sc, 1), -1.0e30)  # (rows past the block's sequences see no key)
-    p = tl.exp2(sc - m[:, None])
-    l = tl.sum(p, 1)
-    l = tl.where(l > 0, l, 1.0)
-    o = tl.dot(p.to(DT), v, input_precision=PREC) / l[:, None]
-    _attn_out(o, m + tl.log2(l), rows, rm, b, sel, pos, e, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E, R,
-              D, DP, BH, PREC, ATOMIC, VEC)
 
 
 @triton.jit
@@ -889,16 +817,6 @@ DWR_IN_DWQKV = None
 _SM_COUNT: dict = {}
 
 
-# Forward for k <= 64 (32 for wide heads and float32) on the routed path: the projection and the attention
-# of blocks of whole sequences in one kernel (``_qkv_attn_fwd``), the scatter's buffer cleared and the kept
-# tokens marked by the top-k kernel. False: ``_qkv_fwd`` + ``_attn_fwd`` (for comparison in benchmarks).
-SEQ_BLOCK_FWD = True
-
-
-def _one_pass_fwd(K: int, D: int, cdt: torch.dtype) -> bool:
-    return SEQ_BLOCK_FWD and K <= _cfg(D, cdt)["BM"]
-
-
 # Attention backward for k <= 64 (32 for wide heads and float32): one kernel over blocks of whole
 # sequences (``_attn_bwd_seqs``) instead of the dk/dv and dq kernels (H200, bf16, graph: t1 0.113 -> 0.104 ms,
 # t3 1.063 -> 1.021; benchmarks/NOTES.md v8.0). False: the two kernels everywhere (for comparison).
@@ -978,15 +896,12 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
 
 
 def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype,
-              mark=None, rows_only: bool = False, one_pass: bool = False, out=None):
+              mark=None, rows_only: bool = False):
     """(y, qkv, o, lse, perm, starts). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
     through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself or
     a float32 buffer; perm, starts empty, which tells the backward to do the same). ``mark``: a [B, T] bool
     tensor in which ``_qkv_fwd`` sets the kept tokens. ``rows_only`` (atomics only): y is written at the kept
-    tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only).
-    ``one_pass`` (k within one row block, ``_one_pass_fwd``): projection and attention as one kernel,
-    ``_qkv_attn_fwd``; with atomics the caller hands the cleared buffer ``out`` (``_atomic_plan``'s dtype)
-    and has marked the kept tokens itself (the top-k kernel does both: ``_routed_fwd_impl``)."""
+    tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only)."""
     # cdt is the compute dtype (the autocast dtype, else the weights'); x and the weights may be wider
     # (float32 under autocast): their tiles are cast as they are loaded, so no 16-bit copy of the sequence or
     # of the weights is made, and the weight gradients come out in the weights' dtype
@@ -1001,33 +916,8 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     adt, vec = _atomic_plan(dev, h, cdt, E * R / (B * T))
     if deterministic:
         out = torch.empty(E * R, h, device=dev, dtype=cdt)
-    elif one_pass:
-        if out is None or out.dtype != adt or tuple(out.shape) != (B, T, h):
-            raise ValueError("one_pass with atomics needs the cleared [B, T, h] buffer out in _atomic_plan's dtype")
     else:  # cleared by _qkv_fwd
         out = _atomic_buffer((B, T, h), adt, dev)
-    qk_scale = math.log2(math.e) / math.sqrt(D)
-    if one_pass:
-        blk = c["BM"]
-        nr = (blk // K) * K
-        _launch(_qkv_attn_fwd, lambda t: (cdiv(R, nr), E),
-                (x, idx, w_qkv, cos, sin, scores, w_o, qkv, o, lse, out, T, h, E, R, K, nr, qk_scale),
-                dict(BLK=blk, BK=c["BK"], BH=c["BH"]), D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"],
-                ATOMIC=not deterministic, VEC=vec, num_warps=8 if blk * c["DP"] >= 64 * 64 else 4,
-                num_stages=c["QKV_STAGES"])
-    else:
-        _two_pass_fwd(x, scores, idx, w_qkv, w_o, cos, sin, qkv, o, lse, out, mark, rows_only, deterministic,
-                      fused, vec, qk_scale, rope_dims, c)
-    if not deterministic:
-        return (out.to(cdt), qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
-    perm, starts = _segments(idx, T)
-    return _scatter(out, perm, starts, B, T, h, cdt, c), qkv, o, lse, perm, starts
-
-
-def _two_pass_fwd(x, scores, idx, w_qkv, w_o, cos, sin, qkv, o, lse, out, mark, rows_only, deterministic, fused,
-                  vec, qk_scale, rope_dims, c):
-    """``_qkv_fwd`` then ``_attn_fwd`` (any k)."""
-    B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     _launch(_qkv_fwd, lambda t: (cdiv(R, t["BM"]), E, 1 if fused else 3),
             (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, out, out.numel(),
              idx if mark is None else mark.view(torch.uint8)),
@@ -1036,9 +926,13 @@ def _two_pass_fwd(x, scores, idx, w_qkv, w_o, cos, sin, qkv, o, lse, out, mark, 
             ZERO=0 if deterministic else 2 if rows_only else 1, MARK=mark is not None,
             num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
     _launch(_attn_fwd, lambda t: (cdiv(R, t["BM"]), E),
-            (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, qk_scale),
+            (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D)),
             dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"],
             ATOMIC=not deterministic, VEC=vec, num_warps=4)
+    if not deterministic:
+        return (out.to(cdt), qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
+    perm, starts = _segments(idx, T)
+    return _scatter(out, perm, starts, B, T, h, cdt, c), qkv, o, lse, perm, starts
 
 
 def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
@@ -1214,29 +1108,18 @@ def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_
     """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward. ``mark_rows``:
     a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``: see
     ``_fwd_impl``; ``logits``: the router logits [B, T, E] where the caller made them (see ``_route``)."""
-    from .triton_routing import MAX_T
-    B, T, h = x.shape
-    E, D = w_qkv.shape[0], w_qkv.shape[-1] // 3
-    rows_only = rows_only and not deterministic
-    one = _one_pass_fwd(k, D, cdt) and T <= MAX_T
-    buf = None
-    if one and not deterministic:  # the top-k kernel clears it (and marks the kept tokens)
-        buf = _atomic_buffer((B, T, h), _atomic_plan(x.device, h, cdt, E * (B * k) / (B * T))[0], x.device)
-    idx, kept = _route(x, w_router, k, include_first, cdt, logits, clear=buf, clear_rows=rows_only,
-                       mark=mark_rows if one else None)
+    idx, kept = _route(x, w_router, k, include_first, cdt, logits)
     y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt,
-                                             None if one else mark_rows, rows_only, one, buf)
+                                             mark_rows, rows_only and not deterministic)
     return y, kept, idx, qkv, o, lse, perm, starts
 
 
-def _route(x, w_router, k: int, include_first: bool, cdt: torch.dtype, logits=None, clear=None,
-           clear_rows: bool = False, mark=None):
+def _route(x, w_router, k: int, include_first: bool, cdt: torch.dtype, logits=None):
     """Router logits [B, E, T] = (w_r x^T) (one GEMM in the compute dtype; or ``logits`` [B, T, E], any
     strides, where the caller made them), then (each head's top-k positions, ascending; kept scores
     sigmoid(logit) in float32): the fused kernel where T allows, else torch.
     Float32 scores keep the sigmoid's derivative s (1 - s) accurate for scores near 1, which top-k keeps
-    (in bfloat16, 1 - s of a kept score can be off by half). ``clear``, ``clear_rows``, ``mark``: side jobs
-    of the top-k kernel (``triton_routing.route_logits_triton``; only where T <= its ``MAX_T``)."""
+    (in bfloat16, 1 - s of a kept score can be off by half)."""
     from . import triton_routing
     from .routing import select_topk
     B, T, h = x.shape
@@ -1250,11 +1133,8 @@ def _route(x, w_router, k: int, include_first: bool, cdt: torch.dtype, logits=No
             # (x w_r^T has leading dimension E, odd for E = 17 or 505, which sent it to an sm75 fallback kernel)
             lt = torch.mm(w_router.to(cdt), x.reshape(B * T, h).to(cdt).t()).view(E, B, T).permute(1, 0, 2)
     if T <= triton_routing.MAX_T:
-        idx, kept = triton_routing.route_logits_triton(lt.transpose(1, 2), k, include_first, kept_dtype=torch.float32,
-                                                       clear=clear, clear_rows=clear_rows, mark=mark)
+        idx, kept = triton_routing.route_logits_triton(lt.transpose(1, 2), k, include_first, kept_dtype=torch.float32)
     else:
-        if clear is not None or mark is not None:
-            raise ValueError(f"clear and mark need the top-k kernel (T <= {triton_routing.MAX_T}), got T={T}")
         idx = select_topk(lt, k, include_first, backend="torch")[1]
         kept = torch.sigmoid(lt.gather(-1, idx).float())
     return idx, kept

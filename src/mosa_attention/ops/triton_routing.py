@@ -34,22 +34,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e, zero_ptr, zero_n, h, mark_ptr,
+def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e,
                  INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                 KEY_BITS: tl.constexpr = 32, ZERO: tl.constexpr = 0, MARK: tl.constexpr = False):
-    """Top-k of one [T, BE] tile (see the module's docstring). Side jobs for the attention kernels that
-    follow (``triton_mosa``): ZERO = 1 clears this program's share of zero_ptr[0:zero_n], 2 clears the rows
-    zero_ptr[b, pos, 0:h] of the kept positions (a [B, T, h] buffer that scatters add into); MARK sets
-    mark[b, pos] = 1 for the kept positions (a [B, T] mask)."""
-    if ZERO == 1:
-        n_prog = tl.num_programs(0) * tl.num_programs(1)
-        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        per = tl.cdiv(tl.cdiv(zero_n, n_prog), 1024) * 1024
-        start = pid.to(tl.int64) * per
-        zeros = tl.zeros([1024], zero_ptr.dtype.element_ty)
-        for i in range(0, per, 1024):
-            offs = start + i + tl.arange(0, 1024)
-            tl.store(zero_ptr + offs, zeros, mask=offs < zero_n)
+                 KEY_BITS: tl.constexpr = 32):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     pos = tl.arange(0, BT)
@@ -80,23 +67,6 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
     keep = above | ((equal == 1) & (eq_rank < need[None, :]))
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(idx_ptr + (b * E + e[None, :]) * k + slot, pos[:, None] + tl.zeros([BT, BE], tl.int64), mask=keep)
-    if ZERO == 2 or MARK:
-        # the kept positions, read back as the SIGMOID part below does (few rows per program)
-        tl.debug_barrier()
-        for j0 in range(0, k, 16):
-            j = j0 + tl.arange(0, 16)
-            for c in range(BE):
-                ec = tl.program_id(1) * BE + c
-                m = (j < k) & (j * 0 + ec < E)  # (a scalar condition in a mask trips the interpreter)
-                p = tl.load(idx_ptr + (b * E + ec) * k + j, mask=m, other=0)
-                if MARK:
-                    tl.store(mark_ptr + b * T + p, tl.full([16], 1, tl.uint8), mask=m)
-                if ZERO == 2:
-                    zrow = (b * T + p) * h
-                    for c0 in range(0, h, 128):
-                        cc = c0 + tl.arange(0, 128)
-                        tl.store(zero_ptr + zrow[:, None] + cc[None, :],
-                                 tl.zeros([16, 128], zero_ptr.dtype.element_ty), mask=m[:, None] & (cc < h)[None, :])
     if SIGMOID:
         # the kept logits gathered again through the positions just written (the barrier makes them visible
         # to the whole program): computing sigmoid over the tile in registers and storing it through the
@@ -133,24 +103,17 @@ def _tiles(T: int, rows: int):
     return BT, BE, warps
 
 
-def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype, clear=None, clear_rows=False, mark=None):
-    """s: scores/logits; strides (b, t, e) of s in elements. ``clear``: a [B, T, h] buffer the kernel clears
-    (at the kept positions' rows only with ``clear_rows``); ``mark``: a [B, T] bool mask it sets there."""
+def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
+    """s: scores/logits; strides (b, t, e) of s in elements."""
     B = s.shape[0]
     idx = torch.empty(B, E, k, dtype=torch.int64, device=s.device)
     kept = torch.empty(B, E, k, dtype=kept_dtype, device=s.device) if sigmoid else idx
     if B * E:
         BT, BE, warps = _tiles(T, B * E)
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
-        zero = 0 if clear is None else 2 if clear_rows else 1
-        _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides,
-                                              idx if clear is None else clear,
-                                              0 if clear is None else clear.numel(),
-                                              0 if clear is None else clear.shape[-1],
-                                              idx if mark is None else mark.view(torch.uint8),
-                                              INCLUDE_FIRST=bool(include_first),
-                                              SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits, ZERO=zero,
-                                              MARK=mark is not None, num_warps=warps)
+        _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
+                                              SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits,
+                                              num_warps=warps)
     return idx, (kept if sigmoid else None)
 
 
@@ -172,19 +135,15 @@ def topk_positions_triton(scores: torch.Tensor, k: int, include_first: bool = Fa
     return _select(scores, E, T, k, include_first, False, (sb, st, se), None)[0]
 
 
-def route_logits_triton(logits: torch.Tensor, k: int, include_first: bool = False, kept_dtype=None, clear=None,
-                        clear_rows: bool = False, mark=None):
+def route_logits_triton(logits: torch.Tensor, k: int, include_first: bool = False, kept_dtype=None):
     """From router logits [B, T, E] (any strides): (positions [B, E, k] ascending, kept scores
-    sigmoid(logit) [B, E, k] in ``kept_dtype``, default the logits' dtype). Not differentiable.
-    For the attention kernels that follow: ``clear``, a contiguous [B, T, h] buffer to zero (only the kept
-    positions' rows with ``clear_rows``), ``mark``, a contiguous [B, T] bool mask set at the kept positions."""
+    sigmoid(logit) [B, E, k] in ``kept_dtype``, default the logits' dtype). Not differentiable."""
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, E], got logits.shape={tuple(logits.shape)}")
     B, T, E = logits.shape
     _check("logits", logits, k, T)
     sb, st, se = logits.stride()
-    return _select(logits, E, T, k, include_first, True, (sb, st, se), kept_dtype or logits.dtype, clear, clear_rows,
-                   mark)
+    return _select(logits, E, T, k, include_first, True, (sb, st, se), kept_dtype or logits.dtype)
 
 
 def supported(scores: torch.Tensor) -> bool:
