@@ -74,26 +74,3 @@ def test_addmm_wide_accumulator():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, c + (a.float() @ b.float()), rtol=1e-2, atol=1e-2)
 
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_extra_rows_in_the_same_product(dtype):
-    # w_extra: (x w^T, x w_extra^T, x) from one GEMM over the stacked weights (a hybrid's router logits made
-    # with the dense heads' q, k, v); the first output is a column slice of the stacked product, the
-    # second carries no gradient, and the gradients of x and w are those of the plain product
-    torch.manual_seed(4)
-    x = torch.randn(2, 5, 8, dtype=dtype, requires_grad=True)
-    w = torch.randn(12, 8, dtype=dtype, requires_grad=True)
-    w_extra = torch.randn(3, 8, dtype=dtype, requires_grad=True)
-    y, extra, x2 = linear_sharing_input(x, w, w_extra=w_extra)
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y, x @ w.t(), **tol)
-    torch.testing.assert_close(extra, x @ w_extra.t(), **tol)
-    assert not extra.requires_grad and y.stride(-1) == 1
-    # padded to a multiple of 16 bytes per row: 12 + 3 rows -> 16 (float32) or 16 (float64: 2 per 16 bytes)
-    assert y.stride(1) % (16 // y.element_size()) == 0 and y.stride(1) >= 15
-    g1, g2 = torch.randn(2, 5, 12, dtype=dtype), torch.randn(2, 5, 8, dtype=dtype)
-    got = torch.autograd.grad((y * g1).sum() + (x2.sin() * g2).sum(), (x, w))
-    want = torch.autograd.grad((F.linear(x, w) * g1).sum() + (x.sin() * g2).sum(), (x, w))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **tol)
-    assert w_extra.grad is None

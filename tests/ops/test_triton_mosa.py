@@ -361,30 +361,6 @@ def test_hybrid_sums_at_the_kept_rows_only(monkeypatch, dtype, kind):
     assert MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, backend="torch")._kept_rows(x.cpu()) is None
 
 
-@pytest.mark.parametrize("masked", [True, False])
-def test_hybrid_router_logits_from_the_dense_product(monkeypatch, masked):
-    # ROUTER_IN_DENSE: where the MoSA heads read x through the dense heads' product, that one GEMM also
-    # makes the router logits; output and every gradient equal the op's own router GEMM
-    import mosa_attention.layers.mosa as layer_module
-    from mosa_attention.layers import MoSAAttention
-    torch.manual_seed(7)
-    monkeypatch.setattr(layer_module, "SHARED_INPUT_GRAD", True)
-    monkeypatch.setattr(layer_module, "MASKED_SUMS", masked)
-    layer = MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=2, backend="triton").to(DEVICE)
-    x = torch.randn(2, 37, 48, device=DEVICE)
-    g = torch.randn_like(x)
-    results = []
-    for in_dense in (True, False):
-        monkeypatch.setattr(layer_module, "ROUTER_IN_DENSE", in_dense)
-        xs = x.clone().requires_grad_()
-        assert layer._router_in_dense(xs, layer._kept_rows(xs)) is in_dense
-        y, (kept, idx) = layer(xs, return_selection=True)
-        results.append((idx, y.detach(), *torch.autograd.grad((y * g).sum(), [xs, *layer.parameters()])))
-    assert torch.equal(results[0][0], results[1][0])
-    for a, b in zip(results[0][1:], results[1][1:]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
 def test_layer_rejects_bad_deterministic():
     from mosa_attention.layers import FixedSparseAttention, MoSAAttention
     with pytest.raises(ValueError, match="deterministic='on'"):
@@ -412,32 +388,6 @@ def test_router_fused_marks_the_kept_rows():
         mosa_triton(x, wr, wq, wo, 4, False, 16, mark_rows=torch.zeros(21, 2, dtype=torch.bool, device=DEVICE).t())
     with pytest.raises(ValueError, match="rows_only=True needs mark_rows"):
         mosa_triton(x, wr, wq, wo, 4, False, 16, rows_only=True)
-
-
-def test_router_fused_takes_the_callers_logits():
-    # logits: router logits made by the caller (strided, e.g. columns of a wider product) replace the op's
-    # router GEMM; the selection, y and every gradient (the router's included) are the same
-    from mosa_attention.ops.triton_mosa import mosa_triton
-    torch.manual_seed(6)
-    B, T, h, E = 2, 40, 32, 3
-    x = torch.randn(B, T, h, device=DEVICE)
-    w = [torch.randn(E, h, device=DEVICE), torch.randn(E, h, 96, device=DEVICE) / 6,
-         torch.randn(E, 32, h, device=DEVICE) / 6]
-    wide = x @ torch.cat([torch.randn(7, h, device=DEVICE), w[0]]).t()
-    dy = torch.randn(B, T, h, device=DEVICE)
-    out = []
-    for logits in (None, wide[..., 7:]):
-        xs, ws = x.clone().requires_grad_(), [t.clone().requires_grad_() for t in w]
-        y, kept, idx = mosa_triton(xs, *ws, 9, True, 16, logits=logits)
-        y.backward(dy)
-        out.append((idx, kept, y.detach(), xs.grad, *(t.grad for t in ws)))
-    assert torch.equal(out[0][0], out[1][0])
-    for a, b in zip(out[0][1:], out[1][1:]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="logits must be"):
-        mosa_triton(x, *w, 9, True, 16, logits=wide[..., 6:])
-    with pytest.raises(ValueError, match="requires grad"):
-        mosa_triton(x, *w, 9, True, 16, logits=wide[..., 7:].clone().requires_grad_())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -44,19 +44,10 @@ MOSA_HEADS_FIRST = True
 MASKED_SUMS = None
 MASKED_MAX_KEPT = 0.5
 # With masked sums, the fused op writes its y and its share of x's gradient at the kept rows only
-# (``rows_only``): its scatter buffers are cleared at those rows instead of everywhere (t2 on an H200: two
-# 16 MB clears become two 9 MB ones). False: whole buffers (for comparison in benchmarks).
+# (``rows_only``): its scatter buffers are cleared at those rows instead of everywhere (t2: two 16 MB clears
+# become two 9 MB ones; H200, bf16, graph: 0.336 -> 0.328 ms, autocast 0.438 -> 0.420; benchmarks/NOTES.md
+# v10.0). False: whole buffers (for comparison in benchmarks).
 ROWS_ONLY = True
-# Where a hybrid on the fused op reads x through the dense heads' QKV product (``_share_input``), the MoSA
-# router's logits may come out of that same GEMM (its weight stacked under the dense heads' W_QKV), so that
-# the router GEMM no longer runs ahead of the dense product. Slower on an H200 (t2 bf16 0.329 -> 0.340 ms:
-# the stacked product took a slower kernel and the split + RoPE kernel slowed beside the top-k's strided
-# reads; benchmarks/NOTES.md v10.0): off.
-ROUTER_IN_DENSE = False
-# Where the MoSA heads of a two-stream hybrid read x through the dense heads' product, whether their stream
-# waits for that product (their router GEMM then starts after it instead of holding the SMs ahead of it).
-# For timing in benchmarks (``bench_layer.py --mosa-after-product``).
-MOSA_AFTER_PRODUCT = False
 
 
 class MoSAAttention(nn.Module):
@@ -152,14 +143,14 @@ class MoSAAttention(nn.Module):
         aux = self.router_aux and self.training and torch.is_grad_enabled()
         return self.routing == "topk" and not aux and fused_topk_available(x, self.backend)
 
-    def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None, logits: torch.Tensor | None = None):
-        """(y of the MoSA heads, selection); the kept tokens marked in ``rows`` and the router ``logits``
-        made by the dense heads' product (both only on the fused path, see ``_kept_rows``, ``_share_input``)."""
+    def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None):
+        """(y of the MoSA heads, selection); the kept tokens marked in ``rows`` (only given on the fused
+        path, see ``_kept_rows``), whose sums then read those rows only (``ROWS_ONLY``)."""
         if self._fused(x):
             return mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
                                    include_first=self.include_first, rope_dims=self.rope_dims,
                                    rope_base=self.rope_base, deterministic=self.deterministic, mark_rows=rows,
-                                   rows_only=rows is not None and ROWS_ONLY, logits=logits)
+                                   rows_only=rows is not None and ROWS_ONLY)
         selection = self.select(x)
         y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
                              rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
@@ -182,33 +173,19 @@ class MoSAAttention(nn.Module):
                 return None
         return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
 
-    def _share_input_mode(self, x: torch.Tensor, rows: torch.Tensor | None) -> bool:
-        """Whether the MoSA heads read x through the dense heads' product (see ``_share_input``)."""
+    def _share_input(self, x: torch.Tensor, rows: torch.Tensor | None = None):
+        """(the dense heads' QKV product or None, the x the MoSA heads read): in a hybrid that takes
+        gradients, x may reach the MoSA heads through the dense heads' product (``SHARED_INPUT_GRAD``, or
+        ``rows`` for the masked sum of x's gradient)."""
         share = SHARED_INPUT_GRAD
         if share is None:
             dev = x.device.type
             share = rows is not None or (torch.is_autocast_enabled(dev)
                                          and x.element_size() > torch.get_autocast_dtype(dev).itemsize)
-        return bool(share and self.num_mosa_heads and self.dense is not None and torch.is_grad_enabled()
-                    and not torch.compiler.is_compiling())
-
-    def _share_input(self, x: torch.Tensor, rows: torch.Tensor | None = None):
-        """(the dense heads' QKV product or None, the router logits or None, the x the MoSA heads read): in a
-        hybrid that takes gradients, x may reach the MoSA heads through the dense heads' product
-        (``SHARED_INPUT_GRAD``, or ``rows`` for the masked sum of x's gradient), which then also makes the
-        fused op's router logits (``ROUTER_IN_DENSE``)."""
-        if not self._share_input_mode(x, rows):
-            return None, None, x
-        if self._router_in_dense(x, rows):
-            return linear_sharing_input(x, self.dense.W_QKV.weight, rows, w_extra=self.router)
-        qkv, x_mosa = linear_sharing_input(x, self.dense.W_QKV.weight, rows)
-        return qkv, None, x_mosa
-
-    def _router_in_dense(self, x: torch.Tensor, rows: torch.Tensor | None) -> bool:
-        """Whether ``_share_input`` makes the router logits (``ROUTER_IN_DENSE``)."""
-        if not ROUTER_IN_DENSE:
-            return False
-        return self._share_input_mode(x, rows) and self._fused(x)
+        if not (share and self.num_mosa_heads and self.dense is not None and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return None, x
+        return linear_sharing_input(x, self.dense.W_QKV.weight, rows)
 
     @staticmethod
     def _sum(y_mosa, y_dense, rows):
@@ -235,19 +212,12 @@ class MoSAAttention(nn.Module):
         if side is not None:
             main = torch.cuda.current_stream(x.device)
             rows = self._kept_rows(x)
-            if self._router_in_dense(x, rows) or (MOSA_AFTER_PRODUCT and self._share_input_mode(x, rows)):
-                # the MoSA heads need this product (their router logits), or are to start after it
-                qkv, logits, x_mosa = self._share_input(x, rows)
-                side.wait_stream(main)
-                if logits is not None:
-                    logits.record_stream(side)
-            else:  # they need x only: the wait comes before the product
-                side.wait_stream(main)
-                qkv, logits, x_mosa = self._share_input(x, rows)
+            side.wait_stream(main)
+            qkv, x_mosa = self._share_input(x, rows)  # (after the wait: the MoSA heads need x, not this product)
             if not MOSA_HEADS_FIRST:
                 y_dense = self._dense_heads(x, qkv)
             with torch.cuda.stream(side):
-                y, selection = self._mosa_heads(x_mosa, rows, logits)
+                y, selection = self._mosa_heads(x_mosa, rows)
             if MOSA_HEADS_FIRST:
                 y_dense = self._dense_heads(x, qkv)
             main.wait_stream(side)
@@ -260,8 +230,8 @@ class MoSAAttention(nn.Module):
             y = self._sum(y, y_dense, rows)
         else:
             rows = self._kept_rows(x)
-            qkv, logits, x_mosa = self._share_input(x, rows)
-            y, selection = self._mosa_heads(x_mosa, rows, logits) if self.num_mosa_heads else (0, None)
+            qkv, x_mosa = self._share_input(x, rows)
+            y, selection = self._mosa_heads(x_mosa, rows) if self.num_mosa_heads else (0, None)
             if self.dense is not None:
                 y = self._sum(y, self._dense_heads(x, qkv), rows)
         return (y, selection) if return_selection else y

@@ -33,34 +33,22 @@ def _fused_split(qkv: torch.Tensor, backend: str) -> bool:
 
 
 class _SharedInputLinear(torch.autograd.Function):
-    """(x @ w^T, x), or with ``w_extra`` (x @ w^T, x @ w_extra^T, x): see ``linear_sharing_input``."""
+    """(x @ w^T, x): see ``linear_sharing_input``."""
 
     @staticmethod
-    def forward(ctx, x, w, rows, w_extra=None):
+    def forward(ctx, x, w, rows):
         ctx.rows = rows  # (may be filled in after this call: kept as it is, not saved for a version check)
         dev = x.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
             xc, wc = x.to(cdt), w.to(cdt)
-            if w_extra is None:
-                y = F.linear(xc, wc)
-            else:
-                # one product over [w; w_extra; pad]: the pad (copies of w's first rows, their columns never
-                # read) makes the output's rows a multiple of 16 bytes, which cuBLAS's fast kernels need
-                n, m = w.shape[0], w_extra.shape[0]
-                pad = -(n + m) % (16 // wc.element_size())
-                out = F.linear(xc, torch.cat([wc, w_extra.to(cdt), wc[:pad]]))
-                y, extra = out[..., :n], out[..., n:n + m]
+            y = F.linear(xc, wc)
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, w.dtype)
-        if w_extra is None:
-            return y, x
-        ctx.mark_non_differentiable(extra)
-        return y, extra, x
+        return y, x
 
     @staticmethod
-    def backward(ctx, dy, *grads):
-        dx_other = grads[-1]
+    def backward(ctx, dy, dx_other):
         xc, wc = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         dy2 = dy.reshape(-1, dy.shape[-1]).to(wc.dtype)
@@ -82,7 +70,7 @@ class _SharedInputLinear(torch.autograd.Function):
             # the masked sum needs only the input-gradient product: on CUDA it runs on a side stream beside
             # the weight-gradient product, launched after it so that the product's tiles are placed first
             _beside(after_dx, add_at_rows_, dx, dx_other.contiguous(), ctx.rows)
-        return dx, dw, None, None
+        return dx, dw, None
 
 
 def _beside(after, fn, *tensors):
@@ -114,8 +102,7 @@ def _addmm(c, a, b):
     return c + a.mm(b)
 
 
-def linear_sharing_input(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None = None,
-                         w_extra: torch.Tensor | None = None):
+def linear_sharing_input(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None = None):
     """(x @ w^T, x): the product, and x handed out again for the other readers of x.
 
     A hybrid's dense heads and MoSA heads both read x, so autograd would sum their two [B, T, h] gradients
@@ -128,13 +115,8 @@ def linear_sharing_input(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | 
     ``rows``: a bool mask over x's tokens outside which the other readers' gradient is zero (the fused MoSA
     op's: only kept tokens get one), which the caller may fill in after this call, before the backward.
     Where that gradient has the product's dtype, the backward then adds it at those rows only
-    (``combine.add_at_rows_``) after a plain product, on CUDA on a side stream beside the weight gradient.
-
-    ``w_extra [m, h]``: returns (x @ w^T, x @ w_extra^T, x), both products from one GEMM over the stacked
-    weights (x read once; a hybrid's MoSA router logits made beside the dense heads' q, k, v). The first
-    is a column slice of that GEMM's output (rows strided), the second carries no gradient (its reader
-    makes w_extra's gradient itself)."""
-    return _SharedInputLinear.apply(x, w, rows, w_extra)
+    (``combine.add_at_rows_``) after a plain product, on CUDA on a side stream beside the weight gradient."""
+    return _SharedInputLinear.apply(x, w, rows)
 
 
 def project_qkv(x, w_qkv, n_heads: int, rope_dims: int, rope_base: float, positions=None, backend: str = "auto",

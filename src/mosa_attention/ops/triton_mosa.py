@@ -1083,9 +1083,9 @@ class _EagerRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, cdt,
-                mark_rows=None, rows_only=False, logits=None):
+                mark_rows=None, rows_only=False):
         y, kept, idx, *saved = _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
-                                                deterministic, cdt, mark_rows, rows_only, logits)
+                                                deterministic, cdt, mark_rows, rows_only)
         ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.rows_only = rows_only
@@ -1096,42 +1096,37 @@ class _EagerRouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _kept, _idx):
         if dy is None:  # y took no part in the loss (grads are not materialised)
-            return (None,) * 13
+            return (None,) * 12
         *saved, w_router = ctx.saved_tensors
         dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router, rows_only=ctx.rows_only)
-        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None
+        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
-                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False,
-                     logits=None):
+                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False):
     """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward. ``mark_rows``:
     a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``: see
-    ``_fwd_impl``; ``logits``: the router logits [B, T, E] where the caller made them (see ``_route``)."""
-    idx, kept = _route(x, w_router, k, include_first, cdt, logits)
+    ``_fwd_impl``."""
+    idx, kept = _route(x, w_router, k, include_first, cdt)
     y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt,
                                              mark_rows, rows_only and not deterministic)
     return y, kept, idx, qkv, o, lse, perm, starts
 
 
-def _route(x, w_router, k: int, include_first: bool, cdt: torch.dtype, logits=None):
-    """Router logits [B, E, T] = (w_r x^T) (one GEMM in the compute dtype; or ``logits`` [B, T, E], any
-    strides, where the caller made them), then (each head's top-k positions, ascending; kept scores
-    sigmoid(logit) in float32): the fused kernel where T allows, else torch.
+def _route(x, w_router, k: int, include_first: bool, cdt: torch.dtype):
+    """Router logits [B, E, T] = (w_r x^T) (one GEMM in the compute dtype), then (each head's top-k positions,
+    ascending; kept scores sigmoid(logit) in float32): the fused kernel where T allows, else torch.
     Float32 scores keep the sigmoid's derivative s (1 - s) accurate for scores near 1, which top-k keeps
     (in bfloat16, 1 - s of a kept score can be off by half)."""
     from . import triton_routing
     from .routing import select_topk
     B, T, h = x.shape
     E = w_router.shape[0]
-    if logits is not None:
-        lt = logits.transpose(1, 2)
-    else:
-        with torch.autocast(x.device.type, enabled=False):
-            # w_r x^T, [E, B*T]: each head's row of logits is contiguous per sequence (the top-k kernel reads
-            # it coalesced), and the product's leading dimension B*T keeps cuBLAS on its tensor-core kernels
-            # (x w_r^T has leading dimension E, odd for E = 17 or 505, which sent it to an sm75 fallback kernel)
-            lt = torch.mm(w_router.to(cdt), x.reshape(B * T, h).to(cdt).t()).view(E, B, T).permute(1, 0, 2)
+    with torch.autocast(x.device.type, enabled=False):
+        # w_r x^T, [E, B*T]: each head's row of logits is contiguous per sequence (the top-k kernel reads it
+        # coalesced), and the product's leading dimension B*T keeps cuBLAS on its tensor-core kernels (x w_r^T
+        # has leading dimension E, odd for E = 17 or 505, which sent it to an sm75 fallback kernel)
+        lt = torch.mm(w_router.to(cdt), x.reshape(B * T, h).to(cdt).t()).view(E, B, T).permute(1, 0, 2)
     if T <= triton_routing.MAX_T:
         idx, kept = triton_routing.route_logits_triton(lt.transpose(1, 2), k, include_first, kept_dtype=torch.float32)
     else:
@@ -1192,8 +1187,7 @@ _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_c
 
 
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0,
-                deterministic: bool | None = None, mark_rows: torch.Tensor | None = None, rows_only: bool = False,
-                logits: torch.Tensor | None = None):
+                deterministic: bool | None = None, mark_rows: torch.Tensor | None = None, rows_only: bool = False):
     """MoSA heads with top-k routing fused in: router GEMM, the fused top-k kernel and ``sparse_attention``'s
     kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k] float32,
     positions [B, E, k] ascending); the last two carry no gradient. Same math as
@@ -1204,10 +1198,7 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     ``mark_rows``): y, and in the backward x's gradient, are defined only at the marked rows; the other rows
     are left unwritten (uninitialised memory), which saves clearing the whole [B, T, h] scatter buffers. For
     a caller that reads the marked rows only (``ops.add_at_rows``); ignored under torch.compile and with
-    deterministic scatters, which write every row. ``logits``: the router logits x w_r^T [B, T, E] (any
-    strides, the compute dtype, no gradient) where the caller has made them, e.g. in one GEMM with other
-    heads' projections (``ops.linear_sharing_input``'s ``w_extra``); the op then skips its router GEMM and
-    still makes the router's gradients itself. Under torch.compile they are recomputed."""
+    deterministic scatters, which write every row."""
     cdt, (w_router, w_qkv, w_o), mixed = _compute_dtype(x, w_router, w_qkv, w_o)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
@@ -1232,17 +1223,12 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
                          + ("" if mark_rows.is_contiguous() else " (not contiguous)"))
     if rows_only and mark_rows is None:
         raise ValueError("rows_only=True needs mark_rows (the rows it leaves defined), got mark_rows=None")
-    if logits is not None and (tuple(logits.shape) != (B, T, E) or logits.dtype != cdt
-                               or logits.device != x.device or logits.requires_grad):
-        raise ValueError(f"logits must be [B={B}, T={T}, E={E}] in the compute dtype {cdt} on {x.device}, without "
-                         f"gradient, got {tuple(logits.shape)} {logits.dtype} on {logits.device}"
-                         + (" (requires grad)" if logits.requires_grad else ""))
     if torch.compiler.is_compiling():
         y, kept, idx = _routed_fwd_op(*args)[:3]
         if mark_rows is not None:
             mark_rows.scatter_(1, idx.view(B, -1), True)
         return y, kept, idx
-    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), logits)
+    return _EagerRouted.apply(*args, mark_rows, bool(rows_only))
 
 
 # --------------------------------------------------------------------------------------------- entry point
