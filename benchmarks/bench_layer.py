@@ -902,6 +902,8 @@ def main():
                     help="masked hybrids: the fused op writes every row of y and x's gradient (before v10)")
     ap.add_argument("--dense-first", action="store_true",
                     help="a two-stream hybrid launches its dense heads before its MoSA heads")
+    ap.add_argument("--tiles", default=None, metavar="JSON",
+                    help='launch overrides for the MoSA kernels, e.g. {"_qkv_fwd":{"BM":64}} (triton_mosa.TILE_OVERRIDES)')
     ap.add_argument("--attn-bwd-split", action="store_true",
                     help="attention backward as two kernels (dk/dv, dq) also for short sequences (before v8.0)")
     ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
@@ -939,6 +941,8 @@ def main():
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:
         _tm.SEQ_BLOCK_BWD = False
+    if args.tiles:
+        _tm.TILE_OVERRIDES.update(json.loads(args.tiles))
     if args.dense_router_grad is not None:
         _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP = args.dense_router_grad
     import mosa_attention.layers.mosa as _lm
@@ -956,7 +960,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

@@ -118,3 +118,10 @@ def test_bench_list_arguments_must_parse(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", *SWEEP, "--seq-len", "16,x"])
     assert exc.value.code == 2 and "--seq-len" in capsys.readouterr().err
+
+
+def test_sweep_plot_labels_only_some_minor_ticks():
+    # a log axis over several decades has eight minor ticks per decade: label 2 and 5 times a power of ten
+    from mosa_attention.plots.bench import _minor_label
+    assert [_minor_label(v, 0) for v in (0.2, 0.3, 0.5, 0.7, 2.0, 5.0, 20.0, 90.0)] == \
+        ["0.2", "", "0.5", "", "2", "5", "20", ""]

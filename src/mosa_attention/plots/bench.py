@@ -9,6 +9,12 @@ from .curves import PlotError
 _LABELS = {"seq_len": "sequence length T", "sparsity": "sparsity ρ", "batch": "batch size B", "head_dim": "head dim"}
 
 
+def _minor_label(v: float, _pos) -> str:
+    """Labels for the log axis' minor ticks at 2 and 5 times a power of ten only (all eight crowd)."""
+    digit = f"{v:.0e}"[0]
+    return f"{v:g}" if digit in "25" else ""
+
+
 def plot_sweep(runs: list[dict], axis: str, out) -> Path:
     """Best time (eager or graph) of each layer against ``axis``, forward + backward and forward only, on
     log scales; returns the PNG's path (written whole: a temporary file, then renamed)."""
@@ -35,7 +41,7 @@ def plot_sweep(runs: list[dict], axis: str, out) -> Path:
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
         ax.set_xlabel(_LABELS[axis])
         ax.set_ylabel("ms (best of eager and CUDA graph)")
         ax.set_title("forward + backward" if step == "f+b" else "forward only")
