@@ -900,6 +900,9 @@ def main():
                          "the heads keep at most half of the tokens, MASKED_SUMS = None), on, off (before v9.0)")
     ap.add_argument("--no-rows-only", action="store_true",
                     help="masked hybrids: the fused op writes every row of y and x's gradient (before v10)")
+    ap.add_argument("--wide-shared-x", action="store_true",
+                    help="masked hybrids under autocast: the MoSA heads read float32 x, not the product's bf16 copy "
+                         "(ops.attention.NARROW_SHARED_X = False; before v10.2)")
     ap.add_argument("--dense-first", action="store_true",
                     help="a two-stream hybrid launches its dense heads before its MoSA heads")
     ap.add_argument("--tiles", default=None, metavar="JSON",
@@ -950,6 +953,8 @@ def main():
     _lm.MOSA_HEADS_FIRST = not args.dense_first
     _lm.MASKED_SUMS = {"auto": None, "on": True, "off": False}[args.masked_sums]
     _lm.ROWS_ONLY = not args.no_rows_only
+    from mosa_attention.ops import attention as _att
+    _att.NARROW_SHARED_X = not args.wide_shared_x
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
@@ -960,7 +965,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

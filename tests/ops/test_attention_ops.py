@@ -74,3 +74,26 @@ def test_addmm_wide_accumulator():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, c + (a.float() @ b.float()), rtol=1e-2, atol=1e-2)
 
+
+
+def test_rows_hand_out_x_in_the_product_dtype_under_autocast():
+    """With rows, the second output is the product's bf16 copy of x; the other reader's gradient (zero off
+    the rows) comes back in bf16 and is added at the rows into the product's float32 one."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    w = torch.randn(24, 16, requires_grad=True)
+    rows = torch.rand(2, 6) < 0.5
+    g1, g2 = torch.randn(2, 6, 24), torch.randn(2, 6, 16) * rows[..., None]
+    outs = []
+    for shared in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if shared:
+                y, x2 = linear_sharing_input(x, w, rows)
+                assert x2.dtype == torch.bfloat16 and torch.equal(x2, x.bfloat16())
+            else:
+                y, x2 = F.linear(x, w), x.bfloat16()
+            loss = (y.float() * g1).sum() + (x2.float().sin() * g2).sum()
+        outs.append(torch.autograd.grad(loss, (x, w)))
+    assert outs[0][0].dtype == torch.float32
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)

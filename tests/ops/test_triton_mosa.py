@@ -361,6 +361,34 @@ def test_hybrid_sums_at_the_kept_rows_only(monkeypatch, dtype, kind):
     assert MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, backend="torch")._kept_rows(x.cpu()) is None
 
 
+def test_hybrid_masked_sums_under_autocast(monkeypatch):
+    # under autocast over float32 (float16 here: the interpreter's bf16 products are unreliable) a masked
+    # hybrid hands its MoSA heads the product's float16 copy of x (ops.attention.NARROW_SHARED_X) and adds
+    # their float16 x-gradient at the kept rows; against the unmasked hybrid, which reads float32 x
+    import mosa_attention.layers.mosa as layer_module
+    from mosa_attention.layers import MoSAAttention
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    torch.manual_seed(8)
+    layer = MoSAAttention(48, 2, 4, head_dim=32, num_dense_heads=1, backend="triton")
+    x = torch.randn(2, 37, 48)
+    g = torch.randn_like(x)
+    seen = []
+    fused = layer_module.mosa_topk_fused
+    monkeypatch.setattr(layer_module, "mosa_topk_fused", lambda x, *a, **kw: (seen.append(x.dtype), fused(x, *a, **kw))[1])
+    results = []
+    for masked in (True, False):
+        monkeypatch.setattr(layer_module, "MASKED_SUMS", masked)
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = layer(xs)
+        assert y.dtype == torch.float16
+        results.append((y.float().detach(), *torch.autograd.grad((y.float() * g).sum(), [xs, *layer.parameters()])))
+    assert results[0][1].dtype == torch.float32 and seen == [torch.float16, torch.float32]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
 def test_layer_rejects_bad_deterministic():
     from mosa_attention.layers import FixedSparseAttention, MoSAAttention
     with pytest.raises(ValueError, match="deterministic='on'"):

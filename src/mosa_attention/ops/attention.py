@@ -14,6 +14,11 @@ from .rope import apply_rope, rope_cos_sin
 
 
 BACKENDS = ("auto", "torch", "triton")
+# With ``rows`` (a hybrid's masked sums), ``linear_sharing_input`` hands the other readers x in the product's
+# dtype, the copy the product reads anyway (under autocast over float32: bf16), so that they gather half the
+# bytes and skip their own cast; their gradient of x then comes back in that dtype, as autocast's own ops
+# would give it, and is added at the marked rows into the product's float32 one. False: x as it is.
+NARROW_SHARED_X = True
 
 
 def _fused_split(qkv: torch.Tensor, backend: str) -> bool:
@@ -33,7 +38,7 @@ def _fused_split(qkv: torch.Tensor, backend: str) -> bool:
 
 
 class _SharedInputLinear(torch.autograd.Function):
-    """(x @ w^T, x): see ``linear_sharing_input``."""
+    """(x @ w^T, x or its copy in the product's dtype): see ``linear_sharing_input``."""
 
     @staticmethod
     def forward(ctx, x, w, rows):
@@ -45,7 +50,7 @@ class _SharedInputLinear(torch.autograd.Function):
             y = F.linear(xc, wc)
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, w.dtype)
-        return y, x
+        return y, (xc if rows is not None and NARROW_SHARED_X else x)
 
     @staticmethod
     def backward(ctx, dy, dx_other):
@@ -59,7 +64,7 @@ class _SharedInputLinear(torch.autograd.Function):
             if dx_other is None:
                 dx = dy2.mm(wc).to(x_dtype)
             elif masked:
-                dx = dy2.mm(wc).view(xc.shape)
+                dx = _mm(dy2, wc, x_dtype).view(xc.shape)
                 after_dx = torch.cuda.current_stream(dx.device).record_event() if dx.is_cuda else None
             else:
                 dx = _addmm(dx_other.reshape(-1, dx_other.shape[-1]), dy2, wc)
@@ -89,6 +94,18 @@ def _beside(after, fn, *tensors):
     main.wait_stream(side)
 
 
+def _mm(a, b, out_dtype):
+    """a @ b in ``out_dtype``: one GEMM with a wider output where cuBLAS takes it (out_dtype), else a cast."""
+    if out_dtype == a.dtype:
+        return a.mm(b)
+    if a.is_cuda and out_dtype == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # no mixed-dtype GEMM in this torch build
+            pass
+    return a.mm(b).to(out_dtype)
+
+
 def _addmm(c, a, b):
     """c + a @ b in c's dtype, as one GEMM whose epilogue reads c (a wider c, e.g. float32 under autocast,
     through cuBLAS's out_dtype where this torch has it), else the product and one add."""
@@ -114,8 +131,10 @@ def linear_sharing_input(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | 
 
     ``rows``: a bool mask over x's tokens outside which the other readers' gradient is zero (the fused MoSA
     op's: only kept tokens get one), which the caller may fill in after this call, before the backward.
-    Where that gradient has the product's dtype, the backward then adds it at those rows only
-    (``combine.add_at_rows_``) after a plain product, on CUDA on a side stream beside the weight gradient."""
+    The second output is then x in the product's dtype (``NARROW_SHARED_X``; the copy the product reads:
+    x itself unless autocast narrows it), and where the other gradient comes back in that dtype the
+    backward adds it at those rows only (``combine.add_at_rows_``) into the product's, made in x's dtype,
+    on CUDA on a side stream beside the weight gradient."""
     return _SharedInputLinear.apply(x, w, rows)
 
 

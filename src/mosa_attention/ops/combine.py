@@ -13,20 +13,21 @@ from ._host import interpreting
 
 
 def _check(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> None:
-    if dst.shape != src.shape or dst.dtype != src.dtype or dst.device != src.device:
-        raise ValueError(f"dst and src must match in shape, dtype and device, got dst {tuple(dst.shape)} "
-                         f"{dst.dtype} {dst.device} and src {tuple(src.shape)} {src.dtype} {src.device}")
+    if dst.shape != src.shape or dst.device != src.device or not (dst.is_floating_point() and src.is_floating_point()):
+        raise ValueError(f"dst and src must be floating tensors of one shape on one device, got dst "
+                         f"{tuple(dst.shape)} {dst.dtype} {dst.device} and src {tuple(src.shape)} {src.dtype} {src.device}")
     if rows.dtype != torch.bool or rows.shape != dst.shape[:-1] or rows.device != dst.device:
         raise ValueError(f"rows must be a bool mask of shape {tuple(dst.shape[:-1])} on {dst.device}, got "
                          f"rows {tuple(rows.shape)} {rows.dtype} {rows.device}")
 
 
 def add_at_rows_reference_(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """dst[rows] += src[rows] in place (rows: bool over dst's leading dims); returns dst."""
+    """dst[rows] += src[rows] in place (rows: bool over dst's leading dims; src may have another float dtype,
+    its rows are cast to dst's); returns dst."""
     _check(dst, src, rows)
     d, s = dst.view(-1, dst.shape[-1]), src.reshape(-1, src.shape[-1])
     i = rows.reshape(-1).nonzero().squeeze(1)
-    d.index_add_(0, i, s.index_select(0, i))
+    d.index_add_(0, i, s.index_select(0, i).to(d.dtype))
     return dst
 
 
@@ -36,7 +37,8 @@ def add_at_rows_(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> to
     returns dst."""
     if dst.is_cuda or interpreting():
         _check(dst, src, rows)
-        if dst.is_contiguous() and src.is_contiguous() and dst.dtype != torch.float64:  # (the kernel adds in float32)
+        if dst.is_contiguous() and src.is_contiguous() and torch.float64 not in (dst.dtype, src.dtype):
+            # (the kernel adds in float32)
             from .triton_combine import add_at_rows_triton  # noqa: WPS433 (optional dependency)
             return add_at_rows_triton(dst, src, rows)
     return add_at_rows_reference_(dst, src, rows)
