@@ -97,3 +97,8 @@ def test_rows_hand_out_x_in_the_product_dtype_under_autocast():
     assert outs[0][0].dtype == torch.float32
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    # x_cast: the caller's copy is used as it is (and handed out)
+    xc = x.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, x2 = linear_sharing_input(x, w, rows, x_cast=xc)
+    assert x2.data_ptr() == xc.data_ptr() and torch.equal(y, F.linear(xc, w.bfloat16()))

@@ -389,6 +389,54 @@ def test_hybrid_masked_sums_under_autocast(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
+def test_router_fused_reads_a_narrow_copy_of_x():
+    # x_read: under autocast over float32 x the kernels read x's copy in the compute dtype instead of x;
+    # they cast x's tiles to that dtype anyway, so y and every gradient are the same bits, and x's
+    # gradient stays float32
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    torch.manual_seed(9)
+    x = torch.randn(2, 30, 32)
+    w = [torch.randn(3, 32), torch.randn(3, 32, 96) / 6, torch.randn(3, 32, 32) / 6]
+    dy = torch.randn(2, 30, 32)
+    out = []
+    for narrow in (False, True):
+        xs, ws = x.clone().requires_grad_(), [t.clone().requires_grad_() for t in w]
+        with torch.autocast("cpu", dtype=torch.float16):
+            y, kept, idx = mosa_triton(xs, *ws, 8, False, 16, x_read=xs.detach().half() if narrow else None)
+        y.float().backward(dy)
+        out.append((idx, y.detach(), xs.grad, *(t.grad for t in ws)))
+    assert out[1][2].dtype == torch.float32
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="x_read must be"):
+        mosa_triton(x, *w, 8, False, 16, x_read=x.bfloat16())
+
+
+def test_hybrid_kernels_read_the_products_copy_under_autocast(monkeypatch):
+    # X_READ: a hybrid without masked sums under autocast over float32 hands the fused op the dense
+    # product's float16 copy of x to read; output and gradients as when the op reads x itself
+    import mosa_attention.layers.mosa as layer_module
+    from mosa_attention.layers import MoSAAttention
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    torch.manual_seed(10)
+    monkeypatch.setattr(layer_module, "MASKED_SUMS", False)
+    layer = MoSAAttention(48, 2, 4, head_dim=32, num_dense_heads=1, backend="triton")
+    x, g = torch.randn(2, 37, 48), torch.randn(2, 37, 48)
+    results = []
+    for read in (True, False):
+        monkeypatch.setattr(layer_module, "X_READ", read)
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert (layer._sharing(xs, None)[1] is not None) is read
+            y = layer(xs)
+        results.append((y.detach(), *torch.autograd.grad((y.float() * g).sum(), [xs, *layer.parameters()])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_layer_rejects_bad_deterministic():
     from mosa_attention.layers import FixedSparseAttention, MoSAAttention
     with pytest.raises(ValueError, match="deterministic='on'"):

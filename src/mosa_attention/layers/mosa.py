@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import add_at_rows, linear_sharing_input, num_selected, rope_dims_for, select_topk, sparse_attention
+from ..ops import attention as attention_ops
 from ..ops._host import side_stream
 from ..ops.mosa import fused_topk_available, mosa_topk_fused
 from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
@@ -48,6 +49,11 @@ MASKED_MAX_KEPT = 0.5
 # become two 9 MB ones; H200, bf16, graph: 0.336 -> 0.328 ms, autocast 0.438 -> 0.420; benchmarks/NOTES.md
 # v10.0). False: whole buffers (for comparison in benchmarks).
 ROWS_ONLY = True
+# Where a hybrid on the fused op reads x through the dense heads' product under autocast over wider x and
+# without masked sums (t3), the op's kernels read the product's bf16 copy of x (``x_read``: the same values
+# after their own cast, half the bytes, no cast for the router product); its gradient stays float32.
+# False: they read x (for comparison in benchmarks).
+X_READ = True
 
 
 class MoSAAttention(nn.Module):
@@ -143,14 +149,15 @@ class MoSAAttention(nn.Module):
         aux = self.router_aux and self.training and torch.is_grad_enabled()
         return self.routing == "topk" and not aux and fused_topk_available(x, self.backend)
 
-    def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None):
+    def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None, x_read: torch.Tensor | None = None):
         """(y of the MoSA heads, selection); the kept tokens marked in ``rows`` (only given on the fused
-        path, see ``_kept_rows``), whose sums then read those rows only (``ROWS_ONLY``)."""
+        path, see ``_kept_rows``), whose sums then read those rows only (``ROWS_ONLY``); ``x_read``: x in
+        the autocast dtype for the fused op's kernels to read (see ``_share_input``)."""
         if self._fused(x):
             return mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
                                    include_first=self.include_first, rope_dims=self.rope_dims,
                                    rope_base=self.rope_base, deterministic=self.deterministic, mark_rows=rows,
-                                   rows_only=rows is not None and ROWS_ONLY)
+                                   rows_only=rows is not None and ROWS_ONLY, x_read=x_read)
         selection = self.select(x)
         y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
                              rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
@@ -173,19 +180,32 @@ class MoSAAttention(nn.Module):
                 return None
         return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
 
-    def _share_input(self, x: torch.Tensor, rows: torch.Tensor | None = None):
-        """(the dense heads' QKV product or None, the x the MoSA heads read): in a hybrid that takes
-        gradients, x may reach the MoSA heads through the dense heads' product (``SHARED_INPUT_GRAD``, or
-        ``rows`` for the masked sum of x's gradient)."""
+    def _sharing(self, x: torch.Tensor, rows: torch.Tensor | None):
+        """(whether the MoSA heads read x through the dense heads' product, the autocast-dtype copy of x that
+        product and the MoSA heads then share, or None): see ``_share_input``."""
+        dev = x.device.type
+        wider = torch.is_autocast_enabled(dev) and x.element_size() > torch.get_autocast_dtype(dev).itemsize
         share = SHARED_INPUT_GRAD
         if share is None:
-            dev = x.device.type
-            share = rows is not None or (torch.is_autocast_enabled(dev)
-                                         and x.element_size() > torch.get_autocast_dtype(dev).itemsize)
+            share = rows is not None or wider
         if not (share and self.num_mosa_heads and self.dense is not None and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
-            return None, x
-        return linear_sharing_input(x, self.dense.W_QKV.weight, rows)
+            return False, None
+        narrow = wider and self._fused(x) and (attention_ops.NARROW_SHARED_X if rows is not None else X_READ)
+        return True, (x.detach().to(torch.get_autocast_dtype(dev)) if narrow else None)
+
+    def _share_input(self, x: torch.Tensor, rows: torch.Tensor | None, sharing):
+        """(the dense heads' QKV product or None, the x the MoSA heads take, the x their kernels read or
+        None): in a hybrid that takes gradients, x may reach the MoSA heads through the dense heads' product
+        (``SHARED_INPUT_GRAD``, or ``rows`` for the masked sum of x's gradient). Under autocast over wider
+        x, one autocast-dtype copy of x (``sharing``'s, made by the caller before the streams fork) serves
+        the product and the MoSA heads: as their input with ``rows`` (``ops.attention.NARROW_SHARED_X``),
+        else as what the fused op's kernels read (``X_READ``)."""
+        share, xc = sharing
+        if not share:
+            return None, x, None
+        qkv, x_mosa = linear_sharing_input(x, self.dense.W_QKV.weight, rows, x_cast=xc)
+        return qkv, x_mosa, (xc if rows is None else None)
 
     @staticmethod
     def _sum(y_mosa, y_dense, rows):
@@ -212,17 +232,21 @@ class MoSAAttention(nn.Module):
         if side is not None:
             main = torch.cuda.current_stream(x.device)
             rows = self._kept_rows(x)
+            sharing = self._sharing(x, rows)  # (its copy of x, if any, is made before the wait)
             side.wait_stream(main)
-            qkv, x_mosa = self._share_input(x, rows)  # (after the wait: the MoSA heads need x, not this product)
+            # after the wait: the MoSA heads need x (or its copy), not this product
+            qkv, x_mosa, x_read = self._share_input(x, rows, sharing)
             if not MOSA_HEADS_FIRST:
                 y_dense = self._dense_heads(x, qkv)
             with torch.cuda.stream(side):
-                y, selection = self._mosa_heads(x_mosa, rows)
+                y, selection = self._mosa_heads(x_mosa, rows, x_read)
             if MOSA_HEADS_FIRST:
                 y_dense = self._dense_heads(x, qkv)
             main.wait_stream(side)
             # memory handed between the streams: x is read on the side stream, its results used on this one
-            x.record_stream(side)
+            for t in (x, x_mosa, x_read):  # (x_mosa, x_read: x or its copy)
+                if t is not None:
+                    t.record_stream(side)
             if rows is not None:
                 rows.record_stream(side)
             for t in (y, *selection, *([self.aux_loss] if self.aux_loss is not None else [])):
@@ -230,8 +254,8 @@ class MoSAAttention(nn.Module):
             y = self._sum(y, y_dense, rows)
         else:
             rows = self._kept_rows(x)
-            qkv, x_mosa = self._share_input(x, rows)
-            y, selection = self._mosa_heads(x_mosa, rows) if self.num_mosa_heads else (0, None)
+            qkv, x_mosa, x_read = self._share_input(x, rows, self._sharing(x, rows))
+            y, selection = self._mosa_heads(x_mosa, rows, x_read) if self.num_mosa_heads else (0, None)
             if self.dense is not None:
                 y = self._sum(y, self._dense_heads(x, qkv), rows)
         return (y, selection) if return_selection else y

@@ -41,12 +41,13 @@ class _SharedInputLinear(torch.autograd.Function):
     """(x @ w^T, x or its copy in the product's dtype): see ``linear_sharing_input``."""
 
     @staticmethod
-    def forward(ctx, x, w, rows):
+    def forward(ctx, x, w, rows, x_cast=None):
         ctx.rows = rows  # (may be filled in after this call: kept as it is, not saved for a version check)
         dev = x.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
-            xc, wc = x.to(cdt), w.to(cdt)
+            xc = x_cast if x_cast is not None and x_cast.dtype == cdt else x.to(cdt)
+            wc = w.to(cdt)
             y = F.linear(xc, wc)
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, w.dtype)
@@ -75,7 +76,7 @@ class _SharedInputLinear(torch.autograd.Function):
             # the masked sum needs only the input-gradient product: on CUDA it runs on a side stream beside
             # the weight-gradient product, launched after it so that the product's tiles are placed first
             _beside(after_dx, add_at_rows_, dx, dx_other.contiguous(), ctx.rows)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 def _beside(after, fn, *tensors):
@@ -119,7 +120,8 @@ def _addmm(c, a, b):
     return c + a.mm(b)
 
 
-def linear_sharing_input(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None = None):
+def linear_sharing_input(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None = None,
+                         x_cast: torch.Tensor | None = None):
     """(x @ w^T, x): the product, and x handed out again for the other readers of x.
 
     A hybrid's dense heads and MoSA heads both read x, so autograd would sum their two [B, T, h] gradients
@@ -134,8 +136,11 @@ def linear_sharing_input(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | 
     The second output is then x in the product's dtype (``NARROW_SHARED_X``; the copy the product reads:
     x itself unless autocast narrows it), and where the other gradient comes back in that dtype the
     backward adds it at those rows only (``combine.add_at_rows_``) into the product's, made in x's dtype,
-    on CUDA on a side stream beside the weight gradient."""
-    return _SharedInputLinear.apply(x, w, rows)
+    on CUDA on a side stream beside the weight gradient.
+
+    ``x_cast``: x already cast to the product's dtype (without gradient), where the caller made the copy
+    (e.g. before another stream starts reading it); used in place of a cast of its own."""
+    return _SharedInputLinear.apply(x, w, rows, x_cast)
 
 
 def project_qkv(x, w_qkv, n_heads: int, rope_dims: int, rope_base: float, positions=None, backend: str = "auto",

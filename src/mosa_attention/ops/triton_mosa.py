@@ -936,10 +936,11 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
 
 
 def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
-              w_router=None, rows_only: bool = False):
+              w_router=None, rows_only: bool = False, dx_dtype=None):
     """Gradients for x, scores, w_qkv, w_o; with ``w_router`` (the fused router: scores are sigmoid(x w_r^T)
     at the kept tokens) the second is w_router's gradient and x's includes the router's share.
-    ``rows_only`` (atomics only): x's gradient is written at the kept tokens' rows only (see ``_fwd_impl``)."""
+    ``rows_only`` (atomics only): x's gradient is written at the kept tokens' rows only (see ``_fwd_impl``).
+    ``dx_dtype``: the dtype of x's gradient where x is a narrower copy of the op's input (default x's)."""
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     cdt = qkv.dtype  # the forward's compute dtype
     c = _cfg(D, cdt)
@@ -950,7 +951,8 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     delta = torch.empty(E, R, device=dev, dtype=torch.float32)
     dsc = torch.empty(B, E, K, device=dev, dtype=torch.float32)
     deterministic = perm.numel() > 0  # the forward's choice
-    adt, vec = _atomic_plan(dev, h, x.dtype, E * R / (B * T))
+    gdt = dx_dtype or x.dtype
+    adt, vec = _atomic_plan(dev, h, gdt, E * R / (B * T))
     if deterministic:
         rows = torch.empty(E * R, h, device=dev, dtype=cdt)
     else:  # x's dtype takes the sums in place where it can (_atomic_plan); cleared by _out_bwd
@@ -993,7 +995,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
             ATOMIC=not deterministic, VEC=vec,
             num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
     # in x's dtype: no cast pass in autograd
-    dx = _scatter(rows, perm, starts, B, T, h, x.dtype, c) if deterministic else rows.to(x.dtype)
+    dx = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
     dwqkv = torch.empty_like(w_qkv)
     dwr = None if w_router is None or dense_dl else torch.empty_like(w_router)
     _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, 1 if fused else 3),
@@ -1083,12 +1085,14 @@ class _EagerRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, cdt,
-                mark_rows=None, rows_only=False):
-        y, kept, idx, *saved = _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
+                mark_rows=None, rows_only=False, x_read=None):
+        xr = x if x_read is None else x_read  # what the kernels read (the same values after their cast)
+        y, kept, idx, *saved = _routed_fwd_impl(xr, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
                                                 deterministic, cdt, mark_rows, rows_only)
-        ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *saved, w_router)
+        ctx.save_for_backward(xr, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.rows_only = rows_only
+        ctx.x_dtype = x.dtype
         ctx.mark_non_differentiable(kept, idx)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for kept and idx (two launches)
         return y, kept, idx
@@ -1096,10 +1100,11 @@ class _EagerRouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _kept, _idx):
         if dy is None:  # y took no part in the loss (grads are not materialised)
-            return (None,) * 12
+            return (None,) * 13
         *saved, w_router = ctx.saved_tensors
-        dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router, rows_only=ctx.rows_only)
-        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None
+        dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router, rows_only=ctx.rows_only,
+                                        dx_dtype=ctx.x_dtype)
+        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
@@ -1187,7 +1192,8 @@ _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_c
 
 
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0,
-                deterministic: bool | None = None, mark_rows: torch.Tensor | None = None, rows_only: bool = False):
+                deterministic: bool | None = None, mark_rows: torch.Tensor | None = None, rows_only: bool = False,
+                x_read: torch.Tensor | None = None):
     """MoSA heads with top-k routing fused in: router GEMM, the fused top-k kernel and ``sparse_attention``'s
     kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k] float32,
     positions [B, E, k] ascending); the last two carry no gradient. Same math as
@@ -1198,7 +1204,10 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     ``mark_rows``): y, and in the backward x's gradient, are defined only at the marked rows; the other rows
     are left unwritten (uninitialised memory), which saves clearing the whole [B, T, h] scatter buffers. For
     a caller that reads the marked rows only (``ops.add_at_rows``); ignored under torch.compile and with
-    deterministic scatters, which write every row."""
+    deterministic scatters, which write every row. ``x_read``: x already in the compute dtype (under autocast
+    over float32, e.g. the copy a preceding product made), which the kernels then read instead of x: the
+    same values after the cast they apply to x's tiles, half the bytes, no copy of their own for the router
+    product; gradients stay x's, in x's dtype. Ignored under torch.compile."""
     cdt, (w_router, w_qkv, w_o), mixed = _compute_dtype(x, w_router, w_qkv, w_o)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
@@ -1223,12 +1232,16 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
                          + ("" if mark_rows.is_contiguous() else " (not contiguous)"))
     if rows_only and mark_rows is None:
         raise ValueError("rows_only=True needs mark_rows (the rows it leaves defined), got mark_rows=None")
+    if x_read is not None and (x_read.shape != x.shape or x_read.device != x.device or x_read.dtype != cdt
+                               or not x_read.is_contiguous()):
+        raise ValueError(f"x_read must be a contiguous copy of x {tuple(x.shape)} in the compute dtype {cdt} on "
+                         f"{x.device}, got {tuple(x_read.shape)} {x_read.dtype} on {x_read.device}")
     if torch.compiler.is_compiling():
         y, kept, idx = _routed_fwd_op(*args)[:3]
         if mark_rows is not None:
             mark_rows.scatter_(1, idx.view(B, -1), True)
         return y, kept, idx
-    return _EagerRouted.apply(*args, mark_rows, bool(rows_only))
+    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), x_read)
 
 
 # --------------------------------------------------------------------------------------------- entry point
