@@ -547,6 +547,33 @@ def check_dense(out):
     out["check_dense"] = {"pass": ok, "rows": rows}
 
 
+def _step_grads(layer, x, dy, params, autocast: bool, graphed: bool):
+    """Clones of params' gradients after one forward + backward of layer (bf16 autocast if asked), run eagerly
+    or captured as a CUDA graph and replayed (the replay writes into the .grad tensors made during capture);
+    None where the capture failed."""
+    def step():
+        for p in params:
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        y.backward(dy)
+        return y
+    if graphed:
+        replay = graph_step(step)[0]
+        if replay is None:
+            return None
+        replay()
+    else:
+        step()
+    torch.cuda.synchronize()
+    return [p.grad.clone() for p in params]
+
+
+def _max_rel_diff(got, ref) -> float:
+    return max(((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+               for a, b in zip(got, ref))
+
+
 def check_streams(out):
     """Hybrids with the MoSA heads on a second stream (``layers.mosa.PARALLEL_HEADS``) against one stream:
     every gradient (x and all parameters), eagerly and replayed from a CUDA graph, bf16 and autocast over
@@ -578,23 +605,7 @@ def check_streams(out):
             layer_module.MASKED_SUMS = parallel == "masked"
             layer_module.MOSA_HEADS_FIRST = parallel != "dense-first"
             layer_module.SHARED_INPUT_GRAD = {"shared": True, "unshared": False}.get(parallel)
-            def step():
-                for p in params:
-                    p.grad = None
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "autocast"):
-                    y = layer(x)
-                y.backward(dy)
-                return y
-            if graphed:  # the replay writes the gradients into the .grad tensors made during capture
-                replay = graph_step(step)[0]
-                if replay is None:
-                    got[(parallel, graphed)] = None
-                    continue
-                replay()
-            else:
-                step()
-            torch.cuda.synchronize()
-            got[(parallel, graphed)] = [p.grad.clone() for p in params]
+            got[(parallel, graphed)] = _step_grads(layer, x, dy, params, mode == "autocast", graphed)
         layer_module.PARALLEL_HEADS, layer_module.SHARED_INPUT_GRAD, layer_module.MOSA_HEADS_FIRST = True, None, True
         layer_module.MASKED_SUMS = None
         ref = got[(False, False)]
@@ -603,8 +614,7 @@ def check_streams(out):
                 row = {"E": E, "mode": mode, "parallel": key[0], "graph": key[1], "capture_failed": True}
                 good = False
             else:
-                diff = max(((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-                           for a, b in zip(val, ref))
+                diff = _max_rel_diff(val, ref)
                 same = all(torch.equal(a, b) for a, b in zip(val, ref))
                 good = diff <= 2e-3
                 row = {"E": E, "mode": mode, "parallel": key[0], "graph": key[1], "bitwise": same, "max_rel_diff": diff}
@@ -621,22 +631,7 @@ def check_streams(out):
     got = {}
     for fast, graphed in ((False, False), (True, False), (True, True)):
         layer_module.PARALLEL_HEADS = layer_module.MASKED_SUMS = layer_module.ROWS_ONLY = fast
-        def step():
-            for p in params:
-                p.grad = None
-            y = layer(x)
-            y.backward(dy)
-            return y
-        if graphed:
-            replay = graph_step(step)[0]
-            if replay is None:
-                got[(fast, graphed)] = None
-                continue
-            replay()
-        else:
-            step()
-        torch.cuda.synchronize()
-        got[(fast, graphed)] = [p.grad.clone() for p in params]
+        got[(fast, graphed)] = _step_grads(layer, x, dy, params, False, graphed)
     layer_module.PARALLEL_HEADS, layer_module.ROWS_ONLY = True, True
     layer_module.MASKED_SUMS = None
     for key in ((True, False), (True, True)):
@@ -645,8 +640,7 @@ def check_streams(out):
             row, good = {"E": 17, "mode": "bf16", "parallel": "rows-only atomic", "graph": key[1],
                          "capture_failed": True}, False
         else:
-            diff = max(((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-                       for a, b in zip(val, got[(False, False)]))
+            diff = _max_rel_diff(val, got[(False, False)])
             good = diff <= 1e-2 and all(bool(torch.isfinite(a).all()) for a in val)
             row = {"E": 17, "mode": "bf16", "parallel": "rows-only atomic", "graph": key[1], "max_rel_diff": diff}
         rows.append(row)
