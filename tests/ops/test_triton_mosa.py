@@ -435,6 +435,11 @@ def test_hybrid_kernels_read_the_products_copy_under_autocast(monkeypatch):
         results.append((y.detach(), *torch.autograd.grad((y.float() * g).sum(), [xs, *layer.parameters()])))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # a non-contiguous x: its copy is made contiguous for the kernels
+    monkeypatch.setattr(layer_module, "X_READ", True)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+    with torch.autocast("cpu", dtype=torch.float16):
+        torch.testing.assert_close(layer(xt), results[0][0], rtol=1e-6, atol=1e-6)
 
 
 def test_layer_rejects_bad_deterministic():

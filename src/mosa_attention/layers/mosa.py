@@ -192,7 +192,8 @@ class MoSAAttention(nn.Module):
                 and not torch.compiler.is_compiling()):
             return False, None
         narrow = wider and self._fused(x) and (attention_ops.NARROW_SHARED_X if rows is not None else X_READ)
-        return True, (x.detach().to(torch.get_autocast_dtype(dev)) if narrow else None)
+        return True, (x.detach().to(torch.get_autocast_dtype(dev), memory_format=torch.contiguous_format)
+                      if narrow else None)
 
     def _share_input(self, x: torch.Tensor, rows: torch.Tensor | None, sharing):
         """(the dense heads' QKV product or None, the x the MoSA heads take, the x their kernels read or
