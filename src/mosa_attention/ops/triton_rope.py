@@ -56,7 +56,6 @@ def _split_rope(src0, src1, src2, dst_ptr, cos_ptr, sin_ptr, B, T, H, sb0, sh0, 
     cols = tl.arange(0, DP)
     tm = t < T
     m = tm[:, None] & (cols < D)[None, :]
-    packed = ((b * T + t.to(tl.int64)) * H + hh) * (3 * D) + part * D            # [B, T, H, 3, D]
     if BACKWARD:
         if part == 0:
             src = src0 + b.to(tl.int64) * sb0 + hh * sh0 + t.to(tl.int64) * st0
@@ -64,7 +63,7 @@ def _split_rope(src0, src1, src2, dst_ptr, cos_ptr, sin_ptr, B, T, H, sb0, sh0, 
             src = src1 + b.to(tl.int64) * sb1 + hh * sh1 + t.to(tl.int64) * st1
         else:
             src = src2 + b.to(tl.int64) * sb2 + hh * sh2 + t.to(tl.int64) * st2
-        dst = dst_ptr + packed
+        dst = dst_ptr + ((b * T + t.to(tl.int64)) * H + hh) * (3 * D) + part * D     # [B, T, H, 3, D]
     else:
         src = src0 + b.to(tl.int64) * sb0 + t.to(tl.int64) * st0 + (hh * 3 + part) * D
         dst = dst_ptr + (((part * B + b).to(tl.int64) * T + t) * H + hh) * D      # [3, B, T, H, D]
