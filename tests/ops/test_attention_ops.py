@@ -102,3 +102,54 @@ def test_rows_hand_out_x_in_the_product_dtype_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, x2 = linear_sharing_input(x, w, rows, x_cast=xc)
     assert x2.data_ptr() == xc.data_ptr() and torch.equal(y, F.linear(xc, w.bfloat16()))
+
+
+# ------------------------------------------------------------------ local (sliding-window) attention
+from mosa_attention.ops import attention as attention_ops  # noqa: E402
+from mosa_attention.ops import local_attention, local_attention_reference  # noqa: E402
+
+
+@pytest.mark.parametrize("B,H,T,D,window", [
+    (1, 2, 100, 8, 1),     # each query sees itself only
+    (2, 3, 97, 8, 2),      # T not a multiple of the chunk (16)
+    (1, 1, 64, 4, 16),     # window = chunk, T = 4 chunks exactly
+    (2, 2, 200, 16, 17),   # window one past a chunk: chunks of 32
+    (1, 2, 333, 8, 50),
+    (1, 1, 48, 8, 15),     # three chunks: the smallest chunked case
+    (1, 1, 40, 8, 39),     # two chunks or fewer: the [T, T] mask
+    (1, 1, 40, 8, 40),     # window = T: plain causal
+    (1, 1, 40, 8, 100),    # window > T
+])
+def test_local_attention_matches_the_masked_reference(B, H, T, D, window):
+    torch.manual_seed(T + window)
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, H, T, D, dtype=torch.float64)
+    got = local_attention(q, k, v, window)
+    want = local_attention_reference(q, k, v, window)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad((got * g).sum(), (q, k, v)), torch.autograd.grad((want * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_local_attention_never_builds_a_sequence_square_mask(monkeypatch):
+    """At T = 4096 with a window of 16 every mask SDPA gets is at most [chunk, 2 chunks]: O(T * window)."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(0 if attn_mask is None else attn_mask.numel())
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4096, 8) for _ in range(3))
+    want = local_attention_reference(q, k, v, 16)
+    monkeypatch.setattr(attention_ops.F, "scaled_dot_product_attention", spy)
+    got = local_attention(q, k, v, 16)
+    assert seen and max(seen) <= 16 * 32, seen
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_local_attention_rejects_a_bad_window():
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(ValueError, match="window=0"):
+        local_attention(q, q, q, 0)

@@ -171,6 +171,48 @@ def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
     return (d >= 0) & (d < window)
 
 
+def local_attention_reference(q, k, v, window: int) -> torch.Tensor:
+    """Sliding-window causal attention through one [T, T] mask: the reference of ``local_attention``."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(q.shape[-2], window, q.device))
+
+
+def _band(rows: int, cols: int, shift: int, window: int, device) -> torch.Tensor:
+    """Bool [rows, cols]: query a sees key b iff 0 <= a + shift - b < window."""
+    d = torch.arange(rows, device=device)[:, None] + shift - torch.arange(cols, device=device)[None, :]
+    return (d >= 0) & (d < window)
+
+
+def local_attention(q, k, v, window: int) -> torch.Tensor:
+    """Causal sliding-window attention: q, k, v [B, H, T, D]; query i sees keys j with i - window < j <= i.
+
+    O(T * window) time and memory, against O(T^2) for one [T, T] mask (``local_attention_reference``; at
+    T = 65536 that mask alone is 4 GiB). The sequence is cut into chunks of C >= window positions (C a
+    multiple of 16); the queries of chunk c see only keys of chunks c - 1 and c, so each chunk attends over
+    2C keys with one [C, 2C] band mask shared by every chunk but the first (which has no previous chunk and
+    attends within itself). SDPA runs both parts on its fused kernels wherever they take a mask."""
+    B, H, T, D = q.shape
+    window = int(window)
+    if window < 1:
+        raise ValueError(f"window must be a positive number of tokens, got window={window}")
+    if window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    C = -(-window // 16) * 16
+    n = -(-T // C)
+    if n <= 2:  # the [T, T] mask is at most [2C, 2C]: as small as the chunks' own
+        return local_attention_reference(q, k, v, window)
+    pad = n * C - T  # padded keys lie after every real query (causal: never seen); padded queries are dropped
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    first = F.scaled_dot_product_attention(q[:, :, :C], k[:, :, :C], v[:, :, :C],
+                                           attn_mask=_band(C, C, 0, window, q.device))
+    # chunks 1..n-1: queries [B, H * (n - 1), C, D] against their previous chunk and themselves [.., 2C, D]
+    qr = q[:, :, C:].reshape(B, H * (n - 1), C, D)
+    kr, vr = (torch.cat([t[:, :, :-C].reshape(B, H, n - 1, C, D), t[:, :, C:].reshape(B, H, n - 1, C, D)],
+                        dim=3).view(B, H * (n - 1), 2 * C, D) for t in (k, v))
+    rest = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=_band(C, 2 * C, C, window, q.device))
+    return torch.cat([first, rest.view(B, H, (n - 1) * C, D)], dim=2)[:, :, :T]
+
+
 def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0,
                      window: int | None = None, backend: str = "auto", qkv=None):
     """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens.
@@ -184,5 +226,5 @@ def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: 
     if window is None or window >= T:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(T, window, x.device))
+        o = local_attention(q, k, v, window)
     return F.linear(o.transpose(1, 2).reshape(B, T, -1), w_o)
