@@ -682,3 +682,36 @@ def test_every_launch_names_only_the_kernels_parameters(monkeypatch, seq_block):
     _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float32, TOL[torch.float32], False)
     _routed_compare(2, 40, 48, 6, 16, 32, 16, False, torch.float32, TOL[torch.float32], False)
     assert "_dwr" in seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dwo_inside_out_bwd(monkeypatch, dtype):
+    # DWO_IN_OUT_BWD forced on (by default only for grids of many heads on a GPU): one program per head holds
+    # all of its R rows and makes w_o's gradient from the same dy tiles; _dwo is not launched
+    monkeypatch.setattr(triton_mosa, "DWO_IN_OUT_BWD", True)
+    launch, seen = triton_mosa._launch, []
+    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (seen.append(kernel.fn.__name__),
+                                                                           launch(kernel, *a, **kw))[1])
+    for deterministic in (False, True):
+        _compare(2, 40, 48, 3, 17, 32, 16, dtype, deterministic=deterministic)  # R = 34: a 64-row tile
+        _compare(1, 20, 32, 2, 2, 32, 16, dtype, deterministic=deterministic)   # k = 2, batch 1: R = 2
+        _compare(2, 30, 32, 2, 10, 32, 16, dtype, pad=2, unsorted=True, deterministic=deterministic)
+    _routed_compare(2, 24, 32, 2, 24, 64, 64, False, dtype, TOL[dtype], False)  # k = T, router gradients
+    assert "_dwo" not in seen and "_out_bwd" in seen
+    monkeypatch.setattr(triton_mosa, "DWO_IN_OUT_BWD", None)  # default: never on the CPU
+    seen.clear()
+    _compare(2, 40, 48, 3, 17, 32, 16, dtype)
+    assert "_dwo" in seen
+
+
+def test_dwo_inside_out_bwd_choice(monkeypatch):
+    c16 = triton_mosa._cfg(64, torch.bfloat16)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_mosa, "_sm_count", lambda dev: 132)
+    assert triton_mosa._dwo_in_out_bwd(cuda, 256, 505, c16)                # t3: 505 heads of 256 rows
+    assert not triton_mosa._dwo_in_out_bwd(cuda, 512, 505, c16)            # too many rows for one program
+    assert not triton_mosa._dwo_in_out_bwd(cuda, 256, 17, c16)             # t1/t2's 17 heads: a small grid
+    assert not triton_mosa._dwo_in_out_bwd(cuda, 256, 505, triton_mosa._cfg(64, torch.float32))
+    assert not triton_mosa._dwo_in_out_bwd(cuda, 256, 505, triton_mosa._cfg(128, torch.bfloat16))
+    monkeypatch.setattr(triton_mosa, "DWO_IN_OUT_BWD", False)
+    assert not triton_mosa._dwo_in_out_bwd(cuda, 256, 505, c16)

@@ -410,15 +410,17 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.co
 # --------------------------------------------------------------------------------------------- backward
 @triton.jit
 def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K,
-             zero_ptr, zero_n, dlf_ptr, dlf_stride, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+             zero_ptr, zero_n, dlf_ptr, dlf_stride, dwo_ptr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
              BH: tl.constexpr, PREC: tl.constexpr, DLOGIT: tl.constexpr = False, ZERO: tl.constexpr = 0,
-             DENSE_DL: tl.constexpr = False):
+             DENSE_DL: tl.constexpr = False, DWO: tl.constexpr = False):
     """dO = score * (dy[b, pos] @ w_o[e]^T); d score = rowsum(dy[b, pos] @ w_o[e]^T * o); delta = rowsum(dO*o).
     DLOGIT: the scores are sigmoid(router logits); store d logit = d score * score * (1 - score) instead.
     ZERO = 1: also clear zero_ptr[0:zero_n] (the [B, T, h] buffer ``_qkv_bwd_dx`` adds dx into), shared by all
     programs; 2: clear only its rows of the kept tokens (rows-only output).
     DENSE_DL: also write d logit into the zeroed [E, B * T] matrix dlf (row stride dlf_stride) at column
-    b * T + pos, for the router's weight gradient as one dense product (``_router_grad_dense``)."""
+    b * T + pos, for the router's weight gradient as one dense product (``_router_grad_dense``).
+    DWO: the program holds all R rows of its head (BM >= R) and also makes ``_dwo``'s dw_o[e] from the same
+    dy tiles, each column tile of it once: one gather of dy instead of two, one launch less."""
     if ZERO == 1:
         _zero_share(zero_ptr, zero_n, 1024)
     pid = tl.program_id(0)
@@ -433,6 +435,10 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
     cols = tl.arange(0, DP)
     cm = cols < D
     wbase = wo_ptr + e.to(tl.int64) * D * h
+    sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
+    if DWO:  # (o * score)^T, [DP, BM]: the left factor of every column tile of dw_o[e]
+        ost = (tl.load(o_ptr + (e * R + rows).to(tl.int64)[None, :] * D + cols[:, None],
+                       mask=rm[None, :] & cm[:, None], other=0.0).to(tl.float32) * sc[None, :]).to(DT)
     acc = tl.zeros([BM, DP], tl.float32)
     for n0 in range(0, h, BH):
         nn = n0 + tl.arange(0, BH)
@@ -440,10 +446,13 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
         g = tl.load(dy_ptr + grow[:, None] + nn[None, :], mask=keep[:, None] & nm[None, :], other=0.0)
         wt = tl.load(wbase + cols[None, :] * h + nn[:, None], mask=cm[None, :] & nm[:, None], other=0.0).to(DT)
         acc = tl.dot(g, wt, acc, input_precision=PREC)
+        if DWO:
+            dw = tl.dot(ost, g, input_precision=PREC)
+            tl.store(dwo_ptr + e.to(tl.int64) * D * h + cols[:, None] * h + nn[None, :],
+                     dw.to(dwo_ptr.dtype.element_ty), mask=cm[:, None] & nm[None, :])
     ooff = (e * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
     o = tl.load(o_ptr + ooff, mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
     dsc = tl.sum(acc * o, 1)
-    sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
     if DLOGIT:
         dsc = dsc * sc * (1.0 - sc)
     tl.store(dsc_ptr + sel, dsc, mask=rm)
@@ -858,9 +867,32 @@ def _dwr_in_dwqkv(dev, programs: int) -> bool:
         return DWR_IN_DWQKV
     if dev.type != "cuda":
         return True
+    return programs <= _sm_count(dev)
+
+
+def _sm_count(dev) -> int:
     if dev not in _SM_COUNT:
         _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return programs <= _SM_COUNT[dev]
+    return _SM_COUNT[dev]
+
+
+# dw_o made inside ``_out_bwd`` by programs that each hold all R rows of a head (``DWO``), so that dy is
+# gathered once and one launch goes: None (default) for 16-bit heads of dim <= 64 with R <= 256 rows where
+# the grid of one program per head has at least ``DWO_IN_OUT_BWD_MIN_WAVES`` programs per SM (t3's 505
+# heads, not t1's 17, which would leave most SMs idle); True: wherever R <= 256 (any dtype: for tests and
+# comparisons); False: never (``_dwo`` after ``_out_bwd``).
+DWO_IN_OUT_BWD = None
+DWO_IN_OUT_BWD_MIN_WAVES = 2.0
+
+
+def _dwo_in_out_bwd(dev, R: int, E: int, c: dict) -> bool:
+    if DWO_IN_OUT_BWD is False or R > 256:
+        return False
+    if DWO_IN_OUT_BWD:
+        return True
+    if c["DP"] > 64 or c["PREC"] == "ieee" or dev.type != "cuda":
+        return False
+    return E >= DWO_IN_OUT_BWD_MIN_WAVES * _sm_count(dev)
 
 
 def _atomic_buffer(shape, dtype, dev):
@@ -962,18 +994,21 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # the router's weight gradient as one dense product where heads overlap much (see _router_grad_dense)
     dense_dl = w_router is not None and not in_dw and _dense_router_grad(E * R / (B * T))
     dlf = torch.zeros(E, B * T + 8, device=dev, dtype=cdt) if dense_dl else dsc
-    _launch(_out_bwd, lambda t: (cdiv(R, t["BM"]), E),
-            (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, rows, rows.numel(), dlf,
-             dlf.stride(0) if dense_dl else 0),
-            dict(BM=c["BM"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"], DLOGIT=w_router is not None,
-            ZERO=0 if deterministic else 2 if rows_only else 1, DENSE_DL=dense_dl, num_warps=4)
     dwo = torch.empty_like(w_o)
+    whole = _dwo_in_out_bwd(dev, R, E, c)
+    _launch(_out_bwd, lambda t: (1 if whole else cdiv(R, t["BM"]), E),
+            (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, rows, rows.numel(), dlf,
+             dlf.stride(0) if dense_dl else 0, dwo),
+            dict(BM=max(16, next_pow2(R)) if whole else c["BM"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"],
+            DLOGIT=w_router is not None, ZERO=0 if deterministic else 2 if rows_only else 1, DENSE_DL=dense_dl,
+            DWO=whole, num_warps=8 if whole and R > 128 else 4)
     # the weight gradients reduce over a head's R rows: 128 per step where R is long and the grid small (t1's
     # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
     # 16-bit tiles only (wider ones would not fit the pipeline in shared memory)
     long_r = R >= 512 and c["DP"] <= 64 and cdt != torch.float32
-    _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
-            dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
+    if not whole:
+        _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
+                dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     dqkv = torch.empty_like(qkv)
     qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
     common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)

@@ -1,0 +1,118 @@
+"""Local (sliding-window) heads on a GPU: ``ops.local_attention`` (chunks, O(T * window)) against the one-mask
+reference (``ops.local_attention_reference``, O(T^2)), forward + backward, bf16, one SDPA backend at a time.
+
+    python benchmarks/bench_local.py --out OUT        # writes OUT/local.json, prints a table
+
+For each (T, window): milliseconds (median over timed steps, CUDA events), peak memory above the inputs, the
+SDPA backend asked for, and the relative error of the output and of q's gradient against a float32 run of the
+reference on the same random inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mosa_attention.ops import local_attention, local_attention_reference
+
+BACKENDS = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH}
+
+
+def _step(fn, q, k, v, window, g):
+    o = fn(q, k, v, window)
+    o.backward(g)
+    return o
+
+
+def _time(fn, q, k, v, window, g, steps):
+    for _ in range(3):
+        _step(fn, q, k, v, window, g)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        _step(fn, q, k, v, window, g)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def run_case(B, H, T, D, window, backend, steps):
+    torch.manual_seed(T + window)
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    row = {"B": B, "H": H, "T": T, "D": D, "window": window, "backend": backend}
+    ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS[backend] is not None else None
+    for name, fn in (("chunks", local_attention), ("mask", local_attention_reference)):
+        try:
+            if ctx is not None:
+                ctx.__enter__()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            ms = _time(fn, q, k, v, window, g, steps)
+            row[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            row[f"{name}_ms"] = ms
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # a backend that does not take the mask, or OOM
+            row[f"{name}_ms"] = None
+            row[f"{name}_error"] = str(e).splitlines()[0][:160]
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            q.grad = k.grad = v.grad = None
+            torch.cuda.empty_cache()
+    if row.get("chunks_ms") is not None and T <= 16384:  # accuracy against float32 through the one-mask path
+        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+        want = local_attention_reference(qf, kf, vf, window)
+        want.backward(g.float())
+        q.grad = None
+        got = local_attention(q, k, v, window)
+        got.backward(g)
+        row["rel_err_y"] = _rel(got, want)
+        row["rel_err_dq"] = _rel(q.grad, qf.grad)
+        q.grad = k.grad = v.grad = None
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--backends", default="default,efficient,cudnn")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "benchmarks/bench_local.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())}
+    rows = []
+    # 4 local heads of dim 64 with B * T = 16384 tokens (the perplexity-matched hybrid's batch at T = 1024)
+    for T, window in ((1024, 32), (4096, 64), (16384, 64), (16384, 256), (65536, 64)):
+        B = max(1, 16384 // T)
+        for backend in args.backends.split(","):
+            row = run_case(B, 4, T, 64, window, backend, args.steps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    with open(os.path.join(args.out, "local.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"{'T':>6} {'win':>4} {'backend':>9} {'chunks ms':>10} {'mask ms':>9} {'chunks MiB':>11} {'mask MiB':>9} "
+          f"{'err y':>8} {'err dq':>8}")
+    for r in rows:
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        print(f"{r['T']:>6} {r['window']:>4} {r['backend']:>9} {fmt(r.get('chunks_ms'), '10.3f')} "
+              f"{fmt(r.get('mask_ms'), '9.3f')} {fmt(r.get('chunks_peak_mib'), '11.1f')} "
+              f"{fmt(r.get('mask_peak_mib'), '9.1f')} {fmt(r.get('rel_err_y'), '8.1e')} {fmt(r.get('rel_err_dq'), '8.1e')}")
+
+
+if __name__ == "__main__":
+    main()
