@@ -54,8 +54,8 @@ def run_case(B, H, T, D, window, backend, steps):
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     g = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
     row = {"B": B, "H": H, "T": T, "D": D, "window": window, "backend": backend}
-    ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS[backend] is not None else None
     for name, fn in (("chunks", local_attention), ("mask", local_attention_reference)):
+        ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS[backend] is not None else None
         try:
             if ctx is not None:
                 ctx.__enter__()
@@ -85,12 +85,33 @@ def run_case(B, H, T, D, window, backend, steps):
     return row
 
 
+def profile(T, window, steps=5):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    B = max(1, 16384 // T)
+    q, k, v = (torch.randn(B, 4, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+    for name, fn in (("chunks", local_attention), ("mask", local_attention_reference)):
+        for _ in range(3):
+            _step(fn, q, k, v, window, g)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                _step(fn, q, k, v, window, g)
+            torch.cuda.synchronize()
+        print(f"== {name}: T={T} window={window} B={B}, {steps} steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--backends", default="default,efficient,cudnn")
+    ap.add_argument("--profile", default=None, metavar="T,WINDOW",
+                    help="only a torch.profiler table of both versions at this length and window (B = 16384 / T)")
     args = ap.parse_args()
+    if args.profile:
+        return profile(*(int(v) for v in args.profile.split(",")))
     os.makedirs(args.out, exist_ok=True)
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -176,20 +176,25 @@ def local_attention_reference(q, k, v, window: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(q.shape[-2], window, q.device))
 
 
-def _band(rows: int, cols: int, shift: int, window: int, device) -> torch.Tensor:
-    """Bool [rows, cols]: query a sees key b iff 0 <= a + shift - b < window."""
-    d = torch.arange(rows, device=device)[:, None] + shift - torch.arange(cols, device=device)[None, :]
-    return (d >= 0) & (d < window)
+def _chunk_masks(n: int, C: int, window: int, device) -> torch.Tensor:
+    """Bool [1, n, C, 2C]: query a of chunk c sees key b of chunks (c - 1, c) iff 0 <= a + C - b < window and,
+    in chunk 0 (no previous chunk), b >= C."""
+    a = torch.arange(C, device=device)[:, None]
+    b = torch.arange(2 * C, device=device)[None, :]
+    band = (a + C - b >= 0) & (a + C - b < window)
+    masks = band.expand(n, C, 2 * C).clone()
+    masks[0, :, :C] = False
+    return masks[None]
 
 
 def local_attention(q, k, v, window: int) -> torch.Tensor:
     """Causal sliding-window attention: q, k, v [B, H, T, D]; query i sees keys j with i - window < j <= i.
 
     O(T * window) time and memory, against O(T^2) for one [T, T] mask (``local_attention_reference``; at
-    T = 65536 that mask alone is 4 GiB). The sequence is cut into chunks of C >= window positions (C a
-    multiple of 16); the queries of chunk c see only keys of chunks c - 1 and c, so each chunk attends over
-    2C keys with one [C, 2C] band mask shared by every chunk but the first (which has no previous chunk and
-    attends within itself). SDPA runs both parts on its fused kernels wherever they take a mask."""
+    T = 65536 that mask alone is 4 GiB). The sequence is cut into n chunks of C >= window positions (C a
+    multiple of 16); the queries of chunk c see only keys of chunks c - 1 and c, so one SDPA call attends
+    each chunk (as one of n "heads" of a batch of B * H) over its 2C keys (overlapping windows of the keys
+    shifted by one chunk), under a [n, C, 2C] band mask that also hides chunk 0's missing predecessor."""
     B, H, T, D = q.shape
     window = int(window)
     if window < 1:
@@ -201,16 +206,13 @@ def local_attention(q, k, v, window: int) -> torch.Tensor:
     if n <= 2:  # the [T, T] mask is at most [2C, 2C]: as small as the chunks' own
         return local_attention_reference(q, k, v, window)
     pad = n * C - T  # padded keys lie after every real query (causal: never seen); padded queries are dropped
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    first = F.scaled_dot_product_attention(q[:, :, :C], k[:, :, :C], v[:, :, :C],
-                                           attn_mask=_band(C, C, 0, window, q.device))
-    # chunks 1..n-1: queries [B, H * (n - 1), C, D] against their previous chunk and themselves [.., 2C, D]
-    qr = q[:, :, C:].reshape(B, H * (n - 1), C, D)
-    kr, vr = (torch.cat([t[:, :, :-C].reshape(B, H, n - 1, C, D), t[:, :, C:].reshape(B, H, n - 1, C, D)],
-                        dim=3).view(B, H * (n - 1), 2 * C, D) for t in (k, v))
-    rest = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=_band(C, 2 * C, C, window, q.device))
-    return torch.cat([first, rest.view(B, H, (n - 1) * C, D)], dim=2)[:, :, :T]
+    qc = F.pad(q, (0, 0, 0, pad)).reshape(B * H, n, C, D)
+    # keys and values of chunks (c - 1, c) for every c: windows of 2C rows, one chunk apart, over the
+    # sequence with one chunk of zeros in front ([B, H, n, D, 2C] from unfold, then one copy)
+    kc, vc = (F.pad(t, (0, 0, C, pad)).unfold(2, 2 * C, C).transpose(-1, -2).reshape(B * H, n, 2 * C, D)
+              for t in (k, v))
+    o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=_chunk_masks(n, C, window, q.device))
+    return o.reshape(B, H, n * C, D)[:, :, :T]
 
 
 def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0,
