@@ -18,7 +18,10 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mosa_attention.ops import attention as attention_ops
 from mosa_attention.ops import local_attention, local_attention_reference
+
+attention_ops.LOCAL_MASK_MAX_T = 0  # "chunks" are the chunks at every length (the op's default: above 4096)
 
 BACKENDS = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "math": SDPBackend.MATH}

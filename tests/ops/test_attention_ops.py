@@ -120,7 +120,8 @@ from mosa_attention.ops import local_attention, local_attention_reference  # noq
     (1, 1, 40, 8, 40),     # window = T: plain causal
     (1, 1, 40, 8, 100),    # window > T
 ])
-def test_local_attention_matches_the_masked_reference(B, H, T, D, window):
+def test_local_attention_matches_the_masked_reference(monkeypatch, B, H, T, D, window):
+    monkeypatch.setattr(attention_ops, "LOCAL_MASK_MAX_T", 0)  # chunks at every length (the default: above 4096)
     torch.manual_seed(T + window)
     q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     g = torch.randn(B, H, T, D, dtype=torch.float64)
@@ -145,9 +146,20 @@ def test_local_attention_never_builds_a_sequence_square_mask(monkeypatch):
     q, k, v = (torch.randn(1, 2, 4096, 8) for _ in range(3))
     want = local_attention_reference(q, k, v, 16)
     monkeypatch.setattr(attention_ops.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention_ops, "LOCAL_MASK_MAX_T", 0)
     got = local_attention(q, k, v, 16)
     assert seen and max(seen) <= 4096 * 2 * 16, seen
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # by default: one [T, T] mask up to LOCAL_MASK_MAX_T, chunks beyond
+    monkeypatch.undo()
+    monkeypatch.setattr(attention_ops.F, "scaled_dot_product_attention", spy)
+    seen.clear()
+    local_attention(q, k, v, 16)
+    assert seen == [4096 * 4096]
+    seen.clear()
+    x = torch.randn(1, 1, 8192, 4)
+    local_attention(x, x, x, 16)
+    assert seen and max(seen) <= 8192 * 2 * 16, seen
 
 
 def test_local_attention_rejects_a_bad_window():

@@ -19,6 +19,12 @@ BACKENDS = ("auto", "torch", "triton")
 # bytes and skip their own cast; their gradient of x then comes back in that dtype, as autocast's own ops
 # would give it, and is added at the marked rows into the product's float32 one. False: x as it is.
 NARROW_SHARED_X = True
+# Local heads up to this length attend through one [T, T] mask (``local_attention_reference``), longer ones in
+# chunks (``local_attention``): on an H200 (4 heads of dim 64, 16384 tokens, bf16, forward + backward, eager)
+# the mask took 0.58 ms against 1.11 at T = 1024, the two 1.27 / 1.25 at T = 4096, and the chunks 1.36
+# against 6.33 ms at T = 16384 and 1.81 against 97.5 ms (466 MiB against 44 GiB) at T = 65536
+# (benchmarks/bench_local.py, RESULTS.md).
+LOCAL_MASK_MAX_T = 4096
 
 
 def _fused_split(qkv: torch.Tensor, backend: str) -> bool:
@@ -191,7 +197,7 @@ def local_attention(q, k, v, window: int) -> torch.Tensor:
     """Causal sliding-window attention: q, k, v [B, H, T, D]; query i sees keys j with i - window < j <= i.
 
     O(T * window) time and memory, against O(T^2) for one [T, T] mask (``local_attention_reference``; at
-    T = 65536 that mask alone is 4 GiB). The sequence is cut into n chunks of C >= window positions (C a
+    T = 65536 that mask alone is 4 GiB), which is faster up to ``LOCAL_MASK_MAX_T`` and used there. The sequence is cut into n chunks of C >= window positions (C a
     multiple of 16); the queries of chunk c see only keys of chunks c - 1 and c, so one SDPA call attends
     each chunk (as one of n "heads" of a batch of B * H) over its 2C keys (overlapping windows of the keys
     shifted by one chunk), under a [n, C, 2C] band mask that also hides chunk 0's missing predecessor."""
@@ -203,7 +209,7 @@ def local_attention(q, k, v, window: int) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     C = -(-window // 16) * 16
     n = -(-T // C)
-    if n <= 2:  # the [T, T] mask is at most [2C, 2C]: as small as the chunks' own
+    if n <= 2 or T <= LOCAL_MASK_MAX_T:  # (n <= 2: the [T, T] mask is no larger than the chunks' own)
         return local_attention_reference(q, k, v, window)
     pad = n * C - T  # padded keys lie after every real query (causal: never seen); padded queries are dropped
     qc = F.pad(q, (0, 0, 0, pad)).reshape(B * H, n, C, D)
