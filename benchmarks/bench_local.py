@@ -105,16 +105,78 @@ def profile(T, window, steps=5):
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
+def layer_check(steps=10):
+    """The local heads inside layers (q, k, v strided views from the split + RoPE kernel): ``LocalAttention``
+    (4 heads, h = 512) and a hybrid of 4 local + 17 MoSA heads (rho = 32, local window 64), bf16, B = 1,
+    forward + backward ms (eager, median); at T = 16384 also the chunks against the one-mask path (max relative
+    error of the output and of every gradient)."""
+    from mosa_attention import LocalAttention, MoSAAttention
+    rows = []
+    for T in (16384, 65536):
+        torch.manual_seed(T)
+        for name, make in (("local 4 heads", lambda: LocalAttention(512, 4, window=64)),
+                           ("hybrid 4 local + 17 MoSA", lambda: MoSAAttention(512, 17, 32, num_dense_heads=4,
+                                                                             dense_kind="local", local_window=64))):
+            layer = make().cuda().to(torch.bfloat16)
+            x = torch.randn(1, T, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            g = torch.randn_like(x)
+            params = [x] + list(layer.parameters())
+
+            def step():
+                y = layer(x)
+                return y, torch.autograd.grad(y, params, g)
+
+            row = {"layer": name, "T": T}
+            for path, limit in (("chunks", 0), ("mask", 10 ** 9)):
+                if path == "mask" and T > 16384:
+                    continue
+                attention_ops.LOCAL_MASK_MAX_T = limit
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                times = []
+                for _ in range(steps):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    step()
+                    b.record()
+                    torch.cuda.synchronize()
+                    times.append(a.elapsed_time(b))
+                row[f"{path}_ms"] = statistics.median(times)
+                row[f"{path}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                if "MoSA" not in name or T <= 16384:
+                    row[f"{path}_out"] = step()
+            if "mask_out" in row:
+                (ya, ga), (yb, gb) = row.pop("chunks_out"), row.pop("mask_out")
+                row["max_rel_err"] = max(_rel(a, b) for a, b in zip((ya, *ga), (yb, *gb)))
+            row.pop("chunks_out", None)
+            attention_ops.LOCAL_MASK_MAX_T = 0
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--backends", default="default,efficient,cudnn")
+    ap.add_argument("--layer", action="store_true", help="only the layer-level check (LocalAttention, a local hybrid)")
     ap.add_argument("--profile", default=None, metavar="T,WINDOW",
                     help="only a torch.profiler table of both versions at this length and window (B = 16384 / T)")
     args = ap.parse_args()
     if args.profile:
         return profile(*(int(v) for v in args.profile.split(",")))
+    if args.layer:
+        os.makedirs(args.out, exist_ok=True)
+        rows = layer_check(args.steps)
+        with open(os.path.join(args.out, "local_layers.json"), "w") as f:
+            json.dump({"meta": {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                "command": "benchmarks/bench_local.py --layer"}, "rows": rows}, f, indent=1)
+        return None
     os.makedirs(args.out, exist_ok=True)
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

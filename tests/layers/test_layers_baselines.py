@@ -33,6 +33,28 @@ def test_dense_and_local(window):
     torch.testing.assert_close(layer(x), o @ layer.W_O.weight.T)
 
 
+@pytest.mark.parametrize("T,window", [(100, 7), (67, 16), (200, 40)])
+def test_local_layer_in_chunks(monkeypatch, T, window):
+    # the chunked path (ops.local_attention; by default above T = 4096) inside the layer, whose q, k, v are
+    # strided views of the projection: output and gradients against the direct computation
+    from mosa_attention.ops import attention as attention_ops
+    monkeypatch.setattr(attention_ops, "LOCAL_MASK_MAX_T", 0)
+    torch.manual_seed(T)
+    x = torch.randn(2, T, 16, dtype=torch.float64, requires_grad=True)
+    layer = LocalAttention(16, 3, window, head_dim=8).double()
+    i = torch.arange(T)
+    allowed = (i[:, None] - i[None, :] >= 0) & (i[:, None] - i[None, :] < window)
+    g = torch.randn(2, T, 16, dtype=torch.float64)
+    got = layer(x)
+    grads = torch.autograd.grad((got * g).sum(), (x, layer.W_QKV.weight, layer.W_O.weight))
+    q, k, v = qkv_of(layer, x)
+    want = naive_attention(q, k, v, allowed).transpose(1, 2).reshape(2, T, -1) @ layer.W_O.weight.T
+    expect = torch.autograd.grad((want * g).sum(), (x, layer.W_QKV.weight, layer.W_O.weight))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads, expect):
+        torch.testing.assert_close(a, b)
+
+
 def test_dense_layer_equals_mosa_layer_dense_heads():
     mosa = MoSAAttention(16, 1, 4, head_dim=8, num_dense_heads=2)
     with torch.no_grad():
