@@ -872,6 +872,9 @@ def main():
                     help="torch: top-k selection by torch.topk + sort instead of the fused kernel")
     ap.add_argument("--unfused", action="store_true",
                     help="route outside the Triton op (router GEMM, top-k, autograd) instead of fusing it in")
+    ap.add_argument("--sdpa", default="auto", choices=("auto", "flash", "cudnn", "efficient"),
+                    help="the SDPA kernels of every dense head (ours and the dense baseline alike): auto (torch's "
+                         "choice: cuDNN on an H200), or only this backend (torch.backends.cuda.enable_*_sdp)")
     ap.add_argument("--dense-torch", action="store_true",
                     help="dense heads (the dense layer and the hybrids' dense part) with plain-torch split + RoPE")
     ap.add_argument("--tune", action="store_true",
@@ -958,6 +961,9 @@ def main():
     _att.NARROW_SHARED_X = not args.wide_shared_x
     _lm.X_READ = not args.no_x_read
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
+    if args.sdpa != "auto":
+        for name in ("flash", "cudnn", "mem_efficient", "math"):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(name == args.sdpa.replace("efficient", "mem_efficient"))
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
     if args.router == "einsum":
@@ -967,7 +973,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
