@@ -55,6 +55,23 @@ def test_decoding_equals_full_forward(kw):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(attention="local"), dict(attention="mosa", dense_kind="local")],
+                         ids=["local", "local-hybrid"])
+def test_decoding_equals_a_full_forward_in_chunks(monkeypatch, kw):
+    # the full forward's local heads in chunks (ops.local_attention, by default only above T = 4096): 50
+    # tokens are four chunks of 16 for the window of 4
+    from mosa_attention.ops import attention as attention_ops
+    monkeypatch.setattr(attention_ops, "LOCAL_MASK_MAX_T", 0)
+    model = model_of(**kw)
+    torch.manual_seed(2)
+    seqs = [torch.randint(0, 50, (50,)) for _ in range(3)]
+    prompt_lens = [40, 37, 33]  # then 10 tokens one by one: 43 to 50 tokens, three or four chunks
+    got, _ = decode_all(model, seqs, prompt_lens)
+    for s, g in zip(seqs, got):
+        assert g.shape[0] > 32
+        torch.testing.assert_close(g, model(s[None, :g.shape[0]])[0][0], rtol=1e-5, atol=1e-5)
+
+
 def test_prefill_in_one_pass_equals_token_by_token():
     model = model_of(attention="mosa", dense_kind="local")
     seq = torch.randint(0, 50, (2, 20))
