@@ -715,24 +715,3 @@ def test_dwo_inside_out_bwd_choice(monkeypatch):
     assert not triton_mosa._dwo_in_out_bwd(cuda, 256, 505, triton_mosa._cfg(128, torch.bfloat16))
     monkeypatch.setattr(triton_mosa, "DWO_IN_OUT_BWD", False)
     assert not triton_mosa._dwo_in_out_bwd(cuda, 256, 505, c16)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_qkv_backward_per_head(monkeypatch, dtype):
-    # QKV_BWD_PER_HEAD forced on (by default only for grids of many heads on a GPU): dx's atomic scatter,
-    # dw_qkv and (routed) dw_router from one program per head instead of _qkv_bwd_dx, _dwqkv and _dwr; the
-    # deterministic scatter keeps the three kernels
-    monkeypatch.setattr(triton_mosa, "QKV_BWD_PER_HEAD", True)
-    monkeypatch.setattr(triton_mosa, "PER_HEAD_BH", 16)  # several column tiles at h = 32 and 48
-    launch, seen = triton_mosa._launch, []
-    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (seen.append(kernel.fn.__name__),
-                                                                           launch(kernel, *a, **kw))[1])
-    _compare(2, 40, 48, 3, 17, 32, 16, dtype, deterministic=False)   # R = 34, h = 48: three column tiles
-    _compare(1, 20, 32, 2, 2, 32, 16, dtype, deterministic=False)    # k = 2, batch 1
-    _compare(2, 30, 32, 2, 10, 32, 16, dtype, pad=2, unsorted=True, deterministic=False)
-    _routed_compare(2, 40, 48, 3, 9, 32, 16, True, dtype, TOL[dtype], False)   # router gradients, include_first
-    _routed_compare(2, 24, 32, 2, 24, 64, 64, False, dtype, TOL[dtype], False)  # k = T
-    assert "_qkv_bwd_head" in seen and not {"_qkv_bwd_dx", "_dwqkv", "_dwr"} & set(seen)
-    seen.clear()
-    _compare(2, 40, 48, 3, 17, 32, 16, dtype, deterministic=True)
-    assert "_qkv_bwd_head" not in seen and "_qkv_bwd_dx" in seen

@@ -700,53 +700,6 @@ def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
 
 
 @triton.jit
-def _qkv_bwd_head(x_ptr, idx_ptr, dqkv_ptr, w_ptr, dw_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr, dwr_ptr,
-                  D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                  ROUTER: tl.constexpr = False, VEC: tl.constexpr = 0):
-    """``_qkv_bwd_dx`` (atomic scatter), ``_dwqkv`` and ``_dwr`` in one program per head that holds all R <= BM
-    rows of it: dq, dk, dv are loaded once; for each BH-column tile of h the program adds that tile of the
-    rows' dx into dx[b, pos] (with d logit * w_router[e] where ROUTER) and writes that tile of dw_qkv[e]
-    (and of dw_router[e]) from the same gathered x rows: dqkv and x are read once, two launches fewer."""
-    e = tl.program_id(0)
-    DT: tl.constexpr = dqkv_ptr.dtype.element_ty
-    rows = tl.arange(0, BM)
-    rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
-    keep = rm & (pos >= 0) & (pos < T)
-    xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
-    cols = tl.arange(0, DP)
-    cm = cols < D
-    doff = (e * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
-    dmask = rm[:, None] & cm[None, :]
-    dq = tl.load(dqkv_ptr + doff, mask=dmask, other=0.0)
-    dk = tl.load(dqkv_ptr + E * R * D + doff, mask=dmask, other=0.0)
-    dv = tl.load(dqkv_ptr + 2 * E * R * D + doff, mask=dmask, other=0.0)
-    if ROUTER:
-        dl = tl.load(dl_ptr + sel, mask=keep, other=0.0)
-    wbase = w_ptr + e.to(tl.int64) * h * 3 * D
-    for n0 in range(0, h, BH):
-        nn = n0 + tl.arange(0, BH)
-        nm = nn < h
-        wm = cm[:, None] & nm[None, :]
-        wp = wbase + nn[None, :] * (3 * D) + cols[:, None]
-        acc = tl.dot(dq, tl.load(wp, mask=wm, other=0.0).to(DT), input_precision=PREC)
-        acc = tl.dot(dk, tl.load(wp + D, mask=wm, other=0.0).to(DT), acc, input_precision=PREC)
-        acc = tl.dot(dv, tl.load(wp + 2 * D, mask=wm, other=0.0).to(DT), acc, input_precision=PREC)
-        if ROUTER:
-            wr = tl.load(wr_ptr + e.to(tl.int64) * h + nn, mask=nm, other=0.0).to(tl.float32)
-            acc += dl[:, None] * wr[None, :]
-        _add_tile(dx_ptr, xrow * h, n0, acc, keep, h, VEC)
-        xt = tl.load(x_ptr + xrow[None, :] * h + nn[:, None], mask=rm[None, :] & nm[:, None], other=0.0).to(DT)
-        out = dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + cols[None, :]
-        om = nm[:, None] & cm[None, :]
-        tl.store(out, tl.dot(xt, dq, input_precision=PREC).to(dw_ptr.dtype.element_ty), mask=om)
-        tl.store(out + D, tl.dot(xt, dk, input_precision=PREC).to(dw_ptr.dtype.element_ty), mask=om)
-        tl.store(out + 2 * D, tl.dot(xt, dv, input_precision=PREC).to(dw_ptr.dtype.element_ty), mask=om)
-        if ROUTER:
-            dwr = tl.sum(xt.to(tl.float32) * dl[None, :], 1)
-            tl.store(dwr_ptr + e.to(tl.int64) * h + nn, dwr.to(dwr_ptr.dtype.element_ty), mask=nm)
-
-
-@triton.jit
 def _dwr(x_ptr, idx_ptr, dl_ptr, dwr_ptr, T, h, E, R, K, BR: tl.constexpr, BH: tl.constexpr):
     """dw_router[e][cols] = sum over kept tokens of d logit * x[b, pos] (the fused router's weight gradient:
     top-k passes gradient only to kept tokens). Products accumulate elementwise; one reduction at the end."""
@@ -932,29 +885,10 @@ DWO_IN_OUT_BWD = None
 DWO_IN_OUT_BWD_MIN_WAVES = 2.0
 
 
-# The same for dx's atomic scatter, dw_qkv and dw_router (``_qkv_bwd_head`` instead of ``_qkv_bwd_dx``,
-# ``_dwqkv`` and ``_dwr``): None (default): on the grids ``DWO_IN_OUT_BWD`` takes; True: wherever R <= 256 and
-# the scatter is atomic; False: never. ``PER_HEAD_BH``: the columns of h per step (at t3's 256 rows, bf16,
-# 8 warps, no pipelining: 227 registers and 139 KB of shared memory for 64 columns; ptxas, Triton 3.6).
-QKV_BWD_PER_HEAD = None
-PER_HEAD_BH = 64
-
-
-def _per_head_bwd(dev, R: int, E: int, c: dict) -> bool:
-    return _one_program_per_head(QKV_BWD_PER_HEAD, dev, R, E, c)
-
-
 def _dwo_in_out_bwd(dev, R: int, E: int, c: dict) -> bool:
-    return _one_program_per_head(DWO_IN_OUT_BWD, dev, R, E, c)
-
-
-def _one_program_per_head(switch, dev, R: int, E: int, c: dict) -> bool:
-    """A switch of the kernels that hold all R rows of a head in one program: False never, True wherever
-    R <= 256, None where it pays (16-bit heads of dim <= 64 on a GPU, at least ``DWO_IN_OUT_BWD_MIN_WAVES``
-    heads per SM)."""
-    if switch is False or R > 256:
+    if DWO_IN_OUT_BWD is False or R > 256:
         return False
-    if switch:
+    if DWO_IN_OUT_BWD:
         return True
     if c["DP"] > 64 or c["PREC"] == "ieee" or dev.type != "cuda":
         return False
@@ -1056,10 +990,9 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     else:  # x's dtype takes the sums in place where it can (_atomic_plan); cleared by _out_bwd
         rows = _atomic_buffer((B, T, h), adt, dev)
     fused = c["DW_FUSED"]
-    per_head = not deterministic and _per_head_bwd(dev, R, E, c)
     in_dw = w_router is not None and _dwr_in_dwqkv(dev, cdiv(h, c["DW_BH"]) * E * (1 if fused else 3))
     # the router's weight gradient as one dense product where heads overlap much (see _router_grad_dense)
-    dense_dl = w_router is not None and not in_dw and not per_head and _dense_router_grad(E * R / (B * T))
+    dense_dl = w_router is not None and not in_dw and _dense_router_grad(E * R / (B * T))
     dlf = torch.zeros(E, B * T + 8, device=dev, dtype=cdt) if dense_dl else dsc
     dwo = torch.empty_like(w_o)
     whole = _dwo_in_out_bwd(dev, R, E, c)
@@ -1091,15 +1024,6 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
                 **common)
         _launch(_attn_bwd_dq, lambda t: (cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]),
                 **common)
-    dwqkv = torch.empty_like(w_qkv)
-    dwr = None if w_router is None or dense_dl else torch.empty_like(w_router)
-    if per_head:  # dx's scatter, dw_qkv and dw_router in one program per head
-        _launch(_qkv_bwd_head, lambda t: (E,),
-                (x, idx, dqkv, w_qkv, dwqkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router,
-                 dsc if dwr is None else dwr),
-                dict(BM=max(16, next_pow2(R)), BH=PER_HEAD_BH), D=D, DP=c["DP"], PREC=c["PREC"],
-                ROUTER=w_router is not None, VEC=vec, num_warps=8 if R > 128 else 4, num_stages=1)
-        return rows.to(gdt), (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
     _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"])),
             (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
             dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
@@ -1107,6 +1031,8 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
             num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
     # in x's dtype: no cast pass in autograd
     dx = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
+    dwqkv = torch.empty_like(w_qkv)
+    dwr = None if w_router is None or dense_dl else torch.empty_like(w_router)
     _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, 1 if fused else 3),
             (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr if in_dw else dsc),
             dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"],
