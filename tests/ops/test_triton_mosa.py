@@ -715,36 +715,3 @@ def test_dwo_inside_out_bwd_choice(monkeypatch):
     assert not triton_mosa._dwo_in_out_bwd(cuda, 256, 505, triton_mosa._cfg(128, torch.bfloat16))
     monkeypatch.setattr(triton_mosa, "DWO_IN_OUT_BWD", False)
     assert not triton_mosa._dwo_in_out_bwd(cuda, 256, 505, c16)
-
-
-@pytest.mark.parametrize("kind", ["dense", "local"])
-def test_hybrid_casts_and_sums_the_float32_scatter_in_one_pass(monkeypatch, kind):
-    # where the fused op's atomics add into a float32 buffer for a 16-bit y (many rows per token; here
-    # forced by NARROW_ATOMICS = False), the hybrid gets y uninitialised plus that buffer and makes
-    # y_dense + buffer in y's dtype in one pass (DEFER_CAST); against the op's cast and then the sum: the same
-    # up to one rounding fewer, gradients identical in flow
-    import mosa_attention.layers.mosa as layer_module
-    from mosa_attention.layers import MoSAAttention
-    monkeypatch.setattr(triton_mosa, "NARROW_ATOMICS", False)
-    monkeypatch.setattr(layer_module, "MASKED_SUMS", False)
-    # uninitialised buffers (the op's y among them) come full of NaN: a sum that read y before writing it shows
-    monkeypatch.setattr(triton_mosa, "_atomic_buffer",
-                        lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev))
-    torch.manual_seed(7)
-    layer = MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, dense_kind=kind, backend="triton")
-    layer = layer.to(DEVICE).to(torch.float16)
-    x = torch.randn(2, 37, 48, device=DEVICE, dtype=torch.float16)
-    g = torch.randn_like(x)
-    finished, finish = [], triton_mosa.finish_sum
-    monkeypatch.setattr(triton_mosa, "finish_sum", lambda *a: (finished.append(1), finish(*a))[1])
-    results = []
-    for defer in (True, False):
-        monkeypatch.setattr(layer_module, "DEFER_CAST", defer)
-        xs = x.clone().requires_grad_()
-        y = layer(xs)
-        results.append((y.detach(), *torch.autograd.grad((y.float() * g).sum(), [xs, *layer.parameters()])))
-    assert finished == [1]
-    assert not any(torch.isnan(t).any() for t in results[0])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
-

@@ -54,10 +54,6 @@ ROWS_ONLY = True
 # after their own cast, half the bytes, no cast for the router product); its gradient stays float32.
 # False: they read x (for comparison in benchmarks).
 X_READ = True
-# Where the fused op's scatter adds into a float32 buffer (16-bit y, many kept rows per token: t3), a hybrid
-# casts that buffer and adds the dense heads' y in one pass (``triton_mosa.finish_sum``) instead of the op's
-# cast and then the sum. False: the op casts (for comparison in benchmarks).
-DEFER_CAST = True
 
 
 class MoSAAttention(nn.Module):
@@ -153,18 +149,15 @@ class MoSAAttention(nn.Module):
         aux = self.router_aux and self.training and torch.is_grad_enabled()
         return self.routing == "topk" and not aux and fused_topk_available(x, self.backend)
 
-    def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None, x_read: torch.Tensor | None = None,
-                    pending: list | None = None):
+    def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None, x_read: torch.Tensor | None = None):
         """(y of the MoSA heads, selection); the kept tokens marked in ``rows`` (only given on the fused
         path, see ``_kept_rows``), whose sums then read those rows only (``ROWS_ONLY``); ``x_read``: x in
-        the autocast dtype for the fused op's kernels to read (see ``_share_input``); ``pending``: a list
-        in which the fused op may leave y's float32 sum for ``_sum`` to cast (``DEFER_CAST``)."""
+        the autocast dtype for the fused op's kernels to read (see ``_share_input``)."""
         if self._fused(x):
             return mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
                                    include_first=self.include_first, rope_dims=self.rope_dims,
                                    rope_base=self.rope_base, deterministic=self.deterministic, mark_rows=rows,
-                                   rows_only=rows is not None and ROWS_ONLY, x_read=x_read,
-                                   pending=pending if DEFER_CAST and not torch.compiler.is_compiling() else None)
+                                   rows_only=rows is not None and ROWS_ONLY, x_read=x_read)
         selection = self.select(x)
         y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
                              rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
@@ -216,13 +209,8 @@ class MoSAAttention(nn.Module):
         return qkv, x_mosa, (xc if rows is None else None)
 
     @staticmethod
-    def _sum(y_mosa, y_dense, rows, pending=()):
-        """y_mosa + y_dense; with ``rows`` (marked by the fused op), at those rows only, in y_dense's memory;
-        with ``pending`` (the fused op's float32 sum, y_mosa then uninitialised), its cast and the sum in one
-        pass written into y_mosa."""
-        if pending:
-            from ..ops.triton_mosa import finish_sum  # noqa: WPS433 (only the triton op leaves a pending sum)
-            return finish_sum(y_mosa, pending[0], y_dense)
+    def _sum(y_mosa, y_dense, rows):
+        """y_mosa + y_dense; with ``rows`` (marked by the fused op), at those rows only, in y_dense's memory."""
         if rows is None:
             return y_mosa + y_dense
         return add_at_rows(y_dense, y_mosa, rows)
@@ -251,9 +239,8 @@ class MoSAAttention(nn.Module):
             qkv, x_mosa, x_read = self._share_input(x, rows, sharing)
             if not MOSA_HEADS_FIRST:
                 y_dense = self._dense_heads(x, qkv)
-            pending = []
             with torch.cuda.stream(side):
-                y, selection = self._mosa_heads(x_mosa, rows, x_read, pending)
+                y, selection = self._mosa_heads(x_mosa, rows, x_read)
             if MOSA_HEADS_FIRST:
                 y_dense = self._dense_heads(x, qkv)
             main.wait_stream(side)
@@ -263,16 +250,15 @@ class MoSAAttention(nn.Module):
                     t.record_stream(side)
             if rows is not None:
                 rows.record_stream(side)
-            for t in (y, *selection, *pending, *([self.aux_loss] if self.aux_loss is not None else [])):
+            for t in (y, *selection, *([self.aux_loss] if self.aux_loss is not None else [])):
                 t.record_stream(main)
-            y = self._sum(y, y_dense, rows, pending)
+            y = self._sum(y, y_dense, rows)
         else:
             rows = self._kept_rows(x)
             qkv, x_mosa, x_read = self._share_input(x, rows, self._sharing(x, rows))
-            pending = [] if self.dense is not None else None  # (pure MoSA: y is returned as the op made it)
-            y, selection = self._mosa_heads(x_mosa, rows, x_read, pending) if self.num_mosa_heads else (0, None)
+            y, selection = self._mosa_heads(x_mosa, rows, x_read) if self.num_mosa_heads else (0, None)
             if self.dense is not None:
-                y = self._sum(y, self._dense_heads(x, qkv), rows, pending)
+                y = self._sum(y, self._dense_heads(x, qkv), rows)
         return (y, selection) if return_selection else y
 
     def extra_repr(self) -> str:

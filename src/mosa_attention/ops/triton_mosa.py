@@ -928,14 +928,12 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
 
 
 def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype,
-              mark=None, rows_only: bool = False, pending: list | None = None):
+              mark=None, rows_only: bool = False):
     """(y, qkv, o, lse, perm, starts). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
     through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself or
     a float32 buffer; perm, starts empty, which tells the backward to do the same). ``mark``: a [B, T] bool
     tensor in which ``_qkv_fwd`` sets the kept tokens. ``rows_only`` (atomics only): y is written at the kept
-    tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only).
-    ``pending`` (a list): where the atomics add into a wider buffer than y, y is returned uninitialised and the
-    buffer appended to the list, for the caller to cast (and sum) in one pass of its own."""
+    tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only)."""
     # cdt is the compute dtype (the autocast dtype, else the weights'); x and the weights may be wider
     # (float32 under autocast): their tiles are cast as they are loaded, so no 16-bit copy of the sequence or
     # of the weights is made, and the weight gradients come out in the weights' dtype
@@ -964,12 +962,7 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
             dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"],
             ATOMIC=not deterministic, VEC=vec, num_warps=4)
     if not deterministic:
-        if pending is not None and out.dtype != cdt:
-            pending.append(out)
-            y = _atomic_buffer((B, T, h), cdt, dev)  # (uninitialised, like the scatter's buffers)
-        else:
-            y = out.to(cdt)
-        return (y, qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
+        return (out.to(cdt), qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
     perm, starts = _segments(idx, T)
     return _scatter(out, perm, starts, B, T, h, cdt, c), qkv, o, lse, perm, starts
 
@@ -1127,10 +1120,10 @@ class _EagerRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, cdt,
-                mark_rows=None, rows_only=False, x_read=None, pending=None):
+                mark_rows=None, rows_only=False, x_read=None):
         xr = x if x_read is None else x_read  # what the kernels read (the same values after their cast)
         y, kept, idx, *saved = _routed_fwd_impl(xr, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
-                                                deterministic, cdt, mark_rows, rows_only, pending)
+                                                deterministic, cdt, mark_rows, rows_only)
         ctx.save_for_backward(xr, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.rows_only = rows_only
@@ -1142,21 +1135,21 @@ class _EagerRouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _kept, _idx):
         if dy is None:  # y took no part in the loss (grads are not materialised)
-            return (None,) * 14
+            return (None,) * 13
         *saved, w_router = ctx.saved_tensors
         dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router, rows_only=ctx.rows_only,
                                         dx_dtype=ctx.x_dtype)
-        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None, None
+        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
-                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False, pending=None):
+                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False):
     """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward. ``mark_rows``:
     a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``: see
     ``_fwd_impl``."""
     idx, kept = _route(x, w_router, k, include_first, cdt)
     y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt,
-                                             mark_rows, rows_only and not deterministic, pending)
+                                             mark_rows, rows_only and not deterministic)
     return y, kept, idx, qkv, o, lse, perm, starts
 
 
@@ -1235,7 +1228,7 @@ _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_c
 
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0,
                 deterministic: bool | None = None, mark_rows: torch.Tensor | None = None, rows_only: bool = False,
-                x_read: torch.Tensor | None = None, pending: list | None = None):
+                x_read: torch.Tensor | None = None):
     """MoSA heads with top-k routing fused in: router GEMM, the fused top-k kernel and ``sparse_attention``'s
     kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k] float32,
     positions [B, E, k] ascending); the last two carry no gradient. Same math as
@@ -1249,10 +1242,7 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     deterministic scatters, which write every row. ``x_read``: x already in the compute dtype (under autocast
     over float32, e.g. the copy a preceding product made), which the kernels then read instead of x: the
     same values after the cast they apply to x's tiles, half the bytes, no copy of their own for the router
-    product; gradients stay x's, in x's dtype. Ignored under torch.compile. ``pending``: an empty list, for a
-    caller that sums y with another tensor right away (``finish_sum``): where the scatter adds into a float32
-    buffer (16-bit y, many rows per token), y is returned *uninitialised* and the buffer appended to the list,
-    so that the cast and the sum take one pass; ignored under torch.compile."""
+    product; gradients stay x's, in x's dtype. Ignored under torch.compile."""
     cdt, (w_router, w_qkv, w_o), mixed = _compute_dtype(x, w_router, w_qkv, w_o)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
@@ -1286,30 +1276,7 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
         if mark_rows is not None:
             mark_rows.scatter_(1, idx.view(B, -1), True)
         return y, kept, idx
-    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), x_read, pending)
-
-
-class _FinishSum(torch.autograd.Function):
-    """y <- (pending + other) in y's dtype, in place: see ``finish_sum``."""
-
-    @staticmethod
-    def forward(ctx, y, pending, other):
-        ctx.mark_dirty(y)
-        return torch.add(other, pending, out=y)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy, None, dy
-
-
-def finish_sum(y: torch.Tensor, pending: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """y + other for a y that ``mosa_triton(..., pending=[...])`` returned uninitialised with its float32 sum
-    ``pending``: the cast of pending and the sum with ``other`` (same shape, y's dtype) as one pass written
-    into y; differentiable in y and other (both get the gradient of the sum)."""
-    if pending.shape != y.shape or other.shape != y.shape or other.dtype != y.dtype:
-        raise ValueError(f"pending and other must have y's shape {tuple(y.shape)} (other also its dtype {y.dtype}), "
-                         f"got pending {tuple(pending.shape)}, other {tuple(other.shape)} {other.dtype}")
-    return _FinishSum.apply(y, pending, other)
+    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), x_read)
 
 
 # --------------------------------------------------------------------------------------------- entry point
