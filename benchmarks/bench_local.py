@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mosa_attention.bench.layer import median_ms
 from mosa_attention.ops import attention as attention_ops
 from mosa_attention.ops import local_attention, local_attention_reference
 
@@ -37,15 +37,7 @@ def _time(fn, q, k, v, window, g, steps):
     for _ in range(3):
         _step(fn, q, k, v, window, g)
     torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        _step(fn, q, k, v, window, g)
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return median_ms(lambda: _step(fn, q, k, v, window, g), steps, cuda=True)
 
 
 def _rel(a, b):
@@ -136,15 +128,7 @@ def layer_check(steps=10):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                times = []
-                for _ in range(steps):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    step()
-                    b.record()
-                    torch.cuda.synchronize()
-                    times.append(a.elapsed_time(b))
-                row[f"{path}_ms"] = statistics.median(times)
+                row[f"{path}_ms"] = median_ms(step, steps, cuda=True)
                 row[f"{path}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
                 if "MoSA" not in name or T <= 16384:
                     row[f"{path}_out"] = step()
