@@ -197,10 +197,11 @@ def local_attention(q, k, v, window: int) -> torch.Tensor:
     """Causal sliding-window attention: q, k, v [B, H, T, D]; query i sees keys j with i - window < j <= i.
 
     O(T * window) time and memory, against O(T^2) for one [T, T] mask (``local_attention_reference``; at
-    T = 65536 that mask alone is 4 GiB), which is faster up to ``LOCAL_MASK_MAX_T`` and used there. The sequence is cut into n chunks of C >= window positions (C a
-    multiple of 16); the queries of chunk c see only keys of chunks c - 1 and c, so one SDPA call attends
-    each chunk (as one of n "heads" of a batch of B * H) over its 2C keys (overlapping windows of the keys
-    shifted by one chunk), under a [n, C, 2C] band mask that also hides chunk 0's missing predecessor."""
+    T = 65536 that mask alone is 4 GiB), which is faster up to ``LOCAL_MASK_MAX_T`` and used there. The
+    sequence is cut into n chunks of C >= window positions (C a multiple of 16); the queries of chunk c see
+    only keys of chunks c - 1 and c, so one SDPA call attends each chunk (as one of n "heads" of a batch of
+    B * H) over its 2C keys (overlapping windows of the keys shifted by one chunk), under an [n, C, 2C] band
+    mask that also hides chunk 0's missing predecessor."""
     B, H, T, D = q.shape
     window = int(window)
     if window < 1:

@@ -996,6 +996,9 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     dlf = torch.zeros(E, B * T + 8, device=dev, dtype=cdt) if dense_dl else dsc
     dwo = torch.empty_like(w_o)
     whole = _dwo_in_out_bwd(dev, R, E, c)
+    if whole and TILE_OVERRIDES.get("_out_bwd", {}).get("BM", R) < R:
+        raise ValueError(f"TILE_OVERRIDES['_out_bwd']['BM'] must hold a head's R={R} rows where dw_o is made "
+                         f"inside _out_bwd (DWO_IN_OUT_BWD), got {TILE_OVERRIDES['_out_bwd']['BM']}")
     _launch(_out_bwd, lambda t: (1 if whole else cdiv(R, t["BM"]), E),
             (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, rows, rows.numel(), dlf,
              dlf.stride(0) if dense_dl else 0, dwo),
