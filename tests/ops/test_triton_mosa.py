@@ -715,3 +715,10 @@ def test_dwo_inside_out_bwd_choice(monkeypatch):
     assert not triton_mosa._dwo_in_out_bwd(cuda, 256, 505, triton_mosa._cfg(128, torch.bfloat16))
     monkeypatch.setattr(triton_mosa, "DWO_IN_OUT_BWD", False)
     assert not triton_mosa._dwo_in_out_bwd(cuda, 256, 505, c16)
+
+
+def test_dwo_inside_out_bwd_rejects_a_tile_that_cuts_a_head(monkeypatch):
+    monkeypatch.setattr(triton_mosa, "DWO_IN_OUT_BWD", True)
+    monkeypatch.setitem(triton_mosa.TILE_OVERRIDES, "_out_bwd", {"BM": 16})
+    with pytest.raises(ValueError, match="R=34"):
+        _compare(2, 40, 48, 3, 17, 32, 16, torch.float32)
