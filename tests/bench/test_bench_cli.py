@@ -125,3 +125,28 @@ def test_sweep_plot_labels_only_some_minor_ticks():
     from mosa_attention.plots.bench import _minor_label
     assert [_minor_label(v, 0) for v in (0.2, 0.3, 0.5, 0.7, 2.0, 5.0, 20.0, 90.0)] == \
         ["0.2", "", "0.5", "", "2", "5", "20", ""]
+
+
+def test_bench_times_a_local_hybrid(tmp_path, capsys, monkeypatch):
+    # --hybrid-kind local: the hybrid's other heads are sliding-window heads (window k unless set)
+    built = []
+    real = MoSAAttention.__init__
+    monkeypatch.setattr(MoSAAttention, "__init__", lambda self, *a, **kw: (built.append(kw), real(self, *a, **kw))[1])
+    out = tmp_path / "local.json"
+    assert main(["bench", *SMALL, "--hybrid-dense-heads", "1", "--hybrid-kind", "local", "--local-window", "5",
+                 "--json", str(out)]) == 0
+    c = json.loads(out.read_text())["config"]
+    assert (c["hybrid_kind"], c["local_window"]) == ("local", 5)
+    assert built[-1]["dense_kind"] == "local" and built[-1]["local_window"] == 5
+    assert "+ 1 local (window 5) vs 2 dense heads" in capsys.readouterr().out
+    assert main(["bench", *SMALL, "--hybrid-dense-heads", "1", "--hybrid-kind", "local"]) == 0
+    assert built[-1]["dense_kind"] == "local" and built[-1]["local_window"] is None
+    assert "local (window k)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,named", [(["--local-window", "4"], "--local-window"),
+                                         (["--hybrid-kind", "local", "--local-window", "0"], "--local-window"),
+                                         (["--hybrid-kind", "local", "--official", "x"], "--official")])
+def test_bench_rejects_bad_local_arguments(extra, named, capsys):
+    assert main(["bench", *SMALL, "--hybrid-dense-heads", "1", *extra]) == 2
+    assert named in capsys.readouterr().err

@@ -41,6 +41,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=_list_of(float), default=[32.0],
                    help="sparsity ρ: each MoSA head keeps T/ρ tokens (default 32; a comma-separated list sweeps)")
     p.add_argument("--hybrid-dense-heads", type=int, default=0, help="dense heads beside the MoSA heads (default 0)")
+    p.add_argument("--hybrid-kind", default="dense", choices=("dense", "local"),
+                   help="what the hybrid's other heads are: dense (default) or local, sliding-window heads")
+    p.add_argument("--local-window", type=int, default=None,
+                   help="with --hybrid-kind local: the window in tokens (default k at each T, as in the paper)")
     p.add_argument("--dense-heads", type=int, default=9, help="heads of the dense layer compared with (default 9)")
     p.add_argument("--head-dim", type=_list_of(int), default=[64], help="head width (default 64; a list sweeps)")
     p.add_argument("--seq-len", type=_list_of(int), default=[1024],
@@ -74,6 +78,13 @@ def _check(args) -> None:
                 raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.hybrid_dense_heads < 0:
         raise BenchError(f"--hybrid-dense-heads must be at least 0, got {args.hybrid_dense_heads}")
+    kind, window = getattr(args, "hybrid_kind", "dense"), getattr(args, "local_window", None)
+    if window is not None and (kind != "local" or window < 1):
+        raise BenchError(f"--local-window needs --hybrid-kind local and a positive window, got --local-window "
+                         f"{window} with --hybrid-kind {kind}")
+    if kind == "local" and getattr(args, "official", None):
+        raise BenchError("--official compares the official release's dense hybrid; it has no local heads "
+                         "(drop --official or --hybrid-kind local)")
     for value in _values(args, "sparsity"):
         if not value >= 1:
             raise BenchError(f"--sparsity must be at least 1, got {value}")
@@ -113,10 +124,12 @@ def measure(args) -> dict:
     from .official import official_layer  # noqa: PLC0415
 
     h, T, B = args.d_model, args.seq_len, args.batch
+    kind = getattr(args, "hybrid_kind", "dense")
     torch.manual_seed(0)
     layers = {
         "mosa": MoSAAttention(h, args.mosa_heads, args.sparsity, head_dim=args.head_dim,
-                              num_dense_heads=args.hybrid_dense_heads, backend=args.backend,
+                              num_dense_heads=args.hybrid_dense_heads, dense_kind=kind,
+                              local_window=getattr(args, "local_window", None), backend=args.backend,
                               deterministic=True if args.deterministic else None),
         "dense": DenseAttention(h, args.dense_heads, head_dim=args.head_dim),
     }
@@ -140,6 +153,7 @@ def measure(args) -> dict:
     return {
         "config": {"d_model": h, "mosa_heads": args.mosa_heads, "sparsity": args.sparsity,
                    "k": num_selected(T, args.sparsity), "hybrid_dense_heads": args.hybrid_dense_heads,
+                   "hybrid_kind": kind, "local_window": getattr(args, "local_window", None),
                    "dense_heads": args.dense_heads, "head_dim": args.head_dim, "seq_len": T, "batch": B,
                    "dtype": dtype, "backend": args.backend, "deterministic": args.deterministic,
                    "mosa_params": params["mosa"], "dense_params": params["dense"]},
@@ -178,10 +192,17 @@ def _write_json(res: dict, path: str) -> None:
     os.replace(tmp, path)  # never a half-written file
 
 
+def _kind(c: dict) -> str:
+    """The hybrid's other heads, as printed: "dense", or "local" with their window (k unless one was set)."""
+    if c.get("hybrid_kind", "dense") != "local":
+        return "dense"
+    return f"local (window {c.get('local_window') or 'k'})"
+
+
 def _print_one(res: dict) -> None:
     c = res["config"]
     print(f"{res['device']}, torch {res['torch']}, {c['dtype']}: h={c['d_model']}, {c['mosa_heads']} MoSA heads "
-          f"(k={c['k']} of T={c['seq_len']}) + {c['hybrid_dense_heads']} dense vs {c['dense_heads']} dense heads, "
+          f"(k={c['k']} of T={c['seq_len']}) + {c['hybrid_dense_heads']} {_kind(c)} vs {c['dense_heads']} dense heads, "
           f"head dim {c['head_dim']}, batch {c['batch']}")
     print(f"{'layer':<8} {'step':<4} {'eager ms':>9} {'graph ms':>9} {'peak MiB':>9}")
     for r in res["results"]:
@@ -195,7 +216,7 @@ def _print_one(res: dict) -> None:
 def _print_sweep(res: dict) -> None:
     c = res["runs"][0]["config"]
     print(f"{res['device']}, torch {res['torch']}, {c['dtype']}: h={c['d_model']}, {c['mosa_heads']} MoSA heads "
-          f"+ {c['hybrid_dense_heads']} dense vs {c['dense_heads']} dense heads; best of eager and graph, ms")
+          f"+ {c['hybrid_dense_heads']} {_kind(c)} vs {c['dense_heads']} dense heads; best of eager and graph, ms")
     official = "mosa_over_official" in res["runs"][0]
     head = (f"{'T':>6} {'rho':>6} {'k':>6} {'B':>4} {'D':>4} | {'MoSA f+b':>9} {'dense f+b':>9} {'ratio':>6} | "
             f"{'MoSA fwd':>9} {'dense fwd':>9} {'ratio':>6}" + (f" | {'vs official f+b':>15}" if official else ""))
