@@ -849,6 +849,10 @@ def plot(json_path, png_path):
     fig.savefig(png_path, dpi=120)
 
 
+# an auto / on / off flag as the module switch it sets (None: the module decides by shape)
+SWITCH = {"auto": None, "on": True, "off": False}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="correctness at real shapes")
@@ -947,15 +951,15 @@ def main():
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:
         _tm.SEQ_BLOCK_BWD = False
-    _tm.DWO_IN_OUT_BWD = {"auto": None, "on": True, "off": False}[args.dwo_in_out_bwd]
+    _tm.DWO_IN_OUT_BWD = SWITCH[args.dwo_in_out_bwd]
     if args.tiles:
         _tm.TILE_OVERRIDES.update(json.loads(args.tiles))
     if args.dense_router_grad is not None:
         _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP = args.dense_router_grad
     import mosa_attention.layers.mosa as _lm
-    _lm.SHARED_INPUT_GRAD = {"auto": None, "on": True, "off": False}[args.shared_input]
+    _lm.SHARED_INPUT_GRAD = SWITCH[args.shared_input]
     _lm.MOSA_HEADS_FIRST = not args.dense_first
-    _lm.MASKED_SUMS = {"auto": None, "on": True, "off": False}[args.masked_sums]
+    _lm.MASKED_SUMS = SWITCH[args.masked_sums]
     _lm.ROWS_ONLY = not args.no_rows_only
     from mosa_attention.ops import attention as _att
     _att.NARROW_SHARED_X = not args.wide_shared_x
