@@ -695,48 +695,6 @@ def check_routing(out):
     out["check_routing"] = {"pass": ok, "rows": rows}
 
 
-def tune_dense_out(out):
-    """The hybrid's dense output projection with the MoSA heads' y added at the kept rows in its epilogue
-    (``ops.combine.linear_add_at_rows``, Triton) against cuBLAS's product and then ``add_at_rows_``, at t2's
-    shape (B·T = 16384, 4 dense heads: K = 256, h = 512, ~42 % of the rows kept), bf16: the error against a
-    float32 reference and the GPU time of one call (CUDA graph) for each tile [BM, BN, BK, warps, stages]."""
-    import torch.nn.functional as F
-    from mosa_attention.ops import triton_combine
-    from mosa_attention.ops.combine import add_at_rows_, linear_add_at_rows_reference
-    rows_out = []
-    for M, K, N, dt in ((16384, 256, 512, torch.bfloat16), (16384, 256, 512, torch.float16),
-                        (4000, 192, 384, torch.bfloat16), (16384, 256, 512, torch.float32)):
-        a = torch.randn(M, K, device="cuda").to(dt)
-        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dt)
-        src = torch.randn(M, N, device="cuda")
-        rows = torch.rand(M, device="cuda") < 0.42
-        ref = linear_add_at_rows_reference(a.double(), w.double(), src.double(), rows)
-        row = {"shape": [M, K, N], "dtype": str(dt), "tiles_ms": {}, "errors": {}}
-        t_ref = cuda_time(graph_step(lambda: add_at_rows_(F.linear(a, w), src, rows))[0])
-        row["cublas_then_add_ms"] = t_ref
-        default = list(triton_combine.LINEAR_ADD_TILE)
-        for tile in ([128, 128, 64, 8, 3], [128, 128, 64, 4, 3], [128, 256, 64, 8, 3], [64, 128, 64, 4, 3],
-                     [128, 64, 64, 4, 3], [256, 128, 64, 8, 3], [128, 128, 32, 4, 4], [64, 256, 64, 8, 3]):
-            triton_combine.LINEAR_ADD_TILE[:] = tile
-            key = ",".join(map(str, tile))
-            try:
-                poison()
-                got = triton_combine.linear_add_at_rows_triton(a, w, src, rows)
-                row["errors"][key] = ((got.double() - ref).norm() / ref.norm()).item()
-                row["tiles_ms"][key] = cuda_time(graph_step(lambda: triton_combine.linear_add_at_rows_triton(a, w, src, rows))[0])
-            except Exception as err:  # noqa: BLE001
-                row["tiles_ms"][key] = repr(err)[:100]
-        triton_combine.LINEAR_ADD_TILE[:] = default
-        tol = 1e-4 if dt == torch.float32 else 1e-2
-        row["pass"] = all(isinstance(e, float) and e <= tol for e in row["errors"].values())
-        rows_out.append(row)
-        print("tune_dense_out %s %s cuBLAS+add %.4f ms | %s | max err %.1e %s" % (
-            row["shape"], dt, t_ref, " ".join("%s: %s" % (k, ("%.4f" % v) if isinstance(v, float) else v)
-                                              for k, v in row["tiles_ms"].items()),
-            max(row["errors"].values(), default=float("nan")), "PASS" if row["pass"] else "FAIL"), flush=True)
-    out["tune_dense_out"] = rows_out
-
-
 def tune_topk(out):
     """The routed top-k kernel (router logits in, positions and float32 kept scores out, as in training)
     at the targets' shapes in bf16, GPU time of one call (CUDA graph) for each tile ([BE heads per program,
@@ -928,8 +886,6 @@ def main():
                     help="forbid cuBLAS reductions in 16 bits (allow_bf16/fp16_reduced_precision_reduction = False)")
     ap.add_argument("--cublas-workspace", default=None, metavar="CONFIG",
                     help="CUBLAS_WORKSPACE_CONFIG for this run, e.g. :0:0 (no workspace), :4096:8")
-    ap.add_argument("--capture-stream", default="warm", choices=("warm", "fresh"),
-                    help="capture CUDA graphs on the stream of the warm-up steps, or on a stream of torch's own")
     ap.add_argument("--dense-torch", action="store_true",
                     help="dense heads (the dense layer and the hybrids' dense part) with plain-torch split + RoPE")
     ap.add_argument("--tune", action="store_true",
@@ -964,10 +920,6 @@ def main():
                     help='launch overrides for the MoSA kernels, e.g. {"_qkv_fwd":{"BM":64}} (triton_mosa.TILE_OVERRIDES)')
     ap.add_argument("--attn-bwd-split", action="store_true",
                     help="attention backward as two kernels (dk/dv, dq) also for short sequences (before v8.0)")
-    ap.add_argument("--tune-dense-out", action="store_true",
-                    help="check and time the dense output product with the masked y sum in its epilogue, per tile")
-    ap.add_argument("--sum-in-dense-out", default="on", choices=("on", "off"),
-                    help="a masked hybrid's y sum in the dense heads' output product (on) or a pass of its own")
     ap.add_argument("--tune-topk", action="store_true", help="time the routed top-k kernel's schemes and tiles")
     ap.add_argument("--dwo-in-out-bwd", default="auto", choices=("auto", "on", "off"),
                     help="w_o's gradient inside _out_bwd, one program per head (triton_mosa.DWO_IN_OUT_BWD): auto "
@@ -1019,7 +971,6 @@ def main():
     from mosa_attention.ops import attention as _att
     _att.NARROW_SHARED_X = not args.wide_shared_x
     _lm.X_READ = not args.no_x_read
-    _lm.SUM_IN_DENSE_OUT = args.sum_in_dense_out == "on"
     DENSE_BACKEND = "torch" if args.dense_torch else "auto"
     if args.sdpa != "auto":
         for name in ("flash", "cudnn", "mem_efficient", "math"):
@@ -1031,8 +982,6 @@ def main():
     if args.no_reduced_reduction:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-    import mosa_attention.bench.layer as _bl
-    _bl.CAPTURE_ON_WARM_STREAM = args.capture_stream == "warm"
     TUNE_ROUTING = args.tune
     import mosa_attention.layers.mosa as layer_module
     if args.router == "einsum":
@@ -1042,7 +991,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "capture_stream": args.capture_stream, "sum_in_dense_out": args.sum_in_dense_out, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
@@ -1067,9 +1016,6 @@ def main():
         save()
     if args.tune_topk:
         tune_topk(out)
-        save()
-    if args.tune_dense_out:
-        tune_dense_out(out)
         save()
     if args.profile:
         profile()

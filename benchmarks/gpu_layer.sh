@@ -2,7 +2,7 @@
 # The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
 # limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
 #   bash benchmarks/gpu_layer.sh OUT [STAGES]
-#   STAGES: any of denseout local check tune checktune topk bf16+FLAGS ac+FLAGS profile timeline timeline+FLAGS profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
+#   STAGES: any of local check tune checktune topk bf16+FLAGS ac+FLAGS profile timeline timeline+FLAGS profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
 # (…det: our layers with deterministic=True, …atomic: deterministic=False; the rest deterministic=None)
 set -u
 OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
@@ -27,7 +27,6 @@ for s in $STAGES; do
                  timeout -k 5 "${MOSABENCH_S:-120}" $PY -m mosa_attention.cli bench --mosa-heads 505 --sparsity 64 --hybrid-dense-heads 4 --json "$OUT/mosabench_t3.json"; } ;;
     local)    timeout -k 5 "${LOCAL_S:-150}" $PY benchmarks/bench_local.py --out "$OUT/local" ;;
     topk)     timeout -k 5 "${TOPK_S:-120}" $PY $B --tune-topk --no-bench --out "$OUT/topk" ;;
-    denseout) timeout -k 5 "${TOPK_S:-120}" $PY $B --tune-dense-out --no-bench --out "$OUT/denseout" ;;
     bf16+*)   # bf16 timings of t1-t3 with the flags after "bf16+", "+" for spaces (A/B runs in one call)
               flags=${s#bf16+}
               timeout -k 5 "${BF16_S:-100}" $PY $B --mode bf16 --no-sweep --cases "${CASES:-t1,t2,t3}" ${flags//+/ } \

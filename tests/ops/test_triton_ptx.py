@@ -122,15 +122,6 @@ ALL_KERNELS = textwrap.dedent("""
                        options=dict(num_warps=4, num_stages=2))
     assert k.asm["cubin"]
     print("compiled _add_at_rows")
-    for dt, ieee in (("*bf16", False), ("*fp16", False), ("*fp32", True)):
-        cons = dict(BM=128, BN=128, BK=64, IEEE=ieee)
-        sig = dict(a_ptr=dt, w_ptr=dt, src_ptr="*fp32", rows_ptr="*u8", y_ptr=dt, M="i32", N="i32", K="i32",
-                   stride_am="i32", **{n: "constexpr" for n in cons})
-        k = triton.compile(ASTSource(tc._linear_add_rows, sig, cons), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=8, num_stages=3))
-        assert k.asm["cubin"]
-        assert ieee or "wgmma" in k.asm["ptx"]  # 16-bit tiles on Hopper's tensor-core path
-        print("compiled _linear_add_rows", dt)
 """)
 
 
@@ -145,4 +136,4 @@ def test_every_kernel_compiles_for_sm90():
     run = subprocess.run([sys.executable, "-c", ALL_KERNELS], env=dict(os.environ, TRITON_INTERPRET="0"),
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 23, run.stdout
+    assert run.stdout.count("compiled") == 20, run.stdout

@@ -64,10 +64,6 @@ def median_ms(fn, iters: int, cuda: bool, max_s: float | None = None) -> float:
     return statistics.median(times)
 
 
-# Capture on the stream that ran the warm-up steps (True) or on torch's own capture stream (False).
-CAPTURE_ON_WARM_STREAM = True
-
-
 def capture_graph(step):
     """(replay, None) for a CUDA graph of ``step``, or (None, why) when the step cannot be captured."""
     side = torch.cuda.Stream()
@@ -78,7 +74,7 @@ def capture_graph(step):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, stream=side if CAPTURE_ON_WARM_STREAM else None):
+        with torch.cuda.graph(graph):
             step()
     except Exception as err:  # noqa: BLE001 (a layer that reads values back to the host cannot be captured)
         return None, f"{type(err).__name__}: {str(err)[:160]}"

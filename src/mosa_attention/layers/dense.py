@@ -6,8 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import rope_dims_for
-from ..ops.attention import causal_attention_heads
+from ..ops import causal_attention, rope_dims_for
 from ._checks import check_input, check_positive_int
 
 
@@ -38,14 +37,10 @@ class DenseAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, window: int | None = None, qkv: torch.Tensor | None = None) -> torch.Tensor:
         """``qkv``: ``x @ W_QKV^T`` where the caller has made it (a hybrid, ``ops.linear_sharing_input``)."""
-        return self.W_O(self.heads(x, window, qkv))
-
-    def heads(self, x: torch.Tensor, window: int | None = None, qkv: torch.Tensor | None = None) -> torch.Tensor:
-        """The heads' outputs before ``W_O``, [B, T, num_heads * head_dim] (a hybrid that projects them itself)."""
         check_input(x, self.d_model)
-        return causal_attention_heads(x, self.W_QKV.weight, self.num_heads, rope_dims=self.rope_dims,
-                                      rope_base=self.rope_base, window=window if window is not None else self.window,
-                                      backend=self.backend, qkv=qkv)
+        return causal_attention(x, self.W_QKV.weight, self.W_O.weight, self.num_heads, rope_dims=self.rope_dims,
+                                rope_base=self.rope_base, window=window if window is not None else self.window,
+                                backend=self.backend, qkv=qkv)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"

@@ -6,8 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import (add_at_rows, linear_add_at_rows, linear_sharing_input, num_selected, rope_dims_for, select_topk,
-                   sparse_attention)
+from ..ops import add_at_rows, linear_sharing_input, num_selected, rope_dims_for, select_topk, sparse_attention
 from ..ops import attention as attention_ops
 from ..ops._host import side_stream
 from ..ops.mosa import fused_topk_available, mosa_topk_fused
@@ -55,10 +54,6 @@ ROWS_ONLY = True
 # after their own cast, half the bytes, no cast for the router product); its gradient stays float32.
 # False: they read x (for comparison in benchmarks).
 X_READ = True
-# With masked sums, the dense heads' output projection adds the MoSA heads' y at the kept rows in its own
-# epilogue (``ops.combine.linear_add_at_rows``, one Triton kernel) instead of a cuBLAS product and then a
-# pass of its own. False: the product, then ``add_at_rows`` (for comparison in benchmarks).
-SUM_IN_DENSE_OUT = True
 
 
 class MoSAAttention(nn.Module):
@@ -168,10 +163,9 @@ class MoSAAttention(nn.Module):
                              rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
         return y, selection
 
-    def _dense_heads(self, x: torch.Tensor, qkv: torch.Tensor | None = None, project: bool = True) -> torch.Tensor:
-        """The dense (or local) heads' y, or with ``project=False`` their outputs before ``W_O``."""
+    def _dense_heads(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
         window = self.window(x.shape[1]) if self.dense_kind == "local" else None
-        return (self.dense if project else self.dense.heads)(x, window=window, qkv=qkv)
+        return self.dense(x, window=window, qkv=qkv)
 
     def _kept_rows(self, x: torch.Tensor):
         """A cleared [B, T] mask to mark the tokens the MoSA heads keep, where the hybrid's sums take only
@@ -214,14 +208,6 @@ class MoSAAttention(nn.Module):
         qkv, x_mosa = linear_sharing_input(x, self.dense.W_QKV.weight, rows, x_cast=xc)
         return qkv, x_mosa, (xc if rows is None else None)
 
-    def _sum_in_dense_out(self, rows) -> bool:
-        """Whether the y sum runs in the dense heads' output projection (``SUM_IN_DENSE_OUT``; masked sums)."""
-        return SUM_IN_DENSE_OUT and rows is not None
-
-    def _dense_out_plus(self, o_dense, y_mosa, rows):
-        """The dense heads' output projection of ``o_dense`` plus y_mosa at the kept rows, in one product."""
-        return linear_add_at_rows(o_dense, self.dense.W_O.weight, y_mosa, rows)
-
     @staticmethod
     def _sum(y_mosa, y_dense, rows):
         """y_mosa + y_dense; with ``rows`` (marked by the fused op), at those rows only, in y_dense's memory."""
@@ -251,13 +237,12 @@ class MoSAAttention(nn.Module):
             side.wait_stream(main)
             # after the wait: the MoSA heads need x (or its copy), not this product
             qkv, x_mosa, x_read = self._share_input(x, rows, sharing)
-            project = not self._sum_in_dense_out(rows)
             if not MOSA_HEADS_FIRST:
-                y_dense = self._dense_heads(x, qkv, project)
+                y_dense = self._dense_heads(x, qkv)
             with torch.cuda.stream(side):
                 y, selection = self._mosa_heads(x_mosa, rows, x_read)
             if MOSA_HEADS_FIRST:
-                y_dense = self._dense_heads(x, qkv, project)
+                y_dense = self._dense_heads(x, qkv)
             main.wait_stream(side)
             # memory handed between the streams: x is read on the side stream, its results used on this one
             for t in (x, x_mosa, x_read):  # (x_mosa, x_read: x or its copy)
@@ -267,16 +252,13 @@ class MoSAAttention(nn.Module):
                 rows.record_stream(side)
             for t in (y, *selection, *([self.aux_loss] if self.aux_loss is not None else [])):
                 t.record_stream(main)
-            y = self._sum(y, y_dense, rows) if project else self._dense_out_plus(y_dense, y, rows)
+            y = self._sum(y, y_dense, rows)
         else:
             rows = self._kept_rows(x)
             qkv, x_mosa, x_read = self._share_input(x, rows, self._sharing(x, rows))
             y, selection = self._mosa_heads(x_mosa, rows, x_read) if self.num_mosa_heads else (0, None)
             if self.dense is not None:
-                if self._sum_in_dense_out(rows):
-                    y = self._dense_out_plus(self._dense_heads(x, qkv, project=False), y, rows)
-                else:
-                    y = self._sum(y, self._dense_heads(x, qkv), rows)
+                y = self._sum(y, self._dense_heads(x, qkv), rows)
         return (y, selection) if return_selection else y
 
     def extra_repr(self) -> str:

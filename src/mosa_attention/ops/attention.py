@@ -222,11 +222,11 @@ def local_attention(q, k, v, window: int) -> torch.Tensor:
     return o.reshape(B, H, n * C, D)[:, :, :T]
 
 
-def causal_attention_heads(x, w_qkv, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0,
-                           window: int | None = None, backend: str = "auto", qkv=None):
-    """The heads' outputs before the output projection, [B, T, H * D] (head-major along the last dim): causal
-    attention, with ``window`` each query seeing only the last ``window`` tokens. ``backend``: how q, k, v are
-    made (see ``project_qkv``); attention itself is SDPA. ``qkv``: x's projection, where the caller has made it."""
+def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0,
+                     window: int | None = None, backend: str = "auto", qkv=None):
+    """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens.
+    ``backend``: how q, k, v are made (see ``project_qkv``); attention itself is SDPA. ``qkv``: x's
+    projection, where the caller has made it."""
     B, T, _ = x.shape
     D = w_qkv.shape[0] // (3 * n_heads)
     if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
@@ -236,11 +236,4 @@ def causal_attention_heads(x, w_qkv, n_heads: int, *, rope_dims: int, rope_base:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         o = local_attention(q, k, v, window)
-    return o.transpose(1, 2).reshape(B, T, -1)
-
-
-def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: float = 10000.0,
-                     window: int | None = None, backend: str = "auto", qkv=None):
-    """Causal multi-head attention (``causal_attention_heads``, then the output projection ``w_o``)."""
-    return F.linear(causal_attention_heads(x, w_qkv, n_heads, rope_dims=rope_dims, rope_base=rope_base,
-                                           window=window, backend=backend, qkv=qkv), w_o)
+    return F.linear(o.transpose(1, 2).reshape(B, T, -1), w_o)
