@@ -1,11 +1,14 @@
-"""Local (sliding-window) heads on a GPU: ``ops.local_attention`` (chunks, O(T * window)) against the one-mask
-reference (``ops.local_attention_reference``, O(T^2)), forward + backward, bf16, one SDPA backend at a time.
+"""Local (sliding-window) heads on a GPU: ``ops.local_attention_flex`` (FlexAttention with a sliding-window
+block mask, the default on CUDA), the chunks (``ops.local_attention`` without it, O(T * window)) and the one-mask
+reference (``ops.local_attention_reference``, O(T^2)), forward + backward, bf16.
 
     python benchmarks/bench_local.py --out OUT        # writes OUT/local.json, prints a table
+    python benchmarks/bench_local.py --layer --out OUT  # the same paths inside LocalAttention and a local hybrid
 
-For each (T, window): milliseconds (median over timed steps, CUDA events), peak memory above the inputs, the
-SDPA backend asked for, and the relative error of the output and of q's gradient against a float32 run of the
-reference on the same random inputs.
+For each (T, window): milliseconds (median over timed steps, CUDA events; eagerly, and replayed from one CUDA
+graph, which removes the host's launch overhead), peak memory above the inputs, the SDPA backend asked for
+(the chunks and the mask; FlexAttention has its own kernels), and the relative error of the output and of q's
+gradient against a float32 run of the reference on the same random inputs.
 """
 from __future__ import annotations
 
@@ -17,11 +20,15 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mosa_attention.bench.layer import median_ms
+from mosa_attention.bench.layer import capture_graph, median_ms
 from mosa_attention.ops import attention as attention_ops
 from mosa_attention.ops import local_attention, local_attention_reference
+from mosa_attention.ops.attention import local_attention_flex
 
-attention_ops.LOCAL_MASK_MAX_T = 0  # "chunks" are the chunks at every length (the op's default: above 4096)
+# "chunks" are the chunks at every length (the op's default on CUDA: FlexAttention; without it, chunks above 4096)
+attention_ops.LOCAL_FLEX = False
+attention_ops.LOCAL_MASK_MAX_T = 0
+PATHS = (("flex", local_attention_flex), ("chunks", local_attention), ("mask", local_attention_reference))
 
 BACKENDS = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "math": SDPBackend.MATH}
@@ -49,7 +56,9 @@ def run_case(B, H, T, D, window, backend, steps):
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     g = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
     row = {"B": B, "H": H, "T": T, "D": D, "window": window, "backend": backend}
-    for name, fn in (("chunks", local_attention), ("mask", local_attention_reference)):
+    for name, fn in PATHS:
+        if name == "flex" and backend != "default":  # (FlexAttention does not use SDPA's backends)
+            continue
         ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS[backend] is not None else None
         try:
             if ctx is not None:
@@ -59,6 +68,10 @@ def run_case(B, H, T, D, window, backend, steps):
             ms = _time(fn, q, k, v, window, g, steps)
             row[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
             row[f"{name}_ms"] = ms
+            replay, why = capture_graph(lambda: _step(fn, q, k, v, window, g))
+            row[f"{name}_graph_ms"] = median_ms(replay, steps, cuda=True) if replay is not None else None
+            if why:
+                row[f"{name}_graph_error"] = why
         except (RuntimeError, torch.OutOfMemoryError) as e:  # a backend that does not take the mask, or OOM
             row[f"{name}_ms"] = None
             row[f"{name}_error"] = str(e).splitlines()[0][:160]
@@ -67,15 +80,18 @@ def run_case(B, H, T, D, window, backend, steps):
                 ctx.__exit__(None, None, None)
             q.grad = k.grad = v.grad = None
             torch.cuda.empty_cache()
-    if row.get("chunks_ms") is not None and T <= 16384:  # accuracy against float32 through the one-mask path
+    if T <= 16384:  # accuracy against float32 through the one-mask path
         qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
         want = local_attention_reference(qf, kf, vf, window)
         want.backward(g.float())
-        q.grad = None
-        got = local_attention(q, k, v, window)
-        got.backward(g)
-        row["rel_err_y"] = _rel(got, want)
-        row["rel_err_dq"] = _rel(q.grad, qf.grad)
+        for name, fn in PATHS[:2]:
+            if row.get(f"{name}_ms") is None:
+                continue
+            q.grad = None
+            got = fn(q, k, v, window)
+            got.backward(g)
+            row[f"{name}_rel_err_y"] = _rel(got, want)
+            row[f"{name}_rel_err_dq"] = _rel(q.grad, qf.grad)
         q.grad = k.grad = v.grad = None
     return row
 
@@ -85,7 +101,7 @@ def profile(T, window, steps=5):
     B = max(1, 16384 // T)
     q, k, v = (torch.randn(B, 4, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     g = torch.randn_like(q)
-    for name, fn in (("chunks", local_attention), ("mask", local_attention_reference)):
+    for name, fn in PATHS:
         for _ in range(3):
             _step(fn, q, k, v, window, g)
         torch.cuda.synchronize()
@@ -99,18 +115,19 @@ def profile(T, window, steps=5):
 
 def layer_check(steps=10):
     """The local heads inside layers (q, k, v strided views from the split + RoPE kernel): ``LocalAttention``
-    (4 heads, h = 512) and a hybrid of 4 local + 17 MoSA heads (rho = 32, local window 64), bf16, B = 1,
-    forward + backward ms (eager, median); at T = 16384 also the chunks against the one-mask path (max relative
-    error of the output and of every gradient)."""
+    (4 heads, h = 512) and a hybrid of 4 local + 17 MoSA heads (rho = 32, local window 64), bf16, forward +
+    backward ms (eager, median; FlexAttention also as one CUDA graph) at B = 16, T = 1024 and B = 1, T = 16384 and 65536, through
+    FlexAttention, the chunks and (up to T = 16384) the one mask; the max relative error of the output and of
+    every gradient of the first two against the mask."""
     from mosa_attention import LocalAttention, MoSAAttention
     rows = []
-    for T in (16384, 65536):
+    for B, T in ((16, 1024), (1, 16384), (1, 65536)):
         torch.manual_seed(T)
         for name, make in (("local 4 heads", lambda: LocalAttention(512, 4, window=64)),
                            ("hybrid 4 local + 17 MoSA", lambda: MoSAAttention(512, 17, 32, num_dense_heads=4,
                                                                              dense_kind="local", local_window=64))):
             layer = make().cuda().to(torch.bfloat16)
-            x = torch.randn(1, T, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            x = torch.randn(B, T, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             g = torch.randn_like(x)
             params = [x] + list(layer.parameters())
 
@@ -118,11 +135,12 @@ def layer_check(steps=10):
                 y = layer(x)
                 return y, torch.autograd.grad(y, params, g)
 
-            row = {"layer": name, "T": T}
-            for path, limit in (("chunks", 0), ("mask", 10 ** 9)):
+            row = {"layer": name, "B": B, "T": T}
+            outs = {}
+            for path, flex, limit in (("flex", True, 0), ("chunks", False, 0), ("mask", False, 10 ** 9)):
                 if path == "mask" and T > 16384:
                     continue
-                attention_ops.LOCAL_MASK_MAX_T = limit
+                attention_ops.LOCAL_FLEX, attention_ops.LOCAL_MASK_MAX_T = flex, limit
                 for _ in range(3):
                     step()
                 torch.cuda.synchronize()
@@ -130,13 +148,17 @@ def layer_check(steps=10):
                 base = torch.cuda.memory_allocated()
                 row[f"{path}_ms"] = median_ms(step, steps, cuda=True)
                 row[f"{path}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-                if "MoSA" not in name or T <= 16384:
-                    row[f"{path}_out"] = step()
-            if "mask_out" in row:
-                (ya, ga), (yb, gb) = row.pop("chunks_out"), row.pop("mask_out")
-                row["max_rel_err"] = max(_rel(a, b) for a, b in zip((ya, *ga), (yb, *gb)))
-            row.pop("chunks_out", None)
-            attention_ops.LOCAL_MASK_MAX_T = 0
+                if path == "flex":  # (a failed capture of the chunks' layer step, seen once, broke the process's RNG)
+                    replay, why = capture_graph(step)
+                    row[f"{path}_graph_ms"] = median_ms(replay, steps, cuda=True) if replay is not None else why
+                if T <= 16384:
+                    outs[path] = step()
+            if "mask" in outs:
+                ym, gm = outs["mask"]
+                for path in ("flex", "chunks"):
+                    y, gr = outs[path]
+                    row[f"{path}_max_rel_err"] = max(_rel(a, b) for a, b in zip((y, *gr), (ym, *gm)))
+            attention_ops.LOCAL_FLEX, attention_ops.LOCAL_MASK_MAX_T = False, 0
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -175,13 +197,15 @@ def main():
             print(json.dumps(row), flush=True)
     with open(os.path.join(args.out, "local.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"{'T':>6} {'win':>4} {'backend':>9} {'chunks ms':>10} {'mask ms':>9} {'chunks MiB':>11} {'mask MiB':>9} "
-          f"{'err y':>8} {'err dq':>8}")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    print(f"{'T':>6} {'win':>4} {'backend':>9} | ms eager / graph: {'flex':>15} {'chunks':>15} {'mask':>15} | "
+          f"MiB: {'flex':>7} {'chunks':>7} {'mask':>7} | err y, dq: {'flex':>17} {'chunks':>17}")
     for r in rows:
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        print(f"{r['T']:>6} {r['window']:>4} {r['backend']:>9} {fmt(r.get('chunks_ms'), '10.3f')} "
-              f"{fmt(r.get('mask_ms'), '9.3f')} {fmt(r.get('chunks_peak_mib'), '11.1f')} "
-              f"{fmt(r.get('mask_peak_mib'), '9.1f')} {fmt(r.get('rel_err_y'), '8.1e')} {fmt(r.get('rel_err_dq'), '8.1e')}")
+        ms = " ".join(f"{fmt(r.get(p + '_ms'), '7.3f')}/{fmt(r.get(p + '_graph_ms'), '7.3f')}" for p, _ in PATHS)
+        mib = " ".join(fmt(r.get(p + "_peak_mib"), "7.1f") for p, _ in PATHS)
+        err = " ".join(f"{fmt(r.get(p + '_rel_err_y'), '8.1e')},{fmt(r.get(p + '_rel_err_dq'), '8.1e')}"
+                       for p in ("flex", "chunks"))
+        print(f"{r['T']:>6} {r['window']:>4} {r['backend']:>9} | {ms} | {mib} | {err}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""ops.attention's plain-torch pieces: the shared-input product of a hybrid."""
+"""ops.attention's plain-torch pieces: the shared-input product of a hybrid, and local (sliding-window)
+attention: the chunks, the one-mask reference and the FlexAttention block mask."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,3 +169,81 @@ def test_local_attention_rejects_a_bad_window():
     q = torch.randn(1, 1, 8, 4)
     with pytest.raises(ValueError, match="window=0"):
         local_attention(q, q, q, 0)
+
+
+# FlexAttention (the local heads' path on CUDA): the block mask is ours, the kernels are torch's. On CPU
+# FlexAttention runs unfused and forward only, so these tests check the block mask and the forward; the
+# compiled kernels' forward and gradients are checked on the card (benchmarks/bench_local.py: errors
+# against a float32 run of the one-mask reference).
+
+
+def _blocks(mask, i):
+    n, f = int(mask.kv_num_blocks[0, 0, i]), int(mask.full_kv_num_blocks[0, 0, i])
+    return mask.kv_indices[0, 0, i, :n].tolist(), mask.full_kv_indices[0, 0, i, :f].tolist()
+
+
+@pytest.mark.parametrize("T,window,block", [(300, 40, 128), (257, 128, 128), (520, 300, 128), (64, 1, 128),
+                                            (1000, 256, 128), (700, 700, 128), (100, 33, 16), (96, 48, 16)])
+def test_sliding_window_block_mask_lists_exactly_the_blocks_in_the_window(T, window, block):
+    # every (query block, key block) pair that holds a seen pair is listed once; "full" ones hold only seen pairs
+    attention_ops._FLEX_MASKS.clear()
+    mask = attention_ops.sliding_window_block_mask(T, window, "cpu", block)
+    dense = attention_ops.sliding_window_mask(T, window)
+    nb = -(-T // block)
+    for i in range(nb):
+        partial, full = _blocks(mask, i)
+        assert not set(partial) & set(full)
+        for j in range(nb):
+            tile = dense[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            if j in full:
+                assert tile.all(), (i, j)
+            elif j in partial:
+                assert tile.any() and not tile.all() or tile.shape[0] * tile.shape[1] == 1, (i, j)
+            else:
+                assert not tile.any(), (i, j)
+    assert attention_ops.sliding_window_block_mask(T, window, "cpu", block) is mask  # cached
+
+
+@pytest.mark.parametrize("B,H,T,D,window", [(2, 3, 300, 32, 40), (1, 2, 257, 16, 128), (1, 1, 520, 64, 300),
+                                            (2, 2, 64, 32, 1), (1, 1, 1000, 32, 256), (1, 1, 130, 16, 129)])
+def test_flex_local_attention_forward_matches_the_masked_reference(B, H, T, D, window):
+    torch.manual_seed(T + window)
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    want = local_attention_reference(q, k, v, window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (FlexAttention's note that it runs unfused without torch.compile)
+        got = attention_ops.local_attention_flex(q.float(), k.float(), v.float(), window)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_local_heads_take_flex_where_asked_and_fall_back_to_the_chunks(monkeypatch):
+    from mosa_attention import LocalAttention
+    torch.manual_seed(3)
+    layer = LocalAttention(48, 2, window=20, head_dim=16)
+    x = torch.randn(2, 150, 48)
+    with torch.no_grad():
+        want = layer(x)  # CPU default: no FlexAttention
+        calls = []
+        real = attention_ops.local_attention_flex
+        monkeypatch.setattr(attention_ops, "local_attention_flex", lambda *a: (calls.append(1), real(*a))[1])
+        monkeypatch.setattr(attention_ops, "LOCAL_FLEX", True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = layer(x)
+        assert calls
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+        # the automatic choice (None) falls back to the chunks, once and for good, with a warning
+        def broken(*a):
+            raise RuntimeError("no compiler here")
+        monkeypatch.setattr(attention_ops, "local_attention_flex", broken)
+        monkeypatch.setattr(attention_ops, "LOCAL_FLEX", None)
+        monkeypatch.setattr(attention_ops, "_flex_available", lambda q: attention_ops.LOCAL_FLEX is not False)
+        with pytest.warns(UserWarning, match="FlexAttention failed .*no compiler here"):
+            got = layer(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert attention_ops.LOCAL_FLEX is False
+        # asked for explicitly (True), a failure is raised
+        monkeypatch.setattr(attention_ops, "LOCAL_FLEX", True)
+        with pytest.raises(RuntimeError, match="no compiler here"):
+            layer(x)

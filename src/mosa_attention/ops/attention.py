@@ -5,6 +5,8 @@ are grouped per head as ``[q | k | v]``, and ``w_o [h, D*H]``.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,17 @@ NARROW_SHARED_X = True
 # against 6.33 ms at T = 16384 and 1.81 against 97.5 ms (466 MiB against 44 GiB) at T = 65536
 # (benchmarks/bench_local.py, RESULTS.md).
 LOCAL_MASK_MAX_T = 4096
+# Local heads on CUDA through FlexAttention (``torch.nn.attention.flex_attention``, compiled into fused Triton
+# kernels) with a block mask that lists only the key blocks inside each query block's window: O(T * window)
+# with no mask tensor and no chunk copies. H200, 4 heads of dim 64, B * T = 16384, bf16, forward + backward
+# in one CUDA graph: 0.14 ms at T = 1024 (one mask 0.31, chunks 0.37), 0.17 at T = 16384 (chunks 0.32,
+# mask 6.2), 0.66 ms and 230 MiB at T = 65536 (chunks 1.16 ms and 467 MiB); benchmarks/NOTES.md v12.3.
+# None: on CUDA where torch has it; True: everywhere (on CPU unfused and forward only: for tests); False:
+# never (the chunks and the one mask below). Should compiling fail, a warning says so and the chunks take over.
+LOCAL_FLEX = None
+FLEX_BLOCK = 128
+_FLEX_MASKS: dict = {}
+_FLEX_COMPILED = None
 
 
 def _fused_split(qkv: torch.Tensor, backend: str) -> bool:
@@ -193,21 +206,100 @@ def _chunk_masks(n: int, C: int, window: int, device) -> torch.Tensor:
     return masks[None]
 
 
+def sliding_window_block_mask(T: int, window: int, device, block: int = FLEX_BLOCK):
+    """FlexAttention's ``BlockMask`` of causal sliding-window attention over T positions (query i sees keys j
+    with i - window < j <= i), built from its block structure in O(T / block * window / block) host work (no
+    [T, T] evaluation): the key blocks wholly inside every query's window of a query block are "full" (no
+    mask evaluated), the others it touches partial. Cached per (T, window, device, block)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    key = (T, window, str(device), block)
+    if key not in _FLEX_MASKS:
+        if len(_FLEX_MASKS) >= 32:  # (many lengths, e.g. prompts in generation: keep the newest)
+            _FLEX_MASKS.pop(next(iter(_FLEX_MASKS)))
+        nb = -(-T // block)
+        partial, full = [], []
+        for i in range(nb):
+            q_lo, q_hi = i * block, min(T, (i + 1) * block) - 1
+            first = max(0, (q_lo - window + 1) // block)
+            p_row, f_row = [], []
+            for j in range(first, i + 1):
+                k_lo, k_hi = j * block, min(T, (j + 1) * block) - 1
+                inside = k_hi <= q_lo and q_hi - k_lo < window  # every (query, key) pair of the two blocks is seen
+                (f_row if inside else p_row).append(j)
+            partial.append(p_row)
+            full.append(f_row)
+
+        def pack(rows):  # (counts [1, 1, nb], indices [1, 1, nb, nb]: each row's blocks first, as BlockMask wants)
+            idx = torch.zeros(1, 1, nb, nb, dtype=torch.int32)
+            for i, r in enumerate(rows):
+                idx[0, 0, i, :len(r)] = torch.tensor(r, dtype=torch.int32)
+            return (torch.tensor([[[len(r) for r in rows]]], dtype=torch.int32).to(device), idx.to(device))
+
+        def in_window(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+        kv_num, kv_idx = pack(partial)
+        full_num, full_idx = pack(full)
+        _FLEX_MASKS[key] = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                                    mask_mod=in_window, seq_lengths=(T, T))
+    return _FLEX_MASKS[key]
+
+
+def _flex_available(q) -> bool:
+    if LOCAL_FLEX is False or (LOCAL_FLEX is None and not q.is_cuda):
+        return False
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401, WPS433 (torch >= 2.5)
+    except ImportError:
+        return False
+    return True
+
+
+def local_attention_flex(q, k, v, window: int) -> torch.Tensor:
+    """Causal sliding-window attention through FlexAttention and ``sliding_window_block_mask``: on CUDA compiled,
+    as FlexAttention is meant to run (torch.compile's default: the first shape static, one dynamic recompile
+    when the shape changes; tens of seconds once per process), elsewhere its unfused implementation (forward
+    only on CPU)."""
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import flex_attention
+    mask = sliding_window_block_mask(q.shape[-2], int(window), q.device)
+    fn = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _FLEX_COMPILED is None:  # (torch.compile's default: static shapes, then one dynamic recompile)
+            _FLEX_COMPILED = torch.compile(flex_attention)
+        fn = _FLEX_COMPILED
+    return fn(q, k, v, block_mask=mask)
+
+
 def local_attention(q, k, v, window: int) -> torch.Tensor:
     """Causal sliding-window attention: q, k, v [B, H, T, D]; query i sees keys j with i - window < j <= i.
 
-    O(T * window) time and memory, against O(T^2) for one [T, T] mask (``local_attention_reference``; at
-    T = 65536 that mask alone is 4 GiB), which is faster up to ``LOCAL_MASK_MAX_T`` and used there. The
+    On CUDA through FlexAttention (``local_attention_flex``, ``LOCAL_FLEX``). Otherwise in O(T * window) time
+    and memory, against O(T^2) for one [T, T] mask (``local_attention_reference``; at T = 65536 that mask
+    alone is 4 GiB), which is faster up to ``LOCAL_MASK_MAX_T`` and used there. The
     sequence is cut into n chunks of C >= window positions (C a multiple of 16); the queries of chunk c see
     only keys of chunks c - 1 and c, so one SDPA call attends each chunk (as one of n "heads" of a batch of
     B * H) over its 2C keys (overlapping windows of the keys shifted by one chunk), under an [n, C, 2C] band
     mask that also hides chunk 0's missing predecessor."""
+    global LOCAL_FLEX
     B, H, T, D = q.shape
     window = int(window)
     if window < 1:
         raise ValueError(f"window must be a positive number of tokens, got window={window}")
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if _flex_available(q):
+        try:
+            return local_attention_flex(q, k, v, window)
+        except Exception as err:  # noqa: BLE001 (torch.compile unusable here: no C compiler, no triton, ...)
+            if LOCAL_FLEX is not None:
+                raise
+            LOCAL_FLEX = False
+            warnings.warn(f"local heads: FlexAttention failed ({type(err).__name__}: {str(err)[:200]}); "
+                          "using the SDPA chunks from now on (ops.attention.LOCAL_FLEX = False)", stacklevel=2)
     C = -(-window // 16) * 16
     n = -(-T // C)
     if n <= 2 or T <= LOCAL_MASK_MAX_T:  # (n <= 2: the [T, T] mask is no larger than the chunks' own)
