@@ -1,4 +1,4 @@
-"""torch.compile on a GPU: a MoSA hybrid layer and a small MoSALM, compiled (inductor, fullgraph) against
+"""torch.compile on a GPU: a MoSA hybrid layer (dense, and local heads on FlexAttention) and a small MoSALM, compiled (inductor, fullgraph) against
 eager, outputs and gradients compared, steps timed. One device call:
 
     python benchmarks/check_compile.py --out $OUT
@@ -62,6 +62,20 @@ def main():
         return run
     res["layer"] = {"max_rel_err_vs_eager": max(errs), "eager_ms": timed(step(layer)), "compiled_ms": timed(step(compiled))}
     print("layer", res["layer"], flush=True)
+    # 1b. a local hybrid (4 sliding-window heads beside 17 MoSA heads): FlexAttention inside the compiled graph
+    local = MoSAAttention(512, 17, 32, num_dense_heads=4, dense_kind="local", local_window=64,
+                          backend="triton").cuda().bfloat16()
+    compiled_local = torch.compile(local, fullgraph=True)
+    outs = []
+    for fn in (local, compiled_local):
+        x.grad = None
+        for p in local.parameters():
+            p.grad = None
+        y = fn(x)
+        y.backward(dy)
+        outs.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in local.parameters()])
+    res["local_layer"] = {"max_rel_err_vs_eager": max(rel(a, b) for a, b in zip(outs[1], outs[0]))}
+    print("local_layer", res["local_layer"], flush=True)
     # 2. a training step of the tiny preset's perplexity-matched hybrid (4 dense + 17 MoSA heads, rho 32)
     cfg = MoSAConfig.from_preset("tiny", attention="mosa", sparsity=32, seq_len=1024, num_sparse_heads=17)
     if cfg is not None:
@@ -87,7 +101,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "compile.json"), "w") as f:
         json.dump(res, f, indent=1)
-    ok = res["layer"]["max_rel_err_vs_eager"] < 2e-2 and (
+    ok = res["layer"]["max_rel_err_vs_eager"] < 2e-2 and res["local_layer"]["max_rel_err_vs_eager"] < 2e-2 and (
         "lm" not in res or abs(res["lm"]["loss_eager"] - res["lm"]["loss_compiled"]) < 2e-2 * abs(res["lm"]["loss_eager"]))
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
