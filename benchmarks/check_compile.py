@@ -38,44 +38,29 @@ def main():
     args = ap.parse_args()
     res = {"torch": torch.__version__, "card": torch.cuda.get_device_name()}
     torch.manual_seed(0)
-    # 1. the t2 hybrid layer, bf16 parameters
-    layer = MoSAAttention(512, 17, 32, num_dense_heads=4, backend="triton").cuda().bfloat16()
     x = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
-    compiled = torch.compile(layer, fullgraph=True)
-    outs = []
-    for fn in (layer, compiled):
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        y = fn(x)
-        y.backward(dy)
-        outs.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
-    errs = [rel(a, b) for a, b in zip(outs[1], outs[0])]
 
-    def step(fn):
+    def step(layer, fn):
         def run():
             x.grad = None
             for p in layer.parameters():
                 p.grad = None
-            fn(x).backward(dy)
+            y = fn(x)
+            y.backward(dy)
+            return [y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
         return run
-    res["layer"] = {"max_rel_err_vs_eager": max(errs), "eager_ms": timed(step(layer)), "compiled_ms": timed(step(compiled))}
-    print("layer", res["layer"], flush=True)
-    # 1b. a local hybrid (4 sliding-window heads beside 17 MoSA heads): FlexAttention inside the compiled graph
-    local = MoSAAttention(512, 17, 32, num_dense_heads=4, dense_kind="local", local_window=64,
-                          backend="triton").cuda().bfloat16()
-    compiled_local = torch.compile(local, fullgraph=True)
-    outs = []
-    for fn in (local, compiled_local):
-        x.grad = None
-        for p in local.parameters():
-            p.grad = None
-        y = fn(x)
-        y.backward(dy)
-        outs.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in local.parameters()])
-    res["local_layer"] = {"max_rel_err_vs_eager": max(rel(a, b) for a, b in zip(outs[1], outs[0]))}
-    print("local_layer", res["local_layer"], flush=True)
+
+    # 1. the t2 hybrid layer, bf16 parameters; 1b. a local hybrid (4 sliding-window heads beside 17 MoSA
+    # heads): FlexAttention inside the compiled graph
+    for key, kind in (("layer", "dense"), ("local_layer", "local")):
+        layer = MoSAAttention(512, 17, 32, num_dense_heads=4, dense_kind=kind, local_window=64 if kind == "local" else None,
+                              backend="triton").cuda().bfloat16()
+        compiled = torch.compile(layer, fullgraph=True)
+        eager_out, compiled_out = step(layer, layer)(), step(layer, compiled)()
+        res[key] = {"max_rel_err_vs_eager": max(rel(a, b) for a, b in zip(compiled_out, eager_out)),
+                    "eager_ms": timed(step(layer, layer)), "compiled_ms": timed(step(layer, compiled))}
+        print(key, res[key], flush=True)
     # 2. a training step of the tiny preset's perplexity-matched hybrid (4 dense + 17 MoSA heads, rho 32)
     cfg = MoSAConfig.from_preset("tiny", attention="mosa", sparsity=32, seq_len=1024, num_sparse_heads=17)
     if cfg is not None:
