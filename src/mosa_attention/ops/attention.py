@@ -208,9 +208,10 @@ def _chunk_masks(n: int, C: int, window: int, device) -> torch.Tensor:
 
 def sliding_window_block_mask(T: int, window: int, device, block: int = FLEX_BLOCK):
     """FlexAttention's ``BlockMask`` of causal sliding-window attention over T positions (query i sees keys j
-    with i - window < j <= i), built from its block structure in O(T / block * window / block) host work (no
-    [T, T] evaluation): the key blocks wholly inside every query's window of a query block are "full" (no
-    mask evaluated), the others it touches partial. Cached per (T, window, device, block)."""
+    with i - window < j <= i), built from its block structure (n = T / block query blocks, each listing the
+    ~window / block + 1 key blocks it touches, in an [n, n] index table) with no [T, T] evaluation: the key
+    blocks wholly inside the window of every query of a query block are "full" (no mask evaluated there),
+    the others partial. Cached per (T, window, device, block); traceable by torch.compile (fullgraph)."""
     from torch.nn.attention.flex_attention import BlockMask
     key = (T, window, str(device), block)
     if key not in _FLEX_MASKS:
