@@ -252,6 +252,9 @@ def _flex_available(q) -> bool:
     D = q.shape[-1]
     if D < 16 or D & (D - 1) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
+    if LOCAL_FLEX is None and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return False  # (FlexAttention's Triton kernels target Ampere and later; a backward that failed to
+        # compile would surface in autograd, past the fallback below)
     try:
         from torch.nn.attention import flex_attention  # noqa: F401, WPS433 (torch >= 2.5)
     except ImportError:
