@@ -98,13 +98,14 @@ def test_bitwise_repeatable():
 
 def test_scatter_mode_choice(monkeypatch):
     # True: rows + segment sum (counted by calls to the destination sort); False: atomics; None: rows under
-    # torch.use_deterministic_algorithms, else atomics when the kept rows are many next to T, rows when few
+    # torch.use_deterministic_algorithms, else atomics, except rows where the atomics would go through a
+    # float32 buffer and the kept rows are few next to T
     calls = []
     real = triton_mosa._segments
     monkeypatch.setattr(triton_mosa, "_segments", lambda *a: calls.append(1) or real(*a))
 
-    def run(det, k, E=2):
-        x, scores, idx, w_qkv, w_o = _inputs(1, 12, 32, E, k, 32, torch.float32)
+    def run(det, k, E=2, dtype=torch.float32):
+        x, scores, idx, w_qkv, w_o = _inputs(1, 12, 32, E, k, 32, dtype)
         calls.clear()
         leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
         sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], 16, deterministic=det).sum().backward()
@@ -114,7 +115,14 @@ def test_scatter_mode_choice(monkeypatch):
     try:
         torch.use_deterministic_algorithms(False)
         assert run(None, 4) == 0 and run(True, 4) == 1  # 8 kept rows of 12 tokens: atomics by default
-        assert run(None, 2, E=1) == 1 and run(False, 2, E=1) == 0  # 2 kept rows of 12: rows by default
+        # 2 kept rows of 12 into float32 results, which take the atomics in place: atomics by default
+        assert run(None, 2, E=1) == 0 and run(True, 2, E=1) == 1
+        # float16 results summed in a float32 buffer (NARROW_ATOMICS off): rows where few rows are kept
+        monkeypatch.setattr(triton_mosa, "NARROW_ATOMICS", False)
+        assert run(None, 2, E=1, dtype=torch.float16) == 1 and run(False, 2, E=1, dtype=torch.float16) == 0
+        assert run(None, 4, dtype=torch.float16) == 0
+        monkeypatch.setattr(triton_mosa, "NARROW_ATOMICS", True)
+        assert run(None, 2, E=1, dtype=torch.float16) == 0  # in place again
         torch.use_deterministic_algorithms(True)
         assert run(None, 4) == 1 and run(False, 4) == 0
     finally:
@@ -599,7 +607,8 @@ def test_float16_atomic_scatter_in_place_or_in_float32(monkeypatch, narrow):
     plan, used = triton_mosa._atomic_plan, []
     monkeypatch.setattr(triton_mosa, "_atomic_plan", lambda *a: used.append(plan(*a)) or used[-1])
     _compare(2, 24, 32, 12, 20, 32, 16, torch.float16, deterministic=False)
-    assert used == [(torch.float16 if narrow else torch.float32, 0)] * 2  # y, then dx
+    # (the entry point asks first, for the choice of scatter: use_rows)
+    assert used[-2:] == [(torch.float16 if narrow else torch.float32, 0)] * 2  # y, then dx
 
 
 def test_router_weight_gradient_placement_rule(monkeypatch):

@@ -27,8 +27,9 @@ write one row per kept token, and ``_segment_sum`` sums each token's rows in hea
 sort of the destinations (computed once in the forward), writing the zeros of unselected tokens too; the
 same input then gives the same bits. ``deterministic=True`` (or
 ``torch.use_deterministic_algorithms(True)``) takes the rows, ``False`` the atomics, and the default the
-faster for the shape (``use_rows``): atomics when many heads overlap (t3: 8 kept rows per token), rows when
-the kept tokens are few next to T (t4: the atomics' buffer would cost more than the rows).
+faster for the shape (``use_rows``): atomics, except where they would need a float32 buffer (bfloat16
+results above one kept row per token, or GPUs without bfloat16 atomics) and the kept tokens are few next to
+T (there the buffer's fill and cast would cost more than the rows).
 
 ``mosa_triton`` runs the router in front of the same kernels as one autograd node: the router product
 (w_r x^T, one cuBLAS call), the top-k kernel of ``triton_routing`` (positions sorted, kept scores in
@@ -788,6 +789,12 @@ def _vector_atomics(dev, h: int) -> bool:
     return torch.cuda.get_device_capability(dev) >= (9, 0)
 
 
+def _atomics_in_place(dev, h: int, dtypes, overlap: float) -> bool:
+    """Whether the atomic scatters into results of these dtypes add into the results themselves (no float32
+    buffer to fill and cast: ``_atomic_plan``)."""
+    return all(_atomic_plan(dev, h, dt, overlap)[0] == dt for dt in dtypes)
+
+
 def _atomic_plan(dev, h: int, dtype: torch.dtype, overlap: float) -> tuple[torch.dtype, int]:
     """(dtype of the buffer the atomic scatter adds into, columns per atomic instruction: ``VEC`` of
     ``_add_tile``) for a result of ``dtype`` that receives ``overlap`` kept rows per token on average.
@@ -1261,8 +1268,9 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     sc_like = torch.empty((), dtype=w_qkv.dtype, device=x.device).expand(B, E, k)
     _check(x, sc_like, idx_like, w_qkv, w_o, int(rope_dims), mixed)
     x, w_router, w_qkv, w_o = (t.contiguous() for t in (x, w_router, w_qkv, w_o))
+    in_place = _atomics_in_place(x.device, h, (cdt, x.dtype), E * k / T)
     args = (x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base),
-            use_rows(deterministic, E * B * k, B * T), cdt)
+            use_rows(deterministic, E * B * k, B * T, in_place), cdt)
     if mark_rows is not None and (mark_rows.dtype != torch.bool or tuple(mark_rows.shape) != (B, T)
                                   or mark_rows.device != x.device or not mark_rows.is_contiguous()):
         raise ValueError(f"mark_rows must be a contiguous bool tensor [B={B}, T={T}] on {x.device}, got "
@@ -1283,21 +1291,24 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
 
 
 # --------------------------------------------------------------------------------------------- entry point
-# Default scatter when nothing asks for determinism: atomics when the kept rows (E * B * k) are at least this
-# fraction of the output's rows (B * T), else the rows + segment sum, which then moves fewer bytes than the
-# atomics' buffer (fill, add, and for a float32 buffer the cast). Measured on an H200 with float32 buffers
-# (benchmarks/NOTES.md, v5): atomics faster at 0.53 (t1, t2) and 7.9 (t3), slower at 0.23 (T = 16384) and
-# 0.06 (t4). The 16-bit buffers of v6 (_atomic_plan) make the atomics cheaper below one row per token, so
-# the break-even may now lie lower; not re-measured.
+# Default scatter when nothing asks for determinism: atomics, except where they would add into a float32
+# buffer (to fill, then cast: ``_atomic_plan``) and the kept rows (E * B * k) are fewer than this fraction of
+# the output's rows (B * T); there the rows + segment sum move fewer bytes. Measured on an H200: with float32
+# buffers (benchmarks/NOTES.md, v5) atomics were faster at 0.53 (t1, t2) and 7.9 (t3) kept rows per token,
+# slower at 0.23 (T = 16384) and 0.06 (t4); adding in place into the results themselves (16-bit results from
+# v6, float32 x's gradient under autocast) they are faster at both (v12.4: bf16 graph t4 0.372 -> 0.333 ms,
+# T = 16384 0.209 -> 0.167; autocast 0.545 -> 0.502, 0.292 -> 0.249).
 ATOMIC_MIN_ROWS = 0.4
 
 
-def use_rows(deterministic: bool | None, kept_rows: int, out_rows: int) -> bool:
+def use_rows(deterministic: bool | None, kept_rows: int, out_rows: int, in_place: bool = False) -> bool:
     """Whether the scatter-adds take the deterministic rows + segment sum (True) or atomics (False).
     True: always; False: always atomics; None: True under ``torch.use_deterministic_algorithms``, else the
-    faster one for the shape (``ATOMIC_MIN_ROWS``)."""
+    faster one for the shape: atomics where they add into the results themselves (``in_place``), else from
+    ``ATOMIC_MIN_ROWS`` kept rows per output row."""
     if deterministic is None:
-        return torch.are_deterministic_algorithms_enabled() or kept_rows < ATOMIC_MIN_ROWS * out_rows
+        return torch.are_deterministic_algorithms_enabled() or (
+            not in_place and kept_rows < ATOMIC_MIN_ROWS * out_rows)
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic must be True, False or None, got deterministic={deterministic!r}")
     return deterministic
@@ -1339,8 +1350,9 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     gradient: True sums each token's rows in head order (same input, same bits); False adds with atomics,
     in float32 or, where its rounding allows, in the 16-bit result (``_atomic_plan``); the order of the
     additions, hence the last bits, may change from run to run. None (default) is True under
-    ``torch.use_deterministic_algorithms(True)``, else the faster of the two for the shape: atomics when the
-    kept rows are at least ``ATOMIC_MIN_ROWS`` of the output's rows.
+    ``torch.use_deterministic_algorithms(True)``, else the faster of the two for the shape: atomics, except
+    where they would need a float32 buffer and the kept rows are fewer than ``ATOMIC_MIN_ROWS`` of the
+    output's rows (``use_rows``).
     """
     if x.dtype == torch.float64:  # documented fallback: no fp64 kernels
         return sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
@@ -1350,8 +1362,10 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     rope_dims = int(rope_dims)
     _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed)
     x, scores, idx, w_qkv, w_o = (t.contiguous() for t in (x, scores, idx, w_qkv, w_o))
+    B, T, h = x.shape
+    in_place = _atomics_in_place(x.device, h, (cdt, x.dtype), idx.numel() / (B * T))
     args = (x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base),
-            use_rows(deterministic, idx.numel(), x.shape[0] * x.shape[1]), cdt)
+            use_rows(deterministic, idx.numel(), B * T, in_place), cdt)
     if torch.compiler.is_compiling():
         return _fwd_op(*args)[0]
     return _Eager.apply(*args)
