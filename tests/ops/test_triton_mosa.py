@@ -577,6 +577,25 @@ def test_vector_atomics_only_where_they_are_valid(monkeypatch):
     assert triton_mosa._vector_atomics(cuda, 512) is False
 
 
+def test_default_scatter_takes_the_atomics_where_they_add_in_place(monkeypatch):
+    # use_rows(None, ...) at t4's shape (60 heads keep 64 of 65536 tokens: 0.06 kept rows per token, h 1024):
+    # on sm_90 bf16 results (and, under autocast, float32 x's gradient) take the atomics in place, so atomics;
+    # on sm_80 bf16 would go through a float32 buffer, so the rows + segment sum; t3 (7.9 rows per token)
+    # takes atomics either way
+    cuda = torch.device("cuda", 0)
+    bf16, f32 = torch.bfloat16, torch.float32
+    monkeypatch.setattr(triton_mosa, "_interpreting", lambda: False)
+    kept, out = 60 * 64, 65536
+    for cap, dtypes, overlap, rows in (((9, 0), (bf16, bf16), kept / out, False), ((9, 0), (bf16, f32), kept / out, False),
+                                       ((8, 0), (bf16, bf16), kept / out, True), ((9, 0), (f32, f32), kept / out, False),
+                                       ((8, 0), (bf16, bf16), 7.9, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=cap: c)
+        in_place = triton_mosa._atomics_in_place(cuda, 1024, dtypes, overlap)
+        got = triton_mosa.use_rows(None, round(overlap * out), out, in_place)
+        assert got is rows, (cap, dtypes, overlap)
+        assert triton_mosa.use_rows(True, 1, out, in_place) and not triton_mosa.use_rows(False, 1, out, in_place)
+
+
 def test_atomic_scatter_dtype_plan(monkeypatch):
     # 16-bit results take the atomic additions themselves where the GPU adds them natively (bfloat16 from
     # sm_90, eight columns per instruction where h allows), else a float32 buffer; float32 stays float32
