@@ -1268,7 +1268,7 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     sc_like = torch.empty((), dtype=w_qkv.dtype, device=x.device).expand(B, E, k)
     _check(x, sc_like, idx_like, w_qkv, w_o, int(rope_dims), mixed)
     x, w_router, w_qkv, w_o = (t.contiguous() for t in (x, w_router, w_qkv, w_o))
-    in_place = _atomics_in_place(x.device, h, (cdt, x.dtype), E * k / T)
+    in_place = deterministic is None and _atomics_in_place(x.device, h, (cdt, x.dtype), E * k / T)
     args = (x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base),
             use_rows(deterministic, E * B * k, B * T, in_place), cdt)
     if mark_rows is not None and (mark_rows.dtype != torch.bool or tuple(mark_rows.shape) != (B, T)
@@ -1363,7 +1363,7 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed)
     x, scores, idx, w_qkv, w_o = (t.contiguous() for t in (x, scores, idx, w_qkv, w_o))
     B, T, h = x.shape
-    in_place = _atomics_in_place(x.device, h, (cdt, x.dtype), idx.numel() / (B * T))
+    in_place = deterministic is None and _atomics_in_place(x.device, h, (cdt, x.dtype), idx.numel() / (B * T))
     args = (x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base),
             use_rows(deterministic, idx.numel(), B * T, in_place), cdt)
     if torch.compiler.is_compiling():
