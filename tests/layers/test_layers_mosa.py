@@ -282,9 +282,9 @@ def test_hybrid_shared_input_gradient_equals_two_readers(monkeypatch, kind):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # the default (None) shares only where x is wider than the product's dtype: autocast over float32
     monkeypatch.setattr(layer_module, "SHARED_INPUT_GRAD", None)
-    assert not layer._sharing(x, False)[0]
+    assert not layer._sharing(x, None)[0]
     x32 = torch.randn(2, 20, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer._sharing(x32, False)[0]
+        assert layer._sharing(x32, None)[0]
         with torch.no_grad():
-            assert not layer._sharing(x32, False)[0]
+            assert not layer._sharing(x32, None)[0]

@@ -359,14 +359,14 @@ def test_hybrid_sums_at_the_kept_rows_only(monkeypatch, dtype, kind):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tol)
     monkeypatch.setattr(layer_module, "MASKED_SUMS", True)
-    assert layer._masks_sums(x)
+    assert layer._kept_rows(x) is not None
     # None (the default): masked where the heads are expected to keep at most half of the tokens, here
     # 1 - (1 - 9/37)^E of them: 24 % for one head, 57 % for three
     monkeypatch.setattr(layer_module, "MASKED_SUMS", None)
-    assert not layer._masks_sums(x)
+    assert layer._kept_rows(x) is None
     one_head = MoSAAttention(48, 1, 4, head_dim=32, num_dense_heads=1, dense_kind=kind, backend="triton")
-    assert one_head._masks_sums(x)
-    assert MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, backend="torch")._masks_sums(x.cpu()) is False
+    assert one_head._kept_rows(x) is not None
+    assert MoSAAttention(48, 3, 4, head_dim=32, num_dense_heads=1, backend="torch")._kept_rows(x.cpu()) is None
 
 
 def test_hybrid_masked_sums_under_autocast(monkeypatch):
@@ -438,7 +438,7 @@ def test_hybrid_kernels_read_the_products_copy_under_autocast(monkeypatch):
         monkeypatch.setattr(layer_module, "X_READ", read)
         xs = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.float16):
-            assert (layer._sharing(xs, False)[1] is not None) is read
+            assert (layer._sharing(xs, None)[1] is not None) is read
             y = layer(xs)
         results.append((y.detach(), *torch.autograd.grad((y.float() * g).sum(), [xs, *layer.parameters()])))
     for a, b in zip(*results):

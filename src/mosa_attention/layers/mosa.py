@@ -54,10 +54,6 @@ ROWS_ONLY = True
 # after their own cast, half the bytes, no cast for the router product); its gradient stays float32.
 # False: they read x (for comparison in benchmarks).
 X_READ = True
-# A two-stream hybrid clears its kept-row mask (``_new_rows``) on the MoSA heads' stream, after the fork, so
-# that the dense heads' first product does not wait for that clear. False: on the caller's stream before the
-# fork (before v13, for comparison in benchmarks).
-ROWS_ON_SIDE = True
 
 
 class MoSAAttention(nn.Module):
@@ -155,7 +151,7 @@ class MoSAAttention(nn.Module):
 
     def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None, x_read: torch.Tensor | None = None):
         """(y of the MoSA heads, selection); the kept tokens marked in ``rows`` (only given on the fused
-        path, see ``_masks_sums``), whose sums then read those rows only (``ROWS_ONLY``); ``x_read``: x in
+        path, see ``_kept_rows``), whose sums then read those rows only (``ROWS_ONLY``); ``x_read``: x in
         the autocast dtype for the fused op's kernels to read (see ``_share_input``)."""
         if self._fused(x):
             return mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
@@ -171,36 +167,31 @@ class MoSAAttention(nn.Module):
         window = self.window(x.shape[1]) if self.dense_kind == "local" else None
         return self.dense(x, window=window, qkv=qkv)
 
-    def _masks_sums(self, x: torch.Tensor) -> bool:
-        """Whether the hybrid sums its two parts only at the tokens the MoSA heads keep (``MASKED_SUMS``: a
-        hybrid on the fused op), marked in a mask from ``_new_rows``."""
+    def _kept_rows(self, x: torch.Tensor):
+        """A cleared [B, T] mask to mark the tokens the MoSA heads keep, where the hybrid's sums take only
+        those rows (``MASKED_SUMS``: a hybrid on the fused op), else None."""
         if not (MASKED_SUMS is not False and self.num_mosa_heads and self.dense is not None and self._fused(x)
                 and not torch.compiler.is_compiling()):
-            return False
+            return None
         if MASKED_SUMS is None:
             T = x.shape[1]
             kept = 1.0 - (1.0 - self.num_selected(T) / T) ** self.num_mosa_heads
-            return kept <= MASKED_MAX_KEPT
-        return True
-
-    @staticmethod
-    def _new_rows(x: torch.Tensor) -> torch.Tensor:
-        """A cleared [B, T] mask for the fused op to mark the tokens the MoSA heads keep."""
+            if kept > MASKED_MAX_KEPT:
+                return None
         return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
 
-    def _sharing(self, x: torch.Tensor, masked: bool):
+    def _sharing(self, x: torch.Tensor, rows: torch.Tensor | None):
         """(whether the MoSA heads read x through the dense heads' product, the autocast-dtype copy of x that
-        product and the MoSA heads then share, or None): see ``_share_input``; ``masked``: the sums take the
-        kept rows only (``_masks_sums``)."""
+        product and the MoSA heads then share, or None): see ``_share_input``."""
         dev = x.device.type
         wider = torch.is_autocast_enabled(dev) and x.element_size() > torch.get_autocast_dtype(dev).itemsize
         share = SHARED_INPUT_GRAD
         if share is None:
-            share = masked or wider
+            share = rows is not None or wider
         if not (share and self.num_mosa_heads and self.dense is not None and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             return False, None
-        narrow = wider and self._fused(x) and (attention_ops.NARROW_SHARED_X if masked else X_READ)
+        narrow = wider and self._fused(x) and (attention_ops.NARROW_SHARED_X if rows is not None else X_READ)
         return True, (x.detach().to(torch.get_autocast_dtype(dev), memory_format=torch.contiguous_format)
                       if narrow else None)
 
@@ -241,13 +232,9 @@ class MoSAAttention(nn.Module):
         side = self._side_stream(x)
         if side is not None:
             main = torch.cuda.current_stream(x.device)
-            masked = self._masks_sums(x)
-            rows = None if not masked or ROWS_ON_SIDE else self._new_rows(x)
-            sharing = self._sharing(x, masked)  # (its copy of x, if any, is made before the wait)
+            rows = self._kept_rows(x)
+            sharing = self._sharing(x, rows)  # (its copy of x, if any, is made before the wait)
             side.wait_stream(main)
-            if masked and ROWS_ON_SIDE:  # the dense heads' product is used in backward only
-                with torch.cuda.stream(side):
-                    rows = self._new_rows(x)
             # after the wait: the MoSA heads need x (or its copy), not this product
             qkv, x_mosa, x_read = self._share_input(x, rows, sharing)
             if not MOSA_HEADS_FIRST:
@@ -261,14 +248,14 @@ class MoSAAttention(nn.Module):
             for t in (x, x_mosa, x_read):  # (x_mosa, x_read: x or its copy)
                 if t is not None:
                     t.record_stream(side)
-            if rows is not None:  # (made on one stream, used on both)
-                rows.record_stream(main if ROWS_ON_SIDE else side)
+            if rows is not None:
+                rows.record_stream(side)
             for t in (y, *selection, *([self.aux_loss] if self.aux_loss is not None else [])):
                 t.record_stream(main)
             y = self._sum(y, y_dense, rows)
         else:
-            rows = self._new_rows(x) if self._masks_sums(x) else None
-            qkv, x_mosa, x_read = self._share_input(x, rows, self._sharing(x, rows is not None))
+            rows = self._kept_rows(x)
+            qkv, x_mosa, x_read = self._share_input(x, rows, self._sharing(x, rows))
             y, selection = self._mosa_heads(x_mosa, rows, x_read) if self.num_mosa_heads else (0, None)
             if self.dense is not None:
                 y = self._sum(y, self._dense_heads(x, qkv), rows)
