@@ -830,8 +830,8 @@ def plot(json_path, png_path):
     rows = res["sweep_T"]
     Ts = [r["T"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    series = [("dense 16 heads (SDPA flash), eager", lambda r: r["dense"]["eager_ms"]),
-              ("dense 16 heads (SDPA flash), CUDA graph", lambda r: r["dense"]["graph_ms"]),
+    series = [("dense 16 heads (SDPA), eager", lambda r: r["dense"]["eager_ms"]),
+              ("dense 16 heads (SDPA), CUDA graph", lambda r: r["dense"]["graph_ms"]),
               ("official MoSA release, eager", lambda r: r.get("official", {}).get("eager_ms")),
               ("ours (Triton), eager", lambda r: r["ours"]["eager_ms"]),
               ("ours (Triton), CUDA graph", lambda r: r["ours"]["graph_ms"])]
