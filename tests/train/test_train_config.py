@@ -74,6 +74,22 @@ def test_flags_map_to_keys():
     assert build_config(None, o).data.source == "some dir/x"
 
 
+def test_compile_takes_a_mode():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    o = overrides_from(p.parse_args(["--compile", "reduce-overhead"]))
+    assert o == ['train.compile="reduce-overhead"']
+    assert build_config(None, o).train.compile == "reduce-overhead"
+    assert build_config(None, ["train.compile=max-autotune"]).train.compile == "max-autotune"  # unquoted, as --set
+    assert build_config(None, ["train.compile=true"]).train.compile is True
+    with pytest.raises(ConfigError, match="train.compile must be .* got 'fast'"):
+        build_config(None, ["train.compile=fast"])
+    with pytest.raises(ConfigError, match="train.compile must be .* got 1"):
+        build_config(None, ["train.compile=1"])
+
+
 @pytest.mark.parametrize("name", sorted(builtin_configs()))
 def test_builtin_configs_are_valid(name):
     cfg = build_config(builtin_configs()[name])

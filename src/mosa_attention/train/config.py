@@ -30,6 +30,12 @@ TOY_VOCAB = 4096
 MODEL_PRESETS = ("toy", *PRESETS)
 
 
+# torch.compile's modes that ``train.compile`` may name
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# those that capture CUDA graphs (a step then marks its start: torch.compiler.cudagraph_mark_step_begin)
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 @dataclass
 class OptimConfig:
     """The ``[train]`` section: steps, batch, optimizer, schedule, precision, logging and checkpoints."""
@@ -48,7 +54,9 @@ class OptimConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 autocast on CUDA, float32 on CPU; or "float32", "bfloat16"
-    compile: bool = False  # torch.compile the model
+    # torch.compile the model: false, true (inductor's default mode) or a mode of COMPILE_MODES; the modes
+    # "reduce-overhead" and "max-autotune" replay each step as CUDA graphs (no per-launch host cost)
+    compile: bool | str = False
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run: bit-repeatable MoSA kernels
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2, fully_shard)
     eval_every: int = 0  # validation every n steps (0: only at the end)
@@ -109,6 +117,8 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer must be 'adam' or 'adamw', got {t.optimizer!r}")
         if t.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"train.dtype must be 'auto', 'float32' or 'bfloat16', got {t.dtype!r}")
+        if not (isinstance(t.compile, bool) or t.compile in COMPILE_MODES):
+            raise ConfigError(f"train.compile must be true, false or one of {list(COMPILE_MODES)}, got {t.compile!r}")
         if t.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"train.distributed must be 'ddp' or 'fsdp', got {t.distributed!r}")
         if not (math.isfinite(t.lr) and t.lr > 0 and 0 <= t.min_lr <= t.lr):

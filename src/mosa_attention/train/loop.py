@@ -16,7 +16,7 @@ from ..eval.perplexity import autocast, evaluate
 from ..models import MoSALM
 from . import checkpoint as ckpt_io
 from . import distributed as D
-from .config import ConfigError, TrainConfig, to_toml
+from .config import GRAPH_COMPILE_MODES, ConfigError, TrainConfig, to_toml
 from .optim import build_optimizer, lr_at
 
 
@@ -104,14 +104,19 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     start = _resume(resume, model_cfg, cfg, wrapped, optimizer, tokenizer, info, say) if resume else 0
     if start > t.steps:
         raise ConfigError(f"the checkpoint is at step {start}, past train.steps={t.steps}; raise --steps to go on")
-    forward = torch.compile(wrapped) if t.compile else wrapped
+    if t.compile in GRAPH_COMPILE_MODES and info.world_size > 1:
+        raise ConfigError(f"train.compile={t.compile!r} (CUDA graphs) runs in one process only; use train.compile=true "
+                          f"under torchrun")
+    forward = torch.compile(wrapped, mode=None if t.compile is True else t.compile) if t.compile else wrapped
+    graphs = t.compile in GRAPH_COMPILE_MODES and device.type == "cuda"
 
     n_params = model.num_params()
     say("config:\n" + _indent(to_toml({**cfg.to_dict(), "model (resolved)": model_cfg.to_dict()})))
     say(f"model: {n_params / 1e6:.2f}M parameters ({model.num_params(exclude_embeddings=True) / 1e6:.2f}M without "
         f"embeddings), heads per layer {model_cfg.head_counts()}, {model_cfg.forward_flops() / 1e9:.3f} GFLOPs "
         f"forward per sequence; {info.world_size} process(es) on {device}"
-        f"{', bf16 autocast' if amp else ''}{', compiled' if t.compile else ''}")
+        f"{', bf16 autocast' if amp else ''}"
+        f"{'' if not t.compile else ', compiled' if t.compile is True else f', compiled ({t.compile})'}")
     say(f"run folder: {run_dir}")
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -161,6 +166,8 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                                    _rows(t.batch_size, info.world_size, t.grad_accum, info.rank, micro))
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with D.no_sync(wrapped, micro < t.grad_accum - 1):
+                    if graphs:  # the last step's graph outputs may be overwritten from here on
+                        torch.compiler.cudagraph_mark_step_begin()
                     with autocast(device, amp):
                         _, loss = forward(x, y)
                     (loss / t.grad_accum).backward()

@@ -1,0 +1,174 @@
+"""Training throughput of whole language models: dense against MoSA hybrids, eager against torch.compile against
+torch.compile with CUDA graphs (``mode="reduce-overhead"``). The paper's tiny preset by default (6 layers,
+d_model 512, T = 1024, vocabulary 8192), bf16 autocast over float32 parameters, AdamW, gradient clipping: the
+step ``mosa train`` takes, on random tokens (throughput does not depend on the text, so no data is needed).
+
+    python benchmarks/bench_train.py --out $OUT                       # every model and mode, one process each
+    python benchmarks/bench_train.py --models mosa --modes eager       # one configuration, in this process
+
+Models: ``dense`` (9 dense heads), ``mosa`` (the FLOP-matched hybrid of ``configs/tiny-mosa.toml``: 4 dense heads
+and as many MoSA heads of sparsity 32 as the dense model's FLOPs allow), ``mosa17`` (the perplexity-matched
+hybrid of the paper: 4 dense + 17 MoSA heads, sparsity 32). Each line reports tokens/s over the timed steps
+(after warm-up steps that include compiling), the peak memory of the timed steps, and the first step's loss
+(from the same initial weights and tokens in every mode, so the modes must agree on it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from mosa_attention import MoSAConfig, MoSALM  # noqa: E402
+
+MODELS = {
+    "dense": dict(attention="dense"),
+    "mosa": dict(attention="mosa", sparsity=32, num_dense_heads=4),
+    "mosa17": dict(attention="mosa", sparsity=32, num_dense_heads=4, num_sparse_heads=17),
+}
+MODES = ("eager", "compile", "graphs")
+
+
+def build(name: str, args) -> MoSALM:
+    over = dict(MODELS[name])
+    for key in ("n_layer", "d_model", "seq_len", "vocab_size"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    cfg = MoSAConfig.from_preset(args.preset, **over)
+    torch.manual_seed(0)
+    return MoSALM(cfg).to(args.device)
+
+
+def run_one(name: str, mode: str, args) -> dict:
+    """Warm-up steps, then timed steps of one model in one mode."""
+    dev = torch.device(args.device)
+    model = build(name, args)
+    cfg = model.config
+    T, vocab = cfg.seq_len, cfg.vocab_size
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if dev.type == "cuda" else {}))
+    fwd = model
+    if mode == "compile":
+        fwd = torch.compile(model)
+    elif mode == "graphs":
+        fwd = torch.compile(model, mode="reduce-overhead")
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, vocab, (args.batch, T + 1), generator=g).to(dev) for _ in range(4)]
+    amp = dev.type == "cuda"
+
+    def step(i: int) -> torch.Tensor:
+        ids = batches[i % len(batches)]
+        if mode == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            _, loss = fwd(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach().clone()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    t0 = time.perf_counter()
+    first = step(0).item()
+    for i in range(1, args.warmup):
+        step(i)
+    sync()
+    warm_s = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        last = step(args.warmup + i)
+    sync()
+    dt = time.perf_counter() - t0
+    row = {"model": name, "mode": mode, "heads": cfg.head_counts(), "params_M": model.num_params() / 1e6,
+           "forward_GFLOPs_per_seq": cfg.forward_flops() / 1e9,
+           "batch": args.batch, "T": T, "steps": args.steps, "warmup_steps": args.warmup,
+           "warmup_s": warm_s, "ms_per_step": dt / args.steps * 1e3,
+           "tokens_per_s": args.batch * T * args.steps / dt, "first_loss": first, "last_loss": last.item(),
+           "peak_MiB": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None}
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {sorted(MODELS)}")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--n-layer", dest="n_layer", type=int, default=None)
+    ap.add_argument("--d-model", dest="d_model", type=int, default=None)
+    ap.add_argument("--seq-len", dest="seq_len", type=int, default=None)
+    ap.add_argument("--vocab-size", dest="vocab_size", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiling happens here)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per configuration when several run")
+    ap.add_argument("--out", default=None, help="folder for train.json")
+    args = ap.parse_args()
+    models, modes = args.models.split(","), args.modes.split(",")
+    for m in models:
+        if m not in MODELS:
+            ap.error(f"--models: unknown model {m!r}; choose from {sorted(MODELS)}")
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"--modes: unknown mode {m!r}; choose from {list(MODES)}")
+    if args.warmup < 1 or args.steps < 1:
+        ap.error(f"--warmup and --steps must be >= 1, got {args.warmup} and {args.steps}")
+    rows = []
+    if len(models) * len(modes) == 1:
+        rows.append(run_one(models[0], modes[0], args))
+        print(json.dumps(rows[0]), flush=True)
+    else:  # one process per configuration: compile caches, CUDA graph pools and failures stay apart
+        for name in models:
+            for mode in modes:
+                cmd = [sys.executable, __file__, "--models", name, "--modes", mode] + [
+                    a for key in ("preset", "n_layer", "d_model", "seq_len", "vocab_size", "batch", "warmup",
+                                  "steps", "device") if getattr(args, key) is not None
+                    for a in (f"--{key.replace('_', '-')}", str(getattr(args, key)))]
+                try:
+                    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
+                    row = json.loads(line) if p.returncode == 0 and line else {
+                        "model": name, "mode": mode, "error": (p.stderr or p.stdout)[-2000:]}
+                except subprocess.TimeoutExpired:
+                    row = {"model": name, "mode": mode, "error": f"timed out after {args.timeout:.0f} s"}
+                rows.append(row)
+                print(json.dumps(row)[:400], flush=True)
+                save(args, rows)  # after each one: a run cut short keeps what it measured
+    print(f"\n{'model':8} {'mode':8} {'ms/step':>9} {'tokens/s':>10} {'peak MiB':>9} {'first loss':>10} {'warm-up s':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:8} {r['mode']:8} failed: {r['error'].strip().splitlines()[-1][:100]}")
+        else:
+            peak = "-" if r["peak_MiB"] is None else f"{r['peak_MiB']:.0f}"
+            print(f"{r['model']:8} {r['mode']:8} {r['ms_per_step']:9.2f} {r['tokens_per_s']:10,.0f} {peak:>9} "
+                  f"{r['first_loss']:10.4f} {r['warmup_s']:9.1f}")
+    save(args, rows)
+
+
+def save(args, rows) -> None:
+    """``train.json`` in ``--out`` (written to a temporary file, then renamed)."""
+    if not args.out:
+        return
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"torch": torch.__version__, "python": platform.python_version(),
+            "card": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
+    tmp = os.path.join(args.out, "train.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1)
+    os.replace(tmp, os.path.join(args.out, "train.json"))
+
+
+if __name__ == "__main__":
+    main()
