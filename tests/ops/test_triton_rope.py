@@ -114,3 +114,23 @@ def test_bad_input():
         triton_rope.split_rope_triton(torch.randn(1, 4, 3 * 2 * 8, device=DEVICE), 2, 3, 10000.0)
     with pytest.raises(ValueError, match="qkv.shape"):
         triton_rope.split_rope_triton(torch.randn(1, 4, 50, device=DEVICE), 2, 4, 10000.0)
+
+
+def test_rope_tables_match_the_reference_and_are_kept():
+    from mosa_attention.ops.rope import rope_cos_sin
+    from mosa_attention.ops.triton_rope import _TABLES, rope_tables
+    cos, sin = rope_tables(32, 10000.0, 40, DEVICE)
+    ref_cos, ref_sin = rope_cos_sin(torch.arange(40, device=DEVICE), 32, 10000.0, torch.float32)
+    torch.testing.assert_close(cos[:40], ref_cos[:, :16], rtol=0, atol=0)  # (the reference repeats the half)
+    torch.testing.assert_close(sin[:40], ref_sin[:, :16], rtol=0, atol=0)
+    assert rope_tables(32, 10000.0, 40, DEVICE)[0] is cos  # cached: no work in later steps
+    assert rope_tables(32, 10000.0, cos.shape[0] + 1, DEVICE)[0].shape[0] > cos.shape[0]  # grown on demand
+    _TABLES.clear()
+
+
+def test_cache_entries_are_made_in_a_thread_of_their_own():
+    import threading
+    from mosa_attention.ops._host import in_own_thread
+    assert in_own_thread(lambda: threading.get_ident()) != threading.get_ident()
+    with pytest.raises(ValueError, match="raised there"):
+        in_own_thread(lambda: (_ for _ in ()).throw(ValueError("raised there")))

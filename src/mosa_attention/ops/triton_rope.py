@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv, next_pow2, outside_graph_pools
 
 _TABLES: dict = {}
 
@@ -30,13 +30,17 @@ def rope_tables(rope_dims: int, base: float, length: int, device):
     hit = _TABLES.get(key)
     if hit is None or hit[0].shape[0] < length:
         n = max(length, 2 * hit[0].shape[0] if hit is not None else 1024)
-        if rope_dims:
-            inv = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims))
-            ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv
-            hit = (ang.cos().contiguous(), ang.sin().contiguous())
-        else:
+
+        def make():
+            if rope_dims:
+                inv = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims))
+                ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv
+                return ang.cos().contiguous(), ang.sin().contiguous()
             z = torch.zeros(n, half, device=device, dtype=torch.float32)
-            hit = (z, z)
+            return z, z
+
+        # (kept across steps: not in the memory pool of torch.compile's CUDA graphs, which would refuse it)
+        hit = outside_graph_pools(make, torch.device(device))
         _TABLES[key] = hit
     return hit
 
