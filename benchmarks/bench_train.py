@@ -9,8 +9,10 @@ step ``mosa train`` takes, on random tokens (throughput does not depend on the t
 Models: ``dense`` (9 dense heads), ``mosa`` (the FLOP-matched hybrid of ``configs/tiny-mosa.toml``: 4 dense heads
 and as many MoSA heads of sparsity 32 as the dense model's FLOPs allow), ``mosa17`` (the perplexity-matched
 hybrid of the paper: 4 dense + 17 MoSA heads, sparsity 32). Each line reports tokens/s over the timed steps
-(after warm-up steps that include compiling), the peak memory of the timed steps, and the first step's loss
-(from the same initial weights and tokens in every mode, so the modes must agree on it).
+(after warm-up steps that include compiling), the peak memory allocated in the timed steps and the memory
+reserved after them (CUDA graphs replay out of a pool reserved while they were recorded, so their steps
+allocate almost nothing: compare modes by what is reserved), and the first step's loss (from the same initial
+weights and tokens in every mode, so the modes must agree on it).
 """
 from __future__ import annotations
 
@@ -95,7 +97,8 @@ def run_one(name: str, mode: str, args) -> dict:
            "batch": args.batch, "T": T, "steps": args.steps, "warmup_steps": args.warmup,
            "warmup_s": warm_s, "ms_per_step": dt / args.steps * 1e3,
            "tokens_per_s": args.batch * T * args.steps / dt, "first_loss": first, "last_loss": last.item(),
-           "peak_MiB": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None}
+           "peak_MiB": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+           "reserved_MiB": torch.cuda.memory_reserved(dev) / 2**20 if dev.type == "cuda" else None}
     return row
 
 
@@ -145,13 +148,14 @@ def main():
                 rows.append(row)
                 print(json.dumps(row)[:400], flush=True)
                 save(args, rows)  # after each one: a run cut short keeps what it measured
-    print(f"\n{'model':8} {'mode':8} {'ms/step':>9} {'tokens/s':>10} {'peak MiB':>9} {'first loss':>10} {'warm-up s':>9}")
+    print(f"\n{'model':8} {'mode':8} {'ms/step':>9} {'tokens/s':>10} {'peak MiB':>9} {'reserved':>9} {'first loss':>10} "
+          f"{'warm-up s':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:8} {r['mode']:8} failed: {r['error'].strip().splitlines()[-1][:100]}")
         else:
-            peak = "-" if r["peak_MiB"] is None else f"{r['peak_MiB']:.0f}"
-            print(f"{r['model']:8} {r['mode']:8} {r['ms_per_step']:9.2f} {r['tokens_per_s']:10,.0f} {peak:>9} "
+            peak, res = ("-" if r.get(k) is None else f"{r[k]:.0f}" for k in ("peak_MiB", "reserved_MiB"))
+            print(f"{r['model']:8} {r['mode']:8} {r['ms_per_step']:9.2f} {r['tokens_per_s']:10,.0f} {peak:>9} {res:>9} "
                   f"{r['first_loss']:10.4f} {r['warmup_s']:9.1f}")
     save(args, rows)
 
