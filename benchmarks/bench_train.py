@@ -146,7 +146,7 @@ def main():
                 except subprocess.TimeoutExpired:
                     row = {"model": name, "mode": mode, "error": f"timed out after {args.timeout:.0f} s"}
                 rows.append(row)
-                print(json.dumps(row)[:400], flush=True)
+                print(json.dumps(row) if "error" not in row else json.dumps(row)[:400], flush=True)
                 save(args, rows)  # after each one: a run cut short keeps what it measured
     print(f"\n{'model':8} {'mode':8} {'ms/step':>9} {'tokens/s':>10} {'peak MiB':>9} {'reserved':>9} {'first loss':>10} "
           f"{'warm-up s':>9}")
