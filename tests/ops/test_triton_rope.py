@@ -131,6 +131,9 @@ def test_rope_tables_match_the_reference_and_are_kept():
 def test_cache_entries_are_made_in_a_thread_of_their_own():
     import threading
     from mosa_attention.ops._host import in_own_thread
-    assert in_own_thread(lambda: threading.get_ident()) != threading.get_ident()
+    assert in_own_thread(threading.get_ident) != threading.get_ident()
+
+    def fails():
+        raise ValueError("raised there")
     with pytest.raises(ValueError, match="raised there"):
-        in_own_thread(lambda: (_ for _ in ()).throw(ValueError("raised there")))
+        in_own_thread(fails)
