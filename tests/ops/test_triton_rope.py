@@ -118,13 +118,14 @@ def test_bad_input():
 
 def test_rope_tables_match_the_reference_and_are_kept():
     from mosa_attention.ops.rope import rope_cos_sin
-    from mosa_attention.ops.triton_rope import _TABLES, rope_tables
+    from mosa_attention.ops.triton_rope import _OUTGROWN, _TABLES, rope_tables
     cos, sin = rope_tables(32, 10000.0, 40, DEVICE)
     ref_cos, ref_sin = rope_cos_sin(torch.arange(40, device=DEVICE), 32, 10000.0, torch.float32)
     torch.testing.assert_close(cos[:40], ref_cos[:, :16], rtol=0, atol=0)  # (the reference repeats the half)
     torch.testing.assert_close(sin[:40], ref_sin[:, :16], rtol=0, atol=0)
     assert rope_tables(32, 10000.0, 40, DEVICE)[0] is cos  # cached: no work in later steps
     assert rope_tables(32, 10000.0, cos.shape[0] + 1, DEVICE)[0].shape[0] > cos.shape[0]  # grown on demand
+    assert any(t[0] is cos for t in _OUTGROWN)  # the outgrown one is kept: kernels may still read it
     _TABLES.clear()
 
 

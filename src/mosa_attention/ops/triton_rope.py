@@ -20,6 +20,7 @@ import triton.language as tl
 from ._host import cdiv, next_pow2, outside_graph_pools
 
 _TABLES: dict = {}
+_OUTGROWN: list = []  # tables replaced by longer ones (at most as much memory as the live ones: lengths double)
 
 
 def rope_tables(rope_dims: int, base: float, length: int, device):
@@ -40,6 +41,8 @@ def rope_tables(rope_dims: int, base: float, length: int, device):
             return z, z
 
         # (kept across steps: not in the memory pool of torch.compile's CUDA graphs, which would refuse it)
+        if hit is not None:  # outgrown, but kernels queued on any stream may still read it: never freed
+            _OUTGROWN.append(hit)
         hit = outside_graph_pools(make, torch.device(device))
         _TABLES[key] = hit
     return hit
