@@ -8,7 +8,8 @@ step ``mosa train`` takes, on random tokens (throughput does not depend on the t
 
 Models: ``dense`` (9 dense heads), ``mosa`` (the FLOP-matched hybrid of ``configs/tiny-mosa.toml``: 4 dense heads
 and as many MoSA heads of sparsity 32 as the dense model's FLOPs allow), ``mosa17`` (the perplexity-matched
-hybrid of the paper: 4 dense + 17 MoSA heads, sparsity 32). Each line reports tokens/s over the timed steps
+hybrid of the paper: 4 dense + 17 MoSA heads, sparsity 32); ``local17`` (its dense heads as sliding-window
+heads, on FlexAttention on a GPU; not run by default). Each line reports tokens/s over the timed steps
 (after warm-up steps that include compiling), the peak memory allocated in the timed steps and the memory
 reserved after them (CUDA graphs replay out of a pool reserved while they were recorded, so their steps
 allocate almost nothing: compare modes by what is reserved), and the first step's loss (from the same initial
@@ -33,7 +34,10 @@ MODELS = {
     "dense": dict(attention="dense"),
     "mosa": dict(attention="mosa", sparsity=32, num_dense_heads=4),
     "mosa17": dict(attention="mosa", sparsity=32, num_dense_heads=4, num_sparse_heads=17),
+    # (not in the default list) the same with sliding-window heads on FlexAttention beside the MoSA heads
+    "local17": dict(attention="mosa", sparsity=32, num_dense_heads=4, num_sparse_heads=17, dense_kind="local"),
 }
+DEFAULT_MODELS = ("dense", "mosa", "mosa17")
 MODES = ("eager", "compile", "graphs")
 
 
@@ -104,7 +108,7 @@ def run_one(name: str, mode: str, args) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {sorted(MODELS)}")
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {sorted(MODELS)}")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--n-layer", dest="n_layer", type=int, default=None)
