@@ -40,9 +40,9 @@ def rope_tables(rope_dims: int, base: float, length: int, device):
             z = torch.zeros(n, half, device=device, dtype=torch.float32)
             return z, z
 
-        # (kept across steps: not in the memory pool of torch.compile's CUDA graphs, which would refuse it)
         if hit is not None:  # outgrown, but kernels queued on any stream may still read it: never freed
             _OUTGROWN.append(hit)
+        # (kept across steps: not in the memory pool of torch.compile's CUDA graphs, which would refuse it)
         hit = outside_graph_pools(make, torch.device(device))
         _TABLES[key] = hit
     return hit
