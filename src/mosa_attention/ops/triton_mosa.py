@@ -1268,9 +1268,8 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     sc_like = torch.empty((), dtype=w_qkv.dtype, device=x.device).expand(B, E, k)
     _check(x, sc_like, idx_like, w_qkv, w_o, int(rope_dims), mixed)
     x, w_router, w_qkv, w_o = (t.contiguous() for t in (x, w_router, w_qkv, w_o))
-    in_place = deterministic is None and _atomics_in_place(x.device, h, (cdt, x.dtype), E * k / T)
     args = (x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base),
-            use_rows(deterministic, E * B * k, B * T, in_place), cdt)
+            _rows_for(deterministic, x.device, h, (cdt, x.dtype), E * B * k, B * T), cdt)
     if mark_rows is not None and (mark_rows.dtype != torch.bool or tuple(mark_rows.shape) != (B, T)
                                   or mark_rows.device != x.device or not mark_rows.is_contiguous()):
         raise ValueError(f"mark_rows must be a contiguous bool tensor [B={B}, T={T}] on {x.device}, got "
@@ -1312,6 +1311,13 @@ def use_rows(deterministic: bool | None, kept_rows: int, out_rows: int, in_place
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic must be True, False or None, got deterministic={deterministic!r}")
     return deterministic
+
+
+def _rows_for(deterministic: bool | None, dev, h: int, dtypes, kept_rows: int, out_rows: int) -> bool:
+    """``use_rows`` for the op's scatters into results of ``dtypes`` (whether the atomics would add in place is
+    asked only when the choice is left to the shape)."""
+    in_place = deterministic is None and _atomics_in_place(dev, h, dtypes, kept_rows / max(out_rows, 1))
+    return use_rows(deterministic, kept_rows, out_rows, in_place)
 
 
 def _compute_dtype(x, *weights):
@@ -1363,9 +1369,8 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed)
     x, scores, idx, w_qkv, w_o = (t.contiguous() for t in (x, scores, idx, w_qkv, w_o))
     B, T, h = x.shape
-    in_place = deterministic is None and _atomics_in_place(x.device, h, (cdt, x.dtype), idx.numel() / (B * T))
     args = (x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base),
-            use_rows(deterministic, idx.numel(), B * T, in_place), cdt)
+            _rows_for(deterministic, x.device, h, (cdt, x.dtype), idx.numel(), B * T), cdt)
     if torch.compiler.is_compiling():
         return _fwd_op(*args)[0]
     return _Eager.apply(*args)
