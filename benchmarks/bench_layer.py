@@ -352,25 +352,33 @@ def timeline(folder):
 
 
 def host_profile():
-    """Where the host's time goes in eager steps (t1, bf16, f+b): cProfile over 50 steps, the GPU
-    synchronised once at the end, so the time is the host's."""
+    """Where the host's time goes in eager steps (bf16, f+b) of t1 and of the t2 hybrid: the step timed without
+    a profiler, then cProfile over 50 steps, the GPU synchronised once at the end, so the time is the host's."""
     import cProfile
     import pstats
-    layer = MoSAAttention(512, 17, 32, backend="triton", deterministic=DETERMINISTIC).cuda().bfloat16()
-    x = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn_like(x)
-    step = make_step(layer, x, dy, True)
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with cProfile.Profile() as pr:
+    for label, nd in (("t1", 0), ("t2 hybrid", 4)):
+        layer = MoSAAttention(512, 17, 32, num_dense_heads=nd, backend="triton",
+                              deterministic=DETERMINISTIC).cuda().bfloat16()
+        x = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+        step = make_step(layer, x, dy, True)
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         for _ in range(50):
             step()
         torch.cuda.synchronize()
-    print("== host profile t1 f+b eager, 50 steps: %.3f ms per step" % ((time.perf_counter() - t0) * 20))
-    for key in ("tottime", "cumulative"):
-        pstats.Stats(pr).sort_stats(key).print_stats(28)
+        plain = (time.perf_counter() - t0) * 20
+        t0 = time.perf_counter()
+        with cProfile.Profile() as pr:
+            for _ in range(50):
+                step()
+            torch.cuda.synchronize()
+        print("== host profile %s f+b eager, 50 steps: %.3f ms per step (%.3f without the profiler)"
+              % (label, (time.perf_counter() - t0) * 20, plain))
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(pr).sort_stats(key).print_stats(40)
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -916,8 +924,6 @@ def main():
                          "product's bf16 copy (layers.mosa.X_READ = False; before v10.2)")
     ap.add_argument("--dense-first", action="store_true",
                     help="a two-stream hybrid launches its dense heads before its MoSA heads")
-    ap.add_argument("--topk-one-scan", action="store_true",
-                    help="the top-k kernel's compaction as one scan of packed counts (triton_routing.ONE_SCAN)")
     ap.add_argument("--tiles", default=None, metavar="JSON",
                     help='launch overrides for the MoSA kernels, e.g. {"_qkv_fwd":{"BM":64}} (triton_mosa.TILE_OVERRIDES)')
     ap.add_argument("--attn-bwd-split", action="store_true",
@@ -963,8 +969,6 @@ def main():
     _tm.DWO_IN_OUT_BWD = SWITCH[args.dwo_in_out_bwd]
     if args.tiles:
         _tm.TILE_OVERRIDES.update(json.loads(args.tiles))
-    from mosa_attention.ops import triton_routing as _tr
-    _tr.ONE_SCAN = args.topk_one_scan
     if args.dense_router_grad is not None:
         _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP = args.dense_router_grad
     import mosa_attention.layers.mosa as _lm
@@ -995,7 +999,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "topk_one_scan": args.topk_one_scan, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

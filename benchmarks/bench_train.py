@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -106,6 +107,15 @@ def run_one(name: str, mode: str, args) -> dict:
     return row
 
 
+# a C/C++ compiler's chatter (torch.compile builds helpers on the host): warnings, their source excerpts, includes
+_COMPILER_NOISE = re.compile(r"warning:|note:|In file included|^\s+from /|^\s*\d*\s*\|")
+
+
+def failure(text: str, keep: int = 3000) -> str:
+    """The end of a failed run's output without compiler warnings, so that the exception stays in view."""
+    return "\n".join(ln for ln in text.splitlines() if not _COMPILER_NOISE.search(ln))[-keep:]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {sorted(MODELS)}")
@@ -146,7 +156,7 @@ def main():
                     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
                     row = json.loads(line) if p.returncode == 0 and line else {
-                        "model": name, "mode": mode, "error": (p.stderr or p.stdout)[-2000:]}
+                        "model": name, "mode": mode, "error": failure(p.stderr or p.stdout)}
                 except subprocess.TimeoutExpired:
                     row = {"model": name, "mode": mode, "error": f"timed out after {args.timeout:.0f} s"}
                 rows.append(row)

@@ -204,6 +204,26 @@ def test_sliding_window_block_mask_lists_exactly_the_blocks_in_the_window(T, win
     assert attention_ops.sliding_window_block_mask(T, window, "cpu", block) is mask  # cached
 
 
+def test_sliding_window_block_mask_under_compile_is_made_in_the_graph_and_not_cached():
+    # traced by torch.compile (dynamo; the eager backend keeps CI fast) the mask is made inside the graph and
+    # nothing is cached: kept beyond a compiled graph, its tensors would belong to that graph's memory pool
+    # under CUDA graphs (overwritten by the next replay); an eager call caches it, and compiled code reads that
+    attention_ops._FLEX_MASKS.clear()
+
+    def blocks(t):
+        m = attention_ops.sliding_window_block_mask(300, 40, "cpu", 128)
+        return t + m.kv_num_blocks.sum() + m.full_kv_num_blocks.sum() + m.kv_indices[0, 0, 2, 0]
+
+    want = blocks(torch.zeros(()))
+    assert len(attention_ops._FLEX_MASKS) == 1
+    attention_ops._FLEX_MASKS.clear()
+    compiled = torch.compile(blocks, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(torch.zeros(())), want)
+    assert not attention_ops._FLEX_MASKS
+    blocks(torch.zeros(()))
+    assert torch.equal(compiled(torch.zeros(())), want) and len(attention_ops._FLEX_MASKS) == 1
+
+
 @pytest.mark.parametrize("B,H,T,D,window", [(2, 3, 300, 32, 40), (1, 2, 257, 16, 128), (1, 1, 520, 64, 300),
                                             (2, 2, 64, 32, 1), (1, 1, 1000, 32, 256), (1, 1, 130, 16, 129)])
 def test_flex_local_attention_forward_matches_the_masked_reference(B, H, T, D, window):

@@ -11,13 +11,6 @@ from mosa_attention.ops.triton_routing import topk_positions_triton  # noqa: E40
 require(triton_routing._topk_select)
 
 
-@pytest.fixture(params=[False, True], ids=["two-scans", "one-scan"])
-def one_scan(request, monkeypatch):
-    """Both compactions of the kernel: two scans (the default) and one scan of packed counts (ONE_SCAN)."""
-    monkeypatch.setattr(triton_routing, "ONE_SCAN", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("include_first", [False, True])
 @pytest.mark.parametrize("B,E,T,k", [
@@ -28,7 +21,7 @@ def one_scan(request, monkeypatch):
     (1, 4, 1000, 250),
     (3, 2, 17, 1),     # k = 1
 ])
-def test_matches_torch_topk(B, E, T, k, include_first, dtype, one_scan):
+def test_matches_torch_topk(B, E, T, k, include_first, dtype):
     # logits of a linear router: a [B, T, E] product seen as [B, E, T] (non-contiguous rows)
     scores = torch.randn(B, T, E, dtype=torch.float64).to(dtype).transpose(1, 2).to(DEVICE)
     if dtype != torch.float32:  # distinct 16-bit values (consecutive bit patterns from 1.0), so top-k is unique
@@ -43,7 +36,7 @@ def test_matches_torch_topk(B, E, T, k, include_first, dtype, one_scan):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("include_first", [False, True])
-def test_ties_keep_the_earliest_positions(include_first, dtype, one_scan):
+def test_ties_keep_the_earliest_positions(include_first, dtype):
     B, E, T, k = 2, 3, 50, 12
     scores = (torch.randint(-2, 2, (B, E, T)) * 0.37).to(dtype).to(DEVICE)  # many ties, negatives too
     got = topk_positions_triton(scores, k, include_first)

@@ -211,39 +211,47 @@ def sliding_window_block_mask(T: int, window: int, device, block: int = FLEX_BLO
     with i - window < j <= i), built from its block structure (n = T / block query blocks, each listing the
     ~window / block + 1 key blocks it touches, in an [n, n] index table) with no [T, T] evaluation: the key
     blocks wholly inside the window of every query of a query block are "full" (no mask evaluated there),
-    the others partial. Cached per (T, window, device, block); traceable by torch.compile (fullgraph)."""
-    from torch.nn.attention.flex_attention import BlockMask
+    the others partial. The tables are made by a few [n, n] tensor ops on ``device`` (no host loops, no host
+    tensors). Cached per (T, window, device, block) when made eagerly; a compiled model (torch.compile, also
+    with ``fullgraph``) reads a mask cached before it was traced, else makes the mask inside its own graph
+    on every call (a few tiny kernels) and caches nothing: tensors made in a compiled graph and kept beyond
+    it would belong to its CUDA graphs' memory pool under ``mode="reduce-overhead"`` and be overwritten by
+    the next replay."""
     key = (T, window, str(device), block)
-    if key not in _FLEX_MASKS:
-        if len(_FLEX_MASKS) >= 32:  # (many lengths, e.g. prompts in generation: keep the newest)
-            _FLEX_MASKS.pop(next(iter(_FLEX_MASKS)))
-        nb = -(-T // block)
-        partial, full = [], []
-        for i in range(nb):
-            q_lo, q_hi = i * block, min(T, (i + 1) * block) - 1
-            first = max(0, (q_lo - window + 1) // block)
-            p_row, f_row = [], []
-            for j in range(first, i + 1):
-                k_lo, k_hi = j * block, min(T, (j + 1) * block) - 1
-                inside = k_hi <= q_lo and q_hi - k_lo < window  # every (query, key) pair of the two blocks is seen
-                (f_row if inside else p_row).append(j)
-            partial.append(p_row)
-            full.append(f_row)
+    mask = _FLEX_MASKS.get(key)
+    if mask is None:
+        mask = _make_sliding_window_block_mask(T, window, device, block)
+        if not torch.compiler.is_compiling():
+            if len(_FLEX_MASKS) >= 32:  # (many lengths, e.g. prompts in generation: keep the newest)
+                _FLEX_MASKS.pop(next(iter(_FLEX_MASKS)))
+            _FLEX_MASKS[key] = mask
+    return mask
 
-        def pack(rows):  # (counts [1, 1, nb], indices [1, 1, nb, nb]: each row's blocks first, as BlockMask wants)
-            idx = torch.zeros(1, 1, nb, nb, dtype=torch.int32)
-            for i, r in enumerate(rows):
-                idx[0, 0, i, :len(r)] = torch.tensor(r, dtype=torch.int32)
-            return (torch.tensor([[[len(r) for r in rows]]], dtype=torch.int32).to(device), idx.to(device))
 
-        def in_window(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+def _make_sliding_window_block_mask(T: int, window: int, device, block: int):
+    """``sliding_window_block_mask`` without the cache."""
+    from torch.nn.attention.flex_attention import BlockMask
+    nb = -(-T // block)
+    i = torch.arange(nb, device=device)[:, None]  # query block
+    j = torch.arange(nb, device=device)[None, :]  # key block
+    q_lo, q_hi = i * block, torch.clamp((i + 1) * block, max=T) - 1
+    k_lo, k_hi = j * block, torch.clamp((j + 1) * block, max=T) - 1
+    # from the key block of the first query's oldest key up to the diagonal, every block holds a seen pair
+    first = torch.clamp(torch.div(q_lo - window + 1, block, rounding_mode="floor"), min=0)
+    touched = (j >= first) & (j <= i)
+    inside = (k_hi <= q_lo) & (q_hi - k_lo < window)  # every (query, key) pair of the two blocks is seen
 
-        kv_num, kv_idx = pack(partial)
-        full_num, full_idx = pack(full)
-        _FLEX_MASKS[key] = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                                    mask_mod=in_window, seq_lengths=(T, T))
-    return _FLEX_MASKS[key]
+    def pack(sel):  # (counts [1, 1, n], indices [1, 1, n, n]: each row's blocks first, ascending)
+        order = torch.argsort(torch.where(sel, j, j + nb), dim=-1)
+        return sel.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    def in_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    kv_num, kv_idx = pack(touched & ~inside)
+    full_num, full_idx = pack(touched & inside)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=in_window,
+                                    seq_lengths=(T, T))
 
 
 def _flex_available(q) -> bool:

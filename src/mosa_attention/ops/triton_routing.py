@@ -36,7 +36,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e,
                  INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                 KEY_BITS: tl.constexpr = 32, ONE_SCAN: tl.constexpr = False):
+                 KEY_BITS: tl.constexpr = 32):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     pos = tl.arange(0, BT)
@@ -62,20 +62,10 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
 
     above = inside & (key > prefix[None, :])
     need = k - tl.sum(above.to(tl.int32), axis=0)  # keys equal to the k-th that are kept
-    if ONE_SCAN:
-        # one scan of both counts packed in an int32 (each < 2^15 for T <= MAX_T): a position's slot is the
-        # number of keys above the k-th before it plus the kept equal ones before it, min(equal before, need)
-        equal = inside & (key == prefix[None, :])
-        both = above.to(tl.int32) + (equal.to(tl.int32) << 16)
-        before = tl.cumsum(both, axis=0) - both
-        eq_before = before >> 16
-        keep = above | (equal & (eq_before < need[None, :]))
-        slot = (before & 0xFFFF) + tl.minimum(eq_before, need[None, :])
-    else:
-        equal = (inside & (key == prefix[None, :])).to(tl.int32)
-        eq_rank = tl.cumsum(equal, axis=0) - equal
-        keep = above | ((equal == 1) & (eq_rank < need[None, :]))
-        slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    equal = (inside & (key == prefix[None, :])).to(tl.int32)
+    eq_rank = tl.cumsum(equal, axis=0) - equal
+    keep = above | ((equal == 1) & (eq_rank < need[None, :]))
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(idx_ptr + (b * E + e[None, :]) * k + slot, pos[:, None] + tl.zeros([BT, BE], tl.int64), mask=keep)
     if SIGMOID:
         # the kept logits gathered again through the positions just written (the barrier makes them visible
@@ -94,11 +84,6 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
 
 # (BE columns per program, num_warps) override, for tuning only (benchmarks/bench_layer.py); None in normal use
 TILE_OVERRIDE = None
-# The compaction's two scans (rank among the keys equal to the k-th, then the slots) as one scan of both
-# counts packed in an int32. The kernel is bound by instructions (t3: ~4,700 per row in the sm_90 PTX, of
-# which ~1,300 in the two scans; the one scan takes ~650 off). Not yet timed on a GPU: off by default
-# (benchmarks/bench_layer.py --topk-one-scan for the A/B).
-ONE_SCAN = False
 
 
 def _tiles(T: int, rows: int):
@@ -127,7 +112,7 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
         BT, BE, warps = _tiles(T, B * E)
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
         _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
-                                              SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits, ONE_SCAN=ONE_SCAN,
+                                              SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits,
                                               num_warps=warps)
     return idx, (kept if sigmoid else None)
 
