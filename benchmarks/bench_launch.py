@@ -121,6 +121,8 @@ def main():
     ap.add_argument("--reps", type=int, default=200, help="calls per timing round")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for launch.json")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (it times Triton launches on the host while the GPU runs them)")
     import triton
     torch.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)

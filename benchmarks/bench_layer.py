@@ -950,6 +950,8 @@ def main():
     args = ap.parse_args()
     if args.plot:
         return plot(*args.plot)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (on a CPU, `mosa bench` times the layers)")
     import triton
     global MODE, DENSE_BACKEND, TUNE_ROUTING, DETERMINISTIC
     MODE = args.mode
