@@ -76,6 +76,18 @@ def test_invalid_sampling_parameters(kwargs, match):
         generate(lm(), [[1, 2]], **args)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1e-3), "temperature=-0.001"),
+    (dict(top_k=0), "top_k=0"),
+    (dict(top_p=0), "top_p=0"),
+])
+def test_sample_checks_its_arguments(kwargs, match):
+    # (a negative temperature used to sample the inverted distribution silently)
+    from mosa_attention.inference import sample
+    with pytest.raises(ValueError, match=match):
+        sample(torch.randn(2, 10), **kwargs)
+
+
 def test_prompt_longer_than_supported():
     model = lm()
     with pytest.raises(ValueError, match="exceeds the longest sequence this model accepts \\(32"):

@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from mosa_attention import MoSAAttention
+from mosa_attention import DenseAttention, FixedSparseAttention, LocalAttention, MoSAAttention, RoutingAttention
 from mosa_attention.ops import mosa, sparse_attention_reference
 
 
@@ -167,6 +167,7 @@ def test_torch_compile_smoke():
     (lambda l: l(torch.randn(4, 8)), "x must have shape"),
     (lambda l: l(torch.randn(1, 4, 7)), "d_model=8"),
     (lambda l: l(torch.randn(1, 0, 8)), "at least one token"),
+    (lambda l: l(torch.randn(0, 4, 8)), "at least one sequence"),
     (lambda l: l(torch.ones(1, 4, 8, dtype=torch.long)), "floating-point"),
 ])
 def test_bad_input(bad, match):
@@ -183,6 +184,12 @@ def test_bad_input(bad, match):
     (dict(dense_kind="sliding"), "dense_kind"),
     (dict(head_dim=0), "head_dim"),
     (dict(routing="random"), "routing"),
+    (dict(rope_base=0.0), "rope_base=0.0"),
+    (dict(rope_base=float("nan")), "rope_base=nan"),
+    (dict(rope_fraction=1.5), "rope_fraction=1.5"),
+    (dict(rope_fraction="0.5"), "rope_fraction='0.5'"),
+    (dict(include_first="no"), "include_first='no'"),
+    (dict(router_aux=1), "router_aux=1"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     args = dict(d_model=8, num_mosa_heads=2, sparsity=2, head_dim=4)
@@ -288,3 +295,16 @@ def test_hybrid_shared_input_gradient_equals_two_readers(monkeypatch, kind):
         assert layer._sharing(x32, None)[0]
         with torch.no_grad():
             assert not layer._sharing(x32, None)[0]
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: DenseAttention(8, 2, head_dim=4, **kw),
+    lambda **kw: LocalAttention(8, 2, 3, head_dim=4, **kw),
+    lambda **kw: FixedSparseAttention(8, 2, 2, head_dim=4, **kw),
+    lambda **kw: RoutingAttention(8, 2, 2, head_dim=4, seq_len=8, **kw),
+], ids=["dense", "local", "fixed", "routing"])
+def test_baselines_reject_bad_rope_settings(make):
+    # (before: accepted, then NaN outputs for a base <= 0 or an error deep in the forward for the fraction)
+    for kw, match in ((dict(rope_base=-1.0), "rope_base=-1.0"), (dict(rope_fraction=2.0), "rope_fraction=2.0")):
+        with pytest.raises(ValueError, match=match):
+            make(**kw)

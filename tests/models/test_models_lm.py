@@ -72,6 +72,15 @@ def test_bad_ids(ids, match):
     (dict(sparsity=0), "sparsity"),
     (dict(d_model=0), "d_model"),
     (dict(num_sparse_heads=0, attention="pure_mosa"), "no attention heads"),
+    (dict(rope_base=0), "rope_base=0"),
+    (dict(rope_fraction=-0.1), "rope_fraction=-0.1"),
+    (dict(include_first="no"), "include_first='no'"),
+    (dict(tie_embeddings=1), "tie_embeddings=1"),
+    (dict(dropout=1.5), "dropout=1.5"),
+    (dict(init_std=-1.0), "init_std=-1.0"),
+    (dict(max_seq_len=20.5), "max_seq_len=20.5"),
+    (dict(num_sparse_heads="3"), "num_sparse_heads='3'"),
+    (dict(dense_kind="sliding"), "dense_kind='sliding'"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -145,6 +145,31 @@ def test_bad_input_is_rejected():
         sparse_attention_triton(x[0], scores, idx, w_qkv, w_o, 16)
 
 
+@pytest.mark.parametrize("bad", [-1, 13, 40], ids=["negative", "T+1", "far"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_positions_outside_the_sequence_are_rejected(bad, backend):
+    # (the reference used to add a position in (T, 2T] into the next sequence's rows, and the kernels read
+    # row -1 of x; on a GPU, where checking would wait for the device, they are taken as padding)
+    from mosa_attention.ops import sparse_attention
+    x, scores, idx, w_qkv, w_o = _inputs(2, 12, 32, 2, 4, 32, torch.float32)
+    idx = idx.clone()
+    idx[0, 1, 2] = bad
+    with pytest.raises(ValueError, match=f"positions in \\[0, T=12\\].*{bad}"):
+        sparse_attention(x, scores, idx, w_qkv, w_o, rope_dims=16, backend=backend)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="positions in"):
+            sparse_attention_triton(x, scores, idx, w_qkv, w_o, 16)
+
+
+def test_reference_needs_one_dtype_outside_autocast():
+    from mosa_attention.ops import sparse_attention
+    x, scores, idx, w_qkv, w_o = _inputs(1, 8, 32, 2, 4, 32, torch.float32)
+    with pytest.raises(ValueError, match="w_qkv.dtype=torch.float64"):
+        sparse_attention(x, scores, idx, w_qkv.double(), w_o, rope_dims=16, backend="torch")
+    with pytest.raises(ValueError, match="x.dtype=torch.float64"):  # the kernels' float64 fallback
+        sparse_attention_triton(x.double(), scores, idx, w_qkv, w_o, 16)
+
+
 def test_non_contiguous_input_is_copied():
     x, scores, idx, w_qkv, w_o = _inputs(2, 12, 32, 2, 6, 32, torch.float32)
     xt = x.transpose(0, 1).contiguous().transpose(0, 1)

@@ -23,6 +23,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     """logits [B, V] -> token ids [B]. ``temperature=0`` takes the argmax; otherwise the logits are divided by
     the temperature, cut to the ``top_k`` best and to the smallest set whose probability reaches ``top_p``,
     and sampled."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature

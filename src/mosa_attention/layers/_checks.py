@@ -10,6 +10,12 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {name}={value!r}")
+    return value
+
+
 def check_optional_bool(name: str, value):
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"{name} must be True, False or None, got {name}={value!r}")
@@ -23,7 +29,7 @@ def check_input(x, d_model: int) -> None:
         raise ValueError(f"x must have shape [batch, seq_len, d_model], got x.shape={tuple(x.shape)}")
     if x.shape[-1] != d_model:
         raise ValueError(f"x's last dim must be d_model={d_model}, got x.shape={tuple(x.shape)}")
-    if x.shape[1] == 0:
-        raise ValueError(f"x must hold at least one token, got x.shape={tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x must hold at least one sequence of at least one token, got x.shape={tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got x.dtype={x.dtype}")

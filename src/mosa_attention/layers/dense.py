@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import causal_attention, rope_dims_for
+from ..ops.rope import check_rope_base
 from ._checks import check_input, check_positive_int
 
 
@@ -30,7 +31,7 @@ class DenseAttention(nn.Module):
         self.num_heads = check_positive_int("num_heads", num_heads)
         self.head_dim = check_positive_int("head_dim", head_dim)
         self.rope_dims = rope_dims_for(head_dim, rope_fraction)
-        self.rope_base = float(rope_base)
+        self.rope_base = check_rope_base(rope_base)
         self.window = None if window is None else check_positive_int("window", window)
         self.W_QKV = nn.Linear(d_model, 3 * head_dim * num_heads, bias=False)
         self.W_O = nn.Linear(head_dim * num_heads, d_model, bias=False)

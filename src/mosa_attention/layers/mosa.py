@@ -10,8 +10,9 @@ from ..ops import add_at_rows, linear_sharing_input, num_selected, rope_dims_for
 from ..ops import attention as attention_ops
 from ..ops._host import side_stream
 from ..ops.mosa import fused_topk_available, mosa_topk_fused
+from ..ops.rope import check_rope_base
 from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
-from ._checks import check_input, check_optional_bool, check_positive_int
+from ._checks import check_bool, check_input, check_optional_bool, check_positive_int
 from .dense import DenseAttention
 
 DENSE_KINDS = ("dense", "local")
@@ -97,16 +98,14 @@ class MoSAAttention(nn.Module):
             raise ValueError(f"dense_kind must be one of {DENSE_KINDS}, got dense_kind={dense_kind!r}")
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got routing={routing!r}")
-        if not 0.0 <= rope_fraction <= 1.0:
-            raise ValueError(f"rope_fraction must be in [0, 1], got rope_fraction={rope_fraction!r}")
         self.dense_kind = dense_kind
-        self.include_first = bool(include_first)
+        self.include_first = check_bool("include_first", include_first)
         self.rope_dims = rope_dims_for(head_dim, rope_fraction)
-        self.rope_base = float(rope_base)
+        self.rope_base = check_rope_base(rope_base)
         self.routing = routing
         self.backend = backend
         self.local_window = None if local_window is None else check_positive_int("local_window", local_window)
-        self.router_aux = bool(router_aux)
+        self.router_aux = check_bool("router_aux", router_aux)
         self.deterministic = check_optional_bool("deterministic", deterministic)
         self.aux_loss = None
         E, D = num_mosa_heads, head_dim

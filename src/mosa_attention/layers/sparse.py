@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import apply_rope, num_selected, rope_cos_sin, rope_dims_for, sparse_attention, strided_positions
+from ..ops.rope import check_rope_base
 from ..ops.routing import check_sparsity
 from ._checks import check_input, check_optional_bool, check_positive_int
 
@@ -28,7 +29,7 @@ class FixedSparseAttention(nn.Module):
         self.sparsity = check_sparsity(sparsity)
         self.stride = max(int(round(self.sparsity)), 1)
         self.rope_dims = rope_dims_for(head_dim, rope_fraction)
-        self.rope_base = float(rope_base)
+        self.rope_base = check_rope_base(rope_base)
         self.backend = backend
         self.deterministic = check_optional_bool("deterministic", deterministic)
         self.W_QKV = nn.Parameter(torch.empty(num_heads, d_model, 3 * head_dim))
@@ -63,7 +64,9 @@ class RoutingAttention(nn.Module):
         self.head_dim = check_positive_int("head_dim", head_dim)
         self.sparsity = check_sparsity(sparsity)
         self.rope_dims = rope_dims_for(head_dim, rope_fraction)
-        self.rope_base = float(rope_base)
+        self.rope_base = check_rope_base(rope_base)
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be a number in [0, 1), got ema_decay={ema_decay!r}")
         self.ema_decay = float(ema_decay)
         k = num_selected(check_positive_int("seq_len", seq_len), self.sparsity)
         self.n_clusters = max(1, round(seq_len / k))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from ..flops import match_sparse_heads, model_flops
+from ..ops.rope import check_rope_base, rope_dims_for
 from ..ops.routing import check_sparsity, num_selected
 
 ATTENTION_KINDS = ("dense", "mosa", "pure_mosa", "fixed", "routing", "local")
@@ -52,6 +53,24 @@ class MoSAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        for name in ("include_first", "thresholds_calibrated", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {name}={getattr(self, name)!r}")
+        for name in ("max_seq_len", "num_sparse_heads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer or None, got {name}={value!r}")
+        if isinstance(self.num_dense_heads, bool) or not isinstance(self.num_dense_heads, int):
+            raise ValueError(f"num_dense_heads must be an integer, got num_dense_heads={self.num_dense_heads!r}")
+        if self.dense_kind not in ("dense", "local"):
+            raise ValueError(f"dense_kind must be 'dense' or 'local', got dense_kind={self.dense_kind!r}")
+        rope_dims_for(self.head_dim, self.rope_fraction)  # (checks rope_fraction)
+        self.rope_base = check_rope_base(self.rope_base)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got dropout={self.dropout!r}")
+        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) \
+                or not 0 < self.init_std < float("inf"):
+            raise ValueError(f"init_std must be a finite number > 0, got init_std={self.init_std!r}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got attention={self.attention!r}")
         self.sparsity = check_sparsity(self.sparsity)

@@ -26,9 +26,11 @@ def sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_
 
     x [B, T, h]; scores [B, E, k]; idx [B, E, k] int64 positions in [0, T], any order; returns [B, T, h].
     A position equal to T marks a padding slot (used when heads keep different numbers of tokens): it is
-    nobody's key (the causal rule excludes it, T > every real position) and its output is dropped.
+    nobody's key (the causal rule excludes it, T > every real position) and its output is dropped. Positions
+    outside [0, T] are taken as padding too (``sparse_attention`` rejects them on the CPU).
     """
     B, T, h = x.shape
+    idx = torch.where((idx < 0) | (idx > T), T, idx)
     E, k = idx.shape[1], idx.shape[2]
     D = w_qkv.shape[-1] // 3
     flat = idx.reshape(B, E * k)
@@ -83,16 +85,39 @@ def check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims: int) -> None:
         raise ValueError(f"rope_dims must be even and in [0, head_dim={D}], got rope_dims={rope_dims}")
 
 
+def check_positions(idx: torch.Tensor, T: int) -> None:
+    """A ValueError unless every position in ``idx`` lies in [0, T] (T: a padding slot). Only where it costs no
+    wait: not on a GPU (it would synchronise with the device), nor while torch.compile traces."""
+    if not idx.is_cuda and idx.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi > T:
+            raise ValueError(f"idx must hold positions in [0, T={T}] (T: a padding slot), got values from {lo} to {hi}")
+
+
+def check_reference_dtypes(x, w_qkv, w_o) -> None:
+    """The plain-torch reference multiplies x by the weights as they are: outside autocast their dtypes must
+    match (the Triton kernels cast; see ``triton_mosa._compute_dtype``)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    if not (x.dtype == w_qkv.dtype == w_o.dtype):
+        raise ValueError(f"x, w_qkv and w_o must share a dtype outside autocast, got x.dtype={x.dtype}, "
+                         f"w_qkv.dtype={w_qkv.dtype}, w_o.dtype={w_o.dtype}")
+
+
 def sparse_attention(x, scores, idx, w_qkv, w_o, *, rope_dims: int, rope_base: float = 10000.0, backend: str = "auto",
                      deterministic: bool | None = None):
-    """Sparse heads over given selections; see the module docstring. Returns [B, T, h].
+    """Sparse heads over given selections; see the module docstring. Returns [B, T, h]. ``idx`` holds positions
+    in [0, T] (T marks a padding slot): checked on the CPU; on a GPU (a check would wait for the device)
+    positions outside that range are taken as padding.
 
     ``deterministic`` (triton backend): True sums each token's contributions in a fixed order (bit-repeatable),
     False with atomics (faster), None follows ``torch.use_deterministic_algorithms``. The torch backend's
     ``index_add_`` follows that global switch itself."""
     check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims)
+    check_positions(idx, x.shape[1])
     name = resolve_backend(backend, x)
     if name == "torch":
+        check_reference_dtypes(x, w_qkv, w_o)
         return sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
     return _triton_backend()(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic=deterministic)
 

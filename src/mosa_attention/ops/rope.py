@@ -6,11 +6,24 @@ two halves.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def check_rope_base(base) -> float:
+    """``base`` as a float, or a ValueError naming it: RoPE's angles need a finite base > 0 (a base of 0 or
+    below makes every angle NaN or inf)."""
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+        raise ValueError(f"rope_base must be a finite number > 0, got rope_base={base!r}")
+    return float(base)
 
 
 def rope_dims_for(head_dim: int, rope_fraction: float) -> int:
     """Number of rotated dimensions: ``int(rope_fraction * head_dim)`` rounded down to even."""
+    if isinstance(rope_fraction, bool) or not isinstance(rope_fraction, (int, float)) \
+            or not 0.0 <= rope_fraction <= 1.0:
+        raise ValueError(f"rope_fraction must be a number in [0, 1], got rope_fraction={rope_fraction!r}")
     n = int(rope_fraction * head_dim)
     return n - n % 2
 
@@ -18,6 +31,7 @@ def rope_dims_for(head_dim: int, rope_fraction: float) -> int:
 def rope_cos_sin(positions: torch.Tensor, rope_dims: int, base: float, dtype: torch.dtype):
     """cos and sin tables of shape ``positions.shape + (rope_dims,)``, computed in float32 (float64 for
     float64 outputs) and returned in ``dtype``."""
+    base = check_rope_base(base)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=positions.device, dtype=work) / rope_dims))
     angles = positions.to(work)[..., None] * inv_freq

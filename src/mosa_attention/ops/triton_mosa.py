@@ -61,7 +61,7 @@ from triton.runtime.errors import OutOfResources
 
 from ._host import cdiv, next_pow2
 from ._host import interpreting as _interpreting
-from .mosa import check_sparse_inputs, sparse_attention_reference
+from .mosa import check_positions, check_reference_dtypes, check_sparse_inputs, sparse_attention_reference
 from .triton_rope import rope_tables as _rope_tables
 
 _MAX_HEAD_DIM = 128
@@ -1361,14 +1361,18 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     output's rows (``use_rows``).
     """
     if x.dtype == torch.float64:  # documented fallback: no fp64 kernels
+        check_reference_dtypes(x, w_qkv, w_o)
         return sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
     cdt, (w_qkv, w_o), mixed = _compute_dtype(x, w_qkv, w_o)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
     rope_dims = int(rope_dims)
     _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed)
-    x, scores, idx, w_qkv, w_o = (t.contiguous() for t in (x, scores, idx, w_qkv, w_o))
     B, T, h = x.shape
+    check_positions(idx, T)
+    if idx.is_cuda:  # (unchecked there: a check would wait for the device) negative positions as padding
+        idx = torch.where(idx < 0, T, idx)
+    x, scores, idx, w_qkv, w_o = (t.contiguous() for t in (x, scores, idx, w_qkv, w_o))
     args = (x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base),
             _rows_for(deterministic, x.device, h, (cdt, x.dtype), idx.numel(), B * T), cdt)
     if torch.compiler.is_compiling():

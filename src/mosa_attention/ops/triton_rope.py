@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_pow2, outside_graph_pools
+from .rope import check_rope_base
 
 _TABLES: dict = {}
 _OUTGROWN: list = []  # tables replaced by longer ones (at most as much memory as the live ones: lengths double)
@@ -27,7 +28,7 @@ def rope_tables(rope_dims: int, base: float, length: int, device):
     """cos, sin [L, max(rope_dims/2, 1)] float32 at positions 0..L-1, equal to rope.rope_cos_sin's float32
     values; cached per device and grown on demand, so steady-state calls launch nothing for them."""
     half = max(rope_dims // 2, 1)
-    key = (device, rope_dims, float(base))
+    key = (device, rope_dims, check_rope_base(base))
     hit = _TABLES.get(key)
     if hit is None or hit[0].shape[0] < length:
         n = max(length, 2 * hit[0].shape[0] if hit is not None else 1024)
