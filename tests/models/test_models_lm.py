@@ -59,6 +59,7 @@ def test_selections_are_returned():
     (torch.tensor([[1, 2, 50]]), "vocab_size=50"),
     (torch.tensor([[1, -1]]), "vocab_size"),
     (torch.ones(1, 4), "integer"),
+    (torch.ones(1, 4, dtype=torch.int16), "int64 or int32"),
     (torch.ones(4, dtype=torch.long), "shape"),
     (torch.ones(1, 65, dtype=torch.long), "longest"),
 ])

@@ -124,7 +124,8 @@ class MoSALM(nn.Module):
             self._check_ids("targets", targets, allow_ignore=True)
             if targets.shape != ids.shape:
                 raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(),
+                                   ignore_index=-100)
             if self.config.router_aux_loss > 0 and self.training and torch.is_grad_enabled():
                 aux = [b.attn.aux_loss for b in self.blocks if getattr(b.attn, "aux_loss", None) is not None]
                 if aux:
@@ -146,8 +147,8 @@ class MoSALM(nn.Module):
                         **kwargs)
 
     def _check_ids(self, name: str, ids, allow_ignore: bool = False) -> None:
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"{name} must be an integer tensor, got "
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer tensor (int64 or int32), got "
                             f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"{name} must have shape [batch, seq_len] with seq_len >= 1, got {tuple(ids.shape)}")
