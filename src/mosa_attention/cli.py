@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -36,7 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except _user_errors() as err:
+        # what the library raises for bad input or a missing file names the argument and the value: one line,
+        # not a traceback (MOSA_DEBUG=1 shows the traceback)
+        if os.environ.get("MOSA_DEBUG"):
+            raise
+        print(f"mosa {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple:
+    """Exceptions that report a user's mistake rather than a bug: bad values (ValueError and the library's
+    errors derived from it), missing or broken checkpoints, a model kind a command does not support."""
+    from .train.checkpoint import CheckpointError  # noqa: PLC0415
+    return (ValueError, CheckpointError, FileNotFoundError, NotImplementedError)
 
 
 if __name__ == "__main__":

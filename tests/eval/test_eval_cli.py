@@ -73,4 +73,6 @@ def test_eval_causal_routing_with_calibration(trained_run, tmp_path, capsys):
     # without calibration the top-k-trained model gets a warning
     assert main(["eval", str(trained_run), "--routing", "threshold", "--no-selection"]) == 0
     assert "add --calibrate" in capsys.readouterr().err
-    assert main(["eval", str(trained_run), "--calibrate", "-1"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # argparse: the option named, no traceback
+        main(["eval", str(trained_run), "--calibrate", "-1"])
+    assert exit_info.value.code == 2 and "--calibrate: expected an integer >= 0, got -1" in capsys.readouterr().err

@@ -62,6 +62,34 @@ def test_generate_batch_and_bad_arguments(run_dir, capsys):
     assert "exceeds the longest sequence" in capsys.readouterr().err
 
 
+def test_user_mistakes_are_one_line_errors_not_tracebacks(run_dir, tmp_path, capsys):
+    from mosa_attention.cli import main
+
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mosa generate: error: no checkpoint at") and "Traceback" not in err
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "x", "--device", "gpu"]) == 2
+    assert "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got device='gpu'" in capsys.readouterr().err
+
+
+def test_the_end_of_text_token_is_not_printed():
+    import io
+
+    import torch
+
+    from mosa_attention.inference.cli import _Printer
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(chr(97 + i) for i in ids)
+    out = io.StringIO()
+    printer = _Printer(Tok(), out=out, eos_id=3)
+    for t in (0, 1, 3):
+        printer(torch.tensor([t]))
+    printer.finish()
+    assert out.getvalue() == "ab"
+
+
 def test_generate_saves_the_calibrated_model_as_a_new_run(run_dir, tmp_path, capsys):
     from mosa_attention.inference import cli
     from mosa_attention.train.checkpoint import load_model

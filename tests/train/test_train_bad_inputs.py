@@ -26,6 +26,10 @@ def quiet(*a, **k):
     (["--optimizer", "sgd"], "train.optimizer must be"),
     (["--config", "no-such-config"], "neither a file nor a built-in config"),
     (["--resume"], "--resume needs the run folder"),
+    (["--set", "train.steps=abc"], "train.steps must be of type int, got train.steps='abc'"),
+    (["--set", "train.lr=true"], "train.lr must be of type float, got train.lr=True"),
+    (["--stop-after", "0"], "train.stop_after must be >= 1"),
+    (["--device", "gpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got device='gpu'"),
 ])
 def test_bad_settings_fail_before_any_work(args, message, capsys, tmp_path):
     out = [] if args == ["--resume"] else ["--out", str(tmp_path / "run")]

@@ -76,8 +76,18 @@ def test_resume_from_a_middle_checkpoint_trims_later_metrics(tiny_overrides, tmp
     train(build_config(None, tiny_overrides), log=lambda *a: None)
     run = tmp_path / "run"
     before = losses(run)
-    train(build_config(None, tiny_overrides), resume=str(run / "checkpoints" / "step-000004"), log=lambda *a: None)
+    said = []
+    train(build_config(None, tiny_overrides), resume=str(run / "checkpoints" / "step-000004"), log=said.append)
     assert losses(run) == before
+    assert any(line.startswith("warning: resuming from step 4") and "step-000008" in line for line in said), said
+
+
+def test_resuming_a_finished_run_validates_again_without_a_second_line(tiny_overrides, tmp_path):
+    first = train(build_config(None, tiny_overrides), log=lambda *a: None)
+    run = tmp_path / "run"
+    again = train(build_config(None, tiny_overrides), resume=str(run), log=lambda *a: None)
+    vals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "val"]
+    assert again["val_loss"] == first["val_loss"] and [r["step"] for r in vals] == [first["step"]]
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_overrides, tmp_path):

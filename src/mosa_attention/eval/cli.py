@@ -6,21 +6,23 @@ import argparse
 import json
 import sys
 
+from ..argtypes import int_at_least
+
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder of `mosa train` (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="split to score (default val)")
     p.add_argument("--seq-len", type=int, nargs="+", help="lengths to score at (default: the training length)")
     p.add_argument("--data", help="data source (default: the run's own); its tokenizer must be the run's")
-    p.add_argument("--max-windows", type=int, default=0, help="score at most this many windows (default: all)")
+    p.add_argument("--max-windows", type=int_at_least(0), default=0, help="score at most this many windows (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--no-selection", action="store_true", help="skip the MoSA selection statistics")
-    p.add_argument("--selection-windows", type=int, default=64, help="windows for the selection statistics")
+    p.add_argument("--selection-windows", type=int_at_least(1), default=64, help="windows for the selection statistics")
     p.add_argument("--routing", choices=("topk", "threshold"),
                    help="how MoSA heads choose tokens: topk (the paper, sees the whole window) or threshold "
                         "(causal, as when generating); default: as the model was trained")
-    p.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
+    p.add_argument("--calibrate", type=int_at_least(0), default=0, metavar="WINDOWS",
                    help="first set the causal thresholds on this many training windows (see docs/generation.md)")
     p.add_argument("--json", metavar="FILE", help="also write every number (per-position rates too) as JSON")
 
@@ -93,14 +95,15 @@ def _set_routing(model, data, args) -> str:
     from ..data.batches import eval_batches  # noqa: PLC0415
     from ..inference.routing import calibrate_thresholds, set_routing  # noqa: PLC0415
 
-    if args.calibrate < 0:
-        raise EvalError(f"--calibrate must be >= 0, got {args.calibrate}")
     cfg = model.config
     if args.calibrate:
         calibrate_thresholds(model, list(eval_batches(data.tokens("train"), cfg.seq_len, args.batch_size,
                                                       args.calibrate)))
         print(f"thresholds calibrated on {args.calibrate} training windows of {cfg.seq_len} tokens")
     routing = args.routing or cfg.routing
+    if args.calibrate and routing != "threshold":
+        print(f"warning: --calibrate sets the thresholds of threshold routing, but this evaluation routes by "
+              f"{routing}; add --routing threshold to use them", file=sys.stderr)
     set_routing(model, routing)
     if routing == "threshold" and not cfg.causal_routing_ready:
         print("warning: threshold routing on a model trained with top-k, no router auxiliary loss and no "

@@ -15,6 +15,8 @@ import sys
 import time
 import warnings
 
+from ..argtypes import int_at_least
+
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="RUN",
@@ -28,7 +30,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--capacity", type=int, default=None,
                    help="at most this many cached tokens per MoSA head (the lowest-score one is dropped)")
-    p.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
+    p.add_argument("--calibrate", type=int_at_least(0), default=0, metavar="WINDOWS",
                    help="calibrate the routing thresholds on this many training windows first")
     p.add_argument("--save-calibrated", metavar="DIR",
                    help="with --calibrate: also save the calibrated model as a new run folder DIR (its checkpoint "
@@ -44,10 +46,9 @@ def load_run(path, device: str = "auto"):
     import torch  # noqa: PLC0415
 
     from ..train.checkpoint import load_model  # noqa: PLC0415
+    from ..train.distributed import pick_device  # noqa: PLC0415
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_model(path, device=device)
+    return load_model(path, device=pick_device(device))
 
 
 def save_calibrated(model, ckpt, out_dir):
@@ -82,13 +83,16 @@ class _Printer:
     """Prints the newly decoded text of one sequence; holds back a partly decoded character (byte-level
     tokens may split one)."""
 
-    def __init__(self, tokenizer, out=None):
+    def __init__(self, tokenizer, out=None, eos_id: int | None = None):
         # sys.stdout as it is now, not as it was at import (a caller may have replaced it since)
         self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
+        self.eos_id = eos_id  # the end-of-text token that stops generation: not printed
         self.ids: list[int] = []
         self.shown = ""
 
     def __call__(self, token) -> None:
+        if self.eos_id is not None and int(token[0]) == self.eos_id:
+            return
         self.ids.append(int(token[0]))
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
@@ -136,7 +140,8 @@ def run(args) -> int:
         print(f"warning: {note}", file=sys.stderr)
     prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt]
     single = len(prompts) == 1
-    printer = _Printer(tokenizer) if single else None
+    eos_id = tokenizer.eos_id if args.stop_at_eos else None
+    printer = _Printer(tokenizer, eos_id=eos_id) if single else None
     if single:
         sys.stdout.write(args.prompt[0])
         sys.stdout.flush()
@@ -146,7 +151,7 @@ def run(args) -> int:
             warnings.simplefilter("ignore", RoutingWarning)  # said above, before the text starts
             out, cache = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer,
-                                  eos_id=tokenizer.eos_id if args.stop_at_eos else None, return_cache=True)
+                                  eos_id=eos_id, return_cache=True)
     except ValueError as e:
         print(f"\nmosa generate: {e}", file=sys.stderr)
         return 2
@@ -156,7 +161,8 @@ def run(args) -> int:
         print()
     else:
         for p, text, ids in zip(prompts, args.prompt, out):
-            print(f"--- {text!r}\n{text}{tokenizer.decode(ids[len(p):])}")
+            new = [i for i in ids[len(p):] if i != eos_id]  # (the end-of-text token that stopped it: not printed)
+            print(f"--- {text!r}\n{text}{tokenizer.decode(new)}")
     if args.stats:
         new = sum(len(o) - len(p) for o, p in zip(out, prompts))
         print(f"[{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s, prefill included) on "

@@ -11,11 +11,13 @@ import argparse
 import json
 import sys
 
+from ..argtypes import int_at_least
+
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="a run folder or a checkpoint folder")
-    p.add_argument("--windows", type=int, default=64, help="validation windows to score")
-    p.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
+    p.add_argument("--windows", type=int_at_least(1), default=64, help="validation windows to score")
+    p.add_argument("--calibrate", type=int_at_least(0), default=0, metavar="WINDOWS",
                    help="calibrate the thresholds on this many training windows first")
     p.add_argument("--split", default="val", help="the split to report on")
     p.add_argument("--device", default="auto")

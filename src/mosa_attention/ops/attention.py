@@ -298,9 +298,8 @@ def local_attention(q, k, v, window: int) -> torch.Tensor:
     mask that also hides chunk 0's missing predecessor."""
     global LOCAL_FLEX
     B, H, T, D = q.shape
-    window = int(window)
-    if window < 1:
-        raise ValueError(f"window must be a positive number of tokens, got window={window}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive number of tokens, got window={window!r}")
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if _flex_available(q):
@@ -331,8 +330,18 @@ def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: 
     """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens.
     ``backend``: how q, k, v are made (see ``project_qkv``); attention itself is SDPA. ``qkv``: x's
     projection, where the caller has made it."""
-    B, T, _ = x.shape
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or 0 in x.shape:
+        raise ValueError(f"x must be a tensor [B, T, h] with B, T, h >= 1, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    B, T, h = x.shape
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"n_heads must be a positive integer, got n_heads={n_heads!r}")
+    if w_qkv.dim() != 2 or w_qkv.shape[1] != h or w_qkv.shape[0] % (3 * n_heads):
+        raise ValueError(f"w_qkv must be [3 * head_dim * n_heads, h={h}] with n_heads={n_heads}, got "
+                         f"w_qkv.shape={tuple(w_qkv.shape)}")
     D = w_qkv.shape[0] // (3 * n_heads)
+    if tuple(w_o.shape) != (h, D * n_heads):
+        raise ValueError(f"w_o must be [h={h}, head_dim * n_heads={D * n_heads}], got w_o.shape={tuple(w_o.shape)}")
     if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
         raise ValueError(f"rope_dims must be even and in [0, head_dim={D}], got rope_dims={rope_dims}")
     q, k, v = project_qkv(x, w_qkv, n_heads, rope_dims, rope_base, backend=backend, qkv=qkv)

@@ -67,8 +67,8 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 def check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims: int) -> None:
     """Shape and dtype checks shared by every backend, each naming the argument and the value."""
-    if x.dim() != 3:
-        raise ValueError(f"x must be [B, T, h], got x.shape={tuple(x.shape)}")
+    if x.dim() != 3 or 0 in x.shape:
+        raise ValueError(f"x must be [B, T, h] with B, T, h >= 1, got x.shape={tuple(x.shape)}")
     B, T, h = x.shape
     if idx.dim() != 3 or idx.shape[0] != B or idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"idx must be an integer tensor [B={B}, E, k], got idx.shape={tuple(idx.shape)}, dtype={idx.dtype}")
@@ -80,7 +80,8 @@ def check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims: int) -> None:
         raise ValueError(f"w_qkv must be [E={E}, h={h}, 3*D], got w_qkv.shape={tuple(w_qkv.shape)}")
     D = w_qkv.shape[2] // 3
     if tuple(w_o.shape) != (E, D, h):
-        raise ValueError(f"w_o must be [E={E}, D={D}, h={h}], got w_o.shape={tuple(w_o.shape)}")
+        raise ValueError(f"w_o must be [E={E}, D={D}, h={h}] (D = w_qkv.shape[2] / 3, w_qkv.shape="
+                         f"{tuple(w_qkv.shape)}), got w_o.shape={tuple(w_o.shape)}")
     if rope_dims < 0 or rope_dims % 2 or rope_dims > D:
         raise ValueError(f"rope_dims must be even and in [0, head_dim={D}], got rope_dims={rope_dims}")
 
@@ -161,6 +162,9 @@ def mosa(
     the triton backend (eager) routing and attention run as one fused op, ``mosa_topk_fused``.
     ``deterministic``: see ``sparse_attention``.
     """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a tensor [B, T, h], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     k = num_selected(x.shape[1], check_sparsity(sparsity))
     if x.dim() == 3 and fused_topk_available(x, backend):
         y, selection = mosa_topk_fused(x, w_router, w_qkv, w_o, k, include_first=include_first,

@@ -8,7 +8,9 @@ import torch
 
 def num_selected(seq_len: int, sparsity: float) -> int:
     """k = min(max(T // sparsity, 2), T), the paper's number of tokens each head keeps."""
-    return min(max(int(seq_len // sparsity), 2), seq_len)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got seq_len={seq_len!r}")
+    return min(max(int(seq_len // check_sparsity(sparsity)), 2), seq_len)
 
 
 def check_sparsity(sparsity) -> float:
@@ -81,7 +83,9 @@ def _fused_topk(scores: torch.Tensor, backend: str):
 
 def strided_positions(seq_len: int, stride: int, device=None) -> torch.Tensor:
     """The fixed-sparse baseline's kept positions 0, stride, 2*stride, ... < seq_len."""
-    return torch.arange(0, seq_len, max(int(stride), 1), device=device)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got stride={stride!r}")
+    return torch.arange(0, seq_len, stride, device=device)
 
 
 def select_threshold(scores: torch.Tensor, threshold: torch.Tensor, include_first: bool = False):

@@ -17,7 +17,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=96, help="show at most this many tokens (default 96)")
     p.add_argument("--layers", type=int, nargs="+", help="only these layers (default: every MoSA layer)")
     p.add_argument("--max-heads", type=int, default=32, help="show at most this many heads per layer (default 32)")
-    p.add_argument("-o", "--out", default="selections.png", help="PNG to write (default selections.png)")
+    p.add_argument("-o", "--out", default="selections.png", help="PNG to write (default selections.png in the current folder)")
     p.add_argument("--device", default="cpu")
 
 

@@ -113,6 +113,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_last"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        if t.stop_after is not None and t.stop_after < 1:
+            raise ConfigError(f"train.stop_after must be >= 1 (or unset), got {t.stop_after}")
         if t.optimizer not in ("adam", "adamw"):
             raise ConfigError(f"train.optimizer must be 'adam' or 'adamw', got {t.optimizer!r}")
         if t.dtype not in ("auto", "float32", "bfloat16"):
@@ -132,11 +134,32 @@ class ConfigError(ValueError):
     """A configuration the user must fix; its message says which key and value."""
 
 
+# a field's annotation (a string: ``from __future__ import annotations``) -> the Python types its values may have
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+
+
+def _fits(value, annotation: str) -> bool:
+    """Whether ``value`` has a type the annotation (e.g. "int", "float", "int | None", "bool | str") allows; a
+    bool is not an int or a float here (TOML's true is no step count)."""
+    for name in (part.strip() for part in annotation.split("|")):
+        if name not in _TYPES:
+            return True  # (an annotation this check does not know: left to the field's own checks)
+        if isinstance(value, bool) and name != "bool":
+            continue
+        if isinstance(value, _TYPES[name]):
+            return True
+    return False
+
+
 def _fill(cls, defaults: dict, given: dict, section: str):
     names = {f.name: f for f in fields(cls)}
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise ConfigError(f"unknown keys in [{section}]: {unknown}; known keys: {sorted(names)}")
+    for key, value in given.items():
+        annotation = names[key].type if isinstance(names[key].type, str) else getattr(names[key].type, "__name__", "")
+        if not _fits(value, annotation):
+            raise ConfigError(f"{section}.{key} must be of type {annotation}, got {section}.{key}={value!r}")
     return cls(**{**defaults, **given})
 
 

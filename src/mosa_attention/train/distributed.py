@@ -29,12 +29,17 @@ class DistInfo:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``name`` ("auto": CUDA where torch sees it, else the CPU) as a torch.device; a ValueError naming it
+    for a string torch does not parse or a CUDA device torch does not see."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got device={name!r}") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+            raise ValueError(f"device {name!r} was asked for but torch sees no CUDA device")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

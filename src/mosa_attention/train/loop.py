@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,12 +40,25 @@ def _rows(batch_size: int, world: int, accum: int, rank: int, micro: int) -> sli
     return slice(start, start + mb)
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics past ``last_step`` (written after the checkpoint we resume from)."""
+def _trim_metrics(path: Path, last_step: int, final: bool = False) -> None:
+    """Drop metrics past ``last_step`` (written after the checkpoint we resume from); with ``final`` (the run
+    is at its last step and will only be validated again) also the validation at ``last_step``. Rewritten
+    through a temporary file, so a crash leaves the old file or the new one."""
     if not path.is_file():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
-    path.write_text("".join(ln + "\n" for ln in kept))
+
+    def keep(row: dict) -> bool:
+        step = row.get("step", 0)
+        return step < last_step or (step == last_step and not (final and row.get("split") == "val"))
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and keep(json.loads(ln))]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
+def _step_of(checkpoint: Path) -> int:
+    """The step of a ``checkpoints/step-NNNNNN`` folder."""
+    return int(checkpoint.name.rsplit("-", 1)[-1])
 
 
 def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
@@ -104,6 +118,10 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     start = _resume(resume, model_cfg, cfg, wrapped, optimizer, tokenizer, info, say) if resume else 0
     if start > t.steps:
         raise ConfigError(f"the checkpoint is at step {start}, past train.steps={t.steps}; raise --steps to go on")
+    later = [p.name for p in ckpt_io.list_checkpoints(run_dir) if _step_of(p) > start] if resume else []
+    if later:
+        say(f"warning: resuming from step {start} while {run_dir} holds later checkpoints ({', '.join(later)}): "
+            f"they are replaced as training passes their steps, and metrics.jsonl is cut back to step {start}")
     if t.compile in GRAPH_COMPILE_MODES and info.world_size > 1:
         raise ConfigError(f"train.compile={t.compile!r} (CUDA graphs) runs in one process only; use train.compile=true "
                           f"under torchrun")
@@ -126,7 +144,7 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
         (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
         tokenizer.save(run_dir / "tokenizer.json")
         if resume:
-            _trim_metrics(metrics_path, start)
+            _trim_metrics(metrics_path, start, final=start >= t.steps)
         else:
             metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh curve
     metrics = open(metrics_path, "a") if info.is_main else None
