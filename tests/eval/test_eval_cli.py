@@ -45,6 +45,8 @@ def test_plot_and_viz_write_pngs(trained_run, tmp_path, capsys):
     assert viz.read_bytes()[:4] == b"\x89PNG"
     assert main(["plot", str(tmp_path), "-o", str(png)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    assert main(["viz", str(trained_run), "--layers", "99", "-o", str(viz)]) == 2
+    assert "--layers: the model has layers 0 to" in capsys.readouterr().err
 
 
 def test_selection_stats_without_mosa_heads_and_perplexity_of_uniform_model():

@@ -38,6 +38,13 @@ def test_bad_settings_fail_before_any_work(args, message, capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_resuming_a_missing_run_fails_before_the_data_is_prepared(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOSA_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_missing_and_empty_data(capsys, tmp_path):
     assert main(["train", "--data", str(tmp_path / "missing"), "--cache-dir", str(tmp_path)]) == 2
     assert "data source not found" in capsys.readouterr().err

@@ -250,6 +250,7 @@ def run(args) -> int:
         return 2
     if args.json:
         _write_json(res, args.json)
+        print(f"json: {args.json}")
     if args.plot:
         from ..plots.bench import plot_sweep  # noqa: PLC0415
         print(f"plot: {plot_sweep(res['runs'], next(iter(res['sweep'])), args.plot)}")

@@ -29,6 +29,10 @@ def run(args) -> int:
     from .routing import calibrate_thresholds, routing_report  # noqa: PLC0415
 
     model, _, ckpt = load_run(args.checkpoint, args.device)
+    if model.config.attention not in ("mosa", "pure_mosa"):
+        print(f"mosa routing-report: error: the run has no MoSA heads (attention={model.config.attention!r}): "
+              f"there is no routing to compare", file=sys.stderr)
+        return 2
     if args.calibrate:
         calibrate_thresholds(model, [x for x, _ in training_windows(ckpt, args.calibrate)])
     report = routing_report(model, training_windows(ckpt, args.windows, args.split))

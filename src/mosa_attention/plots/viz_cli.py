@@ -32,6 +32,10 @@ def run(args) -> int:
         ids = tokenizer.encode(text)[: args.max_tokens]
         tokens, panels = selections_for_text(model, tokenizer, tokenizer.decode(ids), args.device)
         if args.layers:
+            n = model.config.n_layer
+            bad = [i for i in args.layers if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"--layers: the model has layers 0 to {n - 1}, got {bad}")
             panels = [p for p in panels if p[0] in set(args.layers)]
         panels = [(layer, grid[: args.max_heads]) for layer, grid in panels]
         c = model.config

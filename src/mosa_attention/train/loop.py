@@ -83,6 +83,8 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum "
                           f"= {info.world_size} x {t.grad_accum}")
     device, amp = info.device, _amp_dtype(t.dtype, info.device)
+    if resume:
+        ckpt_io.resolve(resume)  # a missing checkpoint is an error now, not after the data is prepared
 
     # data: the first process of each node prepares (or finds) it, the others then open the same folder
     if info.local_rank == 0:
