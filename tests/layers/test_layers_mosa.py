@@ -169,6 +169,7 @@ def test_torch_compile_smoke():
     (lambda l: l(torch.randn(1, 0, 8)), "at least one token"),
     (lambda l: l(torch.randn(0, 4, 8)), "at least one sequence"),
     (lambda l: l(torch.ones(1, 4, 8, dtype=torch.long)), "floating-point"),
+    (lambda l: l(torch.randn(1, 4, 8, dtype=torch.float64)), "must match the layer's parameters"),
 ])
 def test_bad_input(bad, match):
     layer = MoSAAttention(8, 2, 2, head_dim=4)

@@ -22,7 +22,8 @@ def check_optional_bool(name: str, value):
     return value
 
 
-def check_input(x, d_model: int) -> None:
+def check_input(x, d_model: int, dtype: torch.dtype | None = None) -> None:
+    """x [B, T, d_model], floating, not empty; outside autocast in ``dtype`` (the layer's parameters')."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3:
@@ -33,3 +34,6 @@ def check_input(x, d_model: int) -> None:
         raise ValueError(f"x must hold at least one sequence of at least one token, got x.shape={tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got x.dtype={x.dtype}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x.dtype={x.dtype} must match the layer's parameters ({dtype}) outside autocast; "
+                        f"cast one of them (e.g. layer.to({dtype}) or x.to({dtype})), or run under torch.autocast")

@@ -38,7 +38,7 @@ class DenseAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, window: int | None = None, qkv: torch.Tensor | None = None) -> torch.Tensor:
         """``qkv``: ``x @ W_QKV^T`` where the caller has made it (a hybrid, ``ops.linear_sharing_input``)."""
-        check_input(x, self.d_model)
+        check_input(x, self.d_model, self.W_QKV.weight.dtype)
         return causal_attention(x, self.W_QKV.weight, self.W_O.weight, self.num_heads, rope_dims=self.rope_dims,
                                 rope_base=self.rope_base, window=window if window is not None else self.window,
                                 backend=self.backend, qkv=qkv)

@@ -227,7 +227,7 @@ class MoSAAttention(nn.Module):
         return side_stream(x.device, "mosa heads")
 
     def forward(self, x: torch.Tensor, return_selection: bool = False):
-        check_input(x, self.d_model)
+        check_input(x, self.d_model, self.W_QKV.dtype)
         side = self._side_stream(x)
         if side is not None:
             main = torch.cuda.current_stream(x.device)

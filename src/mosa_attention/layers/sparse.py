@@ -38,7 +38,7 @@ class FixedSparseAttention(nn.Module):
         nn.init.uniform_(self.W_O, -1 / math.sqrt(d_model * num_heads), 1 / math.sqrt(d_model * num_heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.d_model)
+        check_input(x, self.d_model, self.W_QKV.dtype)
         B, T, _ = x.shape
         idx = strided_positions(T, self.stride, x.device).expand(B, self.num_heads, -1)
         scores = torch.ones(idx.shape, dtype=x.dtype, device=x.device)
@@ -77,7 +77,7 @@ class RoutingAttention(nn.Module):
         self.register_buffer("centroids", F.normalize(torch.randn(num_heads, self.n_clusters, head_dim), dim=-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.d_model)
+        check_input(x, self.d_model, self.W_QV.dtype)
         B, T, h = x.shape
         E, C, D = self.num_heads, self.n_clusters, self.head_dim
         k = num_selected(T, self.sparsity)
