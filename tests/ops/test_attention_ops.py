@@ -267,3 +267,26 @@ def test_local_heads_take_flex_where_asked_and_fall_back_to_the_chunks(monkeypat
         monkeypatch.setattr(attention_ops, "LOCAL_FLEX", True)
         with pytest.raises(RuntimeError, match="no compiler here"):
             layer(x)
+
+
+def test_routing_and_generation_arguments_are_checked():
+    # (a float or tensor k, 1-D scores and a string include_first used to pass or fail deep inside torch)
+    from mosa_attention import MoSAConfig, MoSALM
+    from mosa_attention.inference import generate
+    from mosa_attention.ops import mosa, select_topk
+    s = torch.rand(2, 3, 16)
+    for k, match in ((2.5, "k=2.5"), (torch.tensor(2), "k=tensor"), (True, "k=True"), (17, "k=17")):
+        with pytest.raises(ValueError, match=match):
+            select_topk(s, k)
+    with pytest.raises(ValueError, match="scores must be a floating tensor"):
+        select_topk(s[0, 0], 2)
+    with pytest.raises(ValueError, match="include_first='no'"):
+        select_topk(s, 2, include_first="no")
+    x = torch.randn(1, 16, 8)
+    with pytest.raises(ValueError, match="include_first='no'"):
+        mosa(x, torch.randn(2, 8), torch.randn(2, 8, 12), torch.randn(2, 4, 8), 4, rope_dims=2, include_first="no")
+    model = MoSALM(MoSAConfig(vocab_size=20, n_layer=1, d_model=16, n_head=1, head_dim=16, seq_len=8,
+                              attention="dense"))
+    for kw, match in ((dict(eos_id=20), "eos_id=20"), (dict(eos_id="x"), "eos_id='x'"), (dict(stream=5), "stream=5")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, [[1, 2]], 2, **kw)

@@ -70,6 +70,11 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k
     ``eos_id``); with ``return_cache`` also the ``KVCache``.
     """
     check_sampling(temperature, top_k, top_p)
+    vocab = model.config.vocab_size
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < vocab):
+        raise ValueError(f"eos_id must be a token id in [0, vocab_size={vocab}) or None, got eos_id={eos_id!r}")
+    if stream is not None and not callable(stream):
+        raise ValueError(f"stream must be a callable taking the new tokens, or None, got stream={stream!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got max_new_tokens={max_new_tokens!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

@@ -165,6 +165,8 @@ def mosa(
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a tensor [B, T, h], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(include_first, bool):
+        raise ValueError(f"include_first must be True or False, got include_first={include_first!r}")
     k = num_selected(x.shape[1], check_sparsity(sparsity))
     if x.dim() == 3 and fused_topk_available(x, backend):
         y, selection = mosa_topk_fused(x, w_router, w_qkv, w_o, k, include_first=include_first,

@@ -43,9 +43,14 @@ def select_topk(scores: torch.Tensor, k: int, include_first: bool = False, backe
     go to earlier positions; rows longer than its ``MAX_T`` and float64 scores fall back to torch) or "auto"
     (triton for CUDA scores, else torch).
     """
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating tensor [B, E, T], got "
+                         f"{(tuple(scores.shape), scores.dtype) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
     T = scores.shape[-1]
-    if not 1 <= k <= T:
-        raise ValueError(f"k must be in [1, T={T}], got k={k}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
+        raise ValueError(f"k must be an integer in [1, T={T}], got k={k!r}")
+    if not isinstance(include_first, bool):
+        raise ValueError(f"include_first must be True or False, got include_first={include_first!r}")
     fused = _fused_topk(scores, backend)
     if fused is not None:
         idx = fused(scores, k, include_first)
