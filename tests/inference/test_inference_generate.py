@@ -123,3 +123,12 @@ def test_topk_model_without_causal_training_warns():
 def test_unsupported_attention_kind():
     with pytest.raises(NotImplementedError, match="attention='routing'"):
         lm(attention="routing").generate([[1, 2]], 2)
+
+
+def test_new_cache_checks_its_arguments():
+    from mosa_attention.inference.decode import new_cache
+    model = lm()
+    for kw, match in ((dict(pad=torch.tensor([-2, 0])), "column counts >= 0"), (dict(pad=[0, 0]), "pad must be"),
+                      (dict(pad=torch.zeros(2, dtype=torch.long), page_size=0), "page_size=0")):
+        with pytest.raises(ValueError, match=match):
+            new_cache(model, **kw)

@@ -37,6 +37,13 @@ def new_cache(model, pad: torch.Tensor, capacity: int | None = None, page_size: 
     check_supported(model)
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
         raise ValueError(f"capacity must be a positive integer or None, got capacity={capacity!r}")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be a positive integer, got page_size={page_size!r}")
+    if not isinstance(pad, torch.Tensor) or pad.dim() != 1 or pad.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"pad must be an integer tensor [B] of left-padding columns, got "
+                         f"{(tuple(pad.shape), pad.dtype) if isinstance(pad, torch.Tensor) else type(pad).__name__}")
+    if not pad.is_cuda and pad.numel() and int(pad.min()) < 0:  # (not on a GPU: that would wait for it)
+        raise ValueError(f"pad must hold column counts >= 0, got {pad.tolist()}")
     p = model.embed.weight
     B, kw = pad.shape[0], dict(dtype=p.dtype, device=p.device)
     layers = []
