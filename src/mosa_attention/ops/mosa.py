@@ -168,7 +168,7 @@ def mosa(
     if not isinstance(include_first, bool):
         raise ValueError(f"include_first must be True or False, got include_first={include_first!r}")
     k = num_selected(x.shape[1], check_sparsity(sparsity))
-    if x.dim() == 3 and fused_topk_available(x, backend):
+    if fused_topk_available(x, backend):
         y, selection = mosa_topk_fused(x, w_router, w_qkv, w_o, k, include_first=include_first,
                                        rope_dims=rope_dims, rope_base=rope_base, deterministic=deterministic)
         return (y, selection) if return_selection else y
