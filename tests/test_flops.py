@@ -42,3 +42,11 @@ def test_cli_preset_and_text(capsys):
     assert main(["flops", "--preset", "tiny", "--sparsity", "32"]) == 0
     out = capsys.readouterr().out
     assert "dense model: 6 layers" in out and "sparse heads" in out
+
+
+def test_cli_routing_has_no_kv_cache_count(capsys):
+    # (it printed "KV cache 0 entries per layer": routing attention has no KV-cache generation)
+    assert main(["flops", "--preset", "tiny", "--sparsity", "32", "--attention", "routing"]) == 0
+    assert "no KV-cache generation for this kind" in capsys.readouterr().out
+    assert main(["flops", "--preset", "tiny", "--sparsity", "32", "--attention", "routing", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache_entries_per_layer"] is None

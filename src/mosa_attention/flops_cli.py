@@ -54,7 +54,8 @@ def compute(args) -> dict:
         "dense_gflops_forward": dense.forward_flops() / 1e9,
         "params": _params(sparse),
         "dense_params": _params(dense),
-        "kv_cache_entries_per_layer": sparse.kv_cache_entries_per_layer(),
+        # (routing attention has no KV-cache generation: no count)
+        "kv_cache_entries_per_layer": None if args.attention == "routing" else sparse.kv_cache_entries_per_layer(),
         "dense_kv_cache_entries_per_layer": dense.kv_cache_entries_per_layer(),
     }
 
@@ -72,6 +73,7 @@ def run(args) -> int:
           f"KV cache {r['dense_kv_cache_entries_per_layer']:,} entries per layer")
     print(f"{r['attention']} at sparsity {r['sparsity']:g} (k={r['k']}), keeping {r['dense_heads']} dense heads: "
           f"{r['num_mosa_heads']} sparse heads")
+    kv = r["kv_cache_entries_per_layer"]
     print(f"  forward: {r['gflops_forward']:.3f} GFLOPs per sequence, {r['params']:,} parameters, "
-          f"KV cache {r['kv_cache_entries_per_layer']:,} entries per layer")
+          + ("no KV-cache generation for this kind" if kv is None else f"KV cache {kv:,} entries per layer"))
     return 0

@@ -74,3 +74,10 @@ def test_bad_input(bad, match):
     d, s, r = torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool)
     with pytest.raises(ValueError, match=match):
         add_at_rows_(*bad(d, s, r))
+
+
+def test_add_at_rows_refuses_a_leaf_that_requires_grad():
+    from mosa_attention.ops import add_at_rows
+    d = torch.randn(2, 5, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="dst is a leaf that requires grad"):
+        add_at_rows(d, torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool))

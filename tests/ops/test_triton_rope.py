@@ -114,6 +114,12 @@ def test_bad_input():
         triton_rope.split_rope_triton(torch.randn(1, 4, 3 * 2 * 8, device=DEVICE), 2, 3, 10000.0)
     with pytest.raises(ValueError, match="qkv.shape"):
         triton_rope.split_rope_triton(torch.randn(1, 4, 50, device=DEVICE), 2, 4, 10000.0)
+    with pytest.raises(ValueError, match="qkv.dtype=torch.int64"):
+        triton_rope.split_rope_triton(torch.ones(1, 4, 48, dtype=torch.long, device=DEVICE), 2, 4, 10000.0)
+    with pytest.raises(ValueError, match="n_heads=0"):
+        triton_rope.split_rope_triton(torch.randn(1, 4, 48, device=DEVICE), 0, 4, 10000.0)
+    with pytest.raises(ValueError, match="rope_base=0.0"):
+        triton_rope.split_rope_triton(torch.randn(1, 4, 48, device=DEVICE), 2, 4, 0.0)
 
 
 def test_rope_tables_match_the_reference_and_are_kept():

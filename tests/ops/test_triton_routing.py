@@ -6,7 +6,7 @@ from triton_env import DEVICE, require
 pytest.importorskip("triton")
 from mosa_attention.ops import triton_routing  # noqa: E402
 from mosa_attention.ops.routing import select_topk  # noqa: E402
-from mosa_attention.ops.triton_routing import topk_positions_triton  # noqa: E402
+from mosa_attention.ops.triton_routing import route_logits_triton, topk_positions_triton  # noqa: E402
 
 require(triton_routing._topk_select)
 
@@ -91,6 +91,8 @@ def test_bad_input_is_rejected():
         select_topk(s, 3, backend="fast")
     with pytest.raises(ValueError, match="T=20000"):
         topk_positions_triton(torch.rand(1, 1, 20000, device=DEVICE), 3)
+    with pytest.raises(ValueError, match="kept_dtype=torch.int64"):
+        route_logits_triton(torch.randn(1, 10, 2, device=DEVICE), 3, kept_dtype=torch.int64)
 
 
 def test_long_rows_fall_back_to_torch():

@@ -58,4 +58,7 @@ class _AddAtRows(torch.autograd.Function):
 def add_at_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``dst + src`` for a ``src`` that is zero off the rows ``rows`` marks, computed in place in ``dst``
     (which must not be needed by its own backward, e.g. a linear layer's output); differentiable in both."""
+    if isinstance(dst, torch.Tensor) and dst.is_leaf and dst.requires_grad and torch.is_grad_enabled():
+        raise ValueError("dst is a leaf that requires grad, which add_at_rows cannot change in place; "
+                         "pass a computed tensor (e.g. a layer's output) or dst.clone()")
     return _AddAtRows.apply(dst, src, rows)

@@ -142,6 +142,8 @@ def route_logits_triton(logits: torch.Tensor, k: int, include_first: bool = Fals
         raise ValueError(f"logits must be [B, T, E], got logits.shape={tuple(logits.shape)}")
     B, T, E = logits.shape
     _check("logits", logits, k, T)
+    if kept_dtype is not None and kept_dtype not in _DTYPES:
+        raise ValueError(f"kept_dtype must be one of {_DTYPES} or None, got kept_dtype={kept_dtype}")
     sb, st, se = logits.stride()
     return _select(logits, E, T, k, include_first, True, (sb, st, se), kept_dtype or logits.dtype)
 
