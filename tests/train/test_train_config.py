@@ -107,3 +107,11 @@ def test_prepare_only_prints_the_data_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert str(tmp_path / "c" / "data") in out and "tokens: train" in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_list_configs_prints_each_whole_description(capsys):
+    from mosa_attention.cli import main
+    assert main(["train", "--list-configs"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
+    assert set(lines) == set(builtin_configs())
+    assert lines["tiny-mosa"].rstrip().endswith("For a GPU.")  # (the description's second comment line)

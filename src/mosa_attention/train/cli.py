@@ -98,8 +98,11 @@ def run(args) -> int:
 
     if args.list_configs:
         for name, f in builtin_configs().items():
-            first = f.read_text().splitlines()[0].lstrip("# ") if f.read_text() else ""
-            print(f"{name:20s} {first}")
+            # the file's leading comment block, joined (its first line alone can stop mid-sentence)
+            lines = f.read_text().splitlines()
+            head = [ln.lstrip("#").strip() for ln in lines[:next((i for i, ln in enumerate(lines)
+                                                                   if not ln.startswith("#")), len(lines))]]
+            print(f"{name:20s} {' '.join(ln for ln in head if ln)}")
         return 0
     try:
         cfg, resume = resolve_config(args)
