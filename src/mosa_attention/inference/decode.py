@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..layers import DenseAttention, MoSAAttention
 from ..ops import apply_rope, project_qkv, rope_cos_sin
+from ..ops._checks import check_positive_int
 from ..ops.routing import router_logits
 from .cache import DenseCache, KVCache, RingCache, SparseCache
 
@@ -37,8 +38,7 @@ def new_cache(model, pad: torch.Tensor, capacity: int | None = None, page_size: 
     check_supported(model)
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
         raise ValueError(f"capacity must be a positive integer or None, got capacity={capacity!r}")
-    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-        raise ValueError(f"page_size must be a positive integer, got page_size={page_size!r}")
+    check_positive_int("page_size", page_size)
     if not isinstance(pad, torch.Tensor) or pad.dim() != 1 or pad.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"pad must be an integer tensor [B] of left-padding columns, got "
                          f"{(tuple(pad.shape), pad.dtype) if isinstance(pad, torch.Tensor) else type(pad).__name__}")

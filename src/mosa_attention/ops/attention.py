@@ -10,6 +10,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_positive_int
 from ._host import side_stream
 from .combine import add_at_rows_
 from .rope import apply_rope, rope_cos_sin
@@ -298,8 +299,7 @@ def local_attention(q, k, v, window: int) -> torch.Tensor:
     mask that also hides chunk 0's missing predecessor."""
     global LOCAL_FLEX
     B, H, T, D = q.shape
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive number of tokens, got window={window!r}")
+    check_positive_int("window", window)
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if _flex_available(q):
@@ -334,8 +334,7 @@ def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: 
         raise ValueError(f"x must be a tensor [B, T, h] with B, T, h >= 1, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     B, T, h = x.shape
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
-        raise ValueError(f"n_heads must be a positive integer, got n_heads={n_heads!r}")
+    check_positive_int("n_heads", n_heads)
     if w_qkv.dim() != 2 or w_qkv.shape[1] != h or w_qkv.shape[0] % (3 * n_heads):
         raise ValueError(f"w_qkv must be [3 * head_dim * n_heads, h={h}] with n_heads={n_heads}, got "
                          f"w_qkv.shape={tuple(w_qkv.shape)}")

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_bool
 from .rope import apply_rope, rope_cos_sin
 from .routing import check_sparsity, num_selected, router_scores, select_topk
 
@@ -115,9 +116,9 @@ def sparse_attention(x, scores, idx, w_qkv, w_o, *, rope_dims: int, rope_base: f
     False with atomics (faster), None follows ``torch.use_deterministic_algorithms``. The torch backend's
     ``index_add_`` follows that global switch itself."""
     check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims)
-    check_positions(idx, x.shape[1])
     name = resolve_backend(backend, x)
-    if name == "torch":
+    if name == "torch":  # (the triton backend checks the same itself)
+        check_positions(idx, x.shape[1])
         check_reference_dtypes(x, w_qkv, w_o)
         return sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
     return _triton_backend()(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic=deterministic)
@@ -165,8 +166,7 @@ def mosa(
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a tensor [B, T, h], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if not isinstance(include_first, bool):
-        raise ValueError(f"include_first must be True or False, got include_first={include_first!r}")
+    check_bool("include_first", include_first)
     k = num_selected(x.shape[1], check_sparsity(sparsity))
     if fused_topk_available(x, backend):
         y, selection = mosa_topk_fused(x, w_router, w_qkv, w_o, k, include_first=include_first,

@@ -5,11 +5,12 @@ import math
 
 import torch
 
+from ._checks import check_bool, check_positive_int
+
 
 def num_selected(seq_len: int, sparsity: float) -> int:
     """k = min(max(T // sparsity, 2), T), the paper's number of tokens each head keeps."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive integer, got seq_len={seq_len!r}")
+    check_positive_int("seq_len", seq_len)
     return min(max(int(seq_len // check_sparsity(sparsity)), 2), seq_len)
 
 
@@ -49,8 +50,7 @@ def select_topk(scores: torch.Tensor, k: int, include_first: bool = False, backe
     T = scores.shape[-1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
         raise ValueError(f"k must be an integer in [1, T={T}], got k={k!r}")
-    if not isinstance(include_first, bool):
-        raise ValueError(f"include_first must be True or False, got include_first={include_first!r}")
+    check_bool("include_first", include_first)
     fused = _fused_topk(scores, backend)
     if fused is not None:
         idx = fused(scores, k, include_first)
@@ -88,8 +88,7 @@ def _fused_topk(scores: torch.Tensor, backend: str):
 
 def strided_positions(seq_len: int, stride: int, device=None) -> torch.Tensor:
     """The fixed-sparse baseline's kept positions 0, stride, 2*stride, ... < seq_len."""
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive integer, got stride={stride!r}")
+    check_positive_int("stride", stride)
     return torch.arange(0, seq_len, stride, device=device)
 
 

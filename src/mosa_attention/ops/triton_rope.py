@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_positive_int
 from ._host import cdiv, next_pow2, outside_graph_pools
 from .rope import check_rope_base
 
@@ -134,8 +135,7 @@ def split_rope_triton(qkv: torch.Tensor, n_heads: int, rope_dims: int, rope_base
     """qkv [B, T, H * 3 * D] -> q, k, v [B, H, T, D] with RoPE on q and k at positions 0..T-1. qkv may be
     strided over B and T (e.g. the first columns of a wider product); it is read in place where its
     features have unit stride."""
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
-        raise ValueError(f"n_heads must be a positive integer, got n_heads={n_heads!r}")
+    check_positive_int("n_heads", n_heads)
     if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"qkv must be float16, bfloat16 or float32, got qkv.dtype={qkv.dtype}")
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * n_heads):

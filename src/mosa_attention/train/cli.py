@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -99,10 +100,9 @@ def run(args) -> int:
     if args.list_configs:
         for name, f in builtin_configs().items():
             # the file's leading comment block, joined (its first line alone can stop mid-sentence)
-            lines = f.read_text().splitlines()
-            head = [ln.lstrip("#").strip() for ln in lines[:next((i for i, ln in enumerate(lines)
-                                                                   if not ln.startswith("#")), len(lines))]]
-            print(f"{name:20s} {' '.join(ln for ln in head if ln)}")
+            head = itertools.takewhile(lambda ln: ln.startswith("#"), f.read_text().splitlines())
+            text = (ln.lstrip("#").strip() for ln in head)
+            print(f"{name:20s} {' '.join(t for t in text if t)}")
         return 0
     try:
         cfg, resume = resolve_config(args)
