@@ -16,3 +16,20 @@ def int_at_least(minimum: int):
         return value
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def add_run_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """The run a command reads: positional ``RUN``, as in ``mosa eval`` and ``mosa viz``, or ``--checkpoint RUN``
+    (kept for older command lines); ``run_path`` picks the one given."""
+    p.add_argument("run", nargs="?", metavar="RUN", help=what)
+    p.add_argument("--checkpoint", metavar="RUN", help="the same as RUN")
+
+
+def run_path(args: argparse.Namespace) -> str:
+    """The run folder of ``add_run_argument``'s arguments; a ValueError naming them if none or two differ."""
+    if args.run and args.checkpoint and args.run != args.checkpoint:
+        raise ValueError(f"give the run once, got RUN={args.run!r} and --checkpoint={args.checkpoint!r}")
+    path = args.run or args.checkpoint
+    if not path:
+        raise ValueError("no run given: name a run folder or a checkpoint folder as RUN (or --checkpoint RUN)")
+    return path

@@ -72,6 +72,25 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks(run_dir, tmp_path, cap
     assert "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got device='gpu'" in capsys.readouterr().err
 
 
+def test_the_run_is_positional_as_in_eval_or_given_by_checkpoint(run_dir, tmp_path, capsys):
+    from mosa_attention.cli import main
+
+    argv = ["--prompt", "the", "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu"]
+    assert main(["generate", str(run_dir), *argv]) == 0
+    positional = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(run_dir), *argv]) == 0
+    assert capsys.readouterr().out == positional and positional.startswith("the")
+    assert main(["generate", str(run_dir), "--checkpoint", str(run_dir), *argv]) == 0  # the same run twice
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--checkpoint", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "give the run once" in err and f"--checkpoint={str(tmp_path)!r}" in err
+    assert main(["generate", *argv]) == 2
+    assert "no run given" in capsys.readouterr().err
+    assert main(["routing-report", "--device", "cpu"]) == 2
+    assert "mosa routing-report: error: no run given" in capsys.readouterr().err
+
+
 def test_the_end_of_text_token_is_not_printed():
     import io
 
@@ -130,7 +149,7 @@ def test_generate_is_a_mosa_subcommand():
 def test_routing_report(run_dir, capsys):
     from mosa_attention.inference import report_cli
 
-    rc = call(report_cli, ["--checkpoint", str(run_dir), "--windows", "4", "--calibrate", "4", "--split", "train",
+    rc = call(report_cli, [str(run_dir), "--windows", "4", "--calibrate", "4", "--split", "train",
                            "--device", "cpu", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["calibrated"] and len(report["layers"]) == 2

@@ -1,4 +1,6 @@
 """Decoding with the KV cache against full forward passes: equal logits, causality, what the cache holds."""
+import re
+
 import pytest
 import torch
 
@@ -175,3 +177,22 @@ def test_sparse_cache_grows_like_t_over_sparsity():
     kept = sum(int((idx < 16).sum()) for _, idx in sels)
     assert cache.entries()["sparse"] == kept
     assert cache.entries()["dense"] == 4 * 16 * model.config.n_layer
+
+
+def test_extend_rejects_bad_ids_before_touching_the_cache():
+    model = model_of()
+    cache = new_cache(model, torch.zeros(2, dtype=torch.long))
+    V = model.config.vocab_size
+    bad = [
+        (torch.tensor([[1, V]]).expand(2, -1), f"vocab_size={V}"),  # one id past the vocabulary
+        (torch.tensor([[-1, 0], [0, 0]]), "got values in [-1, 0]"),
+        (torch.zeros(2, 3), "integer tensor"),
+        (torch.zeros(2, dtype=torch.long), "shape [batch, seq_len]"),
+        (torch.zeros(3, 2, dtype=torch.long), "batch size 3 but the cache was made for 2"),
+    ]
+    for ids, message in bad:
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            extend(model, ids, cache)
+    assert cache.length == 0  # nothing was written
+    logits = extend(model, torch.tensor([[1, V - 1], [0, 2]]), cache)
+    assert logits.shape == (2, 2, V) and cache.length == 2

@@ -115,3 +115,20 @@ def test_list_configs_prints_each_whole_description(capsys):
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
     assert set(lines) == set(builtin_configs())
     assert lines["tiny-mosa"].rstrip().endswith("For a GPU.")  # (the description's second comment line)
+
+
+def test_print_config_stays_a_config_file_and_shows_the_resolved_model(tmp_path, capsys):
+    import tomllib
+
+    from mosa_attention.cli import main
+    assert main(["train", "--config", "tiny-mosa", "--set", "model.sparsity=32", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    f = tmp_path / "printed.toml"
+    f.write_text(out)
+    again = build_config(f)  # the comments do not change what the file configures
+    assert again.to_dict() == build_config(builtin_configs()["tiny-mosa"]).to_dict() | {
+        "model": {**again.model, "sparsity": 32}}
+    resolved = tomllib.loads("\n".join(ln[4:] for ln in out.splitlines() if ln.startswith("#   ")))
+    model = again.model_config(again.data.vocab_size)
+    assert resolved == {k: v for k, v in model.to_dict().items() if v is not None}
+    assert f"4 dense and {model.sparse_heads} sparse heads per layer, k = 32 of T = 1024" in out

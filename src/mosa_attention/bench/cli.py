@@ -246,7 +246,7 @@ def run(args) -> int:
             res = sweep(args)
             _print_sweep(res)
     except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"mosa bench: error: {err}", file=sys.stderr)
         return 2
     if args.json:
         _write_json(res, args.json)

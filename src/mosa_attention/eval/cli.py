@@ -34,7 +34,7 @@ def run(args) -> int:
     try:
         return _run(args)
     except (DataError, CheckpointError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"mosa eval: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -1,6 +1,6 @@
 """``mosa generate``: sample text from a trained run, streaming tokens to the terminal as they come.
 
-    mosa generate --checkpoint runs/mosa-... --prompt "The history of" --max-new-tokens 200
+    mosa generate runs/mosa-... --prompt "The history of" --max-new-tokens 200
 
 MoSA heads route causally (by threshold) and cache only the tokens they keep. A model trained with top-k
 routing and no auxiliary router loss should be calibrated first: ``--calibrate 32`` sets every head's
@@ -15,12 +15,11 @@ import sys
 import time
 import warnings
 
-from ..argtypes import int_at_least
+from ..argtypes import add_run_argument, int_at_least, run_path
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN",
-                   help="a run folder (its latest checkpoint) or a checkpoint folder")
+    add_run_argument(p, "a run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--prompt", action="append", required=True,
                    help="the text to continue; repeat for a batch of prompts (printed when all are done)")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -122,7 +121,7 @@ def run(args) -> int:
     if args.save_calibrated and not args.calibrate:
         print("mosa generate: --save-calibrated needs --calibrate WINDOWS (the thresholds to save)", file=sys.stderr)
         return 2
-    model, tokenizer, ckpt = load_run(args.checkpoint, args.device)
+    model, tokenizer, ckpt = load_run(run_path(args), args.device)
     if args.calibrate:
         batches = [x for x, _ in training_windows(ckpt, args.calibrate)]
         calibrate_thresholds(model, batches)

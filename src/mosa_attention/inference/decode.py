@@ -72,7 +72,11 @@ def _dense_cache(attn: DenseAttention, B: int, window: int | None, kw):
 @torch.no_grad()
 def extend(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed ``ids`` [B, n] (the next n columns of the batch) through ``model``; returns logits [B, n, vocab]
-    and leaves their keys and values in ``cache``. Pad columns may hold any token id."""
+    and leaves their keys and values in ``cache``. Pad columns may hold any token id of the vocabulary."""
+    model._check_ids("ids", ids)  # an integer [B, n] tensor of ids in [0, vocab_size)
+    if ids.shape[0] != cache.pad.shape[0]:
+        raise ValueError(f"ids has batch size {ids.shape[0]} but the cache was made for {cache.pad.shape[0]} "
+                         f"sequences (new_cache's pad)")
     n = ids.shape[1]
     cols = torch.arange(cache.length, cache.length + n, device=ids.device)
     pos = cols[None] - cache.pad[:, None]  # per-sequence positions; negative on padding

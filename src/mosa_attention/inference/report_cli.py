@@ -1,6 +1,6 @@
 """``mosa routing-report``: how causal (threshold) routing compares with the paper's top-k on a trained run.
 
-    mosa routing-report --checkpoint runs/mosa-... --windows 64 [--calibrate 64]
+    mosa routing-report runs/mosa-... --windows 64 [--calibrate 64]
 
 Prints, per layer, the precision and recall of the threshold decisions against top-k on the same inputs,
 and the validation perplexity under each rule (``--json`` for a machine-readable line).
@@ -11,11 +11,11 @@ import argparse
 import json
 import sys
 
-from ..argtypes import int_at_least
+from ..argtypes import add_run_argument, int_at_least, run_path
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN", help="a run folder or a checkpoint folder")
+    add_run_argument(p, "a run folder or a checkpoint folder")
     p.add_argument("--windows", type=int_at_least(1), default=64, help="validation windows to score")
     p.add_argument("--calibrate", type=int_at_least(0), default=0, metavar="WINDOWS",
                    help="calibrate the thresholds on this many training windows first")
@@ -28,7 +28,7 @@ def run(args) -> int:
     from .cli import load_run, training_windows  # noqa: PLC0415
     from .routing import calibrate_thresholds, routing_report  # noqa: PLC0415
 
-    model, _, ckpt = load_run(args.checkpoint, args.device)
+    model, _, ckpt = load_run(run_path(args), args.device)
     if model.config.attention not in ("mosa", "pure_mosa"):
         print(f"mosa routing-report: error: the run has no MoSA heads (attention={model.config.attention!r}): "
               f"there is no routing to compare", file=sys.stderr)

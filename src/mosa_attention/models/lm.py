@@ -156,6 +156,6 @@ class MoSALM(nn.Module):
             raise ValueError(f"{name} has seq_len={ids.shape[1]}, above the longest this model accepts "
                              f"({self.config.longest_input}; set max_seq_len to allow more)")
         if name == "ids" and ids.numel() and not _capturing(ids):
-            lo, hi = int(ids.min()), int(ids.max())
+            lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one read-back from the device
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"{name} must lie in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]")

@@ -43,7 +43,7 @@ def run(args) -> int:
                  f"(sparsity {c.sparsity:g}, k = {num_selected(len(tokens), c.sparsity)} of {len(tokens)}; grey: not kept)")
         out = draw_selections(tokens, panels, args.out, title)
     except (OSError, ValueError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"mosa viz: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -92,6 +92,20 @@ def resolve_config(args):
     return build_config(path, overrides_from(args)), resume
 
 
+def _resolved_model_comment(cfg) -> str:
+    """The model that [model] resolves to (the preset's values under the overrides), as TOML comments, so that
+    the printed configuration stays a configuration file."""
+    from .config import to_toml  # noqa: PLC0415
+
+    m = cfg.model_config(cfg.data.vocab_size)
+    derived = (f"{m.dense_heads} dense and {m.sparse_heads} sparse heads per layer, k = {m.k} of T = {m.seq_len} "
+               f"tokens per sparse head" if m.attention != "dense" else f"{m.dense_heads} dense heads per layer")
+    lines = ["# [model] resolves to (vocab_size: the tokenizer's, data.vocab_size until it is built):",
+             f"# {derived}"]
+    lines += [f"#   {ln}" if ln else "#" for ln in to_toml({"model": m.to_dict()}).splitlines()[1:]]
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     from ..data.corpus import DataError  # noqa: PLC0415
     from .checkpoint import CheckpointError  # noqa: PLC0415
@@ -108,6 +122,7 @@ def run(args) -> int:
         cfg, resume = resolve_config(args)
         if args.print_config:
             print(to_toml(cfg.to_dict()))
+            print(_resolved_model_comment(cfg))
             return 0
         if args.prepare_only:
             from ..data.prepare import prepare  # noqa: PLC0415
@@ -119,7 +134,7 @@ def run(args) -> int:
 
         train(cfg, resume=resume)
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"mosa train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
