@@ -2,7 +2,7 @@
 # The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
 # limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
 #   bash benchmarks/gpu_layer.sh OUT [STAGES]
-#   STAGES: any of local check tune checktune topk bf16+FLAGS ac+FLAGS profile timeline timeline+FLAGS profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
+#   STAGES: any of ncu local check tune checktune topk bf16+FLAGS ac+FLAGS profile timeline timeline+FLAGS profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
 # (…det: our layers with deterministic=True, …atomic: deterministic=False; the rest deterministic=None)
 set -u
 OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
@@ -37,6 +37,18 @@ for s in $STAGES; do
                 --out "$OUT/${s//[^A-Za-z0-9_.-]/_}" ;;
     tune)     timeout -k 5 "${TUNE_S:-200}" $PY $B --tune --no-bench ${TUNE_CASES:+--cases $TUNE_CASES} --out "$OUT/tune" ;;
     profile)  timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --out "$OUT/profile" ;;
+    ncu)      # hardware counters of the MoSA kernels (Nsight Compute; needs a runtime that exposes them)
+              NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+              N="$NCU --clock-control none --kernel-name regex:^_ --csv"
+              SEC="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats"
+              for run in ${NCU_RUNS:-t1:details t3:details t1:raw t3:raw}; do
+                IFS=: read -r case page flag <<< "$run"
+                f="$OUT/ncu_${case}_${page}${flag:+_${flag//[^A-Za-z0-9]/}}"
+                if [ "$page" = details ]; then what="--page details $SEC"
+                else what="--page raw --metrics $($PY benchmarks/ncu_kernels.py --raw-metrics)"; fi
+                timeout -k 5 "${NCU_S:-150}" $N $what $PY benchmarks/ncu_kernels.py --case "$case" $flag > "$f.csv" 2> "$f.err"
+                echo "== $run: exit $?"; $PY benchmarks/ncu_kernels.py --parse "$f.csv" | tee "$f.md"
+              done ;;
     timeline) timeout -k 5 "${PROFILE_S:-60}" $PY $B --timeline --no-bench --mode bf16 --out "$OUT/timeline" ;;
     timeline+*) flags=${s#timeline+}
               timeout -k 5 "${PROFILE_S:-60}" $PY $B --timeline --no-bench --mode bf16 ${flags//+/ } \
