@@ -116,10 +116,10 @@ def run(args) -> int:
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
-        print(f"mosa generate: {e}", file=sys.stderr)
+        print(f"mosa generate: error: {e}", file=sys.stderr)
         return 2
     if args.save_calibrated and not args.calibrate:
-        print("mosa generate: --save-calibrated needs --calibrate WINDOWS (the thresholds to save)", file=sys.stderr)
+        print("mosa generate: error: --save-calibrated needs --calibrate WINDOWS (the thresholds to save)", file=sys.stderr)
         return 2
     model, tokenizer, ckpt = load_run(run_path(args), args.device)
     if args.calibrate:
@@ -131,7 +131,7 @@ def run(args) -> int:
             try:
                 where = save_calibrated(model, ckpt, args.save_calibrated)
             except CheckpointError as e:
-                print(f"mosa generate: {e}", file=sys.stderr)
+                print(f"mosa generate: error: {e}", file=sys.stderr)
                 return 2
             print(f"[saved the calibrated model: {where}]", file=sys.stderr)
     note = not_causal_note(model)
@@ -152,7 +152,7 @@ def run(args) -> int:
                                   top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer,
                                   eos_id=eos_id, return_cache=True)
     except ValueError as e:
-        print(f"\nmosa generate: {e}", file=sys.stderr)
+        print(f"\nmosa generate: error: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
     if single:
