@@ -595,6 +595,7 @@ def test_vector_atomics_only_where_they_are_valid(monkeypatch):
     for cap, h, on, want in (((9, 0), 512, True, True), ((8, 0), 512, True, False), ((9, 0), 510, True, False),
                              ((9, 0), 512, False, False), ((10, 0), 64, True, True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=cap: c)
+        monkeypatch.setattr(triton_mosa, "_CAPABILITY", {})  # (read once per device)
         monkeypatch.setattr(triton_mosa, "VECTOR_ATOMICS", on)
         assert triton_mosa._vector_atomics(cuda, h) is want, (cap, h, on)
     assert triton_mosa._vector_atomics(torch.device("cpu"), 512) is False
@@ -615,6 +616,7 @@ def test_default_scatter_takes_the_atomics_where_they_add_in_place(monkeypatch):
                                        ((8, 0), (bf16, bf16), kept / out, True), ((9, 0), (f32, f32), kept / out, False),
                                        ((8, 0), (bf16, bf16), 7.9, False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=cap: c)
+        monkeypatch.setattr(triton_mosa, "_CAPABILITY", {})  # (read once per device)
         in_place = triton_mosa._atomics_in_place(cuda, 1024, dtypes, overlap)
         got = triton_mosa.use_rows(None, round(overlap * out), out, in_place)
         assert got is rows, (cap, dtypes, overlap)
@@ -635,6 +637,7 @@ def test_atomic_scatter_dtype_plan(monkeypatch):
              ((9, 0), 512, bf16, False, 0.5, (f32, 4)), ((8, 0), 512, f16, False, 0.5, (f32, 0)))
     for cap, h, dt, narrow, overlap, want in cases:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=cap: c)
+        monkeypatch.setattr(triton_mosa, "_CAPABILITY", {})  # (read once per device)
         monkeypatch.setattr(triton_mosa, "NARROW_ATOMICS", narrow)
         assert triton_mosa._atomic_plan(cuda, h, dt, overlap) == want, (cap, h, dt, narrow, overlap)
     monkeypatch.setattr(triton_mosa, "_interpreting", lambda: True)
@@ -775,3 +778,17 @@ def test_dwo_inside_out_bwd_rejects_a_tile_that_cuts_a_head(monkeypatch):
     monkeypatch.setitem(triton_mosa.TILE_OVERRIDES, "_out_bwd", {"BM": 16})
     with pytest.raises(ValueError, match="R=34"):
         _compare(2, 40, 48, 3, 17, 32, 16, torch.float32)
+
+
+def test_capability_is_read_once_per_device(monkeypatch):
+    reads = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev: (reads.append(dev), (9, 0))[1])
+    monkeypatch.setattr(triton_mosa, "_CAPABILITY", {})
+    monkeypatch.setattr(triton_mosa, "_interpreting", lambda: False)
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert all(triton_mosa._vector_atomics(gpu0, 512) for _ in range(4))
+    assert triton_mosa._vector_atomics(gpu1, 512) and not triton_mosa._vector_atomics(gpu1, 510)  # h % 4
+    assert reads == [gpu0, gpu1]
+    monkeypatch.setattr(triton_mosa, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev: (8, 0))  # before sm_90: scalar atomics
+    assert not triton_mosa._vector_atomics(gpu0, 512)

@@ -786,7 +786,18 @@ def _vector_atomics(dev, h: int) -> bool:
     of four; not under the interpreter, which runs no inline PTX)."""
     if _interpreting() or dev.type != "cuda" or h % 4 or not VECTOR_ATOMICS:
         return False
-    return torch.cuda.get_device_capability(dev) >= (9, 0)
+    return _capability(dev) >= (9, 0)
+
+
+_CAPABILITY: dict = {}
+
+
+def _capability(dev) -> tuple[int, int]:
+    """The GPU's compute capability, read once per device (torch reads the device's properties on every
+    call; the op asks four times per step)."""
+    if dev not in _CAPABILITY:
+        _CAPABILITY[dev] = tuple(torch.cuda.get_device_capability(dev))
+    return _CAPABILITY[dev]
 
 
 def _atomics_in_place(dev, h: int, dtypes, overlap: float) -> bool:
