@@ -39,6 +39,17 @@ def test_tensor_in_tensor_out_and_seeded_sampling():
     assert a.shape == (2, 11) and torch.equal(a, b) and torch.equal(a[:, :5], ids)
 
 
+def test_ids_are_checked_once_not_at_every_step(monkeypatch):
+    # generate checks its prompts once; the tokens it samples are valid by construction, so its decoding steps
+    # skip extend's checks (on a GPU each check reads the ids' range back from the device)
+    model = lm()
+    calls = []
+    check = model._check_ids
+    monkeypatch.setattr(model, "_check_ids", lambda *a, **kw: (calls.append(a[0]), check(*a, **kw))[1])
+    out = model.generate(torch.randint(0, 40, (2, 5)), 6, temperature=0)
+    assert out.shape == (2, 11) and calls == ["ids"]
+
+
 def test_stream_sees_every_column_and_eos_stops():
     model = lm()
     seen = []

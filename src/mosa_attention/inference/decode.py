@@ -77,6 +77,13 @@ def extend(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     if ids.shape[0] != cache.pad.shape[0]:
         raise ValueError(f"ids has batch size {ids.shape[0]} but the cache was made for {cache.pad.shape[0]} "
                          f"sequences (new_cache's pad)")
+    return extend_unchecked(model, ids, cache)
+
+
+@torch.no_grad()
+def extend_unchecked(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """``extend`` for ids already known to be valid (``generate``'s prompts, checked once, and the tokens it
+    samples): no checks, so a decoding step does not wait for the device to read the ids' range back."""
     n = ids.shape[1]
     cols = torch.arange(cache.length, cache.length + n, device=ids.device)
     pos = cols[None] - cache.pad[:, None]  # per-sequence positions; negative on padding

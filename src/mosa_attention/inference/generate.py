@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .decode import extend, new_cache
+from .decode import extend_unchecked, new_cache
 from .sampling import check_sampling, sample
 
 
@@ -106,7 +106,7 @@ def _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top
     model.eval()
     try:
         cache = new_cache(model, pad, capacity)
-        logits = extend(model, batch, cache)[:, -1]  # the prompts in one parallel pass
+        logits = extend_unchecked(model, batch, cache)[:, -1]  # the prompts (checked above) in one pass
         out, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)
@@ -118,7 +118,7 @@ def _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top
                 stream(token)
             if step + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
                 break
-            logits = extend(model, token[:, None], cache)[:, -1]
+            logits = extend_unchecked(model, token[:, None], cache)[:, -1]  # sampled: valid ids
     finally:
         model.train(was_training)
 
