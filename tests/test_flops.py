@@ -50,3 +50,10 @@ def test_cli_routing_has_no_kv_cache_count(capsys):
     assert "no KV-cache generation for this kind" in capsys.readouterr().out
     assert main(["flops", "--preset", "tiny", "--sparsity", "32", "--attention", "routing", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kv_cache_entries_per_layer"] is None
+
+
+def test_flops_bad_input_is_one_error_line(capsys):
+    assert main(["flops", "--heads", "9"]) == 2
+    assert capsys.readouterr().err.strip() == "mosa flops: error: give --preset or --d-model, --layers"
+    assert main(["flops", "--preset", "tiny", "--sparsity", "0"]) == 2
+    assert "mosa flops: error: sparsity must be a finite number >= 1, got sparsity=0.0" in capsys.readouterr().err

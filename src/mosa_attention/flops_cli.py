@@ -39,7 +39,7 @@ def compute(args) -> dict:
     missing = [f"--{a.replace('_', '-')}" for k, a in (("d_model", "d_model"), ("n_layer", "layers"), ("n_head", "heads"))
                if k not in base]
     if missing:
-        raise SystemExit(f"mosa flops: give --preset or {', '.join(missing)}")
+        raise ValueError(f"give --preset or {', '.join(missing)}")
     common = dict(base, head_dim=args.head_dim, seq_len=args.seq_len, vocab_size=args.vocab_size)
     dense = MoSAConfig(attention="dense", **common)
     sparse = MoSAConfig(attention=args.attention, sparsity=args.sparsity,
@@ -61,10 +61,7 @@ def compute(args) -> dict:
 
 
 def run(args) -> int:
-    try:
-        r = compute(args)
-    except ValueError as e:
-        raise SystemExit(f"mosa flops: {e}")
+    r = compute(args)  # (a bad value is a ValueError: `mosa` prints it as one line, "mosa flops: error: ...")
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

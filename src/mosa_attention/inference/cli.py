@@ -22,12 +22,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add_run_argument(p, "a run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--prompt", action="append", required=True,
                    help="the text to continue; repeat for a batch of prompts (printed when all are done)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--capacity", type=int, default=None,
+    p.add_argument("--capacity", type=int_at_least(1), default=None,
                    help="at most this many cached tokens per MoSA head (the lowest-score one is dropped)")
     p.add_argument("--calibrate", type=int_at_least(0), default=0, metavar="WINDOWS",
                    help="calibrate the routing thresholds on this many training windows first")
