@@ -47,6 +47,10 @@ def test_plot_and_viz_write_pngs(trained_run, tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
     assert main(["viz", str(trained_run), "--layers", "99", "-o", str(viz)]) == 2
     assert "--layers: the model has layers 0 to" in capsys.readouterr().err
+    for cmd, option in (("viz", "--max-heads"), ("viz", "--max-tokens"), ("eval", "--batch-size")):
+        with pytest.raises(SystemExit) as exit_info:  # argparse names the option (was a ZeroDivisionError, or
+            main([cmd, str(trained_run), option, "0"])  # "range() arg 3 must not be zero")
+        assert exit_info.value.code == 2 and f"{option}: expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_selection_stats_without_mosa_heads_and_perplexity_of_uniform_model():

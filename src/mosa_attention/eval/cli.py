@@ -15,7 +15,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, nargs="+", help="lengths to score at (default: the training length)")
     p.add_argument("--data", help="data source (default: the run's own); its tokenizer must be the run's")
     p.add_argument("--max-windows", type=int_at_least(0), default=0, help="score at most this many windows (default: all)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--no-selection", action="store_true", help="skip the MoSA selection statistics")
     p.add_argument("--selection-windows", type=int_at_least(1), default=64, help="windows for the selection statistics")

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..argtypes import int_at_least
+
 DEFAULT_TEXT = ("The Moon is Earth's only natural satellite. It orbits at an average distance of 384,400 km, "
                 "about 30 times the diameter of Earth, and always faces Earth with the same side.")
 
@@ -14,9 +16,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="text to show (default: a sentence about the Moon)")
     src.add_argument("--file", help="read the text from this file")
-    p.add_argument("--max-tokens", type=int, default=96, help="show at most this many tokens (default 96)")
+    p.add_argument("--max-tokens", type=int_at_least(1), default=96, help="show at most this many tokens (default 96)")
     p.add_argument("--layers", type=int, nargs="+", help="only these layers (default: every MoSA layer)")
-    p.add_argument("--max-heads", type=int, default=32, help="show at most this many heads per layer (default 32)")
+    p.add_argument("--max-heads", type=int_at_least(1), default=32, help="show at most this many heads per layer (default 32)")
     p.add_argument("-o", "--out", default="selections.png", help="PNG to write (default selections.png in the current folder)")
     p.add_argument("--device", default="cpu")
 
