@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from ..flops import match_sparse_heads, model_flops
+from ..ops._checks import check_bool
 from ..ops.rope import check_rope_base, rope_dims_for
 from ..ops.routing import check_sparsity, num_selected
 
@@ -54,8 +55,7 @@ class MoSAConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
         for name in ("include_first", "thresholds_calibrated", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {name}={getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         for name in ("max_seq_len", "num_sparse_heads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

@@ -10,7 +10,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive_int
+from ._checks import check_positive_int, check_sequences
 from ._host import side_stream
 from .combine import add_at_rows_
 from .rope import apply_rope, rope_cos_sin
@@ -330,9 +330,7 @@ def causal_attention(x, w_qkv, w_o, n_heads: int, *, rope_dims: int, rope_base: 
     """Causal multi-head attention; with ``window`` each query sees only the last ``window`` tokens.
     ``backend``: how q, k, v are made (see ``project_qkv``); attention itself is SDPA. ``qkv``: x's
     projection, where the caller has made it."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or 0 in x.shape:
-        raise ValueError(f"x must be a tensor [B, T, h] with B, T, h >= 1, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check_sequences(x)
     B, T, h = x.shape
     check_positive_int("n_heads", n_heads)
     if w_qkv.dim() != 2 or w_qkv.shape[1] != h or w_qkv.shape[0] % (3 * n_heads):

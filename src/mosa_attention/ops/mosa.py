@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_bool
+from ._checks import check_bool, check_sequences
 from .rope import apply_rope, rope_cos_sin
 from .routing import check_sparsity, num_selected, router_scores, select_topk
 
@@ -68,8 +68,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 def check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims: int) -> None:
     """Shape and dtype checks shared by every backend, each naming the argument and the value."""
-    if x.dim() != 3 or 0 in x.shape:
-        raise ValueError(f"x must be [B, T, h] with B, T, h >= 1, got x.shape={tuple(x.shape)}")
+    check_sequences(x)
     B, T, h = x.shape
     if idx.dim() != 3 or idx.shape[0] != B or idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"idx must be an integer tensor [B={B}, E, k], got idx.shape={tuple(idx.shape)}, dtype={idx.dtype}")
@@ -163,9 +162,7 @@ def mosa(
     the triton backend (eager) routing and attention run as one fused op, ``mosa_topk_fused``.
     ``deterministic``: see ``sparse_attention``.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a tensor [B, T, h], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check_sequences(x)
     check_bool("include_first", include_first)
     k = num_selected(x.shape[1], check_sparsity(sparsity))
     if fused_topk_available(x, backend):
