@@ -15,6 +15,7 @@ mkdir -p "$OUT"
   echo "commit ${COMMIT:-$(git log -1 --format='%H %cd' 2>/dev/null) (the device copy's last commit; pass COMMIT=\$(git rev-parse HEAD) for the working tree's)}"; } > "$OUT/gpu.txt" 2>&1
 B=benchmarks/bench_layer.py
 for s in $STAGES; do
+  t0=$SECONDS
   case $s in
     check)    timeout -k 5 "${CHECK_S:-240}" $PY $B --check --no-bench ${CHECK_FLAGS:-} --out "$OUT/check" ;;
     checktune) timeout -k 5 "${CHECK_S:-420}" $PY $B --check --tune --no-bench --out "$OUT/checktune" ;;
@@ -65,7 +66,7 @@ for s in $STAGES; do
     grid)     timeout -k 5 "${GRID_S:-150}" $PY $B --official .official --no-bench --grid --out "$OUT/grid" ;;
     sweep)    timeout -k 5 "${SWEEP_S:-150}" $PY $B --official .official --sweep-T 1024,4096,16384,65536 --out "$OUT/sweep" ;;
   esac > "$OUT/${s//[^A-Za-z0-9_.-]/_}.log" 2>&1
-  echo "== stage $s: exit $?" >> "$OUT/stages.txt"
+  echo "== stage $s: exit $? ($((SECONDS - t0)) s)" >> "$OUT/stages.txt"
 done
 # everything in one file as well (the device brings back at most 8 files)
 tar -czf "$OUT/all.tar.gz" -C "$OUT" --exclude all.tar.gz . 2>/dev/null
