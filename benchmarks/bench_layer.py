@@ -13,7 +13,6 @@ TFLOP/s and GB/s against the card's measured ceilings (a bf16 matrix product, a 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -111,22 +110,6 @@ MODE = "autocast"  # or "bf16": parameters and input in bfloat16, no autocast
 DENSE_BACKEND = "auto"  # "torch": the dense heads' q, k, v by plain torch ops instead of the fused kernel
 TUNE_ROUTING = False
 DETERMINISTIC = None  # our layers' `deterministic`: None picks the scatter by shape, True rows, False atomics
-SM_CARVEOUT = 0  # SMs the hybrids' cuBLAS products leave free (torch's experimental carve-out), for A/B runs
-
-
-@contextlib.contextmanager
-def carveout(active):
-    """cuBLAS products on SM_CARVEOUT fewer SMs while the block runs (captured graphs keep the kernels
-    chosen then), where ``active`` and the knob is set; else nothing."""
-    if not (active and SM_CARVEOUT):
-        yield
-        return
-    before = torch._C._get_sm_carveout_experimental()
-    torch._C._set_sm_carveout_experimental(SM_CARVEOUT)
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(before)
 
 
 def time_layer(name, layer, B, T, h, backward, graphs=True):
@@ -196,8 +179,7 @@ def time_case(args, label, h, E, rho, nd, dense_h, T, B, k, backward):
     ours = MoSAAttention(h, E, rho, num_dense_heads=nd, backend="triton", deterministic=DETERMINISTIC).cuda()
     if ours.dense is not None:
         ours.dense.backend = "torch" if DENSE_BACKEND == "torch" else "triton"
-    with carveout(nd):
-        row["ours"] = time_layer("ours", ours, B, T, h, backward)
+    row["ours"] = time_layer("ours", ours, B, T, h, backward)
     del ours
     off = official_module(args.official, h, E, rho, nd, T) if MODE == "autocast" else None
     if off is not None:
@@ -341,8 +323,7 @@ def timeline(folder):
         x = torch.randn(16, 1024, 512, device="cuda", dtype=dt, requires_grad=True)
         dy = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16)
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False, enabled=MODE == "autocast"):
-            with carveout(E and nd):
-                replay = graph_step(make_step(layer, x, dy, True))[0]
+            replay = graph_step(make_step(layer, x, dy, True))[0]
         if replay is None:
             print(f"== timeline {label}: capture failed")
             continue
@@ -739,19 +720,17 @@ def tune_topk(out):
         want = call()
         bt = triton.next_power_of_2(T)
         row = {"shape": [B, E, T, k], "default_tile": list(tr._tiles(T, B * E)[1:]), "ms": {}}
-        default_digit = tr.DIGIT_BITS
-        for digit in (1, 2, 4):  # bits per counting pass (where a row spans several warps)
-            for tile in [None] + [(be, nw) for be in (1, 2, 4, 8) for nw in (1, 2, 4, 8)
-                                  if 4 <= bt * be // (32 * nw) <= 64 and (digit == 1 or nw > 1)]:
-                tr.TILE_OVERRIDE, tr.DIGIT_BITS = tile, digit
-                key = ("default" if tile is None else "%d,%d" % tile) + ("" if digit == 1 else " d%d" % digit)
-                try:
-                    got = call()
-                    same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-                    row["ms"][key] = cuda_time(graph_step(call)[0]) if same else "WRONG"
-                except Exception as err:  # noqa: BLE001 (report the variant, go on)
-                    row["ms"][key] = repr(err)[:100]
-        tr.TILE_OVERRIDE, tr.DIGIT_BITS = None, default_digit
+        for tile in [None] + [(be, nw) for be in (1, 2, 4, 8) for nw in (1, 2, 4, 8)
+                              if 4 <= bt * be // (32 * nw) <= 64]:
+            tr.TILE_OVERRIDE = tile
+            key = "default" if tile is None else "%d,%d" % tile
+            try:
+                got = call()
+                same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+                row["ms"][key] = cuda_time(graph_step(call)[0]) if same else "WRONG"
+            except Exception as err:  # noqa: BLE001 (report the variant, go on)
+                row["ms"][key] = repr(err)[:100]
+        tr.TILE_OVERRIDE = None
         res.append(row)
         best = sorted((v, n) for n, v in row["ms"].items() if isinstance(v, float))[:4]
         print("tune_topk %-22s default %s: %s | best %s" % (
@@ -965,10 +944,6 @@ def main():
     ap.add_argument("--scatter", default="auto", choices=("auto", "rows", "atomic"),
                     help="our layers' scatter-adds: auto (deterministic=None: by shape), rows (deterministic=True: "
                          "rows + sorted segment sum, bit-repeatable), atomic (deterministic=False)")
-    ap.add_argument("--topk-digit", type=int, default=None, choices=(1, 2, 4),
-                    help="bits per counting pass of the top-k kernel where a row spans several warps")
-    ap.add_argument("--sm-carveout", type=int, default=0, metavar="N",
-                    help="the hybrids' cuBLAS products on N fewer SMs (A/B runs; torch's experimental carve-out)")
     ap.add_argument("--official", default=None, help="path holding the official release's mosa/ package")
     ap.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="only draw time against T")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json")
@@ -978,12 +953,8 @@ def main():
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (on a CPU, `mosa bench` times the layers)")
     import triton
-    global MODE, DENSE_BACKEND, TUNE_ROUTING, DETERMINISTIC, SM_CARVEOUT
+    global MODE, DENSE_BACKEND, TUNE_ROUTING, DETERMINISTIC
     MODE = args.mode
-    SM_CARVEOUT = args.sm_carveout
-    if args.topk_digit is not None:
-        from mosa_attention.ops import triton_routing
-        triton_routing.DIGIT_BITS = args.topk_digit
     DETERMINISTIC = {"auto": None, "rows": True, "atomic": False}[args.scatter]
     if args.serial_heads:
         import mosa_attention.layers.mosa as layer_mod
@@ -1030,7 +1001,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "sm_carveout": args.sm_carveout, "topk_digit": args.topk_digit, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

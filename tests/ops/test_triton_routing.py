@@ -139,28 +139,3 @@ def test_topk_with_ties_keeps_a_top_k_multiset(dtype, include_first):
             torch.testing.assert_close(s.float().gather(-1, got).sort(-1).values, ref, rtol=0, atol=0)
         else:
             assert bool((got[..., 0] == 0).all())
-
-
-@pytest.mark.parametrize("digit", [2, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_several_bits_per_pass_select_the_same(digit, dtype, monkeypatch):
-    # DIGIT_BITS > 1 (rows on several warps: forced here by a two-warp tile) finds the same k-th key in fewer
-    # passes: the same positions as one bit per pass, ties included (float16's 19 key bits round up to 20)
-    torch.manual_seed(5)
-    cases = [(2, 3, 100, 7), (1, 1, 2, 2), (2, 2, 64, 64), (1, 2, 1000, 250), (3, 2, 17, 1)]
-    inputs = []
-    for B, E, T, k in cases:
-        s = torch.randn(B, E, T).to(dtype)
-        s[..., 3:6] = s[..., 2:3]  # ties
-        inputs.append((s.to(DEVICE), k))
-    monkeypatch.setattr(triton_routing, "TILE_OVERRIDE", (1, 2))
-    want = [[topk_positions_triton(s, k, first) for first in (False, True)] for s, k in inputs]
-    monkeypatch.setattr(triton_routing, "DIGIT_BITS", digit)
-    for (s, k), w in zip(inputs, want):
-        for first, w_first in zip((False, True), w):
-            got = topk_positions_triton(s, k, first)
-            assert torch.equal(got, w_first), (tuple(s.shape), k, first)
-            logits = s.transpose(1, 2).contiguous()
-            idx, kept = route_logits_triton(logits, k, first)
-            assert torch.equal(idx, w_first)
-            torch.testing.assert_close(kept, torch.sigmoid(s.float()).gather(-1, idx).to(dtype))

@@ -36,7 +36,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e,
                  INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                 KEY_BITS: tl.constexpr = 32, DIGIT: tl.constexpr = 1):
+                 KEY_BITS: tl.constexpr = 32):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     pos = tl.arange(0, BT)
@@ -54,23 +54,11 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
     # the k-th largest key per column, from the top bit down: keep a bit when >= k keys reach the prefix
     # (a 256-bin histogram per eight bits instead was slower on an H200: benchmarks/NOTES.md v9.0)
     prefix = tl.zeros([BE], dtype=tl.uint32)
-    if DIGIT == 1:
-        one = tl.full([BE], 1, dtype=tl.uint32)
-        for i in range(KEY_BITS):
-            cand = prefix | (one << (KEY_BITS - 1 - i))
-            reach = tl.sum((key >= cand[None, :]).to(tl.int32), axis=0)  # outside keys are 0 < every cand
-            prefix = tl.where(reach >= k, cand, prefix)
-    else:
-        # DIGIT bits per pass (KEY_BITS a multiple of it): the 2^DIGIT - 1 candidate digits counted in one
-        # reduction, so a program whose rows span several warps meets a barrier per digit instead of per bit;
-        # the digit is the number of candidates that >= k keys reach (the count falls as the digit grows)
-        d = tl.arange(0, 1 << DIGIT).to(tl.uint32)
-        for i in range(KEY_BITS // DIGIT):
-            shift = KEY_BITS - DIGIT * (i + 1)
-            cand = prefix[:, None] | (d[None, :] << shift)  # [BE, 2^DIGIT]
-            reach = tl.sum((key[:, :, None] >= cand[None, :, :]).to(tl.int32), axis=0)
-            digit = tl.sum(((reach >= k) & (d[None, :] > 0)).to(tl.uint32), axis=1)
-            prefix = prefix | (digit << shift)
+    one = tl.full([BE], 1, dtype=tl.uint32)
+    for i in range(KEY_BITS):
+        cand = prefix | (one << (KEY_BITS - 1 - i))
+        reach = tl.sum((key >= cand[None, :]).to(tl.int32), axis=0)  # outside keys are 0 < every cand
+        prefix = tl.where(reach >= k, cand, prefix)
 
     above = inside & (key > prefix[None, :])
     need = k - tl.sum(above.to(tl.int32), axis=0)  # keys equal to the k-th that are kept
@@ -96,8 +84,6 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
 
 # (BE columns per program, num_warps) override, for tuning only (benchmarks/bench_layer.py); None in normal use
 TILE_OVERRIDE = None
-# Bits of the k-th key found per counting pass where a row spans several warps (1: one bit per pass)
-DIGIT_BITS = 1
 
 
 def _tiles(T: int, rows: int):
@@ -125,10 +111,8 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
     if B * E:
         BT, BE, warps = _tiles(T, B * E)
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
-        digit = DIGIT_BITS if warps > 1 else 1
-        bits = min(32, -(-bits // digit) * digit)  # (a few more low bits searched: they are 0 or real bits)
         _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
-                                              SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits, DIGIT=digit,
+                                              SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits,
                                               num_warps=warps)
     return idx, (kept if sigmoid else None)
 
