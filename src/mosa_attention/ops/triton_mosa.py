@@ -903,6 +903,22 @@ DWO_IN_OUT_BWD = None
 DWO_IN_OUT_BWD_MIN_WAVES = 2.0
 
 
+# The order in which the backward launches its kernels after ``_out_bwd`` (for comparisons in benchmarks): the
+# names of dwo (``_dwo``), attn (the attention backward), dx (``_qkv_bwd_dx`` and its cast or sum), dw
+# (``_dwqkv``) and dwr (``_dwr``), attn before dx and dw. None: the default order below.
+BWD_ORDER = None
+_DEFAULT_ORDER = ("dwo", "attn", "dx", "dw", "dwr")
+
+
+def _bwd_order():
+    if BWD_ORDER is None:
+        return _DEFAULT_ORDER
+    order = tuple(BWD_ORDER)
+    if sorted(order) != sorted(_DEFAULT_ORDER) or order.index("attn") > min(order.index("dx"), order.index("dw")):
+        raise ValueError(f"BWD_ORDER must order {_DEFAULT_ORDER} with attn before dx and dw, got {BWD_ORDER!r}")
+    return order
+
+
 def _dwo_in_out_bwd(dev, R: int, E: int, c: dict) -> bool:
     if DWO_IN_OUT_BWD is False or R > 256:
         return False
@@ -1027,43 +1043,61 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
     # 16-bit tiles only (wider ones would not fit the pipeline in shared memory)
     long_r = R >= 512 and c["DP"] <= 64 and cdt != torch.float32
-    if not whole:
-        _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
-                dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     dqkv = torch.empty_like(qkv)
-    qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
-    common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
-    args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
-    blk = c["BM"]  # 64, or 32 for wide heads and float32
-    if SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
-        nr = (blk // K) * K
-        _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr), E),
-                (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr, qk_scale, sm_scale), dict(BLK=blk),
-                D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4)
-    else:
-        _launch(_attn_bwd_dkdv, lambda t: (cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
-                **common)
-        _launch(_attn_bwd_dq, lambda t: (cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]),
-                **common)
-    _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"])),
-            (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
-            dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
-            ATOMIC=not deterministic, VEC=vec,
-            num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
-    # in x's dtype: no cast pass in autograd
-    dx = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
     dwqkv = torch.empty_like(w_qkv)
     dwr = None if w_router is None or dense_dl else torch.empty_like(w_router)
-    _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, 1 if fused else 3),
-            (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr if in_dw else dsc),
-            dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"],
-            PREC=c["PREC"], FUSED=fused, ROUTER=in_dw,
-            num_warps=8 if fused else 4, num_stages=c["DW_STAGES"])
-    if dense_dl:
-        dwr = _router_grad_dense(dlf[:, :B * T], x, w_router.dtype)
-    elif dwr is not None and not in_dw:
-        _launch(_dwr, lambda t: (cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
-                dict(BR=32, BH=min(128, max(16, next_pow2(h)))), num_warps=4)
+    out = {}
+
+    def dwo_stage():
+        if not whole:
+            _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
+                    dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"],
+                    num_warps=4)
+
+    def attn_stage():
+        qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
+        common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
+        args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
+        blk = c["BM"]  # 64, or 32 for wide heads and float32
+        if SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
+            nr = (blk // K) * K
+            _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr), E),
+                    (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr, qk_scale, sm_scale), dict(BLK=blk),
+                    D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4)
+        else:
+            _launch(_attn_bwd_dkdv, lambda t: (cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
+                    **common)
+            _launch(_attn_bwd_dq, lambda t: (cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]),
+                    **common)
+
+    def dx_stage():
+        _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"])),
+                (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
+                dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
+                ATOMIC=not deterministic, VEC=vec,
+                num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
+        # in x's dtype: no cast pass in autograd
+        out["dx"] = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
+
+    def dw_stage():
+        _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, 1 if fused else 3),
+                (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr if in_dw else dsc),
+                dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"],
+                PREC=c["PREC"], FUSED=fused, ROUTER=in_dw,
+                num_warps=8 if fused else 4, num_stages=c["DW_STAGES"])
+
+    def dwr_stage():
+        if dense_dl:
+            out["dwr"] = _router_grad_dense(dlf[:, :B * T], x, w_router.dtype)
+        elif dwr is not None and not in_dw:
+            _launch(_dwr, lambda t: (cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
+                    dict(BR=32, BH=min(128, max(16, next_pow2(h)))), num_warps=4)
+
+    stages = dict(dwo=dwo_stage, attn=attn_stage, dx=dx_stage, dw=dw_stage, dwr=dwr_stage)
+    for name in _bwd_order():
+        stages[name]()
+    dx = out["dx"]
+    dwr = out.get("dwr", dwr)
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 
