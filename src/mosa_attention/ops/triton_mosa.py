@@ -903,11 +903,15 @@ DWO_IN_OUT_BWD = None
 DWO_IN_OUT_BWD_MIN_WAVES = 2.0
 
 
-# The order in which the backward launches its kernels after ``_out_bwd`` (for comparisons in benchmarks): the
-# names of dwo (``_dwo``), attn (the attention backward), dx (``_qkv_bwd_dx`` and its cast or sum), dw
-# (``_dwqkv``) and dwr (``_dwr``), attn before dx and dw. None: the default order below.
+# The order in which the backward launches its kernels after ``_out_bwd``: the names of dwo (``_dwo``), attn
+# (the attention backward), dx (``_qkv_bwd_dx`` and its cast or sum), dw (``_dwqkv``) and dwr (``_dwr``, the
+# router's weight gradient where it has a kernel of its own: t3's 505 heads, not t1's 17), attn before dx and
+# dw. ``_dwr`` needs only d logit from ``_out_bwd``; launched last (before v16), its 2,020 programs held the
+# SMs that the dense heads' last products of a hybrid were waiting for. Before dx: t3 bf16 in a graph on an
+# H200 1.010 / 1.012 -> 0.998-1.002 ms over five runs of three orders with it earlier; t1, t2 unchanged
+# (benchmarks/NOTES.md v16.1). None: ``_DEFAULT_ORDER``; a tuple of the names: that order (for comparisons).
 BWD_ORDER = None
-_DEFAULT_ORDER = ("dwo", "attn", "dx", "dw", "dwr")
+_DEFAULT_ORDER = ("dwo", "attn", "dwr", "dx", "dw")
 
 
 def _bwd_order():
