@@ -12,7 +12,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-  echo "commit ${COMMIT:-$(git log -1 --format='%H %cd' 2>/dev/null) (the device copy's last commit; pass COMMIT=\$(git rev-parse HEAD) for the working tree's)}"; } > "$OUT/gpu.txt" 2>&1
+  echo "commit ${COMMIT:-$(git log -1 --format='%H %cd' 2>/dev/null) (git head of the device copy, which may be stale: pass COMMIT=<hash> written out where the command is composed)}"; } > "$OUT/gpu.txt" 2>&1
 B=benchmarks/bench_layer.py
 for s in $STAGES; do
   t0=$SECONDS

@@ -908,8 +908,9 @@ DWO_IN_OUT_BWD_MIN_WAVES = 2.0
 # router's weight gradient where it has a kernel of its own: t3's 505 heads, not t1's 17), attn before dx and
 # dw. ``_dwr`` needs only d logit from ``_out_bwd``; launched last (before v16), its 2,020 programs held the
 # SMs that the dense heads' last products of a hybrid were waiting for. Before dx: t3 bf16 in a graph on an
-# H200 1.010 / 1.012 -> 0.998-1.002 ms over five runs of three orders with it earlier; t1, t2 unchanged
-# (benchmarks/NOTES.md v16.1). None: ``_DEFAULT_ORDER``; a tuple of the names: that order (for comparisons).
+# H200, median 1.010 -> 1.002 ms (1.006-1.012 over four runs of the old order, 1.000-1.010 over five of this
+# one), a small gain near the runs' spread; t4 and T16384 unchanged, t1 and t2 launch the same kernels in the
+# same order (benchmarks/NOTES.md v16.1). None: ``_DEFAULT_ORDER``; a tuple of the names: that order.
 BWD_ORDER = None
 _DEFAULT_ORDER = ("dwo", "attn", "dwr", "dx", "dw")
 
