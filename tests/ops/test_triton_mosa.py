@@ -358,20 +358,6 @@ def test_backward_launch_order_changes_no_gradient(monkeypatch, order):
             triton_mosa._bwd_order()
 
 
-@pytest.mark.parametrize("launches", [2, 3])
-def test_dx_kernel_split_over_head_ranges(monkeypatch, launches):
-    # DX_LAUNCHES (for timing comparisons): _qkv_bwd_dx over ranges of heads, one launch each (E = 5 does not
-    # divide evenly), in both scatters: the same gradients as the reference
-    from mosa_attention.ops import triton_mosa
-    monkeypatch.setattr(triton_mosa, "DX_LAUNCHES", launches)
-    launch, seen = triton_mosa._launch, []
-    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (seen.append(kernel.fn.__name__),
-                                                                           launch(kernel, *a, **kw))[1])
-    for deterministic in (False, True):
-        _routed_compare(2, 40, 48, 5, 9, 32, 16, False, torch.float32, TOL[torch.float32], deterministic)
-    assert seen.count("_qkv_bwd_dx") == 2 * launches
-
-
 @pytest.mark.parametrize("deterministic", [None, True])
 def test_layer_uses_the_fused_router_and_matches_torch_backend(deterministic):
     from mosa_attention.layers import MoSAAttention

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
              dict(D=64, DP=64, BM=64, BN=32, BH=64, BS=128, PREC="tf32", ATOMIC=True, VEC=vec), 4),
             ("dx", tm._qkv_bwd_dx,
              dict(dqkv_ptr=f"*{cdt}", idx_ptr="*i64", w_ptr=f"*{cdt}", dx_ptr=f"*{odt}", T="i32", h="i32",
-                  E="i32", R="i32", K="i32", dl_ptr="*fp32", wr_ptr=f"*{cdt}", E0="i32"),
+                  E="i32", R="i32", K="i32", dl_ptr="*fp32", wr_ptr=f"*{cdt}"),
              dict(D=64, DP=64, BM=64, BH=128, PREC="tf32", ROUTER=True, ATOMIC=True, VEC=vec), 8)):
             sig.update({k: "constexpr" for k in cons})
             k = triton.compile(ASTSource(kern, sig, cons), target=GPUTarget("cuda", 90, 32),

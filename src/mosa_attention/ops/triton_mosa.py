@@ -612,16 +612,15 @@ def _attn_bwd_seqs(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_p
 
 
 @triton.jit
-def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr, E0,
+def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
                 D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
                 ROUTER: tl.constexpr = False, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = 0):
     """Rows of [dq | dk | dv] @ w_qkv[e]^T (each kept token's share of dx), one block of rows and columns,
     stored per kept token for the deterministic scatter or (ATOMIC) added in float32 into dx[b, pos].
     ROUTER: each row also gets d logit * w_router[e], the router's share of dx (nonzero only at kept tokens:
-    top-k passes no gradient to the others), so the scatter that follows sums both. Heads from E0 on (a launch
-    may take a range of heads)."""
+    top-k passes no gradient to the others), so the scatter that follows sums both."""
     pid = tl.program_id(0)
-    e = tl.program_id(1) + E0
+    e = tl.program_id(1)
     pn = tl.program_id(2)
     rows = pid * BM + tl.arange(0, BM)
     rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
@@ -913,9 +912,6 @@ DWO_IN_OUT_BWD_MIN_WAVES = 2.0
 # one), a small gain near the runs' spread; t4 and T16384 unchanged, t1 and t2 launch the same kernels in the
 # same order (benchmarks/NOTES.md v16.1). None: ``_DEFAULT_ORDER``; a tuple of the names: that order.
 BWD_ORDER = None
-# Launches that ``_qkv_bwd_dx``'s heads are split into (for comparisons in benchmarks): between two, kernels
-# of another stream that became ready meanwhile are served first.
-DX_LAUNCHES = 1
 _DEFAULT_ORDER = ("dwo", "attn", "dwr", "dx", "dw")
 
 
@@ -1080,14 +1076,11 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
                     **common)
 
     def dx_stage():
-        step = cdiv(E, DX_LAUNCHES)
-        for e0 in range(0, E, step):  # (one launch unless DX_LAUNCHES says otherwise)
-            n = min(step, E - e0)
-            _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), n, cdiv(h, t["BH"])),
-                    (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router, e0),
-                    dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
-                    ATOMIC=not deterministic, VEC=vec,
-                    num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
+        _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"])),
+                (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
+                dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
+                ATOMIC=not deterministic, VEC=vec,
+                num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
         # in x's dtype: no cast pass in autograd
         out["dx"] = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
 
