@@ -336,28 +336,6 @@ def test_router_weight_gradient_as_one_dense_product(monkeypatch, dtype, first):
     assert "_dwr" in seen
 
 
-@pytest.mark.parametrize("order", [None, ("dwo", "attn", "dx", "dw", "dwr"), ("dwr", "dwo", "attn", "dw", "dx")])
-def test_backward_launch_order_changes_no_gradient(monkeypatch, order):
-    # BWD_ORDER (for timing comparisons) launches the same kernels in another order: the gradients must still
-    # match the reference, with w_router's from _dwr and from the dense product, and the launches follow it
-    from mosa_attention.ops import triton_mosa
-    monkeypatch.setattr(triton_mosa, "BWD_ORDER", order)
-    monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", False)
-    launch, seen = triton_mosa._launch, []
-    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (seen.append(kernel.fn.__name__),
-                                                                           launch(kernel, *a, **kw))[1])
-    _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float32, TOL[torch.float32], False)
-    names = {"dwo": "_dwo", "attn": "_attn_bwd_seqs", "dx": "_qkv_bwd_dx", "dw": "_dwqkv", "dwr": "_dwr"}
-    bwd = [n for n in seen if n in names.values()]
-    assert bwd == [names[o] for o in order or triton_mosa._DEFAULT_ORDER], bwd
-    monkeypatch.setattr(triton_mosa, "DENSE_ROUTER_GRAD_MIN_OVERLAP", 0.0)
-    _routed_compare(2, 40, 48, 3, 9, 32, 16, True, torch.float32, TOL[torch.float32], True)
-    for bad in (("attn", "dx", "dw", "dwr"), ("dwo", "dx", "attn", "dw", "dwr"), ("dwo", "attn", "dx", "dw", "x")):
-        monkeypatch.setattr(triton_mosa, "BWD_ORDER", bad)
-        with pytest.raises(ValueError, match="BWD_ORDER"):
-            triton_mosa._bwd_order()
-
-
 @pytest.mark.parametrize("deterministic", [None, True])
 def test_layer_uses_the_fused_router_and_matches_torch_backend(deterministic):
     from mosa_attention.layers import MoSAAttention

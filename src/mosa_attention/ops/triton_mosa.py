@@ -903,27 +903,6 @@ DWO_IN_OUT_BWD = None
 DWO_IN_OUT_BWD_MIN_WAVES = 2.0
 
 
-# The order in which the backward launches its kernels after ``_out_bwd``: the names of dwo (``_dwo``), attn
-# (the attention backward), dx (``_qkv_bwd_dx`` and its cast or sum), dw (``_dwqkv``) and dwr (``_dwr``, the
-# router's weight gradient where it has a kernel of its own: t3's 505 heads, not t1's 17), attn before dx and
-# dw. ``_dwr`` needs only d logit from ``_out_bwd``; launched last (before v16), its 2,020 programs held the
-# SMs that the dense heads' last products of a hybrid were waiting for. Before dx: t3 bf16 in a graph on an
-# H200, median 1.010 -> 1.002 ms (1.006-1.012 over four runs of the old order, 1.000-1.010 over five of this
-# one), a small gain near the runs' spread; t4 and T16384 unchanged, t1 and t2 launch the same kernels in the
-# same order (benchmarks/NOTES.md v16.1). None: ``_DEFAULT_ORDER``; a tuple of the names: that order.
-BWD_ORDER = None
-_DEFAULT_ORDER = ("dwo", "attn", "dwr", "dx", "dw")
-
-
-def _bwd_order():
-    if BWD_ORDER is None:
-        return _DEFAULT_ORDER
-    order = tuple(BWD_ORDER)
-    if sorted(order) != sorted(_DEFAULT_ORDER) or order.index("attn") > min(order.index("dx"), order.index("dw")):
-        raise ValueError(f"BWD_ORDER must order {_DEFAULT_ORDER} with attn before dx and dw, got {BWD_ORDER!r}")
-    return order
-
-
 def _dwo_in_out_bwd(dev, R: int, E: int, c: dict) -> bool:
     if DWO_IN_OUT_BWD is False or R > 256:
         return False
@@ -1048,61 +1027,47 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
     # 16-bit tiles only (wider ones would not fit the pipeline in shared memory)
     long_r = R >= 512 and c["DP"] <= 64 and cdt != torch.float32
+    if not whole:
+        _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
+                dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     dqkv = torch.empty_like(qkv)
-    dwqkv = torch.empty_like(w_qkv)
+    qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
+    common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
+    args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
+    blk = c["BM"]  # 64, or 32 for wide heads and float32
+    if SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
+        nr = (blk // K) * K
+        _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr), E),
+                (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr, qk_scale, sm_scale), dict(BLK=blk),
+                D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4)
+    else:
+        _launch(_attn_bwd_dkdv, lambda t: (cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
+                **common)
+        _launch(_attn_bwd_dq, lambda t: (cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]),
+                **common)
+    # The router's weight gradient, where it has a kernel of its own (t3's 505 heads, t4; not t1's 17, where
+    # _dwqkv makes it), needs only d logit: launched here, not last, where its programs held the SMs that a
+    # hybrid's dense heads' last products were waiting for (H200, t3 bf16 graph: median 1.010 -> 1.002 ms,
+    # near the runs' spread; t4 unchanged; benchmarks/NOTES.md v16.1).
     dwr = None if w_router is None or dense_dl else torch.empty_like(w_router)
-    out = {}
-
-    def dwo_stage():
-        if not whole:
-            _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
-                    dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"],
-                    num_warps=4)
-
-    def attn_stage():
-        qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
-        common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
-        args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
-        blk = c["BM"]  # 64, or 32 for wide heads and float32
-        if SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
-            nr = (blk // K) * K
-            _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr), E),
-                    (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr, qk_scale, sm_scale), dict(BLK=blk),
-                    D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4)
-        else:
-            _launch(_attn_bwd_dkdv, lambda t: (cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
-                    **common)
-            _launch(_attn_bwd_dq, lambda t: (cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]),
-                    **common)
-
-    def dx_stage():
-        _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"])),
-                (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
-                dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
-                ATOMIC=not deterministic, VEC=vec,
-                num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
-        # in x's dtype: no cast pass in autograd
-        out["dx"] = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
-
-    def dw_stage():
-        _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, 1 if fused else 3),
-                (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr if in_dw else dsc),
-                dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"],
-                PREC=c["PREC"], FUSED=fused, ROUTER=in_dw,
-                num_warps=8 if fused else 4, num_stages=c["DW_STAGES"])
-
-    def dwr_stage():
-        if dense_dl:
-            out["dwr"] = _router_grad_dense(dlf[:, :B * T], x, w_router.dtype)
-        elif dwr is not None and not in_dw:
-            _launch(_dwr, lambda t: (cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
-                    dict(BR=32, BH=min(128, max(16, next_pow2(h)))), num_warps=4)
-
-    stages = dict(dwo=dwo_stage, attn=attn_stage, dx=dx_stage, dw=dw_stage, dwr=dwr_stage)
-    for name in _bwd_order():
-        stages[name]()
-    dx = out["dx"]
-    dwr = out.get("dwr", dwr)
+    if dense_dl:
+        dwr = _router_grad_dense(dlf[:, :B * T], x, w_router.dtype)
+    elif dwr is not None and not in_dw:
+        _launch(_dwr, lambda t: (cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
+                dict(BR=32, BH=min(128, max(16, next_pow2(h)))), num_warps=4)
+    _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"])),
+            (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
+            dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
+            ATOMIC=not deterministic, VEC=vec,
+            num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
+    # in x's dtype: no cast pass in autograd
+    dx = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
+    dwqkv = torch.empty_like(w_qkv)
+    _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, 1 if fused else 3),
+            (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr if in_dw else dsc),
+            dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"],
+            PREC=c["PREC"], FUSED=fused, ROUTER=in_dw,
+            num_warps=8 if fused else 4, num_stages=c["DW_STAGES"])
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 
