@@ -742,7 +742,9 @@ def tune_topk(out):
 
 TUNE_VARIANTS = {  # kernel -> list of overrides (the first is the default)
     "_qkv_fwd": [{}, {"BM": 128}, {"BM": 128, "num_warps": 4}, {"BK": 32}, {"num_stages": 4}, {"num_stages": 2},
-                 {"BM": 128, "BK": 32, "num_stages": 4}, {"BM": 32, "num_warps": 4}, {"BM": 64}],
+                 {"BM": 128, "BK": 32, "num_stages": 4}, {"BM": 32, "num_warps": 4}, {"BM": 64},
+                 # (v16: two programs per SM on an H200 by registers and shared memory, from ptxas here)
+                 {"BM": 64, "num_warps": 4, "num_stages": 3}, {"BM": 64, "num_warps": 4, "num_stages": 2}],
     "_attn_fwd": [{}, {"BN": 32}, {"BM": 128, "num_warps": 8}, {"BH": 128}, {"BH": 128, "num_warps": 8},
                   {"BM": 32, "BN": 32}, {"num_stages": 2}, {"BM": 128, "BH": 128, "num_warps": 8}],
     "_out_bwd": [{}, {"BH": 128}, {"BM": 128, "num_warps": 8}, {"BM": 32}, {"num_stages": 4}, {"BH": 128, "num_warps": 8},
@@ -753,10 +755,12 @@ TUNE_VARIANTS = {  # kernel -> list of overrides (the first is the default)
                        {"BM": 128, "num_warps": 8}, {"BN": 128, "num_warps": 8}],
     "_attn_bwd_dq": [{}, {"BM": 32}, {"BN": 32}, {"BM": 32, "BN": 32}, {"num_warps": 8}, {"num_stages": 2},
                      {"BM": 128, "num_warps": 8}, {"BN": 128, "num_warps": 8}],
+    "_attn_bwd_seqs": [{}, {"BLK": 32}, {"num_warps": 8}, {"num_stages": 2}, {"BLK": 32, "num_stages": 2}],
     "_qkv_bwd_dx": [{}, {"BH": 128}, {"BH": 128, "num_warps": 8}, {"BM": 128, "num_warps": 8}, {"BH": 256, "num_warps": 8},
                     {"BM": 128, "BH": 128, "num_warps": 8}, {"BM": 32}, {"num_stages": 2}],
     "_dwqkv": [{}, {"BR": 128}, {"BH": 128}, {"BH": 128, "num_warps": 8}, {"BR": 32}, {"num_stages": 4},
-               {"BR": 128, "BH": 128, "num_warps": 8}, {"num_stages": 2}, {"BH": 64}],
+               {"BR": 128, "BH": 128, "num_warps": 8}, {"num_stages": 2}, {"BH": 64}, {"num_warps": 4},
+               {"BR": 32, "num_warps": 4}],
     "_segment_sum": [{}, {"BT": 16}, {"BT": 64}, {"BH": 512}, {"BT": 16, "BH": 512}, {"num_warps": 8},
                      {"BT": 64, "num_warps": 8}, {"BT": 8, "BH": 512}],
 }

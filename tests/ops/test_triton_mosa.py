@@ -711,6 +711,18 @@ def test_attention_backward_for_short_sequences(monkeypatch, dtype, seq_block):
     _compare(9, 40, 32, 2, 9, 32, 16, dtype, pad=2, unsorted=True, deterministic=False)
 
 
+def test_short_sequence_backward_takes_a_tile_override(monkeypatch):
+    # a tuning override of _attn_bwd_seqs' block (BLK = 16: one sequence of 9 rows per program, not 7) must set
+    # the rows each program covers too, or rows go without gradients
+    from mosa_attention.ops import triton_mosa
+    monkeypatch.setitem(triton_mosa.TILE_OVERRIDES, "_attn_bwd_seqs", {"BLK": 16})
+    launch, seen = triton_mosa._launch, []
+    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (seen.append(kernel.fn.__name__),
+                                                                           launch(kernel, *a, **kw))[1])
+    _compare(9, 40, 32, 2, 9, 32, 16, torch.float32, pad=2, unsorted=True, deterministic=False)
+    assert "_attn_bwd_seqs" in seen
+
+
 @pytest.mark.parametrize("seq_block", [True, False], ids=["one-kernel", "two-kernels"])
 def test_every_launch_names_only_the_kernels_parameters(monkeypatch, seq_block):
     # Triton's interpreter ignores keyword arguments a kernel does not have, while a GPU launch raises on
