@@ -712,8 +712,8 @@ def test_attention_backward_for_short_sequences(monkeypatch, dtype, seq_block):
 
 
 def test_short_sequence_backward_takes_a_tile_override(monkeypatch):
-    # a tuning override of _attn_bwd_seqs' block (BLK = 16: one sequence of 9 rows per program, not 7) must set
-    # the rows each program covers too, or rows go without gradients
+    # a tuning override of _attn_bwd_seqs' block (BLK = 16: one sequence of 9 rows per program instead of
+    # float32's three in 32) must set the rows each program covers too, or rows go without gradients
     from mosa_attention.ops import triton_mosa
     monkeypatch.setitem(triton_mosa.TILE_OVERRIDES, "_attn_bwd_seqs", {"BLK": 16})
     launch, seen = triton_mosa._launch, []

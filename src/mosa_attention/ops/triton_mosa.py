@@ -1034,8 +1034,8 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
     common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
     args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
-    blk = c["BM"]  # 64, or 32 for wide heads and float32
-    blk = TILE_OVERRIDES.get("_attn_bwd_seqs", {}).get("BLK", blk)  # (a tuning override sets the rows too)
+    # 64, or 32 for wide heads and float32 (a tuning override of the block sets the rows per program too)
+    blk = TILE_OVERRIDES.get("_attn_bwd_seqs", {}).get("BLK", c["BM"])
     if SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
         nr = (blk // K) * K
         _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr), E),
