@@ -701,20 +701,6 @@ def test_long_row_reductions(deterministic):
     _routed_compare(4, 160, 32, 2, 130, 32, 16, False, torch.float16, TOL[torch.float16], deterministic)
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_long_rows_of_short_sequences(monkeypatch, deterministic):
-    # R = B*k = 512 rows of sequences of k = 16 <= 32 (t1's shape class): the attention backward takes 32-row
-    # blocks (two sequences each), _out_bwd 128 columns on 8 warps and _dwo 64 columns; gradients as the reference
-    from mosa_attention.ops import triton_mosa
-    launch, seen = triton_mosa._launch, {}
-    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, grid, args, blocks, **kw: (
-        seen.setdefault(kernel.fn.__name__, (dict(blocks), kw.get("num_warps"))), launch(kernel, grid, args, blocks, **kw))[1])
-    monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", True)
-    _routed_compare(32, 40, 32, 1, 16, 32, 16, False, torch.float16, TOL[torch.float16], deterministic)
-    assert seen["_attn_bwd_seqs"][0]["BLK"] == 32
-    assert seen["_out_bwd"] == ({"BM": 64, "BH": 128}, 8) and seen["_dwo"][0]["BH"] == 64
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seq_block", [True, False], ids=["one-kernel", "two-kernels"])
 def test_attention_backward_for_short_sequences(monkeypatch, dtype, seq_block):

@@ -1017,37 +1017,30 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     if whole and TILE_OVERRIDES.get("_out_bwd", {}).get("BM", R) < R:
         raise ValueError(f"TILE_OVERRIDES['_out_bwd']['BM'] must hold a head's R={R} rows where dw_o is made "
                          f"inside _out_bwd (DWO_IN_OUT_BWD), got {TILE_OVERRIDES['_out_bwd']['BM']}")
-    # the weight gradients reduce over a head's R rows: 128 per step where R is long and the grid small (t1's
-    # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
-    # 16-bit tiles only (wider ones would not fit the pipeline in shared memory). There, too, _out_bwd takes
-    # 128 columns on 8 warps, _dwo 64 columns and the short-sequence backward 32-row blocks (v16's tile
-    # search at t1: 13.0 -> 12.4, 9.8 -> 8.9 and 7.0 -> 6.2 us; benchmarks/NOTES.md v16.5)
-    long_r = R >= 512 and c["DP"] <= 64 and cdt != torch.float32
-    small_grid = long_r and not whole
     _launch(_out_bwd, lambda t: (1 if whole else cdiv(R, t["BM"]), E),
             (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, rows, rows.numel(), dlf,
              dlf.stride(0) if dense_dl else 0, dwo),
-            dict(BM=max(16, next_pow2(R)) if whole else c["BM"], BH=128 if small_grid else c["BH"]), D=D,
-            DP=c["DP"], PREC=c["PREC"], DLOGIT=w_router is not None, ZERO=0 if deterministic else 2 if rows_only else 1,
-            DENSE_DL=dense_dl, DWO=whole, num_warps=8 if (whole and R > 128) or small_grid else 4)
+            dict(BM=max(16, next_pow2(R)) if whole else c["BM"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"],
+            DLOGIT=w_router is not None, ZERO=0 if deterministic else 2 if rows_only else 1, DENSE_DL=dense_dl,
+            DWO=whole, num_warps=8 if whole and R > 128 else 4)
+    # the weight gradients reduce over a head's R rows: 128 per step where R is long and the grid small (t1's
+    # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
+    # 16-bit tiles only (wider ones would not fit the pipeline in shared memory)
+    long_r = R >= 512 and c["DP"] <= 64 and cdt != torch.float32
     if not whole:
         _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
-                dict(BR=128 if long_r else c["BR"], BH=64 if long_r else c["DWO_BH"]), D=D, DP=c["DP"],
-                PREC=c["PREC"], num_warps=4)
+                dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     dqkv = torch.empty_like(qkv)
     qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
     common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
     args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
-    # 64, or 32 for wide heads and float32, or where R is long and sequences fit 32 rows (a tuning override of
-    # the block sets the rows per program too)
-    blk = 32 if long_r and K <= 32 else c["BM"]
-    blk = TILE_OVERRIDES.get("_attn_bwd_seqs", {}).get("BLK", blk)
+    # 64, or 32 for wide heads and float32 (a tuning override of the block sets the rows per program too)
+    blk = TILE_OVERRIDES.get("_attn_bwd_seqs", {}).get("BLK", c["BM"])
     if SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
         nr = (blk // K) * K
         _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr), E),
                 (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr, qk_scale, sm_scale), dict(BLK=blk),
-                D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4,
-                num_stages=2 if long_r and blk == 32 else 3)
+                D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4)
     else:
         _launch(_attn_bwd_dkdv, lambda t: (cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
                 **common)
