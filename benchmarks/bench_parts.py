@@ -1,0 +1,173 @@
+"""What each part of a MoSA step costs when a vendor library does it, beside what our kernels take for it
+(one run, one GPU): how far each kernel is from an attainable, not a theoretical, floor.
+
+    python benchmarks/bench_parts.py --case t3 --out results/parts/
+
+Every part runs on tensors already laid out for it (gathered rows contiguous, heads batched), so the
+vendor column leaves out what a fused kernel saves (the gathers, the RoPE, the per-row score) and counts
+only the arithmetic a MoSA step cannot avoid: the grouped products as cuBLAS's batched GEMMs, the attention
+among each head's k tokens as SDPA over B * E sequences of length k, the scatter-adds as a plain atomic pass
+of precomputed rows (our own vector atomics, and torch's ``index_add_``). Each part is one CUDA graph,
+timed by CUDA events (median). Our kernels are timed by the profiler over graph-free steps of the MoSA
+heads alone (``--profile`` of ``bench_layer.py`` does the same).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from mosa_attention import MoSAAttention  # noqa: E402
+from mosa_attention.bench.layer import capture_graph, make_step, median_ms  # noqa: E402
+from mosa_attention.ops.triton_mosa import _add_tile  # noqa: E402
+
+CASES = {  # name: (B, T, h, E, sparsity)
+    "t1": (16, 1024, 512, 17, 32),
+    "t3": (16, 1024, 512, 505, 64),
+    "t4": (1, 65536, 1024, 60, 1024),
+}
+
+
+def graph_ms(fn, iters=50):
+    """Median ms of fn captured as one CUDA graph (falls back to eager timing if capture fails)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    g, why = capture_graph(fn)
+    if g is None:
+        print(f"(not captured: {why}; timed eagerly)")
+    run = g if g is not None else fn
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    return median_ms(run, iters, True, max_s=2.0)
+
+
+@triton.jit
+def _scatter_rows(src_ptr, at_ptr, out_ptr, N, h, BM: tl.constexpr, BH: tl.constexpr, VEC: tl.constexpr):
+    """out[at[i]] += src[i] (rows of h), float32 additions by our atomic tile (vector atomics with VEC)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    live = rows < N
+    dst = tl.load(at_ptr + rows, mask=live, other=0).to(tl.int64) * h
+    for n0 in range(0, h, BH):
+        nn = n0 + tl.arange(0, BH)
+        v = tl.load(src_ptr + rows.to(tl.int64)[:, None] * h + nn[None, :],
+                    mask=live[:, None] & (nn < h)[None, :], other=0.0).to(tl.float32)
+        _add_tile(out_ptr, dst, n0, v, live, h, VEC)
+
+
+def add_rows(src, at, out, vec):
+    """A kernel that only adds precomputed rows [N, h] into out[at[i]] (the scatter without its product)."""
+    N, h = src.shape
+    _scatter_rows[(triton.cdiv(N, 64),)](src, at, out, N, h, BM=64, BH=64, VEC=vec, num_warps=4)
+
+
+def parts(B, T, h, E, rho, D=64):
+    """{part: ms} for the vendor column, on random data of the case's shapes."""
+    dev, bf = "cuda", torch.bfloat16
+    k = T // rho
+    R = B * k
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, dt=bf):
+        return torch.randn(*shape, device=dev, dtype=dt, generator=g)
+
+    x = rnd(B * T, h)
+    w_r = rnd(h, E) * h ** -0.5
+    w_qkv = rnd(E, h, 3 * D) * h ** -0.5
+    w_o = rnd(E, D, h) * D ** -0.5
+    # each head keeps k positions per sequence, sorted (as top-k then a sort would give)
+    pos = torch.rand(B, E, T, device=dev, generator=g).topk(k, dim=-1).indices.sort(-1).values
+    rows_at = (pos + torch.arange(B, device=dev)[:, None, None] * T).permute(1, 0, 2).reshape(E, R)
+    xg = x[rows_at.reshape(-1)].view(E, R, h)
+    dqkv = rnd(E, R, 3 * D)
+    o, dyg = rnd(E, R, D), rnd(E, R, h)
+    q, kk, v = (rnd(E * B, 1, k, D, dt=bf).requires_grad_() for _ in range(3))
+    do = rnd(E * B, 1, k, D)
+    y32 = torch.empty(B * T, h, device=dev, dtype=torch.float32)
+    rows = rnd(E * R, h)
+    at = rows_at.reshape(-1).to(torch.int32).contiguous()
+    res = {}
+    res["router product x @ w_r (fwd)"] = graph_ms(lambda: x @ w_r)
+    res["top-k over T per head (torch.topk, fwd)"] = graph_ms(lambda: (x @ w_r).view(B, T, E).topk(k, dim=1))
+    res["gather x rows, materialised (each direction)"] = graph_ms(lambda: x.index_select(0, rows_at.reshape(-1)))
+    res["QKV product bmm [E,R,h]@[E,h,3D] (fwd)"] = graph_ms(lambda: torch.bmm(xg, w_qkv))
+    res["attention SDPA causal, B*E seqs of k (fwd)"] = graph_ms(
+        lambda: F.scaled_dot_product_attention(q, kk, v, is_causal=True))
+
+    def attn_fb():
+        out = F.scaled_dot_product_attention(q, kk, v, is_causal=True)
+        torch.autograd.grad(out, (q, kk, v), do)
+    res["attention SDPA causal (fwd + bwd)"] = graph_ms(attn_fb)
+    res["W_O product bmm [E,R,D]@[E,D,h] (fwd)"] = graph_ms(lambda: torch.bmm(o, w_o))
+    res["y scatter: clear float32 [B*T,h]"] = graph_ms(lambda: y32.zero_())
+    res["y scatter: rows -> float32, vector atomics (each direction)"] = graph_ms(lambda: add_rows(rows, at, y32, 4))
+    res["y scatter: rows -> float32, index_add_"] = graph_ms(lambda: y32.index_add_(0, at, rows.float()))
+    res["y scatter: float32 -> bf16 cast"] = graph_ms(lambda: y32.to(bf))
+    res["W_O backward: dO = dy_g @ w_o^T"] = graph_ms(lambda: torch.bmm(dyg, w_o.transpose(1, 2)))
+    res["W_O backward: dw_o = o^T @ dy_g"] = graph_ms(lambda: torch.bmm(o.transpose(1, 2), dyg))
+    res["QKV backward: dx rows = dqkv @ w_qkv^T"] = graph_ms(lambda: torch.bmm(dqkv, w_qkv.transpose(1, 2)))
+    res["QKV backward: dw_qkv = x_g^T @ dqkv"] = graph_ms(lambda: torch.bmm(xg.transpose(1, 2), dqkv))
+    res["router backward: dw_r = x^T @ dlogit (dense)"] = graph_ms(lambda: x.t() @ rnd(B * T, E))
+    return res
+
+
+def ours(B, T, h, E, rho):
+    """{kernel: ms per step} of our Triton MoSA heads alone, bf16, forward + backward, by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    layer = MoSAAttention(h, E, rho, backend="triton").cuda().to(torch.bfloat16)
+    x = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16)
+    step = make_step(layer, x, dy)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    runs = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(runs):
+            step()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in p.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            dur = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0)
+            out[ev.name] = out.get(ev.name, 0.0) + dur / 1000 / runs
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", default="t3", choices=sorted(CASES))
+    ap.add_argument("--out", default=None, help="folder for parts.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_parts.py needs a CUDA GPU")
+    B, T, h, E, rho = CASES[args.case]
+    vendor = parts(B, T, h, E, rho)
+    kern = ours(B, T, h, E, rho)
+    print(f"== {args.case}: B={B} T={T} h={h} E={E} k={T // rho}, bf16, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}")
+    print("-- vendor parts (cuBLAS / SDPA / plain atomics on pre-laid-out data), ms")
+    for name, ms in vendor.items():
+        print(f"{ms:9.4f}  {name}")
+    print("-- our kernels (MoSA heads alone, one f+b step, eager, profiler), ms")
+    for name, ms in kern.items():
+        print(f"{ms:9.4f}  {name[:90]}")
+    print(f"{sum(kern.values()):9.4f}  sum of our step's kernels")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"parts_{args.case}.json"), "w") as f:
+            json.dump({"case": args.case, "shape": dict(B=B, T=T, h=h, E=E, k=T // rho),
+                       "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "vendor_ms": vendor, "ours_ms": kern}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
