@@ -29,7 +29,7 @@ from mosa_attention.bench.layer import capture_graph, make_step, median_ms  # no
 from mosa_attention.ops.triton_mosa import _add_tile  # noqa: E402
 
 CASES = {  # name: (B, T, h, E, sparsity)
-    "t1": (16, 1024, 512, 17, 32),
+    "t1": (16, 1024, 512, 17, 32),  # also the t2 hybrid's MoSA heads
     "t3": (16, 1024, 512, 505, 64),
     "t4": (1, 65536, 1024, 60, 1024),
 }
@@ -115,7 +115,60 @@ def parts(B, T, h, E, rho, D=64):
     res["W_O backward: dw_o = o^T @ dy_g"] = graph_ms(lambda: torch.bmm(o.transpose(1, 2), dyg))
     res["QKV backward: dx rows = dqkv @ w_qkv^T"] = graph_ms(lambda: torch.bmm(dqkv, w_qkv.transpose(1, 2)))
     res["QKV backward: dw_qkv = x_g^T @ dqkv"] = graph_ms(lambda: torch.bmm(xg.transpose(1, 2), dqkv))
-    res["router backward: dw_r = x^T @ dlogit (dense)"] = graph_ms(lambda: x.t() @ rnd(B * T, E))
+    dlogit = rnd(B * T, E)
+    res["router backward: dw_r = x^T @ dlogit (dense)"] = graph_ms(lambda: x.t() @ dlogit)
+    return res
+
+
+def grouped_products(B, T, h, E, rho, D=64):
+    """fn() running the six grouped products of a MoSA step (QKV and W_O, forward and both gradients) as
+    cuBLAS batched GEMMs on pre-laid-out bf16 data: everything else a MoSA step does is left out."""
+    R = B * (T // rho)
+    g = torch.Generator(device="cuda").manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    xg, w_qkv, w_o = rnd(E, R, h), rnd(E, h, 3 * D) * h ** -0.5, rnd(E, D, h) * D ** -0.5
+    dqkv, o, dyg = rnd(E, R, 3 * D), rnd(E, R, D), rnd(E, R, h)
+
+    def fn():
+        torch.bmm(xg, w_qkv)
+        torch.bmm(o, w_o)
+        torch.bmm(dyg, w_o.transpose(1, 2))
+        torch.bmm(o.transpose(1, 2), dyg)
+        torch.bmm(dqkv, w_qkv.transpose(1, 2))
+        torch.bmm(xg.transpose(1, 2), dqkv)
+    return fn
+
+
+def hybrid_floor(B, T, h, E, rho, nd=4, dense_heads=9):
+    """{what: ms}: the hybrid's dense heads (our layer, forward + backward) with the MoSA heads' six grouped
+    products by cuBLAS beside them on a second stream, one CUDA graph; everything else the MoSA heads do
+    (routing, attention, scatters, gathers) costs nothing here. Against the dense layer of ``dense_heads``."""
+    from mosa_attention import DenseAttention
+    res = {}
+    x = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16)
+    base = make_step(DenseAttention(h, dense_heads).cuda().to(torch.bfloat16), x, dy)
+    part = make_step(DenseAttention(h, nd).cuda().to(torch.bfloat16), x, dy)
+    gemms = grouped_products(B, T, h, E, rho)
+    side = torch.cuda.Stream()
+
+    def both():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            gemms()
+        part()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def serial():
+        gemms()
+        part()
+    res[f"dense layer, {dense_heads} heads"] = graph_ms(base)
+    res[f"the hybrid's {nd} dense heads alone"] = graph_ms(part)
+    res["the MoSA heads' six grouped products alone (cuBLAS)"] = graph_ms(gemms)
+    res[f"{nd} dense heads + the six products, two streams"] = graph_ms(both)
+    res[f"{nd} dense heads + the six products, one stream"] = graph_ms(serial)
     return res
 
 
@@ -151,12 +204,19 @@ def main():
         sys.exit("bench_parts.py needs a CUDA GPU")
     B, T, h, E, rho = CASES[args.case]
     vendor = parts(B, T, h, E, rho)
+    floor = hybrid_floor(B, T, h, E, rho) if T == 1024 and h == 512 else {}
     kern = ours(B, T, h, E, rho)
     print(f"== {args.case}: B={B} T={T} h={h} E={E} k={T // rho}, bf16, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}")
     print("-- vendor parts (cuBLAS / SDPA / plain atomics on pre-laid-out data), ms")
     for name, ms in vendor.items():
         print(f"{ms:9.4f}  {name}")
+    if floor:
+        print("-- the hybrid (4 dense heads + these MoSA heads) with everything but the grouped products free, ms")
+        for name, ms in floor.items():
+            print(f"{ms:9.4f}  {name}")
+        best = min(floor[k] for k in floor if "+" in k)
+        print(f"   ratio to the dense layer: {best / floor['dense layer, 9 heads']:.3f}x")
     print("-- our kernels (MoSA heads alone, one f+b step, eager, profiler), ms")
     for name, ms in kern.items():
         print(f"{ms:9.4f}  {name[:90]}")
@@ -166,7 +226,7 @@ def main():
         with open(os.path.join(args.out, f"parts_{args.case}.json"), "w") as f:
             json.dump({"case": args.case, "shape": dict(B=B, T=T, h=h, E=E, k=T // rho),
                        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "vendor_ms": vendor, "ours_ms": kern}, f, indent=1)
+                       "vendor_ms": vendor, "hybrid_floor_ms": floor, "ours_ms": kern}, f, indent=1)
 
 
 if __name__ == "__main__":
