@@ -146,6 +146,54 @@ def grouped_products(B, T, h, E, rho, D=64):
     return fn
 
 
+def staged_floor(B, T, h, E, rho, part_layer, x, dy, routing: bool, fwd_sum: bool):
+    """A step shaped like the hybrid's, with the MoSA heads reduced to what no design avoids: on a second
+    stream, the router product and our top-k before the forward's two grouped products (``routing``), the
+    backward's four products beside the dense heads' backward; on the caller's stream the dense heads, and
+    (``fwd_sum``) y's sum at the kept tokens (our masked add) between forward and backward. Free: attention,
+    gathers, RoPE, scatters, the scores' and router's gradients, x's gradient sum."""
+    from mosa_attention.ops.combine import add_at_rows_
+    from mosa_attention.ops.triton_routing import route_logits_triton
+    D, k = 64, T // rho
+    R = B * k
+    g = torch.Generator(device="cuda").manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    xg, w_qkv, w_o, w_r = rnd(E, R, h), rnd(E, h, 3 * D) * h ** -0.5, rnd(E, D, h) * D ** -0.5, rnd(E, h) * h ** -0.5
+    dqkv, o, dyg, y_m = rnd(E, R, 3 * D), rnd(E, R, D), rnd(E, R, h), rnd(B, T, h)
+    pos = torch.rand(B, E, T, device="cuda", generator=g).topk(k, dim=-1).indices
+    rows = torch.zeros(B, T, dtype=torch.bool, device="cuda")
+    rows.scatter_(1, pos.reshape(B, -1), True)
+    leaves = list(part_layer.parameters()) + [x]
+    side = torch.cuda.Stream()
+
+    def step():
+        for p in leaves:
+            p.grad = None
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            if routing:
+                route_logits_triton(F.linear(x.detach(), w_r).view(B, T, E), k, include_first=True)
+            torch.bmm(xg, w_qkv)
+            torch.bmm(o, w_o)
+        y = part_layer(x)
+        main.wait_stream(side)
+        if fwd_sum:
+            with torch.no_grad():
+                add_at_rows_(y, y_m, rows)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            torch.bmm(dyg, w_o.transpose(1, 2))
+            torch.bmm(o.transpose(1, 2), dyg)
+            torch.bmm(dqkv, w_qkv.transpose(1, 2))
+            torch.bmm(xg.transpose(1, 2), dqkv)
+        y.backward(dy)
+        main.wait_stream(side)
+    return step
+
+
 def routing_and_scatters(B, T, h, E, rho):
     """fn() running what a MoSA step must do besides its products, where that is cheapest to measure on its
     own: the router product, our top-k, and the two scatter-adds of precomputed rows (y, x's gradient) by
@@ -217,6 +265,12 @@ def hybrid_floor(B, T, h, E, rho, nd=4, dense_heads=9):
     res["the MoSA heads' six grouped products alone (cuBLAS)"] = graph_ms(gemms)
     res[f"{nd} dense heads + the six products, two streams"] = graph_ms(both)
     res[f"{nd} dense heads + the six products, one stream"] = graph_ms(serial)
+    part_layer = DenseAttention(h, nd).cuda().to(torch.bfloat16)
+    for routing, fwd_sum, name in ((False, False, "products at their places"),
+                                   (True, False, "routing + products at their places"),
+                                   (True, True, "routing + products at their places + y's masked sum")):
+        res[f"{nd} dense heads + {name}, two streams"] = graph_ms(
+            staged_floor(B, T, h, E, rho, part_layer, x, dy, routing, fwd_sum))
     res["routing + the two scatters alone"] = graph_ms(rest)
     res["the six products + routing + the two scatters alone"] = graph_ms(gemms_rest)
     res[f"{nd} dense heads + the six products + routing + the two scatters, two streams"] = graph_ms(
