@@ -29,7 +29,8 @@ from mosa_attention.bench.layer import capture_graph, make_step, median_ms  # no
 from mosa_attention.ops.triton_mosa import _add_tile  # noqa: E402
 
 CASES = {  # name: (B, T, h, E, sparsity)
-    "t1": (16, 1024, 512, 17, 32),  # also the t2 hybrid's MoSA heads
+    "t1": (16, 1024, 512, 17, 32),
+    "t2": (16, 1024, 512, 17, 32),  # t1's heads; the floors beside 4 dense heads are t2's
     "t3": (16, 1024, 512, 505, 64),
     "t4": (1, 65536, 1024, 60, 1024),
 }
