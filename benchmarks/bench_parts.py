@@ -1,5 +1,6 @@
 """What each part of a MoSA step costs when a vendor library does it, beside what our kernels take for it
-(one run, one GPU): how far each kernel is from an attainable, not a theoretical, floor.
+(one run, one GPU): how far each kernel is from an attainable, not a theoretical, floor; and at the issue's
+hybrid shapes (t2, t3) a stand-in hybrid built from the dense heads and those parts, everything else free.
 
     python benchmarks/bench_parts.py --case t3 --out results/parts/
 
@@ -9,7 +10,10 @@ only the arithmetic a MoSA step cannot avoid: the grouped products as cuBLAS's b
 among each head's k tokens as SDPA over B * E sequences of length k, the scatter-adds as a plain atomic pass
 of precomputed rows (our own vector atomics, and torch's ``index_add_``). Each part is one CUDA graph,
 timed by CUDA events (median). Our kernels are timed by the profiler over graph-free steps of the MoSA
-heads alone (``--profile`` of ``bench_layer.py`` does the same).
+heads alone (``--profile`` of ``bench_layer.py`` does the same). The stand-ins (``hybrid_floor``): our dense
+4-head layer with, on a second stream, the six products alone (launched at the start, or at their places in
+the step), then routing before them, then y's masked sum between forward and backward; the dense 9-head layer
+and our hybrid layer are timed in the same run.
 """
 from __future__ import annotations
 
@@ -84,7 +88,7 @@ def parts(B, T, h, E, rho, D=64):
         return torch.randn(*shape, device=dev, dtype=dt, generator=g)
 
     x = rnd(B * T, h)
-    w_r = rnd(h, E) * h ** -0.5
+    w_r = rnd(E, h) * h ** -0.5  # as the fused op's router: F.linear(x, w_r)
     w_qkv = rnd(E, h, 3 * D) * h ** -0.5
     w_o = rnd(E, D, h) * D ** -0.5
     # each head keeps k positions per sequence, sorted (as top-k then a sort would give)
@@ -99,8 +103,9 @@ def parts(B, T, h, E, rho, D=64):
     rows = rnd(E * R, h)
     at = rows_at.reshape(-1).to(torch.int32).contiguous()
     res = {}
-    res["router product x @ w_r (fwd)"] = graph_ms(lambda: x @ w_r)
-    res["top-k over T per head (torch.topk, fwd)"] = graph_ms(lambda: (x @ w_r).view(B, T, E).topk(k, dim=1))
+    logits = F.linear(x, w_r).view(B, T, E)
+    res["router product F.linear(x, w_r) (fwd)"] = graph_ms(lambda: F.linear(x, w_r))
+    res["top-k over T per head (torch.topk on the logits, fwd)"] = graph_ms(lambda: logits.topk(k, dim=1))
     res["gather x rows, materialised (each direction)"] = graph_ms(lambda: x.index_select(0, rows_at.reshape(-1)))
     res["QKV product bmm [E,R,h]@[E,h,3D] (fwd)"] = graph_ms(lambda: torch.bmm(xg, w_qkv))
     res["attention SDPA causal, B*E seqs of k (fwd)"] = graph_ms(
@@ -305,7 +310,7 @@ def ours(B, T, h, E, rho):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", default="t3", choices=sorted(CASES))
-    ap.add_argument("--out", default=None, help="folder for parts.json")
+    ap.add_argument("--out", default=None, help="folder for parts_<case>.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_parts.py needs a CUDA GPU")
@@ -319,7 +324,8 @@ def main():
     for name, ms in vendor.items():
         print(f"{ms:9.4f}  {name}")
     if floor:
-        print("-- the hybrid (4 dense heads + these MoSA heads) with everything but the grouped products free, ms")
+        print("-- stand-in hybrids: the 4 dense heads with these MoSA heads' products (cuBLAS) and what is named, "
+              "everything else free; ms")
         for name, ms in floor.items():
             print(f"{ms:9.4f}  {name}")
         for key in floor:
@@ -331,10 +337,12 @@ def main():
     print(f"{sum(kern.values()):9.4f}  sum of our step's kernels")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"parts_{args.case}.json"), "w") as f:
+        path = os.path.join(args.out, f"parts_{args.case}.json")
+        with open(path + ".tmp", "w") as f:  # written whole, then renamed: never left half-written
             json.dump({"case": args.case, "shape": dict(B=B, T=T, h=h, E=E, k=T // rho),
                        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "vendor_ms": vendor, "hybrid_floor_ms": floor, "ours_ms": kern}, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
