@@ -40,7 +40,7 @@ def main():
     print(f"marked {rows.float().mean().item():.3f} of {n} rows")
     base = timed(lambda: torch.mm(o, w, out=dst))
     print(f"product alone {base * 1e3:.2f} us")
-    ref = (torch.mm(o, w).float() + src.float() * rows.reshape(-1, 1)).to(bf)
+    ref = torch.where(rows.reshape(-1, 1), (torch.mm(o, w).float() + src.float()).to(bf), torch.mm(o, w))
     res = []
     for BR, BH, warps in itertools.product((1, 2, 4, 8, 16, 32), (128, 256, 512), (1, 2, 4, 8)):
         if BR * BH < 32 * warps or BR * BH > 16384:
@@ -51,7 +51,7 @@ def main():
             tc._add_at_rows[(cdiv(n, BR),)](dst, src, r8, n, h, BR=BR, BH=BH, num_warps=warps)
         step()
         torch.cuda.synchronize()
-        assert torch.equal(dst, ref) or (dst.float() - ref.float()).abs().max() < 0.1
+        assert torch.equal(dst, ref), (BR, BH, warps)
         us = (timed(step) - base) * 1e3
         res.append((us, BR, BH, warps))
         print(f"BR={BR:3d} BH={BH:4d} warps={warps}: {us:6.2f} us", flush=True)
