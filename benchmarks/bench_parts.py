@@ -3,6 +3,7 @@
 hybrid shapes (t2, t3) a stand-in hybrid built from the dense heads and those parts, everything else free.
 
     python benchmarks/bench_parts.py --case t3 --out results/parts/
+    python benchmarks/bench_parts.py --plot floors.png results/parts/parts_t2.json results/parts/parts_t3.json
 
 Every part runs on tensors already laid out for it (gathered rows contiguous, heads batched), so the
 vendor column leaves out what a fused kernel saves (the gathers, the RoPE, the per-row score) and counts
@@ -314,11 +315,70 @@ def ours(B, T, h, E, rho):
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+# the stand-ins drawn by --plot, in order: (label, key of hybrid_floor_ms)
+STAGES = (("the 4 dense heads alone", "the hybrid's 4 dense heads alone"),
+          ("+ the MoSA products (cuBLAS)", "4 dense heads + products at their places, two streams"),
+          ("+ routing", "4 dense heads + routing + products at their places, two streams"),
+          ("+ y's masked sum", "4 dense heads + routing + products at their places + y's masked sum, two streams"))
+TARGETS = {"t2": 0.6, "t3": 1.3}
+
+
+def plot(json_paths, out):
+    """One panel per case: the stand-ins' and our layer's time as a ratio to the dense 9-head layer of the
+    same run, with the issue's target; returns the PNG's path (written whole, then renamed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mosa_attention.plots._figure import save_png
+    runs = []
+    for path in json_paths:
+        with open(path) as f:
+            run = json.load(f)
+        if not run.get("hybrid_floor_ms"):
+            raise SystemExit(f"{path} has no stand-in hybrids (only t2 / t3 runs at h=512, T=1024 have them)")
+        runs.append(run)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        fl = run["hybrid_floor_ms"]
+        dense = fl["dense layer, 9 heads"]
+        ours = next(v for k, v in fl.items() if k.startswith("our hybrid layer"))
+        labels = [lab for lab, _ in STAGES] + ["our hybrid layer (everything)"]
+        ratios = [fl[key] / dense for _, key in STAGES] + [ours / dense]
+        colors = ["#9aa7b8"] * len(STAGES) + ["#d1495b"]
+        ys = list(range(len(labels)))[::-1]
+        ax.barh(ys, ratios, color=colors)
+        for y, r in zip(ys, ratios):
+            ax.text(r, y, f" {r:.3f}×", va="center", fontsize=8)
+        target = TARGETS.get(run["case"])
+        if target:
+            ax.axvline(target, color="#2e86ab", ls="--", lw=1.2)
+            ax.text(target, len(labels) - 0.45, f"target {target}×", color="#2e86ab", fontsize=7, ha="center")
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.text(1.0, len(labels) - 0.45, "dense", fontsize=7, ha="center")
+        ax.set_yticks(ys, labels, fontsize=8)
+        ax.set_xlim(0, max(ratios + [target or 0, 1.0]) * 1.2)
+        ax.set_ylim(-0.6, len(labels) - 0.2)
+        ax.set_xlabel("time / the dense 9-head layer's (same run)")
+        sh = run["shape"]
+        ax.set_title(f"{run['case']}: 4 dense + {sh['E']} MoSA heads (k = {sh['k']}), f+b, bf16", fontsize=9, pad=14)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{runs[0]['gpu']}, torch {runs[0]['torch']}: stand-in hybrids (the rest of MoSA left out) "
+                 "against our layer", fontsize=9)
+    return save_png(fig, out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", default="t3", choices=sorted(CASES))
     ap.add_argument("--out", default=None, help="folder for parts_<case>.json")
+    ap.add_argument("--plot", nargs="+", metavar=("PNG", "JSON"), default=None,
+                    help="draw the stand-ins of the given parts_<case>.json files into PNG (no GPU needed)")
     args = ap.parse_args()
+    if args.plot:
+        if len(args.plot) < 2:
+            ap.error("--plot takes the PNG's path, then one or more parts_<case>.json files")
+        print(plot(args.plot[1:], args.plot[0]))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_parts.py needs a CUDA GPU")
     B, T, h, E, rho = CASES[args.case]

@@ -49,3 +49,17 @@ def test_without_a_gpu_it_stops_with_a_message():
                          env=dict(os.environ, TRITON_INTERPRET="1"), timeout=300)
     assert run.returncode != 0
     assert "needs a CUDA GPU" in run.stderr
+
+
+def test_plot_draws_the_committed_stand_ins(tmp_path):
+    run = ROOT / "benchmarks" / "results" / "h200_v17_call6_staged_floor_router"
+    out = _module().plot([run / "parts_t2.json", run / "parts_t3.json"], tmp_path / "floors.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp*"))  # written whole, then renamed
+
+
+def test_plot_refuses_a_run_without_stand_ins(tmp_path):
+    t4 = ROOT / "benchmarks" / "results" / "h200_v17_call1_parts" / "parts_t4.json"
+    with pytest.raises(SystemExit, match="no stand-in hybrids"):
+        _module().plot([t4], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
