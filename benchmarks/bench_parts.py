@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -85,37 +86,67 @@ def router_logits(x, w_r, B, T):
     return torch.mm(w_r, x.t()).view(-1, B, T).permute(1, 0, 2)
 
 
-def parts(B, T, h, E, rho, D=64):
-    """{part: ms} for the vendor column, on random data of the case's shapes."""
-    dev, bf = "cuda", torch.bfloat16
+def operands(B, T, h, E, rho, seed, D=64):
+    """Random bf16 operands of a MoSA step at the case's shapes, laid out for the vendor parts: x [B*T, h], the
+    weights, each head's gathered rows xg [E, R, h] (R = B * k), the q/k/v, o and dy rows of every head, and
+    where the kept tokens are: ``rows_at`` [E, R] (flat row of x; each head keeps k positions per sequence,
+    ascending, as top-k then a sort would give), ``at`` (the same, int32, flat) and ``kept`` [B, T] (bool)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
     k = T // rho
     R = B * k
-    g = torch.Generator(device=dev).manual_seed(0)
 
-    def rnd(*shape, dt=bf):
-        return torch.randn(*shape, device=dev, dtype=dt, generator=g)
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    o = SimpleNamespace(k=k, R=R, x=rnd(B * T, h), w_r=rnd(E, h) * h ** -0.5, w_qkv=rnd(E, h, 3 * D) * h ** -0.5,
+                        w_o=rnd(E, D, h) * D ** -0.5, dqkv=rnd(E, R, 3 * D), o=rnd(E, R, D), dyg=rnd(E, R, h),
+                        rows=rnd(E * R, h), rnd=rnd)
+    pos = torch.rand(B, E, T, device="cuda", generator=g).topk(k, dim=-1).indices.sort(-1).values
+    o.rows_at = (pos + torch.arange(B, device="cuda")[:, None, None] * T).permute(1, 0, 2).reshape(E, R)
+    o.at = o.rows_at.reshape(-1).to(torch.int32).contiguous()
+    o.kept = torch.zeros(B * T, dtype=torch.bool, device="cuda")
+    o.kept[o.rows_at.reshape(-1)] = True
+    o.kept = o.kept.view(B, T)
+    o.xg = o.x[o.rows_at.reshape(-1)].view(E, R, h)
+    return o
 
-    x = rnd(B * T, h)
-    w_r = rnd(E, h) * h ** -0.5
-    w_qkv = rnd(E, h, 3 * D) * h ** -0.5
-    w_o = rnd(E, D, h) * D ** -0.5
-    # each head keeps k positions per sequence, sorted (as top-k then a sort would give)
-    pos = torch.rand(B, E, T, device=dev, generator=g).topk(k, dim=-1).indices.sort(-1).values
-    rows_at = (pos + torch.arange(B, device=dev)[:, None, None] * T).permute(1, 0, 2).reshape(E, R)
-    xg = x[rows_at.reshape(-1)].view(E, R, h)
-    dqkv = rnd(E, R, 3 * D)
-    o, dyg = rnd(E, R, D), rnd(E, R, h)
-    q, kk, v = (rnd(E * B, 1, k, D, dt=bf).requires_grad_() for _ in range(3))
-    do = rnd(E * B, 1, k, D)
-    y32 = torch.empty(B * T, h, device=dev, dtype=torch.float32)
-    rows = rnd(E * R, h)
-    at = rows_at.reshape(-1).to(torch.int32).contiguous()
+
+def products(d):
+    """(fwd, bwd): the six grouped products of a MoSA step as cuBLAS batched GEMMs on ``operands`` d: the
+    forward's two (QKV, W_O), the backward's four (dO, dW_O, x's rows, dW_QKV)."""
+    def fwd():
+        torch.bmm(d.xg, d.w_qkv)
+        torch.bmm(d.o, d.w_o)
+
+    def bwd():
+        torch.bmm(d.dyg, d.w_o.transpose(1, 2))
+        torch.bmm(d.o.transpose(1, 2), d.dyg)
+        torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2))
+        torch.bmm(d.xg.transpose(1, 2), d.dqkv)
+    return fwd, bwd
+
+
+def route(d, B, T):
+    """Our routing on ``operands`` d: the router product as the op makes it, then the top-k kernel."""
+    from mosa_attention.ops.triton_routing import route_logits_triton
+    return route_logits_triton(router_logits(d.x, d.w_r, B, T).transpose(1, 2), d.k, include_first=True)
+
+
+def parts(B, T, h, E, rho, D=64):
+    """{part: ms} for the vendor column, on random data of the case's shapes."""
+    d = operands(B, T, h, E, rho, seed=0, D=D)
+    k, bf = d.k, torch.bfloat16
+    q, kk, v = (d.rnd(E * B, 1, k, D).requires_grad_() for _ in range(3))
+    do = d.rnd(E * B, 1, k, D)
+    y32 = torch.empty(B * T, h, device="cuda", dtype=torch.float32)
+    y16 = torch.zeros(B * T, h, device="cuda", dtype=bf)
+    logits = router_logits(d.x, d.w_r, B, T)
+    dlogit = d.rnd(B * T, E)
     res = {}
-    logits = router_logits(x, w_r, B, T)
-    res["router product w_r x^T, as the op makes it (fwd)"] = graph_ms(lambda: router_logits(x, w_r, B, T))
+    res["router product w_r x^T, as the op makes it (fwd)"] = graph_ms(lambda: router_logits(d.x, d.w_r, B, T))
     res["top-k over T per head (torch.topk on the logits, fwd)"] = graph_ms(lambda: logits.topk(k, dim=-1))
-    res["gather x rows, materialised (each direction)"] = graph_ms(lambda: x.index_select(0, rows_at.reshape(-1)))
-    res["QKV product bmm [E,R,h]@[E,h,3D] (fwd)"] = graph_ms(lambda: torch.bmm(xg, w_qkv))
+    res["gather x rows, materialised (each direction)"] = graph_ms(
+        lambda: d.x.index_select(0, d.rows_at.reshape(-1)))
+    res["QKV product bmm [E,R,h]@[E,h,3D] (fwd)"] = graph_ms(lambda: torch.bmm(d.xg, d.w_qkv))
     res["attention SDPA causal, B*E seqs of k (fwd)"] = graph_ms(
         lambda: F.scaled_dot_product_attention(q, kk, v, is_causal=True))
 
@@ -123,40 +154,29 @@ def parts(B, T, h, E, rho, D=64):
         out = F.scaled_dot_product_attention(q, kk, v, is_causal=True)
         torch.autograd.grad(out, (q, kk, v), do)
     res["attention SDPA causal (fwd + bwd)"] = graph_ms(attn_fb)
-    res["W_O product bmm [E,R,D]@[E,D,h] (fwd)"] = graph_ms(lambda: torch.bmm(o, w_o))
+    res["W_O product bmm [E,R,D]@[E,D,h] (fwd)"] = graph_ms(lambda: torch.bmm(d.o, d.w_o))
     res["y scatter: clear float32 [B*T,h]"] = graph_ms(lambda: y32.zero_())
-    res["y scatter: rows -> float32, vector atomics (each direction)"] = graph_ms(lambda: add_rows(rows, at, y32, 4))
-    y16 = torch.zeros(B * T, h, device=dev, dtype=bf)
-    res["y scatter: rows -> bf16 in place, vector atomics"] = graph_ms(lambda: add_rows(rows, at, y16, 8))
-    res["y scatter: rows -> float32, index_add_"] = graph_ms(lambda: y32.index_add_(0, at, rows.float()))
+    res["y scatter: rows -> float32, vector atomics (each direction)"] = graph_ms(
+        lambda: add_rows(d.rows, d.at, y32, 4))
+    res["y scatter: rows -> bf16 in place, vector atomics"] = graph_ms(lambda: add_rows(d.rows, d.at, y16, 8))
+    res["y scatter: rows -> float32, index_add_"] = graph_ms(lambda: y32.index_add_(0, d.at, d.rows.float()))
     res["y scatter: float32 -> bf16 cast"] = graph_ms(lambda: y32.to(bf))
-    res["W_O backward: dO = dy_g @ w_o^T"] = graph_ms(lambda: torch.bmm(dyg, w_o.transpose(1, 2)))
-    res["W_O backward: dw_o = o^T @ dy_g"] = graph_ms(lambda: torch.bmm(o.transpose(1, 2), dyg))
-    res["QKV backward: dx rows = dqkv @ w_qkv^T"] = graph_ms(lambda: torch.bmm(dqkv, w_qkv.transpose(1, 2)))
-    res["QKV backward: dw_qkv = x_g^T @ dqkv"] = graph_ms(lambda: torch.bmm(xg.transpose(1, 2), dqkv))
-    dlogit = rnd(B * T, E)
-    res["router backward: dw_r = x^T @ dlogit (dense)"] = graph_ms(lambda: x.t() @ dlogit)
+    res["W_O backward: dO = dy_g @ w_o^T"] = graph_ms(lambda: torch.bmm(d.dyg, d.w_o.transpose(1, 2)))
+    res["W_O backward: dw_o = o^T @ dy_g"] = graph_ms(lambda: torch.bmm(d.o.transpose(1, 2), d.dyg))
+    res["QKV backward: dx rows = dqkv @ w_qkv^T"] = graph_ms(lambda: torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2)))
+    res["QKV backward: dw_qkv = x_g^T @ dqkv"] = graph_ms(lambda: torch.bmm(d.xg.transpose(1, 2), d.dqkv))
+    res["router backward: dw_r = x^T @ dlogit (dense)"] = graph_ms(lambda: d.x.t() @ dlogit)
     return res
 
 
 def grouped_products(B, T, h, E, rho, D=64):
     """fn() running the six grouped products of a MoSA step (QKV and W_O, forward and both gradients) as
     cuBLAS batched GEMMs on pre-laid-out bf16 data: everything else a MoSA step does is left out."""
-    R = B * (T // rho)
-    g = torch.Generator(device="cuda").manual_seed(1)
-
-    def rnd(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
-    xg, w_qkv, w_o = rnd(E, R, h), rnd(E, h, 3 * D) * h ** -0.5, rnd(E, D, h) * D ** -0.5
-    dqkv, o, dyg = rnd(E, R, 3 * D), rnd(E, R, D), rnd(E, R, h)
+    fwd, bwd = products(operands(B, T, h, E, rho, seed=1, D=D))
 
     def fn():
-        torch.bmm(xg, w_qkv)
-        torch.bmm(o, w_o)
-        torch.bmm(dyg, w_o.transpose(1, 2))
-        torch.bmm(o.transpose(1, 2), dyg)
-        torch.bmm(dqkv, w_qkv.transpose(1, 2))
-        torch.bmm(xg.transpose(1, 2), dqkv)
+        fwd()
+        bwd()
     return fn
 
 
@@ -167,18 +187,9 @@ def staged_floor(B, T, h, E, rho, part_layer, x, dy, routing: bool, fwd_sum: boo
     (``fwd_sum``) y's sum at the kept tokens (our masked add) between forward and backward. Free: attention,
     gathers, RoPE, scatters, the scores' and router's gradients, x's gradient sum."""
     from mosa_attention.ops.combine import add_at_rows_
-    from mosa_attention.ops.triton_routing import route_logits_triton
-    D, k = 64, T // rho
-    R = B * k
-    g = torch.Generator(device="cuda").manual_seed(3)
-
-    def rnd(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
-    xg, w_qkv, w_o, w_r = rnd(E, R, h), rnd(E, h, 3 * D) * h ** -0.5, rnd(E, D, h) * D ** -0.5, rnd(E, h) * h ** -0.5
-    dqkv, o, dyg, y_m = rnd(E, R, 3 * D), rnd(E, R, D), rnd(E, R, h), rnd(B, T, h)
-    pos = torch.rand(B, E, T, device="cuda", generator=g).topk(k, dim=-1).indices
-    rows = torch.zeros(B, T, dtype=torch.bool, device="cuda")
-    rows.scatter_(1, pos.reshape(B, -1), True)
+    d = operands(B, T, h, E, rho, seed=3)
+    fwd, bwd = products(d)
+    y_m = d.rnd(B, T, h)
     leaves = list(part_layer.parameters()) + [x]
     side = torch.cuda.Stream()
 
@@ -189,21 +200,16 @@ def staged_floor(B, T, h, E, rho, part_layer, x, dy, routing: bool, fwd_sum: boo
         side.wait_stream(main)
         with torch.cuda.stream(side):
             if routing:
-                route_logits_triton(router_logits(x.detach().view(B * T, h), w_r, B, T).transpose(1, 2), k,
-                                    include_first=True)
-            torch.bmm(xg, w_qkv)
-            torch.bmm(o, w_o)
+                route(d, B, T)
+            fwd()
         y = part_layer(x)
         main.wait_stream(side)
         if fwd_sum:
             with torch.no_grad():
-                add_at_rows_(y, y_m, rows)
+                add_at_rows_(y, y_m, d.kept)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            torch.bmm(dyg, w_o.transpose(1, 2))
-            torch.bmm(o.transpose(1, 2), dyg)
-            torch.bmm(dqkv, w_qkv.transpose(1, 2))
-            torch.bmm(xg.transpose(1, 2), dqkv)
+            bwd()
         y.backward(dy)
         main.wait_stream(side)
     return step
@@ -215,26 +221,17 @@ def routing_and_scatters(B, T, h, E, rho):
     plain atomic kernels, into float32 buffers (cleared, then cast) where the kernels' plan takes them (more
     than one kept row per token on average), else into the bf16 results in place. Left out (free here): the
     attention, the gathers, RoPE, the router's and the scores' gradients."""
-    from mosa_attention.ops.triton_routing import route_logits_triton
-    k = T // rho
-    R = B * k
-    g = torch.Generator(device="cuda").manual_seed(2)
-    x = torch.randn(B * T, h, device="cuda", dtype=torch.bfloat16, generator=g)
-    w_r = torch.randn(E, h, device="cuda", dtype=torch.bfloat16, generator=g) * h ** -0.5
-    pos = torch.rand(B, E, T, device="cuda", generator=g).topk(k, dim=-1).indices.sort(-1).values
-    at = (pos + torch.arange(B, device="cuda")[:, None, None] * T).permute(1, 0, 2).reshape(-1)
-    at = at.to(torch.int32).contiguous()
-    rows = torch.randn(E * R, h, device="cuda", dtype=torch.bfloat16, generator=g)
-    wide = E * R / (B * T) > 1
+    d = operands(B, T, h, E, rho, seed=2)
+    wide = E * d.R / (B * T) > 1
     bufs = [torch.zeros(B * T, h, device="cuda", dtype=torch.float32 if wide else torch.bfloat16)
             for _ in range(2)]
 
     def fn():
-        route_logits_triton(router_logits(x, w_r, B, T).transpose(1, 2), k, include_first=True)
+        route(d, B, T)
         for buf in bufs:
             if wide:
                 buf.zero_()
-            add_rows(rows, at, buf, 4 if wide else 8)
+            add_rows(d.rows, d.at, buf, 4 if wide else 8)
             if wide:
                 buf.to(torch.bfloat16)
     return fn
