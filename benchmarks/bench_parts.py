@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # bench_layer.py beside this file
 from mosa_attention import MoSAAttention  # noqa: E402
 from mosa_attention.bench.layer import capture_graph, make_step, median_ms  # noqa: E402
 from mosa_attention.ops.triton_mosa import _add_tile  # noqa: E402
@@ -291,19 +292,12 @@ def hybrid_floor(B, T, h, E, rho, nd=4, dense_heads=9):
 
 def ours(B, T, h, E, rho):
     """{kernel: ms per step} of our Triton MoSA heads alone, bf16, forward + backward, by the profiler."""
-    from torch.profiler import ProfilerActivity, profile
+    from bench_layer import profiled  # (this folder: the same profiler run as bench_layer.py --profile)
     layer = MoSAAttention(h, E, rho, backend="triton").cuda().to(torch.bfloat16)
     x = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16)
-    step = make_step(layer, x, dy)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
     runs = 5
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(runs):
-            step()
-        torch.cuda.synchronize()
+    p = profiled(make_step(layer, x, dy), 3, runs)
     out = {}
     for ev in p.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
