@@ -905,6 +905,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one step of ours")
     ap.add_argument("--scalar-atomics", action="store_true",
                     help="the atomic scatter with one atomic per element instead of sm_90's four-wide red.global.add")
+    ap.add_argument("--no-scaled-half", action="store_true",
+                    help="bfloat16 results with many rows per token: a float32 scatter buffer instead of the scaled "
+                         "float16 one (SCALED_HALF_ATOMICS = False; for A/B runs)")
     ap.add_argument("--wide-atomics", action="store_true",
                     help="16-bit results of the atomic scatter summed in a float32 buffer and cast (as up to v5.2) "
                          "instead of added in their own dtype")
@@ -968,6 +971,8 @@ def main():
         triton_mosa.VECTOR_ATOMICS = not args.scalar_atomics
         triton_mosa.NARROW_ATOMICS = not args.wide_atomics
     from mosa_attention.ops import triton_mosa as _tm
+    if args.no_scaled_half:
+        _tm.SCALED_HALF_ATOMICS = False
     if args.dwr_separate:
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:
@@ -1005,7 +1010,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "scaled_half_atomics": str(_tm.SCALED_HALF_ATOMICS), "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)
