@@ -2,7 +2,7 @@
 # The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
 # limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
 #   bash benchmarks/gpu_layer.sh OUT [STAGES]
-#   STAGES: any of parts ncu local check tune checktune topk bf16+FLAGS ac+FLAGS profile timeline timeline+FLAGS profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
+#   STAGES: any of parts ncu local check tune checktune topk bf16+FLAGS ac+FLAGS profile profile+FLAGS timeline timeline+FLAGS profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
 # (…det: our layers with deterministic=True, …atomic: deterministic=False; the rest deterministic=None)
 set -u
 OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
@@ -40,6 +40,9 @@ for s in $STAGES; do
                 --out "$OUT/${s//[^A-Za-z0-9_.-]/_}" ;;
     tune)     timeout -k 5 "${TUNE_S:-200}" $PY $B --tune --no-bench ${TUNE_CASES:+--cases $TUNE_CASES} --out "$OUT/tune" ;;
     profile)  timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 --out "$OUT/profile" ;;
+    profile+*) flags=${s#profile+}
+              timeout -k 5 "${PROFILE_S:-60}" $PY $B --profile --no-bench --mode bf16 ${flags//+/ } \
+                --out "$OUT/${s//[^A-Za-z0-9_.-]/_}" ;;
     ncu)      # hardware counters of the MoSA kernels (Nsight Compute; needs a runtime that exposes them)
               NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
               N="$NCU --clock-control none --kernel-name regex:^_ --csv"

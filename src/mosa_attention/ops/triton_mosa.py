@@ -378,12 +378,19 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, ze
             wt_v = tl.load(wp + 2 * D, mask=wm, other=0.0)
             acc_k = tl.dot(xa, wt_k.to(DT), acc_k, input_precision=PREC)
             acc_v = tl.dot(xa, wt_v.to(DT), acc_v, input_precision=PREC)
-            if STATS == 2:
+            if STATS == 3:
                 w_max = tl.maximum(w_max, tl.maximum(_absmax(wt_k), _absmax(wt_v)))
-        if STATS == 2:
+        if STATS == 3:
             w_max = tl.maximum(w_max, _absmax(wt))
     if STATS > 0:
-        if STATS == 2:
+        if STATS == 2:  # the programs of head e take the rows of w_qkv[e] in turn, after the product
+            wc = tl.arange(0, 4 * DP)
+            for r0 in range(pid * 32, h, tl.num_programs(0) * 32):
+                wr_ = r0 + tl.arange(0, 32)
+                wl = tl.load(w_ptr + e.to(tl.int64) * h * 3 * D + wr_[:, None] * (3 * D) + wc[None, :],
+                             mask=(wr_ < h)[:, None] & (wc < 3 * D)[None, :], other=0.0)
+                w_max = tl.maximum(w_max, _absmax(wl))
+        if STATS >= 2:
             _record_max(stats_ptr + _ST_WQKV, w_max)
         if FUSED:
             _record_max(stats_ptr + _ST_V, _absmax(acc_v))
@@ -985,6 +992,7 @@ NARROW_ATOMICS = True
 # True: the scaled float16 buffer for every result but float16 (which adds in place), any overlap, any GPU
 # (for tests: the interpreter runs it with float32 products, whose dots it gets right)
 SCALED_HALF_ATOMICS = None
+WQKV_MAX_IN_LOOP = False
 # bfloat16 results take their atomic additions in place up to this many kept rows per token on average
 NARROW_MAX_OVERLAP = 1.0
 # Where the router's weight gradient is made: True, inside ``_dwqkv`` as one more product of the gathered
@@ -1135,7 +1143,7 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
             dict(BM=c["QKV_BM"], BK=c["BK"]),
             D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused,
             ZERO=0 if deterministic else 2 if rows_only else 1, MARK=mark is not None,
-            STATS=2 if dx_stats else 1 if n_stats else 0,
+            STATS=(3 if WQKV_MAX_IN_LOOP else 2) if dx_stats else 1 if n_stats else 0,
             num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
     _launch(_attn_fwd, lambda t: (cdiv(R, t["BM"]), E),
             (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
