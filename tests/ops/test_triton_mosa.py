@@ -886,3 +886,7 @@ def test_scaled_half_scatter_bound_and_scale(monkeypatch):
     s = gauge.float().item() / scale.item()  # 1 / inv
     assert s == 2.0 ** round(__import__("math").log2(s))
     assert 2 ** 12 <= s * bound < 2 ** 13
+    # distinct positions (top-k's): n is E, uncounted
+    stats = triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, 16, 10000.0, False, torch.float32, distinct=True)[-1]
+    assert stats[:triton_mosa._N_STATS].view(torch.float32)[0].item() == E
+    assert not stats[triton_mosa._N_STATS:].any()

@@ -191,9 +191,12 @@ def _absmax(t):
 
 
 @triton.jit
-def _record_max(ptr, value):
-    """ptr[0] = max(ptr[0], value) for a non-negative float32 value kept as int32 bits (their order agrees)."""
-    tl.atomic_max(ptr, value.to(tl.float32).to(tl.int32, bitcast=True), sem="relaxed")
+def _record_max(ptr, v0, v1=0.0, N: tl.constexpr = 1):
+    """ptr[j] = max(ptr[j], v_j) for the first N of (v0, v1), non-negative float32 values kept as int32 bits
+    (their order agrees); a vector atomic (a scalar one would make every thread of the program wait)."""
+    i = tl.arange(0, 2)
+    vals = tl.where(i == 0, v0.to(tl.float32), v1)
+    tl.atomic_max(ptr + i, vals.to(tl.int32, bitcast=True), mask=i < N, sem="relaxed")
 
 
 @triton.jit
@@ -333,16 +336,15 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, ze
              sc_ptr, wo_ptr, stats_ptr,
              D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
              PREC: tl.constexpr, FUSED: tl.constexpr, ZERO: tl.constexpr = 0, MARK: tl.constexpr = False,
-             STATS: tl.constexpr = 0):
+             STATS: tl.constexpr = 0, COUNT: tl.constexpr = False):
     """qkv[part, e, rows] = RoPE(x[b, pos] @ w_qkv[e][:, part*D:(part+1)*D]) for part in q, k, v.
     FUSED: one program makes all three from one load of the gathered rows (grid axis 2 has size 1);
     else one program per part (less register and shared memory for large head dims or fp32).
     ZERO = 1: also clear zero_ptr[0:zero_n] (the [B, T, h] buffer ``_attn_fwd`` adds y into), shared by all
     programs; 2: clear only its rows of the kept tokens (rows-only output). MARK: set mark[b, pos] = 1 for
     the kept tokens (a [B, T] mask). STATS = 1: record the forward's statistics of the scaled float16
-    scatter of y (``_half_scale``) in the zeroed int32 stats: the rows kept per token (counted from
-    ``_ST_COUNTS``), max |v|, |score| and |w_o| (the programs of a head take its column tiles in turn);
-    2: also max |w_qkv| (from the tiles the product loads), for x's gradient's."""
+    scatter of y in the zeroed int32 stats (``_fwd_stats``; COUNT: count the rows kept per token from
+    ``_ST_COUNTS``); 2: also max |w_qkv|, for x's gradient's."""
     if ZERO == 1:
         _zero_share(zero_ptr, zero_n, 1024)
     pid = tl.program_id(0)
@@ -364,52 +366,22 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, ze
     acc = tl.zeros([BM, DP], tl.float32)
     acc_k = tl.zeros([BM, DP], tl.float32)
     acc_v = tl.zeros([BM, DP], tl.float32)
-    w_max = 0.0
     for k0 in range(0, h, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < h
         xa = tl.load(x_ptr + xoff[:, None] + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0).to(DT)
         wp = wbase + kk[:, None] * (3 * D) + cols[None, :]
         wm = km[:, None] & cm[None, :]
-        wt = tl.load(wp, mask=wm, other=0.0)
-        acc = tl.dot(xa, wt.to(DT), acc, input_precision=PREC)
+        acc = tl.dot(xa, tl.load(wp, mask=wm, other=0.0).to(DT), acc, input_precision=PREC)
         if FUSED:
-            wt_k = tl.load(wp + D, mask=wm, other=0.0)
-            wt_v = tl.load(wp + 2 * D, mask=wm, other=0.0)
-            acc_k = tl.dot(xa, wt_k.to(DT), acc_k, input_precision=PREC)
-            acc_v = tl.dot(xa, wt_v.to(DT), acc_v, input_precision=PREC)
-            if STATS == 3:
-                w_max = tl.maximum(w_max, tl.maximum(_absmax(wt_k), _absmax(wt_v)))
-        if STATS == 3:
-            w_max = tl.maximum(w_max, _absmax(wt))
+            acc_k = tl.dot(xa, tl.load(wp + D, mask=wm, other=0.0).to(DT), acc_k, input_precision=PREC)
+            acc_v = tl.dot(xa, tl.load(wp + 2 * D, mask=wm, other=0.0).to(DT), acc_v, input_precision=PREC)
+    v_max = 0.0
     if STATS > 0:
-        if STATS == 2:  # the programs of head e take the rows of w_qkv[e] in turn, after the product
-            wc = tl.arange(0, 4 * DP)
-            for r0 in range(pid * 32, h, tl.num_programs(0) * 32):
-                wr_ = r0 + tl.arange(0, 32)
-                wl = tl.load(w_ptr + e.to(tl.int64) * h * 3 * D + wr_[:, None] * (3 * D) + wc[None, :],
-                             mask=(wr_ < h)[:, None] & (wc < 3 * D)[None, :], other=0.0)
-                w_max = tl.maximum(w_max, _absmax(wl))
-        if STATS >= 2:
-            _record_max(stats_ptr + _ST_WQKV, w_max)
         if FUSED:
-            _record_max(stats_ptr + _ST_V, _absmax(acc_v))
+            v_max = _absmax(acc_v)
         else:
-            _record_max(stats_ptr + _ST_V, tl.where(part == 2, _absmax(acc), 0.0))
-        if part == 0:  # once per row
-            live_s = rm & (pos >= 0) & (pos < T)
-            seen = tl.atomic_add(stats_ptr + _ST_COUNTS + b * T + tl.minimum(tl.maximum(pos, 0), T - 1),
-                                 tl.full([BM], 1, tl.int32), mask=live_s, sem="relaxed")
-            _record_max(stats_ptr + _ST_N, tl.max(tl.where(live_s, seen + 1, 0), 0))
-            sc = tl.load(sc_ptr + sel, mask=rm, other=0.0)
-            _record_max(stats_ptr + _ST_SC, tl.max(tl.abs(sc.to(tl.float32)), 0))
-            wo_max = 0.0
-            hc = tl.arange(0, 64)
-            for c0 in range(pid * 64, h, tl.num_programs(0) * 64):
-                wo = tl.load(wo_ptr + e.to(tl.int64) * D * h + cols[:, None] * h + (c0 + hc)[None, :],
-                             mask=cm[:, None] & (c0 + hc < h)[None, :], other=0.0)
-                wo_max = tl.maximum(wo_max, _absmax(wo))
-            _record_max(stats_ptr + _ST_WO, wo_max)
+            v_max = tl.where(part == 2, _absmax(acc), 0.0)
     rope_pos = tl.minimum(tl.maximum(pos, 0), T)
     om = rm[:, None] & cm[None, :]
     out = qkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :]
@@ -425,6 +397,49 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, ze
             if part < 2:
                 acc = _rope(acc, rope_pos, cos_ptr, sin_ptr, ROPE, DP, DT, False, PREC)
         tl.store(out, acc.to(DT), mask=om)
+    if STATS > 0:  # (after the stores, where the accumulators are dead)
+        _fwd_stats(stats_ptr, sc_ptr, wo_ptr, w_ptr, rm, b, sel, pos, T, h, E, pid, e, part, v_max, D, DP,
+                   STATS == 2, COUNT)
+
+
+@triton.jit
+def _fwd_stats(stats_ptr, sc_ptr, wo_ptr, w_ptr, rm, b, sel, pos, T, h, E, pid, e, part, v_max,
+               D: tl.constexpr, DP: tl.constexpr, WQKV: tl.constexpr, COUNT: tl.constexpr):
+    """``_qkv_fwd``'s share of the forward's stats, one vector atomic per program: n (the most rows on one
+    token: counted where positions may repeat, COUNT, else E, each head keeping a token at most once),
+    max |v| (given), |score| of its rows, |w_o[e]| and (WQKV) |w_qkv[e]|, the programs of a head taking the
+    column tiles of w_o[e] and the rows of w_qkv[e] in turn."""
+    n = 0.0
+    sc_max = 0.0
+    wo_max = 0.0
+    wq_max = 0.0
+    n_prog = tl.num_programs(0)
+    if part == 0:  # once per row
+        if COUNT:
+            live = rm & (pos >= 0) & (pos < T)
+            seen = tl.atomic_add(stats_ptr + _ST_COUNTS + b * T + tl.minimum(tl.maximum(pos, 0), T - 1),
+                                 tl.full(rm.shape, 1, tl.int32), mask=live, sem="relaxed")
+            n = tl.max(tl.where(live, seen + 1, 0), 0).to(tl.float32)
+        else:
+            n = E * 1.0
+        sc_max = tl.max(tl.abs(tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)), 0)
+        d = tl.arange(0, DP)
+        c = tl.arange(0, 256)
+        for c0 in range(pid * 256, h, n_prog * 256):
+            wo = tl.load(wo_ptr + e.to(tl.int64) * D * h + d[:, None] * h + (c0 + c)[None, :],
+                         mask=(d < D)[:, None] & (c0 + c < h)[None, :], other=0.0)
+            wo_max = tl.maximum(wo_max, _absmax(wo))
+    if WQKV:
+        wc = tl.arange(0, 4 * DP)
+        r = tl.arange(0, 64)
+        n_part = tl.num_programs(2)
+        for r0 in range((pid * n_part + part) * 64, h, n_prog * n_part * 64):
+            wl = tl.load(w_ptr + e.to(tl.int64) * h * 3 * D + (r0 + r)[:, None] * (3 * D) + wc[None, :],
+                         mask=(r0 + r < h)[:, None] & (wc < 3 * D)[None, :], other=0.0)
+            wq_max = tl.maximum(wq_max, _absmax(wl))
+    i = tl.arange(0, 8)  # slots _ST_N .. _ST_WQKV
+    vals = tl.where(i == 0, n, tl.where(i == 1, v_max, tl.where(i == 2, sc_max, tl.where(i == 3, wo_max, wq_max))))
+    tl.atomic_max(stats_ptr + i, vals.to(tl.int32, bitcast=True), mask=i < 5, sem="relaxed")
 
 
 @triton.jit
@@ -572,20 +587,19 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
     dsc = tl.sum(acc * o, 1)
     if DLOGIT:
         dsc = dsc * sc * (1.0 - sc)
-        if STATS:
-            _record_max(stats_ptr + _ST_DL, tl.max(tl.where(rm, tl.abs(dsc), 0.0), 0))
-            wr_max = 0.0
-            hc = tl.arange(0, 64)
-            for c0 in range(pid * 64, h, tl.num_programs(0) * 64):
-                wr = tl.load(wr_ptr + e.to(tl.int64) * h + c0 + hc, mask=c0 + hc < h, other=0.0)
-                wr_max = tl.maximum(wr_max, tl.max(tl.abs(wr.to(tl.float32)), 0))
-            _record_max(stats_ptr + _ST_WR, wr_max)
     tl.store(dsc_ptr + sel, dsc, mask=rm)
     if DENSE_DL:
         tl.store(dlf_ptr + e.to(tl.int64) * dlf_stride + b * T + pos, dsc.to(dlf_ptr.dtype.element_ty), mask=keep)
     do = (acc * sc[:, None]).to(DT)
     tl.store(do_ptr + ooff, do, mask=rm[:, None] & cm[None, :])
     tl.store(delta_ptr + e * R + rows, tl.sum(do.to(tl.float32) * o, 1), mask=rm)
+    if DLOGIT and STATS:  # max |d logit| and max |w_router[e]|, its programs taking its columns in turn
+        wr_max = 0.0
+        c = tl.arange(0, 256)
+        for c0 in range(pid * 256, h, tl.num_programs(0) * 256):
+            wr = tl.load(wr_ptr + e.to(tl.int64) * h + c0 + c, mask=c0 + c < h, other=0.0)
+            wr_max = tl.maximum(wr_max, tl.max(tl.abs(wr.to(tl.float32)), 0))
+        _record_max(stats_ptr + _ST_DL, tl.max(tl.where(rm, tl.abs(dsc), 0.0), 0), wr_max, 2)
 
 
 @triton.jit
@@ -992,7 +1006,6 @@ NARROW_ATOMICS = True
 # True: the scaled float16 buffer for every result but float16 (which adds in place), any overlap, any GPU
 # (for tests: the interpreter runs it with float32 products, whose dots it gets right)
 SCALED_HALF_ATOMICS = None
-WQKV_MAX_IN_LOOP = False
 # bfloat16 results take their atomic additions in place up to this many kept rows per token on average
 NARROW_MAX_OVERLAP = 1.0
 # Where the router's weight gradient is made: True, inside ``_dwqkv`` as one more product of the gathered
@@ -1107,13 +1120,15 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
 
 
 def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype,
-              mark=None, rows_only: bool = False):
+              mark=None, rows_only: bool = False, distinct: bool = False):
     """(y, qkv, o, lse, perm, starts, stats). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
     through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself or
     a float32 or scaled float16 buffer; perm, starts empty, which tells the backward to do the same; stats:
     the scaled scatter's, ``_half_scale``, empty where neither scatter takes it). ``mark``: a [B, T] bool
     tensor in which ``_qkv_fwd`` sets the kept tokens. ``rows_only`` (atomics only): y is written at the kept
-    tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only)."""
+    tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only).
+    ``distinct``: no head keeps a token twice in one sequence (top-k's positions), so no token gets more than
+    E rows (else the scaled scatter's bound counts them)."""
     # cdt is the compute dtype (the autocast dtype, else the weights'); x and the weights may be wider
     # (float32 under autocast): their tiles are cast as they are loaded, so no 16-bit copy of the sequence or
     # of the weights is made, and the weight gradients come out in the weights' dtype
@@ -1143,7 +1158,7 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
             dict(BM=c["QKV_BM"], BK=c["BK"]),
             D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused,
             ZERO=0 if deterministic else 2 if rows_only else 1, MARK=mark is not None,
-            STATS=(3 if WQKV_MAX_IN_LOOP else 2) if dx_stats else 1 if n_stats else 0,
+            STATS=2 if dx_stats else 1 if n_stats else 0, COUNT=not distinct,
             num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
     _launch(_attn_fwd, lambda t: (cdiv(R, t["BM"]), E),
             (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
@@ -1377,7 +1392,7 @@ def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_
     ``_fwd_impl``."""
     idx, kept = _route(x, w_router, k, include_first, cdt)
     y, qkv, o, lse, perm, starts, stats = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic,
-                                                    cdt, mark_rows, rows_only and not deterministic)
+                                                    cdt, mark_rows, rows_only and not deterministic, distinct=True)
     return y, kept, idx, qkv, o, lse, perm, starts, stats
 
 
