@@ -430,26 +430,36 @@ def _fwd_stats(stats_ptr, sc_ptr, wo_ptr, w_ptr, rm, b, sel, pos, T, h, E, pid, 
                          mask=(d < D)[:, None] & (c0 + c < h)[None, :], other=0.0)
             wo_max = tl.maximum(wo_max, _absmax(wo))
     if WQKV:
-        wc = tl.arange(0, 4 * DP)
-        r = tl.arange(0, 64)
         n_part = tl.num_programs(2)
-        for r0 in range((pid * n_part + part) * 64, h, n_prog * n_part * 64):
-            wl = tl.load(w_ptr + e.to(tl.int64) * h * 3 * D + (r0 + r)[:, None] * (3 * D) + wc[None, :],
-                         mask=(r0 + r < h)[:, None] & (wc < 3 * D)[None, :], other=0.0)
-            wq_max = tl.maximum(wq_max, _absmax(wl))
+        wq_max = _wqkv_max_share(w_ptr, e, h, D, DP, pid * n_part + part, n_prog * n_part)
     i = tl.arange(0, 8)  # slots _ST_N .. _ST_WQKV
     vals = tl.where(i == 0, n, tl.where(i == 1, v_max, tl.where(i == 2, sc_max, tl.where(i == 3, wo_max, wq_max))))
     tl.atomic_max(stats_ptr + i, vals.to(tl.int32, bitcast=True), mask=i < 5, sem="relaxed")
 
 
 @triton.jit
+def _wqkv_max_share(w_ptr, e, h, D: tl.constexpr, DP: tl.constexpr, share, n_share):
+    """max |w_qkv[e]| over its rows share, share + n_share, ... (blocks of 64 rows)."""
+    wq_max = 0.0
+    wc = tl.arange(0, 4 * DP)
+    r = tl.arange(0, 64)
+    for r0 in range(share * 64, h, n_share * 64):
+        wl = tl.load(w_ptr + e.to(tl.int64) * h * 3 * D + (r0 + r)[:, None] * (3 * D) + wc[None, :],
+                     mask=(r0 + r < h)[:, None] & (wc < 3 * D)[None, :], other=0.0)
+        wq_max = tl.maximum(wq_max, _absmax(wl))
+    return wq_max
+
+
+@triton.jit
 def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E, R, K, qk_scale, stats_ptr,
-              D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
+              w_ptr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
               BS: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = 0,
-              SCALED: tl.constexpr = False):
+              SCALED: tl.constexpr = False, WQKV: tl.constexpr = False):
     """Causal attention of one block of query rows, then its rows of y = (o * score) @ w_o[e]: stored as
     per-kept-token rows for the deterministic scatter, or (ATOMIC) added straight into out[b, pos]
-    (padding slots dropped); SCALED: times ``_half_scale``'s s (out is the scaled float16 buffer)."""
+    (padding slots dropped); SCALED: times ``_half_scale``'s s (out is the scaled float16 buffer).
+    WQKV: record max |w_qkv[e]| for the backward's scaled scatter (the programs of a head taking its rows
+    in turn), here where the memory is less busy than in ``_qkv_fwd``."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = qkv_ptr.dtype.element_ty
@@ -511,6 +521,8 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
         else:
             tl.store(out_ptr + orow[:, None] + nn[None, :], y.to(out_ptr.dtype.element_ty),
                      mask=live[:, None] & nm[None, :])
+    if WQKV:
+        _record_max(stats_ptr + _ST_WQKV, _wqkv_max_share(w_ptr, e, h, D, DP, pid, tl.num_programs(0)))
 
 
 @triton.jit
@@ -1006,6 +1018,8 @@ NARROW_ATOMICS = True
 # True: the scaled float16 buffer for every result but float16 (which adds in place), any overlap, any GPU
 # (for tests: the interpreter runs it with float32 products, whose dots it gets right)
 SCALED_HALF_ATOMICS = None
+# where the forward records max |w_qkv| for the backward's scaled scatter: "attn_fwd" or "qkv_fwd" (A/B)
+WQKV_STATS_IN = "attn_fwd"
 # bfloat16 results take their atomic additions in place up to this many kept rows per token on average
 NARROW_MAX_OVERLAP = 1.0
 # Where the router's weight gradient is made: True, inside ``_dwqkv`` as one more product of the gathered
@@ -1120,7 +1134,7 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
 
 
 def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype,
-              mark=None, rows_only: bool = False, distinct: bool = False):
+              mark=None, rows_only: bool = False, distinct: bool = False, dx_dtype=None):
     """(y, qkv, o, lse, perm, starts, stats). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
     through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself or
     a float32 or scaled float16 buffer; perm, starts empty, which tells the backward to do the same; stats:
@@ -1128,7 +1142,8 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     tensor in which ``_qkv_fwd`` sets the kept tokens. ``rows_only`` (atomics only): y is written at the kept
     tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only).
     ``distinct``: no head keeps a token twice in one sequence (top-k's positions), so no token gets more than
-    E rows (else the scaled scatter's bound counts them)."""
+    E rows (else the scaled scatter's bound counts them). ``dx_dtype``: the dtype x's gradient will have
+    (default x's), which decides whether the backward's scatter is the scaled one."""
     # cdt is the compute dtype (the autocast dtype, else the weights'); x and the weights may be wider
     # (float32 under autocast): their tiles are cast as they are loaded, so no 16-bit copy of the sequence or
     # of the weights is made, and the weight gradients come out in the weights' dtype
@@ -1145,8 +1160,10 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     adt, vec = plan
     scaled = not deterministic and _scaled(plan, cdt)
     # the stats of the scaled float16 scatter, for y's or (in the backward) x's gradient's
-    n_stats = _stats_size(dev, h, (cdt, x.dtype), B, T, overlap, deterministic)
-    dx_stats = n_stats > 0 and _scaled(_atomic_plan(dev, h, x.dtype, overlap), x.dtype)
+    gdt = dx_dtype or x.dtype
+    n_stats = _stats_size(dev, h, (cdt, gdt), B, T, overlap, deterministic)
+    dx_stats = n_stats > 0 and _scaled(_atomic_plan(dev, h, gdt, overlap), gdt)
+    wq_in_attn = dx_stats and WQKV_STATS_IN == "attn_fwd"
     stats = torch.zeros(n_stats, device=dev, dtype=torch.int32) if n_stats else idx.new_empty(0, dtype=torch.int32)
     if deterministic:
         out = torch.empty(E * R, h, device=dev, dtype=cdt)
@@ -1158,13 +1175,13 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
             dict(BM=c["QKV_BM"], BK=c["BK"]),
             D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused,
             ZERO=0 if deterministic else 2 if rows_only else 1, MARK=mark is not None,
-            STATS=2 if dx_stats else 1 if n_stats else 0, COUNT=not distinct,
+            STATS=2 if dx_stats and not wq_in_attn else 1 if n_stats else 0, COUNT=not distinct,
             num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
     _launch(_attn_fwd, lambda t: (cdiv(R, t["BM"]), E),
             (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
-             stats if scaled else idx),
+             stats if n_stats else idx, w_qkv),
             dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"],
-            ATOMIC=not deterministic, VEC=vec, SCALED=scaled, num_warps=4)
+            ATOMIC=not deterministic, VEC=vec, SCALED=scaled, WQKV=wq_in_attn, num_warps=4)
     if not deterministic:
         y = _unscaled(out, cdt, stats, stats, D, False, False) if scaled else out.to(cdt)
         return (y, qkv, o, lse, *_segments_like(idx, B, T, E, R, False), stats)
@@ -1201,8 +1218,8 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, 
     overlap = E * R / (B * T)
     plan = _atomic_plan(dev, h, gdt, overlap)
     scaled = not deterministic and _scaled(plan, gdt)
-    # the forward recorded max |w_qkv| where x's dtype asked for the scaled scatter (``_fwd_impl``)
-    if scaled and not (stats.numel() and _scaled(_atomic_plan(dev, h, x.dtype, overlap), x.dtype)):
+    # the forward recorded max |w_qkv| where x's gradient's dtype asked for the scaled scatter (``_fwd_impl``)
+    if scaled and not stats.numel():
         plan, scaled = (torch.float32, 4 if _vector_atomics(dev, h) else 0), False
     adt, vec = plan
     router_stats = scaled and w_router is not None
@@ -1366,7 +1383,7 @@ class _EagerRouted(torch.autograd.Function):
                 mark_rows=None, rows_only=False, x_read=None):
         xr = x if x_read is None else x_read  # what the kernels read (the same values after their cast)
         y, kept, idx, *saved = _routed_fwd_impl(xr, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
-                                                deterministic, cdt, mark_rows, rows_only)
+                                                deterministic, cdt, mark_rows, rows_only, dx_dtype=x.dtype)
         ctx.save_for_backward(xr, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.rows_only = rows_only
@@ -1386,13 +1403,14 @@ class _EagerRouted(torch.autograd.Function):
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
-                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False):
+                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False, dx_dtype=None):
     """(y, kept, idx, qkv, o, lse, perm, starts, stats): routing, then the sparse-attention forward. ``mark_rows``:
-    a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``: see
-    ``_fwd_impl``."""
+    a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``,
+    ``dx_dtype``: see ``_fwd_impl``."""
     idx, kept = _route(x, w_router, k, include_first, cdt)
     y, qkv, o, lse, perm, starts, stats = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic,
-                                                    cdt, mark_rows, rows_only and not deterministic, distinct=True)
+                                                    cdt, mark_rows, rows_only and not deterministic, distinct=True,
+                                                    dx_dtype=dx_dtype)
     return y, kept, idx, qkv, o, lse, perm, starts, stats
 
 
