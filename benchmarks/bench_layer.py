@@ -908,6 +908,8 @@ def main():
     ap.add_argument("--no-scaled-half", action="store_true",
                     help="bfloat16 results with many rows per token: a float32 scatter buffer instead of the scaled "
                          "float16 one (SCALED_HALF_ATOMICS = False; for A/B runs)")
+    ap.add_argument("--scaled-y-only", action="store_true",
+                    help="the scaled float16 scatter for y only, x's gradient in a float32 buffer (A/B)")
     ap.add_argument("--wqkv-stats-in", default="attn_fwd", choices=("attn_fwd", "qkv_fwd"),
                     help="the forward kernel that records max |w_qkv| for the backward's scaled scatter (A/B)")
     ap.add_argument("--wide-atomics", action="store_true",
@@ -976,6 +978,7 @@ def main():
     if args.no_scaled_half:
         _tm.SCALED_HALF_ATOMICS = False
     _tm.WQKV_STATS_IN = args.wqkv_stats_in
+    _tm.SCALED_HALF_DX = not args.scaled_y_only
     if args.dwr_separate:
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:

@@ -1018,6 +1018,7 @@ NARROW_ATOMICS = True
 # True: the scaled float16 buffer for every result but float16 (which adds in place), any overlap, any GPU
 # (for tests: the interpreter runs it with float32 products, whose dots it gets right)
 SCALED_HALF_ATOMICS = None
+SCALED_HALF_DX = True
 # where the forward records max |w_qkv| for the backward's scaled scatter: "attn_fwd" or "qkv_fwd" (A/B)
 WQKV_STATS_IN = "attn_fwd"
 # bfloat16 results take their atomic additions in place up to this many kept rows per token on average
@@ -1161,8 +1162,8 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     scaled = not deterministic and _scaled(plan, cdt)
     # the stats of the scaled float16 scatter, for y's or (in the backward) x's gradient's
     gdt = dx_dtype or x.dtype
-    n_stats = _stats_size(dev, h, (cdt, gdt), B, T, overlap, deterministic)
-    dx_stats = n_stats > 0 and _scaled(_atomic_plan(dev, h, gdt, overlap), gdt)
+    n_stats = _stats_size(dev, h, (cdt, gdt) if SCALED_HALF_DX else (cdt,), B, T, overlap, deterministic)
+    dx_stats = n_stats > 0 and SCALED_HALF_DX and _scaled(_atomic_plan(dev, h, gdt, overlap), gdt)
     wq_in_attn = dx_stats and WQKV_STATS_IN == "attn_fwd"
     stats = torch.zeros(n_stats, device=dev, dtype=torch.int32) if n_stats else idx.new_empty(0, dtype=torch.int32)
     if deterministic:
@@ -1219,7 +1220,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, 
     plan = _atomic_plan(dev, h, gdt, overlap)
     scaled = not deterministic and _scaled(plan, gdt)
     # the forward recorded max |w_qkv| where x's gradient's dtype asked for the scaled scatter (``_fwd_impl``)
-    if scaled and not stats.numel():
+    if scaled and not (stats.numel() and SCALED_HALF_DX):
         plan, scaled = (torch.float32, 4 if _vector_atomics(dev, h) else 0), False
     adt, vec = plan
     router_stats = scaled and w_router is not None
