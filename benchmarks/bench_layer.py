@@ -906,12 +906,8 @@ def main():
     ap.add_argument("--scalar-atomics", action="store_true",
                     help="the atomic scatter with one atomic per element instead of sm_90's four-wide red.global.add")
     ap.add_argument("--no-scaled-half", action="store_true",
-                    help="bfloat16 results with many rows per token: a float32 scatter buffer instead of the scaled "
+                    help="a bfloat16 y with many rows per token: a float32 scatter buffer instead of the scaled "
                          "float16 one (SCALED_HALF_ATOMICS = False; for A/B runs)")
-    ap.add_argument("--scaled-y-only", action="store_true",
-                    help="the scaled float16 scatter for y only, x's gradient in a float32 buffer (A/B)")
-    ap.add_argument("--wqkv-stats-in", default="attn_fwd", choices=("attn_fwd", "qkv_fwd"),
-                    help="the forward kernel that records max |w_qkv| for the backward's scaled scatter (A/B)")
     ap.add_argument("--wide-atomics", action="store_true",
                     help="16-bit results of the atomic scatter summed in a float32 buffer and cast (as up to v5.2) "
                          "instead of added in their own dtype")
@@ -977,8 +973,6 @@ def main():
     from mosa_attention.ops import triton_mosa as _tm
     if args.no_scaled_half:
         _tm.SCALED_HALF_ATOMICS = False
-    _tm.WQKV_STATS_IN = args.wqkv_stats_in
-    _tm.SCALED_HALF_DX = not args.scaled_y_only
     if args.dwr_separate:
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:

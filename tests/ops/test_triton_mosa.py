@@ -37,13 +37,13 @@ def _rel(a, b):
 
 
 def _compare(B, T, h, E, k, D, rope_dims, dtype, pad=0, unsorted=False, repeat=(), deterministic=None,
-             tol=None, w_o_scale=1.0, dy_scale=1.0):
+             tol=None, w_o_scale=1.0):
     x, scores, idx, w_qkv, w_o = _inputs(B, T, h, E, k, D, dtype, pad, unsorted, repeat)
     w_o = w_o * w_o_scale
     leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
     y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], rope_dims, 10000.0,
                                 deterministic=deterministic)
-    dy = torch.randn_like(y) * dy_scale
+    dy = torch.randn_like(y)
     y.backward(dy)
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, scores, w_qkv, w_o)]
     y_ref = sparse_attention_reference(ref_leaves[0], ref_leaves[1], idx, ref_leaves[2], ref_leaves[3], rope_dims, 10000.0)
@@ -274,7 +274,7 @@ def test_int32_positions():
 
 
 # ---------------------------------------------------------------------------------- routing fused in
-def _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, tol, deterministic=None, dy_scale=1.0):
+def _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, tol, deterministic=None):
     from mosa_attention.ops.routing import select_topk
     from mosa_attention.ops.triton_mosa import mosa_triton
     x = torch.randn(B, T, h, dtype=dtype)
@@ -283,7 +283,7 @@ def _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, tol, dete
     leaves = [t.to(DEVICE).requires_grad_() for t in [x] + w]
     y, kept, idx = mosa_triton(*leaves, k, include_first, rope_dims, deterministic=deterministic)
     assert not kept.requires_grad and not idx.requires_grad
-    dy = torch.randn_like(y) * dy_scale
+    dy = torch.randn_like(y)
     y.backward(dy)
     ref = [t.detach().double().requires_grad_() for t in leaves]
     scores = torch.sigmoid(torch.nn.functional.linear(ref[0], ref[1])).transpose(1, 2)
@@ -628,7 +628,8 @@ def test_default_scatter_takes_the_atomics_where_they_add_in_place(monkeypatch):
 def test_atomic_scatter_dtype_plan(monkeypatch):
     # 16-bit results take the atomic additions themselves where the GPU adds them natively (bfloat16 from
     # sm_90, eight columns per instruction where h allows), else a float32 buffer; float32 stays float32.
-    # bfloat16 with many rows per token: the scaled float16 buffer where float16 vectors add (sm_90)
+    # A bfloat16 y with many rows per token: the scaled float16 buffer where float16 vectors add (sm_90);
+    # x's gradient (scaled_ok=False) a float32 one
     cuda = torch.device("cuda", 0)
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
     monkeypatch.setattr(triton_mosa, "_interpreting", lambda: False)
@@ -652,11 +653,13 @@ def test_atomic_scatter_dtype_plan(monkeypatch):
     monkeypatch.setattr(triton_mosa, "_interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
     monkeypatch.setattr(triton_mosa, "_CAPABILITY", {})
+    assert triton_mosa._atomic_plan(cuda, 512, bf16, 7.9, scaled_ok=False) == (f32, 4)
     monkeypatch.setattr(triton_mosa, "SCALED_HALF_ATOMICS", False)  # off: float32 as before
     assert triton_mosa._atomic_plan(cuda, 512, bf16, 7.9) == (f32, 4)
     monkeypatch.setattr(triton_mosa, "SCALED_HALF_ATOMICS", True)  # forced: every result but float16's
     for dt in (bf16, f32):
         assert triton_mosa._atomic_plan(cuda, 512, dt, 7.9) == (f16, 8)
+        assert triton_mosa._atomic_plan(cuda, 512, dt, 7.9, scaled_ok=False) == (f32, 4)
     assert triton_mosa._atomic_plan(cuda, 512, f16, 7.9) == (f16, 8)
     assert triton_mosa._atomic_plan(cuda, 512, bf16, 0.5) == (bf16, 8)  # (one row per token: in place)
 
@@ -821,7 +824,7 @@ def test_capability_is_read_once_per_device(monkeypatch):
     assert not triton_mosa._vector_atomics(gpu0, 512)
 
 
-# ------------------------------------------------------------------------- the scaled float16 scatter
+# ----------------------------------------------------------------------- the scaled float16 scatter of y
 def _count_unscaled(monkeypatch):
     calls, real = [], triton_mosa._unscaled
     monkeypatch.setattr(triton_mosa, "_unscaled", lambda *a: calls.append(a[1]) or real(*a))
@@ -834,59 +837,58 @@ def _count_unscaled(monkeypatch):
     (1, 40, 32, 4, 33, 64, 64, 0, False, (8, 9)),  # a position kept three times by a head, head dim 64
 ])
 def test_scaled_half_scatter_matches_reference(monkeypatch, B, T, h, E, k, D, rope_dims, pad, unsorted, repeat):
-    # forced for float32 results (the interpreter's bf16 dots are wrong): y and x's gradient are summed in a
-    # float16 buffer times a power of two set on the device from the maxima the kernels record, then divided
-    # back; only the float16 roundings of the additions separate them from the reference
+    # forced for a float32 y (the interpreter's bf16 dots are wrong): y is summed in a float16 buffer times a
+    # power of two set on the device from the maxima _qkv_fwd records, then divided back; only the float16
+    # roundings of the additions separate it from the reference. x's gradient keeps its float32 buffer
     monkeypatch.setattr(triton_mosa, "SCALED_HALF_ATOMICS", True)
     calls = _count_unscaled(monkeypatch)
     _compare(B, T, h, E, k, D, rope_dims, torch.float32, pad, unsorted, repeat, deterministic=False, tol=2e-3)
-    assert calls == [torch.float32] * 2  # y, then dx
+    assert calls == [torch.float32]  # y only
 
 
-@pytest.mark.parametrize("w_o_scale,dy_scale", [(1e7, 1.0), (1e-7, 1e-3)], ids=["huge", "tiny"])
-def test_scaled_half_scatter_keeps_any_magnitude(monkeypatch, w_o_scale, dy_scale):
-    # w_o times 1e7 makes y and dx about 1e7, past float16's largest value (65504); times 1e-7 with dy times
-    # 1e-3, y about 1e-7 and dx about 1e-10, under its smallest normal (6e-5) or below its smallest value:
-    # unscaled float16 sums would be inf or lose most bits, the scale brings both into range
+@pytest.mark.parametrize("w_o_scale", [1e7, 1e-7], ids=["huge", "tiny"])
+def test_scaled_half_scatter_keeps_any_magnitude(monkeypatch, w_o_scale):
+    # w_o times 1e7 makes y about 1e7, past float16's largest value (65504); times 1e-7, about 1e-7, under its
+    # smallest normal (6e-5): unscaled float16 sums would be inf or keep few bits, the scale brings y into range
     monkeypatch.setattr(triton_mosa, "SCALED_HALF_ATOMICS", True)
     calls = _count_unscaled(monkeypatch)
-    _compare(2, 24, 32, 12, 20, 32, 16, torch.float32, deterministic=False, tol=2e-3, w_o_scale=w_o_scale,
-             dy_scale=dy_scale)
-    assert len(calls) == 2
+    _compare(2, 24, 32, 12, 20, 32, 16, torch.float32, deterministic=False, tol=2e-3, w_o_scale=w_o_scale)
+    assert len(calls) == 1
 
 
-@pytest.mark.parametrize("dy_scale", [1.0, 1e6, 1e-8])
-def test_scaled_half_scatter_with_the_router_fused(monkeypatch, dy_scale):
-    # the router's share of dx (d logit * w_router) enters the bound through max |d logit| and max |w_router|
+def test_scaled_half_scatter_with_the_router_fused(monkeypatch):
+    # top-k keeps a token at most once per head: the bound takes n = E rows per token, uncounted
     monkeypatch.setattr(triton_mosa, "SCALED_HALF_ATOMICS", True)
     calls = _count_unscaled(monkeypatch)
-    _routed_compare(2, 40, 48, 12, 20, 32, 16, True, torch.float32, 2e-3, False, dy_scale=dy_scale)
-    assert len(calls) == 2
+    _routed_compare(2, 40, 48, 12, 20, 32, 16, True, torch.float32, 2e-3, False)
+    assert len(calls) == 1
 
 
 def test_scaled_half_scatter_bound_and_scale(monkeypatch):
     # the recorded maxima against the tensors they describe, and s a power of two that puts the bound of y's
     # sums in [2^12, 2^13)
+    import math
     monkeypatch.setattr(triton_mosa, "SCALED_HALF_ATOMICS", True)
     B, T, h, E, k, D = 2, 24, 32, 12, 20, 32
     x, scores, idx, w_qkv, w_o = _inputs(B, T, h, E, k, D, torch.float32, repeat=(5,))
-    y, qkv, o, lse, perm, starts, stats = triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, 16, 10000.0, False,
-                                                                 torch.float32)
-    st = stats[:triton_mosa._N_STATS].view(torch.float32)
+    stats = {}
+    real = triton_mosa._unscaled
+    monkeypatch.setattr(triton_mosa, "_unscaled", lambda buf, dt, st, d: stats.setdefault("st", st.clone()) is None
+                        or real(buf, dt, st, d))
+    y, qkv = triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, 16, 10000.0, False, torch.float32)[:2]
+    st = stats["st"]
     counts = torch.zeros(B, T, dtype=torch.int32).index_put_((torch.arange(B)[:, None, None].expand_as(idx), idx),
                                                               torch.ones_like(idx, dtype=torch.int32), accumulate=True)
-    assert torch.equal(stats[triton_mosa._N_STATS:].view(B, T), counts)
-    want = (counts.max().item(), qkv[2].abs().max().item(), scores.abs().max().item(), w_o.abs().max().item(),
-            w_qkv.abs().max().item())
-    assert st[:5].tolist() == pytest.approx(want, rel=1e-6)
+    assert torch.equal(st[triton_mosa._N_STATS:].view(B, T), counts)
+    want = (counts.max().item(), qkv[2].abs().max().item(), scores.abs().max().item(), w_o.abs().max().item())
+    assert st[:4].view(torch.float32).tolist() == pytest.approx(want, rel=1e-6)
     bound = want[0] * D * want[1] * want[2] * want[3]
-    scale = torch.empty(1)
-    gauge = torch.full((1,), bound, dtype=torch.float16) if bound < 6e4 else torch.ones(1, dtype=torch.float16)
-    triton_mosa._unscale[(1,)](gauge, scale, 1, stats, stats, D=D, DX=False, ROUTER=False, BLOCK=16)
-    s = gauge.float().item() / scale.item()  # 1 / inv
-    assert s == 2.0 ** round(__import__("math").log2(s))
+    one, inv = torch.ones(1, dtype=torch.float16), torch.empty(1)
+    triton_mosa._unscale[(1,)](one, inv, 1, st, D=D, BLOCK=16)
+    s = 1.0 / inv.item()
+    assert s == 2.0 ** round(math.log2(s))
     assert 2 ** 12 <= s * bound < 2 ** 13
     # distinct positions (top-k's): n is E, uncounted
-    stats = triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, 16, 10000.0, False, torch.float32, distinct=True)[-1]
-    assert stats[:triton_mosa._N_STATS].view(torch.float32)[0].item() == E
-    assert not stats[triton_mosa._N_STATS:].any()
+    stats.clear()
+    triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, 16, 10000.0, False, torch.float32, distinct=True)
+    assert stats["st"].numel() == triton_mosa._N_STATS and stats["st"][:1].view(torch.float32).item() == E

@@ -22,7 +22,8 @@ scatter-adds (y, dx) have two modes. Atomics: ``_attn_fwd`` / ``_qkv_bwd_dx`` ad
 [B, T, h] buffer (nothing per kept token is written out, no sort; the order of the additions may differ
 from run to run), 16 bytes per ``red.global.add`` on sm_90 (``_add_tile``). The buffer is float32 and
 cast at the end, or the 16-bit result itself where its rounding allows (``_atomic_plan``: float16
-always, bfloat16 at up to one kept row per token). Rows: they
+always, bfloat16 at up to one kept row per token); y in bfloat16 with more kept rows per token goes
+through a float16 buffer under a power-of-two scale set on the device (``_half_scale``). Rows: they
 write one row per kept token, and ``_segment_sum`` sums each token's rows in head order through a stable
 sort of the destinations (computed once in the forward), writing the zeros of unselected tokens too; the
 same input then gives the same bits. ``deterministic=True`` (or
@@ -166,22 +167,18 @@ def _add_tile(out_ptr, rowoff, n0, vals, live, h, VEC: tl.constexpr):
                                       dtype=tl.int32, is_pure=False, pack=1)
 
 
-# The scaled float16 scatter (``_atomic_plan``): bfloat16 results that take several rows per token add them
-# into a float16 buffer multiplied by a power of two s, chosen on the device from maxima that the kernels
-# before the scatter record (int32 bits of non-negative float32 values, ``tl.atomic_max``), so that no
-# partial sum can exceed 2^13 (float16 reaches 65504) and typical values lie far above float16's smallest
-# normal; the result is the buffer times 1 / s (``_unscale``). Slots of the forward's statistics (then one
-# count per token from ``_ST_COUNTS``) and of the backward's:
-_ST_N = tl.constexpr(0)       # most rows kept on one token (counted by _qkv_fwd)
+# The scaled float16 scatter of y (``_atomic_plan``): a bfloat16 y that takes several rows per token adds
+# them into a float16 buffer (half the bytes of a float32 one, three bits more than bfloat16) multiplied by a
+# power of two s, chosen on the device from maxima that ``_qkv_fwd`` records (int32 bits of non-negative
+# float32 values, ``tl.atomic_max``) so that no partial sum can exceed 2^13 (float16 reaches 65504) and
+# typical values lie far above float16's smallest normal; y is the buffer times 1 / s (``_unscale``).
+# Slots of the stats, then one count per token from ``_ST_COUNTS`` where positions may repeat:
+_ST_N = tl.constexpr(0)       # most rows kept on one token
 _ST_V = tl.constexpr(1)       # max |v|
 _ST_SC = tl.constexpr(2)      # max |score|
 _ST_WO = tl.constexpr(3)      # max |w_o|
-_ST_WQKV = tl.constexpr(4)    # max |w_qkv|
 _N_STATS = 16
 _ST_COUNTS = tl.constexpr(_N_STATS)
-_ST_DQKV = tl.constexpr(0)    # max |dq|, |dk|, |dv| (after RoPE's backward)
-_ST_DL = tl.constexpr(1)      # max |d logit|
-_ST_WR = tl.constexpr(2)      # max |w_router|
 
 
 @triton.jit
@@ -191,44 +188,28 @@ def _absmax(t):
 
 
 @triton.jit
-def _record_max(ptr, v0, v1=0.0, N: tl.constexpr = 1):
-    """ptr[j] = max(ptr[j], v_j) for the first N of (v0, v1), non-negative float32 values kept as int32 bits
-    (their order agrees); a vector atomic (a scalar one would make every thread of the program wait)."""
-    i = tl.arange(0, 2)
-    vals = tl.where(i == 0, v0.to(tl.float32), v1)
-    tl.atomic_max(ptr + i, vals.to(tl.int32, bitcast=True), mask=i < N, sem="relaxed")
-
-
-@triton.jit
 def _stat(ptr):
     return tl.load(ptr).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _half_scale(fst_ptr, bst_ptr, D: tl.constexpr, DX: tl.constexpr, ROUTER: tl.constexpr):
-    """(s, 1 / s), powers of two, for the scaled float16 scatter of y (DX False) or of x's gradient (DX True).
-    A token's sum is bounded by n (the most rows kept on one token) times the largest row: for y,
-    |o * score @ w_o| <= D max|v| max|score| max|w_o| (o averages rows of v); for dx, |[dq dk dv] @ w_qkv^T
-    + d logit w_router| <= 3 D max|dqkv| max|w_qkv| + max|d logit| max|w_router|. s puts the bound under
-    2^13: eight times under float16's largest value, room for the roundings of the 16-bit operands. Exponent
-    arithmetic only, so every kernel that asks gets the same s; s stays within float32's normal range."""
-    if DX:
-        bound = 3 * D * _stat(bst_ptr + _ST_DQKV) * _stat(fst_ptr + _ST_WQKV)
-        if ROUTER:
-            bound += _stat(bst_ptr + _ST_DL) * _stat(bst_ptr + _ST_WR)
-    else:
-        bound = D * _stat(fst_ptr + _ST_V) * _stat(fst_ptr + _ST_SC) * _stat(fst_ptr + _ST_WO)
-    bound = bound * _stat(fst_ptr + _ST_N)
+def _half_scale(stats_ptr, D: tl.constexpr):
+    """(s, 1 / s), powers of two, for the scaled float16 scatter of y. A token's sum is at most n (the most
+    rows kept on one token) times the largest row, |o * score @ w_o| <= D max|v| max|score| max|w_o| (o
+    averages rows of v); s puts that bound under 2^13, eight times under float16's largest value (room for
+    the roundings of the 16-bit operands). Exponent arithmetic only, so every kernel that asks gets the same
+    s; s and 1 / s stay within float32's normal range."""
+    bound = D * _stat(stats_ptr + _ST_V) * _stat(stats_ptr + _ST_SC) * _stat(stats_ptr + _ST_WO)
+    bound = bound * _stat(stats_ptr + _ST_N)
     ex = ((bound.to(tl.int32, bitcast=True) >> 23) & 255) - 127  # bound < 2^(ex + 1)
     p = tl.minimum(tl.maximum(12 - ex, -126), 126)
     return ((p + 127) << 23).to(tl.float32, bitcast=True), ((127 - p) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _unscale(src_ptr, dst_ptr, n, fst_ptr, bst_ptr, D: tl.constexpr, DX: tl.constexpr, ROUTER: tl.constexpr,
-             BLOCK: tl.constexpr):
-    """dst = src / s: the scaled float16 scatter's buffer to the result's dtype."""
-    s_unused, inv = _half_scale(fst_ptr, bst_ptr, D, DX, ROUTER)
+def _unscale(src_ptr, dst_ptr, n, stats_ptr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """dst = src / s: the scaled float16 scatter's buffer to y's dtype."""
+    s_unused, inv = _half_scale(stats_ptr, D)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     v = tl.load(src_ptr + offs, mask=m, other=0.0).to(tl.float32) * inv
@@ -336,15 +317,14 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, ze
              sc_ptr, wo_ptr, stats_ptr,
              D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
              PREC: tl.constexpr, FUSED: tl.constexpr, ZERO: tl.constexpr = 0, MARK: tl.constexpr = False,
-             STATS: tl.constexpr = 0, COUNT: tl.constexpr = False):
+             STATS: tl.constexpr = False, COUNT: tl.constexpr = False):
     """qkv[part, e, rows] = RoPE(x[b, pos] @ w_qkv[e][:, part*D:(part+1)*D]) for part in q, k, v.
     FUSED: one program makes all three from one load of the gathered rows (grid axis 2 has size 1);
     else one program per part (less register and shared memory for large head dims or fp32).
     ZERO = 1: also clear zero_ptr[0:zero_n] (the [B, T, h] buffer ``_attn_fwd`` adds y into), shared by all
     programs; 2: clear only its rows of the kept tokens (rows-only output). MARK: set mark[b, pos] = 1 for
-    the kept tokens (a [B, T] mask). STATS = 1: record the forward's statistics of the scaled float16
-    scatter of y in the zeroed int32 stats (``_fwd_stats``; COUNT: count the rows kept per token from
-    ``_ST_COUNTS``); 2: also max |w_qkv|, for x's gradient's."""
+    the kept tokens (a [B, T] mask). STATS: record the stats of the scaled float16 scatter of y in the
+    zeroed int32 stats (``_fwd_stats``; COUNT: count the rows kept per token from ``_ST_COUNTS``)."""
     if ZERO == 1:
         _zero_share(zero_ptr, zero_n, 1024)
     pid = tl.program_id(0)
@@ -377,7 +357,7 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, ze
             acc_k = tl.dot(xa, tl.load(wp + D, mask=wm, other=0.0).to(DT), acc_k, input_precision=PREC)
             acc_v = tl.dot(xa, tl.load(wp + 2 * D, mask=wm, other=0.0).to(DT), acc_v, input_precision=PREC)
     v_max = 0.0
-    if STATS > 0:
+    if STATS:
         if FUSED:
             v_max = _absmax(acc_v)
         else:
@@ -397,23 +377,20 @@ def _qkv_fwd(x_ptr, idx_ptr, w_ptr, cos_ptr, sin_ptr, qkv_ptr, T, h, E, R, K, ze
             if part < 2:
                 acc = _rope(acc, rope_pos, cos_ptr, sin_ptr, ROPE, DP, DT, False, PREC)
         tl.store(out, acc.to(DT), mask=om)
-    if STATS > 0:  # (after the stores, where the accumulators are dead)
-        _fwd_stats(stats_ptr, sc_ptr, wo_ptr, w_ptr, rm, b, sel, pos, T, h, E, pid, e, part, v_max, D, DP,
-                   STATS == 2, COUNT)
+    if STATS:  # (after the stores, where the accumulators are dead)
+        _fwd_stats(stats_ptr, sc_ptr, wo_ptr, rm, b, sel, pos, T, h, E, pid, e, part, v_max, D, DP, COUNT)
 
 
 @triton.jit
-def _fwd_stats(stats_ptr, sc_ptr, wo_ptr, w_ptr, rm, b, sel, pos, T, h, E, pid, e, part, v_max,
-               D: tl.constexpr, DP: tl.constexpr, WQKV: tl.constexpr, COUNT: tl.constexpr):
-    """``_qkv_fwd``'s share of the forward's stats, one vector atomic per program: n (the most rows on one
-    token: counted where positions may repeat, COUNT, else E, each head keeping a token at most once),
-    max |v| (given), |score| of its rows, |w_o[e]| and (WQKV) |w_qkv[e]|, the programs of a head taking the
-    column tiles of w_o[e] and the rows of w_qkv[e] in turn."""
+def _fwd_stats(stats_ptr, sc_ptr, wo_ptr, rm, b, sel, pos, T, h, E, pid, e, part, v_max,
+               D: tl.constexpr, DP: tl.constexpr, COUNT: tl.constexpr):
+    """``_qkv_fwd``'s share of the scaled scatter's stats, in one vector atomic per program (a scalar one
+    would hold every thread of the program): n, the most rows on one token (counted where positions may
+    repeat, COUNT; else E, each head keeping a token at most once), max |v| (given), |score| of its rows and
+    |w_o[e]|, the programs of a head taking its column tiles in turn."""
     n = 0.0
     sc_max = 0.0
     wo_max = 0.0
-    wq_max = 0.0
-    n_prog = tl.num_programs(0)
     if part == 0:  # once per row
         if COUNT:
             live = rm & (pos >= 0) & (pos < T)
@@ -425,41 +402,23 @@ def _fwd_stats(stats_ptr, sc_ptr, wo_ptr, w_ptr, rm, b, sel, pos, T, h, E, pid, 
         sc_max = tl.max(tl.abs(tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)), 0)
         d = tl.arange(0, DP)
         c = tl.arange(0, 256)
-        for c0 in range(pid * 256, h, n_prog * 256):
+        for c0 in range(pid * 256, h, tl.num_programs(0) * 256):
             wo = tl.load(wo_ptr + e.to(tl.int64) * D * h + d[:, None] * h + (c0 + c)[None, :],
                          mask=(d < D)[:, None] & (c0 + c < h)[None, :], other=0.0)
             wo_max = tl.maximum(wo_max, _absmax(wo))
-    if WQKV:
-        n_part = tl.num_programs(2)
-        wq_max = _wqkv_max_share(w_ptr, e, h, D, DP, pid * n_part + part, n_prog * n_part)
-    i = tl.arange(0, 8)  # slots _ST_N .. _ST_WQKV
-    vals = tl.where(i == 0, n, tl.where(i == 1, v_max, tl.where(i == 2, sc_max, tl.where(i == 3, wo_max, wq_max))))
-    tl.atomic_max(stats_ptr + i, vals.to(tl.int32, bitcast=True), mask=i < 5, sem="relaxed")
-
-
-@triton.jit
-def _wqkv_max_share(w_ptr, e, h, D: tl.constexpr, DP: tl.constexpr, share, n_share):
-    """max |w_qkv[e]| over its rows share, share + n_share, ... (blocks of 64 rows)."""
-    wq_max = 0.0
-    wc = tl.arange(0, 4 * DP)
-    r = tl.arange(0, 64)
-    for r0 in range(share * 64, h, n_share * 64):
-        wl = tl.load(w_ptr + e.to(tl.int64) * h * 3 * D + (r0 + r)[:, None] * (3 * D) + wc[None, :],
-                     mask=(r0 + r < h)[:, None] & (wc < 3 * D)[None, :], other=0.0)
-        wq_max = tl.maximum(wq_max, _absmax(wl))
-    return wq_max
+    i = tl.arange(0, 4)  # slots _ST_N .. _ST_WO
+    vals = tl.where(i == 0, n, tl.where(i == 1, v_max, tl.where(i == 2, sc_max, wo_max)))
+    tl.atomic_max(stats_ptr + i, vals.to(tl.int32, bitcast=True), sem="relaxed")
 
 
 @triton.jit
 def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E, R, K, qk_scale, stats_ptr,
-              w_ptr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
+              D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
               BS: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = 0,
-              SCALED: tl.constexpr = False, WQKV: tl.constexpr = False):
+              SCALED: tl.constexpr = False):
     """Causal attention of one block of query rows, then its rows of y = (o * score) @ w_o[e]: stored as
     per-kept-token rows for the deterministic scatter, or (ATOMIC) added straight into out[b, pos]
-    (padding slots dropped); SCALED: times ``_half_scale``'s s (out is the scaled float16 buffer).
-    WQKV: record max |w_qkv[e]| for the backward's scaled scatter (the programs of a head taking its rows
-    in turn), here where the memory is less busy than in ``_qkv_fwd``."""
+    (padding slots dropped); SCALED: times ``_half_scale``'s s (out is the scaled float16 buffer)."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = qkv_ptr.dtype.element_ty
@@ -508,7 +467,7 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
     wbase = wo_ptr + e.to(tl.int64) * D * h
     s = 1.0
     if SCALED:
-        s, inv_unused = _half_scale(stats_ptr, stats_ptr, D, False, False)
+        s, inv_unused = _half_scale(stats_ptr, D)
     for n0 in range(0, h, BH):
         nn = n0 + tl.arange(0, BH)
         nm = nn < h
@@ -521,8 +480,6 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
         else:
             tl.store(out_ptr + orow[:, None] + nn[None, :], y.to(out_ptr.dtype.element_ty),
                      mask=live[:, None] & nm[None, :])
-    if WQKV:
-        _record_max(stats_ptr + _ST_WQKV, _wqkv_max_share(w_ptr, e, h, D, DP, pid, tl.num_programs(0)))
 
 
 @triton.jit
@@ -551,10 +508,9 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.co
 # --------------------------------------------------------------------------------------------- backward
 @triton.jit
 def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K,
-             zero_ptr, zero_n, dlf_ptr, dlf_stride, dwo_ptr, wr_ptr, stats_ptr, D: tl.constexpr, DP: tl.constexpr,
-             BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr, DLOGIT: tl.constexpr = False,
-             ZERO: tl.constexpr = 0, DENSE_DL: tl.constexpr = False, DWO: tl.constexpr = False,
-             STATS: tl.constexpr = False):
+             zero_ptr, zero_n, dlf_ptr, dlf_stride, dwo_ptr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+             BH: tl.constexpr, PREC: tl.constexpr, DLOGIT: tl.constexpr = False, ZERO: tl.constexpr = 0,
+             DENSE_DL: tl.constexpr = False, DWO: tl.constexpr = False):
     """dO = score * (dy[b, pos] @ w_o[e]^T); d score = rowsum(dy[b, pos] @ w_o[e]^T * o); delta = rowsum(dO*o).
     DLOGIT: the scores are sigmoid(router logits); store d logit = d score * score * (1 - score) instead.
     ZERO = 1: also clear zero_ptr[0:zero_n] (the [B, T, h] buffer ``_qkv_bwd_dx`` adds dx into), shared by all
@@ -562,9 +518,7 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
     DENSE_DL: also write d logit into the zeroed [E, B * T] matrix dlf (row stride dlf_stride) at column
     b * T + pos, for the router's weight gradient as one dense product (``_router_grad_dense``).
     DWO: the program holds all R rows of its head (BM >= R) and also makes ``_dwo``'s dw_o[e] from the same
-    dy tiles, each column tile of it once: one gather of dy instead of two, one launch less.
-    STATS (with DLOGIT): record max |d logit| and max |w_router| (the programs of a head take its columns in
-    turn) in the backward's stats of the scaled float16 scatter (``_half_scale``)."""
+    dy tiles, each column tile of it once: one gather of dy instead of two, one launch less."""
     if ZERO == 1:
         _zero_share(zero_ptr, zero_n, 1024)
     pid = tl.program_id(0)
@@ -605,13 +559,6 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
     do = (acc * sc[:, None]).to(DT)
     tl.store(do_ptr + ooff, do, mask=rm[:, None] & cm[None, :])
     tl.store(delta_ptr + e * R + rows, tl.sum(do.to(tl.float32) * o, 1), mask=rm)
-    if DLOGIT and STATS:  # max |d logit| and max |w_router[e]|, its programs taking its columns in turn
-        wr_max = 0.0
-        c = tl.arange(0, 256)
-        for c0 in range(pid * 256, h, tl.num_programs(0) * 256):
-            wr = tl.load(wr_ptr + e.to(tl.int64) * h + c0 + c, mask=c0 + c < h, other=0.0)
-            wr_max = tl.maximum(wr_max, tl.max(tl.abs(wr.to(tl.float32)), 0))
-        _record_max(stats_ptr + _ST_DL, tl.max(tl.where(rm, tl.abs(dsc), 0.0), 0), wr_max, 2)
 
 
 @triton.jit
@@ -642,9 +589,8 @@ def _dwo(dy_ptr, idx_ptr, sc_ptr, o_ptr, dwo_ptr, T, h, E, R, K,
 
 @triton.jit
 def _attn_bwd_dkdv(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr, sin_ptr, T, E, R, K,
-                   qk_scale, sm_scale, stats_ptr, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
-                   STATS: tl.constexpr = False):
+                   qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = qkv_ptr.dtype.element_ty
@@ -680,15 +626,12 @@ def _attn_bwd_dkdv(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_p
         dk = _rope(dk, tl.minimum(tl.maximum(posk, 0), T), cos_ptr, sin_ptr, ROPE, DP, DT, True, PREC)
     tl.store(dqkv_ptr + ((E + e) * R).to(tl.int64) * D + koff, dk.to(DT), mask=kmask)
     tl.store(dqkv_ptr + ((2 * E + e) * R).to(tl.int64) * D + koff, dv.to(DT), mask=kmask)
-    if STATS:  # (rows outside the block are zero)
-        _record_max(stats_ptr + _ST_DQKV, tl.maximum(_absmax(dk), _absmax(dv)))
 
 
 @triton.jit
 def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr, sin_ptr, T, E, R, K,
-                 qk_scale, sm_scale, stats_ptr, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
-                 STATS: tl.constexpr = False):
+                 qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = qkv_ptr.dtype.element_ty
@@ -724,14 +667,12 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
     if ROPE > 0:
         dq = _rope(dq, tl.minimum(tl.maximum(posq, 0), T), cos_ptr, sin_ptr, ROPE, DP, DT, True, PREC)
     tl.store(dqkv_ptr + (e * R).to(tl.int64) * D + qoff, dq.to(DT), mask=qmask)
-    if STATS:
-        _record_max(stats_ptr + _ST_DQKV, _absmax(dq))
 
 
 @triton.jit
 def _attn_bwd_seqs(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr, sin_ptr, T, E, R, K, NR,
-                   qk_scale, sm_scale, stats_ptr, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
-                   BLK: tl.constexpr, PREC: tl.constexpr, STATS: tl.constexpr = False):
+                   qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
+                   BLK: tl.constexpr, PREC: tl.constexpr):
     """dq, dk and dv of NR = (BLK // K) * K rows that hold whole sequences (K <= BLK): every query that sees
     one of their keys is among them, so one program makes all three from one tile of scores, in any order
     of positions (the mask is same sequence and pos_q >= pos_k). Replaces ``_attn_bwd_dkdv`` +
@@ -765,18 +706,14 @@ def _attn_bwd_seqs(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_p
     tl.store(dqkv_ptr + (e * R).to(tl.int64) * D + off, dq.to(DT), mask=mask)
     tl.store(dqkv_ptr + ((E + e) * R).to(tl.int64) * D + off, dk.to(DT), mask=mask)
     tl.store(dqkv_ptr + ((2 * E + e) * R).to(tl.int64) * D + off, dv.to(DT), mask=mask)
-    if STATS:  # (rows outside the block are zero)
-        _record_max(stats_ptr + _ST_DQKV, tl.maximum(_absmax(dq), tl.maximum(_absmax(dk), _absmax(dv))))
 
 
 @triton.jit
-def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr, fst_ptr, bst_ptr,
+def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
                 D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-                ROUTER: tl.constexpr = False, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = 0,
-                SCALED: tl.constexpr = False):
+                ROUTER: tl.constexpr = False, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = 0):
     """Rows of [dq | dk | dv] @ w_qkv[e]^T (each kept token's share of dx), one block of rows and columns,
-    stored per kept token for the deterministic scatter or (ATOMIC) added into dx[b, pos] (SCALED: times
-    ``_half_scale``'s s, into the scaled float16 buffer; fst / bst: the forward's and backward's stats).
+    stored per kept token for the deterministic scatter or (ATOMIC) added in float32 into dx[b, pos].
     ROUTER: each row also gets d logit * w_router[e], the router's share of dx (nonzero only at kept tokens:
     top-k passes no gradient to the others), so the scatter that follows sums both."""
     pid = tl.program_id(0)
@@ -803,9 +740,6 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
     if ATOMIC:
         drow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64) * h
         live = rm & (pos >= 0) & (pos < T)
-        if SCALED:
-            s, inv_unused = _half_scale(fst_ptr, bst_ptr, D, True, ROUTER)
-            acc = acc * s
         _add_tile(dx_ptr, drow, pn * BH, acc, live, h, VEC)
     else:
         tl.store(dx_ptr + (e * R + rows).to(tl.int64)[:, None] * h + nn[None, :], acc.to(dx_ptr.dtype.element_ty),
@@ -969,7 +903,7 @@ def _atomics_in_place(dev, h: int, dtypes, overlap: float) -> bool:
     return all(_atomic_plan(dev, h, dt, overlap)[0] == dt for dt in dtypes)
 
 
-def _atomic_plan(dev, h: int, dtype: torch.dtype, overlap: float) -> tuple[torch.dtype, int]:
+def _atomic_plan(dev, h: int, dtype: torch.dtype, overlap: float, scaled_ok: bool = True) -> tuple[torch.dtype, int]:
     """(dtype of the buffer the atomic scatter adds into, columns per atomic instruction: ``VEC`` of
     ``_add_tile``) for a result of ``dtype`` that receives ``overlap`` kept rows per token on average.
     A 16-bit result can take the additions itself: half the bytes of a float32 buffer, no fill of one and
@@ -978,10 +912,12 @@ def _atomic_plan(dev, h: int, dtype: torch.dtype, overlap: float) -> tuple[torch
     interpreter). Each addition then rounds to the result's dtype, so bfloat16 does it only where a token
     gets about one row (overlap <= ``NARROW_MAX_OVERLAP``: as many roundings as the float32 buffer's final
     cast); with 8 rows per token (t3) its error doubled (dx 1.3e-2 against float64, float32 buffer 4.6e-3).
-    float16 keeps three more bits and always adds in place. bfloat16 with more rows per token takes the
-    scaled float16 buffer where the additions are vectors (``SCALED_HALF_ATOMICS``: half the bytes of a
-    float32 buffer, a scale s from bounds the kernels record, ``_half_scale``; the plan then names float16
-    for a bfloat16 result). Otherwise, or with ``NARROW_ATOMICS = False``, a float32 buffer."""
+    float16 keeps three more bits and always adds in place. With ``scaled_ok`` (y's scatter), bfloat16 at
+    more rows per token takes the scaled float16 buffer where the additions are vectors
+    (``SCALED_HALF_ATOMICS``: half the bytes of a float32 buffer, ``_half_scale``; the plan then names
+    float16 for a bfloat16 result). Otherwise, or with ``NARROW_ATOMICS = False``, a float32 buffer.
+    (x's gradient stays float32: its bound needs max |w_qkv|, whose reading cost what the narrower buffer
+    saved, H200 t3, benchmarks/NOTES.md v18.)"""
     vec = _vector_atomics(dev, h)
     few = overlap <= NARROW_MAX_OVERLAP
     narrow = NARROW_ATOMICS and (dtype == torch.float16 or (dtype == torch.bfloat16 and few))
@@ -990,37 +926,21 @@ def _atomic_plan(dev, h: int, dtype: torch.dtype, overlap: float) -> tuple[torch
             return dtype, 8 if h % 8 == 0 else 4
         if dtype == torch.float16:
             return dtype, 0
-    if dtype != torch.float16 and (SCALED_HALF_ATOMICS or (
+    if scaled_ok and dtype != torch.float16 and (SCALED_HALF_ATOMICS or (
             SCALED_HALF_ATOMICS is None and NARROW_ATOMICS and vec and dtype == torch.bfloat16)):
         return torch.float16, (8 if h % 8 == 0 else 4) if vec else 0
     return torch.float32, 4 if vec else 0
-
-
-def _scaled(plan, dtype) -> bool:
-    """Whether an ``_atomic_plan`` for a result of ``dtype`` is the scaled float16 buffer."""
-    return plan[0] == torch.float16 and dtype != torch.float16
-
-
-def _stats_size(dev, h: int, dtypes, B: int, T: int, overlap: float, deterministic: bool) -> int:
-    """Elements of the forward's int32 stats for the scaled float16 scatter (``_half_scale``): wanted where y's
-    or x's gradient (result dtypes ``dtypes``) takes that buffer, else 0 (no stats, no zero fill)."""
-    if deterministic or not any(_scaled(_atomic_plan(dev, h, dt, overlap), dt) for dt in dtypes):
-        return 0
-    return _N_STATS + B * T
 
 
 # False: scalar atomics everywhere (for comparison in benchmarks)
 VECTOR_ATOMICS = True
 # False: 16-bit results are summed in a float32 buffer and cast (for comparison in benchmarks)
 NARROW_ATOMICS = True
-# bfloat16 results with more than NARROW_MAX_OVERLAP rows per token: None (default), a scaled float16 buffer
+# y in bfloat16 with more than NARROW_MAX_OVERLAP rows per token: None (default), the scaled float16 buffer
 # where the GPU adds float16 vectors (sm_90), else float32; False: float32 (for comparison in benchmarks);
-# True: the scaled float16 buffer for every result but float16 (which adds in place), any overlap, any GPU
-# (for tests: the interpreter runs it with float32 products, whose dots it gets right)
+# True: the scaled float16 buffer for every y but a float16 one (which adds in place), at any overlap, on any
+# GPU (for tests: the interpreter runs it with float32 products, whose dots it gets right)
 SCALED_HALF_ATOMICS = None
-SCALED_HALF_DX = True
-# where the forward records max |w_qkv| for the backward's scaled scatter: "attn_fwd" or "qkv_fwd" (A/B)
-WQKV_STATS_IN = "attn_fwd"
 # bfloat16 results take their atomic additions in place up to this many kept rows per token on average
 NARROW_MAX_OVERLAP = 1.0
 # Where the router's weight gradient is made: True, inside ``_dwqkv`` as one more product of the gathered
@@ -1135,16 +1055,14 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
 
 
 def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype,
-              mark=None, rows_only: bool = False, distinct: bool = False, dx_dtype=None):
-    """(y, qkv, o, lse, perm, starts, stats). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
+              mark=None, rows_only: bool = False, distinct: bool = False):
+    """(y, qkv, o, lse, perm, starts). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
     through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself or
-    a float32 or scaled float16 buffer; perm, starts empty, which tells the backward to do the same; stats:
-    the scaled scatter's, ``_half_scale``, empty where neither scatter takes it). ``mark``: a [B, T] bool
+    a float32 buffer; perm, starts empty, which tells the backward to do the same). ``mark``: a [B, T] bool
     tensor in which ``_qkv_fwd`` sets the kept tokens. ``rows_only`` (atomics only): y is written at the kept
     tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only).
     ``distinct``: no head keeps a token twice in one sequence (top-k's positions), so no token gets more than
-    E rows (else the scaled scatter's bound counts them). ``dx_dtype``: the dtype x's gradient will have
-    (default x's), which decides whether the backward's scatter is the scaled one."""
+    E rows (else the scaled scatter's bound counts them)."""
     # cdt is the compute dtype (the autocast dtype, else the weights'); x and the weights may be wider
     # (float32 under autocast): their tiles are cast as they are loaded, so no 16-bit copy of the sequence or
     # of the weights is made, and the weight gradients come out in the weights' dtype
@@ -1156,53 +1074,44 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     o = torch.empty(E, R, D, device=dev, dtype=cdt)
     lse = torch.empty(E, R, device=dev, dtype=torch.float32)
     fused = c["DP"] <= 64 and cdt != torch.float32
-    overlap = E * R / (B * T)
-    plan = _atomic_plan(dev, h, cdt, overlap)
-    adt, vec = plan
-    scaled = not deterministic and _scaled(plan, cdt)
-    # the stats of the scaled float16 scatter, for y's or (in the backward) x's gradient's
-    gdt = dx_dtype or x.dtype
-    n_stats = _stats_size(dev, h, (cdt, gdt) if SCALED_HALF_DX else (cdt,), B, T, overlap, deterministic)
-    dx_stats = n_stats > 0 and SCALED_HALF_DX and _scaled(_atomic_plan(dev, h, gdt, overlap), gdt)
-    wq_in_attn = dx_stats and WQKV_STATS_IN == "attn_fwd"
-    stats = torch.zeros(n_stats, device=dev, dtype=torch.int32) if n_stats else idx.new_empty(0, dtype=torch.int32)
+    adt, vec = _atomic_plan(dev, h, cdt, E * R / (B * T))
+    scaled = not deterministic and adt == torch.float16 and cdt != torch.float16
+    # the scaled scatter's stats (and, where positions may repeat, a count per token)
+    stats = torch.zeros(_N_STATS + (0 if distinct else B * T), device=dev, dtype=torch.int32) if scaled else idx
     if deterministic:
         out = torch.empty(E * R, h, device=dev, dtype=cdt)
     else:  # cleared by _qkv_fwd
         out = _atomic_buffer((B, T, h), adt, dev)
     _launch(_qkv_fwd, lambda t: (cdiv(R, t["BM"]), E, 1 if fused else 3),
             (x, idx, w_qkv, cos, sin, qkv, T, h, E, R, K, out, out.numel(),
-             idx if mark is None else mark.view(torch.uint8), scores, w_o, stats if n_stats else idx),
+             idx if mark is None else mark.view(torch.uint8), scores, w_o, stats),
             dict(BM=c["QKV_BM"], BK=c["BK"]),
             D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused,
-            ZERO=0 if deterministic else 2 if rows_only else 1, MARK=mark is not None,
-            STATS=2 if dx_stats and not wq_in_attn else 1 if n_stats else 0, COUNT=not distinct,
-            num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
+            ZERO=0 if deterministic else 2 if rows_only else 1, MARK=mark is not None, STATS=scaled,
+            COUNT=not distinct, num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
     _launch(_attn_fwd, lambda t: (cdiv(R, t["BM"]), E),
-            (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D),
-             stats if n_stats else idx, w_qkv),
+            (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D), stats),
             dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"],
-            ATOMIC=not deterministic, VEC=vec, SCALED=scaled, WQKV=wq_in_attn, num_warps=4)
+            ATOMIC=not deterministic, VEC=vec, SCALED=scaled, num_warps=4)
     if not deterministic:
-        y = _unscaled(out, cdt, stats, stats, D, False, False) if scaled else out.to(cdt)
-        return (y, qkv, o, lse, *_segments_like(idx, B, T, E, R, False), stats)
+        y = _unscaled(out, cdt, stats, D) if scaled else out.to(cdt)
+        return (y, qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
     perm, starts = _segments(idx, T)
-    return _scatter(out, perm, starts, B, T, h, cdt, c), qkv, o, lse, perm, starts, stats
+    return _scatter(out, perm, starts, B, T, h, cdt, c), qkv, o, lse, perm, starts
 
 
-def _unscaled(buf, dtype, fst, bst, D: int, dx: bool, router: bool):
+def _unscaled(buf, dtype, stats, D: int):
     """The scaled float16 scatter's buffer divided by its scale, in ``dtype`` (``_unscale``)."""
     out = torch.empty(buf.shape, device=buf.device, dtype=dtype)
     n = buf.numel()
-    _unscale[(cdiv(n, 4096),)](buf, out, n, fst, bst, D=D, DX=dx, ROUTER=router, BLOCK=4096, num_warps=8)
+    _unscale[(cdiv(n, 4096),)](buf, out, n, stats, D=D, BLOCK=4096, num_warps=8)
     return out
 
 
-def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, rope_dims: int, rope_base: float,
+def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
               w_router=None, rows_only: bool = False, dx_dtype=None):
     """Gradients for x, scores, w_qkv, w_o; with ``w_router`` (the fused router: scores are sigmoid(x w_r^T)
     at the kept tokens) the second is w_router's gradient and x's includes the router's share.
-    ``stats``: the forward's statistics for the scaled float16 scatter (empty where it made none).
     ``rows_only`` (atomics only): x's gradient is written at the kept tokens' rows only (see ``_fwd_impl``).
     ``dx_dtype``: the dtype of x's gradient where x is a narrower copy of the op's input (default x's)."""
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
@@ -1216,15 +1125,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, 
     dsc = torch.empty(B, E, K, device=dev, dtype=torch.float32)
     deterministic = perm.numel() > 0  # the forward's choice
     gdt = dx_dtype or x.dtype
-    overlap = E * R / (B * T)
-    plan = _atomic_plan(dev, h, gdt, overlap)
-    scaled = not deterministic and _scaled(plan, gdt)
-    # the forward recorded max |w_qkv| where x's gradient's dtype asked for the scaled scatter (``_fwd_impl``)
-    if scaled and not (stats.numel() and SCALED_HALF_DX):
-        plan, scaled = (torch.float32, 4 if _vector_atomics(dev, h) else 0), False
-    adt, vec = plan
-    router_stats = scaled and w_router is not None
-    bst = torch.zeros(8, device=dev, dtype=torch.int32) if scaled else dsc
+    adt, vec = _atomic_plan(dev, h, gdt, E * R / (B * T), scaled_ok=False)
     if deterministic:
         rows = torch.empty(E * R, h, device=dev, dtype=cdt)
     else:  # x's dtype takes the sums in place where it can (_atomic_plan); cleared by _out_bwd
@@ -1241,10 +1142,10 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, 
                          f"inside _out_bwd (DWO_IN_OUT_BWD), got {TILE_OVERRIDES['_out_bwd']['BM']}")
     _launch(_out_bwd, lambda t: (1 if whole else cdiv(R, t["BM"]), E),
             (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, rows, rows.numel(), dlf,
-             dlf.stride(0) if dense_dl else 0, dwo, w_router if router_stats else dsc, bst),
+             dlf.stride(0) if dense_dl else 0, dwo),
             dict(BM=max(16, next_pow2(R)) if whole else c["BM"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"],
             DLOGIT=w_router is not None, ZERO=0 if deterministic else 2 if rows_only else 1, DENSE_DL=dense_dl,
-            DWO=whole, STATS=router_stats, num_warps=8 if whole and R > 128 else 4)
+            DWO=whole, num_warps=8 if whole and R > 128 else 4)
     # the weight gradients reduce over a head's R rows: 128 per step where R is long and the grid small (t1's
     # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
     # 16-bit tiles only (wider ones would not fit the pipeline in shared memory)
@@ -1254,15 +1155,15 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, 
                 dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
     dqkv = torch.empty_like(qkv)
     qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
-    common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], STATS=scaled, num_warps=4)
-    args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale, bst)
+    common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
+    args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
     # 64, or 32 for wide heads and float32 (a tuning override of the block sets the rows per program too)
     blk = TILE_OVERRIDES.get("_attn_bwd_seqs", {}).get("BLK", c["BM"])
     if SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
         nr = (blk // K) * K
         _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr), E),
-                (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr, qk_scale, sm_scale, bst), dict(BLK=blk),
-                D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], STATS=scaled, num_warps=4)
+                (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr, qk_scale, sm_scale), dict(BLK=blk),
+                D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4)
     else:
         _launch(_attn_bwd_dkdv, lambda t: (cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
                 **common)
@@ -1279,16 +1180,12 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, 
         _launch(_dwr, lambda t: (cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
                 dict(BR=32, BH=min(128, max(16, next_pow2(h)))), num_warps=4)
     _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"])),
-            (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router,
-             stats if scaled else dsc, bst),
+            (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
             dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
-            ATOMIC=not deterministic, VEC=vec, SCALED=scaled,
+            ATOMIC=not deterministic, VEC=vec,
             num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
     # in x's dtype: no cast pass in autograd
-    if deterministic:
-        dx = _scatter(rows, perm, starts, B, T, h, gdt, c)
-    else:
-        dx = _unscaled(rows, gdt, stats, bst, D, True, w_router is not None) if scaled else rows.to(gdt)
+    dx = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
     dwqkv = torch.empty_like(w_qkv)
     _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, 1 if fused else 3),
             (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr if in_dw else dsc),
@@ -1304,8 +1201,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, 
 @torch.library.custom_op("mosa_attention::sparse_attention_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
             rope_dims: int, rope_base: float, deterministic: bool, compute_dtype: torch.dtype
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                       torch.Tensor]:
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, compute_dtype)
 
 
@@ -1316,32 +1212,24 @@ def _segments_like(idx, B, T, E, R, deterministic):
     return idx.new_empty(E * R, dtype=torch.int64), idx.new_empty(B * (T + 1) + 1, dtype=torch.int64)
 
 
-def _stats_like(x, idx, w_qkv, cdt, deterministic):
-    """A stand-in for the forward's stats (``_stats_size``; fake tensors for torch.compile)."""
-    B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
-    n = _stats_size(x.device, h, (cdt, x.dtype), B, T, E * R / (B * T), deterministic)
-    return idx.new_empty(n, dtype=torch.int32)
-
-
 @_fwd_op.register_fake
 def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, compute_dtype):
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     cdt = compute_dtype
     return (x.new_empty(B, T, h, dtype=cdt), x.new_empty(3, E, R, D, dtype=cdt), x.new_empty(E, R, D, dtype=cdt),
-            x.new_empty(E, R, dtype=torch.float32), *_segments_like(idx, B, T, E, R, deterministic),
-            _stats_like(x, idx, w_qkv, cdt, deterministic))
+            x.new_empty(E, R, dtype=torch.float32), *_segments_like(idx, B, T, E, R, deterministic))
 
 
 @torch.library.custom_op("mosa_attention::sparse_attention_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor,
             w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, perm: torch.Tensor,
-            starts: torch.Tensor, stats: torch.Tensor, rope_dims: int, rope_base: float
+            starts: torch.Tensor, rope_dims: int, rope_base: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, rope_dims, rope_base)
+    return _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base)
 
 
 @_bwd_op.register_fake
-def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, rope_dims, rope_base):
+def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base):
     return torch.empty_like(x), torch.empty_like(scores), torch.empty_like(w_qkv), torch.empty_like(w_o)
 
 
@@ -1384,7 +1272,7 @@ class _EagerRouted(torch.autograd.Function):
                 mark_rows=None, rows_only=False, x_read=None):
         xr = x if x_read is None else x_read  # what the kernels read (the same values after their cast)
         y, kept, idx, *saved = _routed_fwd_impl(xr, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
-                                                deterministic, cdt, mark_rows, rows_only, dx_dtype=x.dtype)
+                                                deterministic, cdt, mark_rows, rows_only)
         ctx.save_for_backward(xr, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.rows_only = rows_only
@@ -1404,15 +1292,14 @@ class _EagerRouted(torch.autograd.Function):
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
-                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False, dx_dtype=None):
-    """(y, kept, idx, qkv, o, lse, perm, starts, stats): routing, then the sparse-attention forward. ``mark_rows``:
-    a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``,
-    ``dx_dtype``: see ``_fwd_impl``."""
+                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False):
+    """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward. ``mark_rows``:
+    a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``: see
+    ``_fwd_impl``."""
     idx, kept = _route(x, w_router, k, include_first, cdt)
-    y, qkv, o, lse, perm, starts, stats = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic,
-                                                    cdt, mark_rows, rows_only and not deterministic, distinct=True,
-                                                    dx_dtype=dx_dtype)
-    return y, kept, idx, qkv, o, lse, perm, starts, stats
+    y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt,
+                                             mark_rows, rows_only and not deterministic, distinct=True)
+    return y, kept, idx, qkv, o, lse, perm, starts
 
 
 def _route(x, w_router, k: int, include_first: bool, cdt: torch.dtype):
@@ -1442,7 +1329,7 @@ def _routed_fwd_op(x: torch.Tensor, w_router: torch.Tensor, w_qkv: torch.Tensor,
                    include_first: bool, rope_dims: int, rope_base: float, deterministic: bool,
                    compute_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor, torch.Tensor, torch.Tensor]:
+                              torch.Tensor, torch.Tensor]:
     return _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic,
                             compute_dtype)
 
@@ -1455,20 +1342,20 @@ def _(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, determini
     cdt = compute_dtype
     return (x.new_empty(B, T, h, dtype=cdt), x.new_empty(B, E, k, dtype=torch.float32), idx,
             x.new_empty(3, E, R, D, dtype=cdt), x.new_empty(E, R, D, dtype=cdt), x.new_empty(E, R, dtype=torch.float32),
-            *_segments_like(idx, B, T, E, R, deterministic), _stats_like(x, idx, w_qkv, cdt, deterministic))
+            *_segments_like(idx, B, T, E, R, deterministic))
 
 
 @torch.library.custom_op("mosa_attention::mosa_routed_bwd", mutates_args=())
 def _routed_bwd_op(dy: torch.Tensor, x: torch.Tensor, kept: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor,
                    w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, perm: torch.Tensor,
-                   starts: torch.Tensor, stats: torch.Tensor, w_router: torch.Tensor, rope_dims: int, rope_base: float
+                   starts: torch.Tensor, w_router: torch.Tensor, rope_dims: int, rope_base: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, rope_dims, rope_base,
+    return _bwd_impl(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base,
                      w_router=w_router)
 
 
 @_routed_bwd_op.register_fake
-def _(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, stats, w_router, rope_dims, rope_base):
+def _(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, rope_dims, rope_base):
     return torch.empty_like(x), torch.empty_like(w_router), torch.empty_like(w_qkv), torch.empty_like(w_o)
 
 
