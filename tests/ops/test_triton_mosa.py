@@ -670,7 +670,7 @@ def test_float16_atomic_scatter_in_place_or_in_float32(monkeypatch, narrow):
     # to the reference, output and every gradient, with many heads on each token (the additions that round)
     monkeypatch.setattr(triton_mosa, "NARROW_ATOMICS", narrow)
     plan, used = triton_mosa._atomic_plan, []
-    monkeypatch.setattr(triton_mosa, "_atomic_plan", lambda *a: used.append(plan(*a)) or used[-1])
+    monkeypatch.setattr(triton_mosa, "_atomic_plan", lambda *a, **kw: used.append(plan(*a, **kw)) or used[-1])
     _compare(2, 24, 32, 12, 20, 32, 16, torch.float16, deterministic=False)
     # (the entry point asks first, for the choice of scatter: use_rows)
     assert used[-2:] == [(torch.float16 if narrow else torch.float32, 0)] * 2  # y, then dx
