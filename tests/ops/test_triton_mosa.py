@@ -506,12 +506,14 @@ def test_router_fused_marks_the_kept_rows():
         mosa_triton(x, wr, wq, wo, 4, False, 16, rows_only=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_router_fused_rows_only(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,scaled", [(torch.float32, False), (torch.float16, False), (torch.float32, True)])
+def test_router_fused_rows_only(monkeypatch, dtype, scaled):
     # rows_only: y and x's gradient are written at the marked (kept) rows only, the scatter buffers cleared
     # there only. Buffers handed over full of NaN: the marked rows must equal the full op's, the others
-    # must be left untouched (still NaN: nothing cleared or wrote them)
+    # must be left untouched (still NaN: nothing cleared or wrote them). scaled: y through the scaled float16
+    # buffer (forced), whose unmarked rows stay NaN through the division too
     from mosa_attention.ops.triton_mosa import mosa_triton
+    monkeypatch.setattr(triton_mosa, "SCALED_HALF_ATOMICS", True if scaled else None)
     monkeypatch.setattr(triton_mosa, "_atomic_buffer",
                         lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev))
     torch.manual_seed(4)
