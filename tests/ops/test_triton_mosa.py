@@ -828,8 +828,13 @@ def test_capability_is_read_once_per_device(monkeypatch):
 
 # ----------------------------------------------------------------------- the scaled float16 scatter of y
 def _count_unscaled(monkeypatch):
+    """The calls of ``_unscaled`` from now on, each as (the result's dtype, a copy of the stats it read)."""
     calls, real = [], triton_mosa._unscaled
-    monkeypatch.setattr(triton_mosa, "_unscaled", lambda *a: calls.append(a[1]) or real(*a))
+
+    def spy(buf, dtype, stats, D):
+        calls.append((dtype, stats.clone()))
+        return real(buf, dtype, stats, D)
+    monkeypatch.setattr(triton_mosa, "_unscaled", spy)
     return calls
 
 
@@ -845,7 +850,7 @@ def test_scaled_half_scatter_matches_reference(monkeypatch, B, T, h, E, k, D, ro
     monkeypatch.setattr(triton_mosa, "SCALED_HALF_ATOMICS", True)
     calls = _count_unscaled(monkeypatch)
     _compare(B, T, h, E, k, D, rope_dims, torch.float32, pad, unsorted, repeat, deterministic=False, tol=2e-3)
-    assert calls == [torch.float32]  # y only
+    assert [dt for dt, _ in calls] == [torch.float32]  # y only
 
 
 @pytest.mark.parametrize("w_o_scale", [1e7, 1e-7], ids=["huge", "tiny"])
@@ -873,12 +878,9 @@ def test_scaled_half_scatter_bound_and_scale(monkeypatch):
     monkeypatch.setattr(triton_mosa, "SCALED_HALF_ATOMICS", True)
     B, T, h, E, k, D = 2, 24, 32, 12, 20, 32
     x, scores, idx, w_qkv, w_o = _inputs(B, T, h, E, k, D, torch.float32, repeat=(5,))
-    stats = {}
-    real = triton_mosa._unscaled
-    monkeypatch.setattr(triton_mosa, "_unscaled", lambda buf, dt, st, d: stats.setdefault("st", st.clone()) is None
-                        or real(buf, dt, st, d))
+    calls = _count_unscaled(monkeypatch)
     y, qkv = triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, 16, 10000.0, False, torch.float32)[:2]
-    st = stats["st"]
+    st = calls[0][1]
     counts = torch.zeros(B, T, dtype=torch.int32).index_put_((torch.arange(B)[:, None, None].expand_as(idx), idx),
                                                               torch.ones_like(idx, dtype=torch.int32), accumulate=True)
     assert torch.equal(st[triton_mosa._N_STATS:].view(B, T), counts)
@@ -891,6 +893,6 @@ def test_scaled_half_scatter_bound_and_scale(monkeypatch):
     assert s == 2.0 ** round(math.log2(s))
     assert 2 ** 12 <= s * bound < 2 ** 13
     # distinct positions (top-k's): n is E, uncounted
-    stats.clear()
     triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, 16, 10000.0, False, torch.float32, distinct=True)
-    assert stats["st"].numel() == triton_mosa._N_STATS and stats["st"][:1].view(torch.float32).item() == E
+    st = calls[1][1]
+    assert st.numel() == triton_mosa._N_STATS and st[:1].view(torch.float32).item() == E

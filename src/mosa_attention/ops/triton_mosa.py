@@ -1057,8 +1057,8 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
 def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype,
               mark=None, rows_only: bool = False, distinct: bool = False):
     """(y, qkv, o, lse, perm, starts). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
-    through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself or
-    a float32 buffer; perm, starts empty, which tells the backward to do the same). ``mark``: a [B, T] bool
+    through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself, a
+    float32 buffer or the scaled float16 one; perm, starts empty, which tells the backward to do the same). ``mark``: a [B, T] bool
     tensor in which ``_qkv_fwd`` sets the kept tokens. ``rows_only`` (atomics only): y is written at the kept
     tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only).
     ``distinct``: no head keeps a token twice in one sequence (top-k's positions), so no token gets more than
