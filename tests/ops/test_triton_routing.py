@@ -61,6 +61,20 @@ def test_ties_keep_the_earliest_positions(include_first, dtype):
             assert torch.equal(taken, cand[: len(taken)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unrolled_passes_give_the_same_selection(dtype, monkeypatch):
+    # the counting passes run as a loop with a runtime trip count; the unrolled form (kept for timing A/B)
+    # must select the same positions, ties and negatives included
+    B, E, T, k = 2, 3, 70, 9
+    scores = (torch.randint(-3, 4, (B, T, E)) * 0.29).to(dtype).transpose(1, 2).to(DEVICE)
+    loop = topk_positions_triton(scores, k, include_first=True)
+    monkeypatch.setattr(triton_routing, "UNROLL_PASSES", True)
+    assert torch.equal(topk_positions_triton(scores, k, include_first=True), loop)
+    _, want = select_topk(scores.double(), k, True, backend="torch")
+    kept, want_kept = scores.gather(-1, loop), scores.gather(-1, want)
+    assert torch.equal(kept.sort(-1).values, want_kept.sort(-1).values)
+
+
 def test_negative_scores_and_extremes():
     s = torch.tensor([[[-3.0, 5.0, -0.5, 0.0, 1e30, -1e30, 2.0, -2.0]]], device=DEVICE)
     assert topk_positions_triton(s, 3).tolist() == [[[1, 4, 6]]]

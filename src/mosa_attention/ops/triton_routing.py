@@ -34,9 +34,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e,
+def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e, n_bits,
                  INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                 KEY_BITS: tl.constexpr = 32):
+                 KEY_BITS: tl.constexpr = 32, UNROLL: tl.constexpr = False):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     pos = tl.arange(0, BT)
@@ -52,10 +52,13 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
     key = tl.where(inside, key >> (32 - KEY_BITS), 0)
 
     # the k-th largest key per column, from the top bit down: keep a bit when >= k keys reach the prefix
-    # (a 256-bin histogram per eight bits instead was slower on an H200: benchmarks/NOTES.md v9.0)
+    # (a 256-bin histogram per eight bits instead was slower on an H200: benchmarks/NOTES.md v9.0).
+    # The trip count n_bits (= KEY_BITS) is a runtime value so that the passes stay one loop: unrolled, they
+    # made 43 % of a straight-line kernel of 61 KB of code, whose warps stalled on instruction fetch
+    # (benchmarks/NOTES.md v19.0); UNROLL keeps the unrolled form for comparison
     prefix = tl.zeros([BE], dtype=tl.uint32)
     one = tl.full([BE], 1, dtype=tl.uint32)
-    for i in range(KEY_BITS):
+    for i in range(KEY_BITS if UNROLL else n_bits):
         cand = prefix | (one << (KEY_BITS - 1 - i))
         reach = tl.sum((key >= cand[None, :]).to(tl.int32), axis=0)  # outside keys are 0 < every cand
         prefix = tl.where(reach >= k, cand, prefix)
@@ -84,6 +87,8 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
 
 # (BE columns per program, num_warps) override, for tuning only (benchmarks/bench_layer.py); None in normal use
 TILE_OVERRIDE = None
+# True: the counting passes unrolled, as before v19 (for A/B timing only; bench_layer.py --tune-topk)
+UNROLL_PASSES = False
 
 
 def _tiles(T: int, rows: int):
@@ -111,9 +116,9 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
     if B * E:
         BT, BE, warps = _tiles(T, B * E)
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
-        _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, INCLUDE_FIRST=bool(include_first),
+        _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, bits, INCLUDE_FIRST=bool(include_first),
                                               SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits,
-                                              num_warps=warps)
+                                              UNROLL=bool(UNROLL_PASSES), num_warps=warps)
     return idx, (kept if sigmoid else None)
 
 
