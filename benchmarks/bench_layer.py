@@ -720,22 +720,19 @@ def tune_topk(out):
         want = call()
         bt = triton.next_power_of_2(T)
         row = {"shape": [B, E, T, k], "default_tile": list(tr._tiles(T, B * E)[1:]), "ms": {}}
-        # (name, tile, unrolled passes, ties always ranked): the default timed three times, between the forms
-        # kept for A/B, then the tiles
-        variants = [("default", None, False, False), ("default_unrolled", None, True, False),
-                    ("default_again", None, False, False), ("default_rank_ties", None, False, True),
-                    ("default_third", None, False, False)] + [
-            ("%d,%d" % (be, nw), (be, nw), False, False)
-            for be in (1, 2, 4, 8) for nw in (1, 2, 4, 8) if 4 <= bt * be // (32 * nw) <= 64]
-        for key, tile, unroll, rank_ties in variants:
-            tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.RANK_TIES = tile, unroll, rank_ties
+        variants = [(None, False), (None, True), (None, False)] + [
+            ((be, nw), False) for be in (1, 2, 4, 8) for nw in (1, 2, 4, 8) if 4 <= bt * be // (32 * nw) <= 64]
+        for i, (tile, unroll) in enumerate(variants):  # the default timed twice, around the unrolled passes
+            tr.TILE_OVERRIDE, tr.UNROLL_PASSES = tile, unroll
+            key = ("default" if i == 0 else "default_again" if i == 2 else "default_unrolled" if unroll
+                   else "%d,%d" % tile)
             try:
                 got = call()
                 same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
                 row["ms"][key] = cuda_time(graph_step(call)[0]) if same else "WRONG"
             except Exception as err:  # noqa: BLE001 (report the variant, go on)
                 row["ms"][key] = repr(err)[:100]
-        tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.RANK_TIES = None, False, False
+        tr.TILE_OVERRIDE, tr.UNROLL_PASSES = None, False
         res.append(row)
         best = sorted((v, n) for n, v in row["ms"].items() if isinstance(v, float))[:4]
         print("tune_topk %-22s default %s: %s | best %s" % (
@@ -915,9 +912,6 @@ def main():
                          "float16 one (SCALED_HALF_ATOMICS = False; for A/B runs)")
     ap.add_argument("--unrolled-topk", action="store_true",
                     help="the top-k kernel's counting passes unrolled, as before v19 (UNROLL_PASSES; for A/B runs)")
-    ap.add_argument("--rank-ties", action="store_true",
-                    help="the top-k kernel ranks the keys tied with the k-th by a scan also where all of them are "
-                         "kept, as before v19 (RANK_TIES; for A/B runs)")
     ap.add_argument("--wide-atomics", action="store_true",
                     help="16-bit results of the atomic scatter summed in a float32 buffer and cast (as up to v5.2) "
                          "instead of added in their own dtype")
@@ -984,7 +978,7 @@ def main():
     if args.no_scaled_half:
         _tm.SCALED_HALF_ATOMICS = False
     from mosa_attention.ops import triton_routing as _tr
-    _tr.UNROLL_PASSES, _tr.RANK_TIES = args.unrolled_topk, args.rank_ties
+    _tr.UNROLL_PASSES = args.unrolled_topk
     if args.dwr_separate:
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:
@@ -1022,7 +1016,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "scaled_half_atomics": str(_tm.SCALED_HALF_ATOMICS), "unrolled_topk": args.unrolled_topk, "rank_ties": args.rank_ties, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "scaled_half_atomics": str(_tm.SCALED_HALF_ATOMICS), "unrolled_topk": args.unrolled_topk, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

@@ -36,8 +36,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e, n_bits,
                  INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                 KEY_BITS: tl.constexpr = 32, UNROLL: tl.constexpr = False,
-                 RANK_TIES: tl.constexpr = False):
+                 KEY_BITS: tl.constexpr = 32, UNROLL: tl.constexpr = False):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     pos = tl.arange(0, BT)
@@ -67,13 +66,8 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
     above = inside & (key > prefix[None, :])
     need = k - tl.sum(above.to(tl.int32), axis=0)  # keys equal to the k-th that are kept
     equal = (inside & (key == prefix[None, :])).to(tl.int32)
-    if not RANK_TIES and tl.max(tl.sum(equal, axis=0) - need, axis=0) <= 0:
-        # every key equal to the k-th is kept (the usual case: no tie across the k-th place), so the scan that
-        # ranks them (a sixth of the kernel's instructions) is skipped
-        keep = above | (equal == 1)
-    else:
-        eq_rank = tl.cumsum(equal, axis=0) - equal
-        keep = above | ((equal == 1) & (eq_rank < need[None, :]))
+    eq_rank = tl.cumsum(equal, axis=0) - equal
+    keep = above | ((equal == 1) & (eq_rank < need[None, :]))
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(idx_ptr + (b * E + e[None, :]) * k + slot, pos[:, None] + tl.zeros([BT, BE], tl.int64), mask=keep)
     if SIGMOID:
@@ -95,8 +89,6 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
 TILE_OVERRIDE = None
 # True: the counting passes unrolled, as before v19 (for A/B timing only; bench_layer.py --tune-topk)
 UNROLL_PASSES = False
-# True: the keys tied with the k-th always ranked by a scan, also where all of them are kept (A/B timing only)
-RANK_TIES = False
 
 
 def _tiles(T: int, rows: int):
@@ -126,8 +118,7 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
         _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, bits, INCLUDE_FIRST=bool(include_first),
                                               SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits,
-                                              UNROLL=bool(UNROLL_PASSES), RANK_TIES=bool(RANK_TIES),
-                                              num_warps=warps)
+                                              UNROLL=bool(UNROLL_PASSES), num_warps=warps)
     return idx, (kept if sigmoid else None)
 
 
