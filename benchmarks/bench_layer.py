@@ -720,19 +720,22 @@ def tune_topk(out):
         want = call()
         bt = triton.next_power_of_2(T)
         row = {"shape": [B, E, T, k], "default_tile": list(tr._tiles(T, B * E)[1:]), "ms": {}}
-        variants = [(None, False), (None, True), (None, False)] + [
-            ((be, nw), False) for be in (1, 2, 4, 8) for nw in (1, 2, 4, 8) if 4 <= bt * be // (32 * nw) <= 64]
-        for i, (tile, unroll) in enumerate(variants):  # the default timed twice, around the unrolled passes
-            tr.TILE_OVERRIDE, tr.UNROLL_PASSES = tile, unroll
-            key = ("default" if i == 0 else "default_again" if i == 2 else "default_unrolled" if unroll
-                   else "%d,%d" % tile)
+        # (name, tile, unrolled passes, two-level scans): the default timed three times, between the
+        # forms kept for A/B, then the tiles
+        variants = [("default", None, False, False), ("default_unrolled", None, True, False),
+                    ("default_again", None, False, False), ("default_lead", None, False, True),
+                    ("default_third", None, False, False), ("default_lead_again", None, False, True)] + [
+            ("%d,%d" % (be, nw), (be, nw), False, False)
+            for be in (1, 2, 4, 8) for nw in (1, 2, 4, 8) if 4 <= bt * be // (32 * nw) <= 64]
+        for key, tile, unroll, lead in variants:
+            tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.LEAD_AXIS = tile, unroll, lead
             try:
                 got = call()
                 same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
                 row["ms"][key] = cuda_time(graph_step(call)[0]) if same else "WRONG"
             except Exception as err:  # noqa: BLE001 (report the variant, go on)
                 row["ms"][key] = repr(err)[:100]
-        tr.TILE_OVERRIDE, tr.UNROLL_PASSES = None, False
+        tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.LEAD_AXIS = None, False, False
         res.append(row)
         best = sorted((v, n) for n, v in row["ms"].items() if isinstance(v, float))[:4]
         print("tune_topk %-22s default %s: %s | best %s" % (
@@ -910,6 +913,7 @@ def main():
     ap.add_argument("--no-scaled-half", action="store_true",
                     help="a bfloat16 y with many rows per token: a float32 scatter buffer instead of the scaled "
                          "float16 one (SCALED_HALF_ATOMICS = False; for A/B runs)")
+    ap.add_argument("--lead-topk", action="store_true", help="EXPERIMENT (v19.4): the top-k kernel's two-level scans")
     ap.add_argument("--unrolled-topk", action="store_true",
                     help="the top-k kernel's counting passes unrolled, as before v19 (UNROLL_PASSES; for A/B runs)")
     ap.add_argument("--wide-atomics", action="store_true",
@@ -978,7 +982,7 @@ def main():
     if args.no_scaled_half:
         _tm.SCALED_HALF_ATOMICS = False
     from mosa_attention.ops import triton_routing as _tr
-    _tr.UNROLL_PASSES = args.unrolled_topk
+    _tr.UNROLL_PASSES, _tr.LEAD_AXIS = args.unrolled_topk, args.lead_topk
     if args.dwr_separate:
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:

@@ -85,10 +85,56 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
                      mask=m)
 
 
+@triton.jit
+def _topk_select3(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e, n_bits,
+                  INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                  KEY_BITS: tl.constexpr = 32, UNROLL: tl.constexpr = False):
+    # EXPERIMENT (v19.4): _topk_select over a [1, BT, BE] tile
+    b = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BE + tl.arange(0, BE)
+    pos = tl.arange(0, 1)[:, None, None] * BT + tl.arange(0, BT)[None, :, None]
+    inside = (pos < T) & (e < E)[None, None, :]
+    s_row = s_ptr + b * stride_b + e * stride_e
+    bits = tl.load(s_row[None, None, :] + pos * stride_t, mask=inside, other=0.0).to(tl.float32)
+    bits = bits.to(tl.uint32, bitcast=True)
+    key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
+    if INCLUDE_FIRST:
+        key = tl.where(pos == 0, 0xFFFFFFFF, key)
+    key = tl.where(inside, key >> (32 - KEY_BITS), 0)
+    prefix = tl.zeros([BE], dtype=tl.uint32)
+    one = tl.full([BE], 1, dtype=tl.uint32)
+    for i in range(KEY_BITS if UNROLL else n_bits):
+        cand = prefix | (one << (KEY_BITS - 1 - i))
+        reach = tl.sum(tl.sum((key >= cand[None, None, :]).to(tl.int32), axis=1), axis=0)
+        prefix = tl.where(reach >= k, cand, prefix)
+    above = inside & (key > prefix[None, None, :])
+    need = k - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)
+    equal = (inside & (key == prefix[None, None, :])).to(tl.int32)
+    eq_tot = tl.sum(equal, axis=1)
+    eq_rank = tl.cumsum(equal, axis=1) - equal + (tl.cumsum(eq_tot, axis=0) - eq_tot)[:, None, :]
+    keep = (above | ((equal == 1) & (eq_rank < need[None, None, :]))).to(tl.int32)
+    k_tot = tl.sum(keep, axis=1)
+    slot = tl.cumsum(keep, axis=1) - 1 + (tl.cumsum(k_tot, axis=0) - k_tot)[:, None, :]
+    tl.store(idx_ptr + (b * E + e[None, None, :]) * k + slot, pos.to(tl.int64) + tl.zeros([1, BT, BE], tl.int64),
+             mask=keep == 1)
+    if SIGMOID:
+        tl.debug_barrier()
+        base = (b * E + e) * k
+        for j0 in range(0, k, 16):
+            j = j0 + tl.arange(0, 16)
+            m = (e < E)[:, None] & (j < k)[None, :]
+            p = tl.load(idx_ptr + base[:, None] + j[None, :], mask=m, other=0)
+            lg = tl.load(s_row[:, None] + p * stride_t, mask=m, other=0.0).to(tl.float32)
+            tl.store(kept_ptr + base[:, None] + j[None, :], (1.0 / (1.0 + tl.exp(-lg))).to(kept_ptr.dtype.element_ty),
+                     mask=m)
+
+
 # (BE columns per program, num_warps) override, for tuning only (benchmarks/bench_layer.py); None in normal use
 TILE_OVERRIDE = None
 # True: the counting passes unrolled, as before v19 (for A/B timing only; bench_layer.py --tune-topk)
 UNROLL_PASSES = False
+# EXPERIMENT (v19.4): True runs _topk_select3
+LEAD_AXIS = False
 
 
 def _tiles(T: int, rows: int):
@@ -116,7 +162,7 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
     if B * E:
         BT, BE, warps = _tiles(T, B * E)
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
-        _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, bits, INCLUDE_FIRST=bool(include_first),
+        (_topk_select3 if LEAD_AXIS else _topk_select)[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, bits, INCLUDE_FIRST=bool(include_first),
                                               SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits,
                                               UNROLL=bool(UNROLL_PASSES), num_warps=warps)
     return idx, (kept if sigmoid else None)
