@@ -720,22 +720,22 @@ def tune_topk(out):
         want = call()
         bt = triton.next_power_of_2(T)
         row = {"shape": [B, E, T, k], "default_tile": list(tr._tiles(T, B * E)[1:]), "ms": {}}
-        # (name, tile, unrolled passes, two-level scans): the default timed three times, between the
-        # forms kept for A/B, then the tiles
-        variants = [("default", None, False, False), ("default_unrolled", None, True, False),
-                    ("default_again", None, False, False), ("default_lead", None, False, True),
-                    ("default_third", None, False, False), ("default_lead_again", None, False, True)] + [
-            ("%d,%d" % (be, nw), (be, nw), False, False)
+        # (name, tile, unrolled passes, two-level scans): the default timed three times, between the forms
+        # kept for A/B, then the tiles
+        variants = [("default", None, False, None), ("default_unrolled", None, True, None),
+                    ("default_again", None, False, None), ("flat_scans", None, False, False),
+                    ("two_level_scans", None, False, True), ("default_third", None, False, None)] + [
+            ("%d,%d" % (be, nw), (be, nw), False, None)
             for be in (1, 2, 4, 8) for nw in (1, 2, 4, 8) if 4 <= bt * be // (32 * nw) <= 64]
-        for key, tile, unroll, lead in variants:
-            tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.LEAD_AXIS = tile, unroll, lead
+        for key, tile, unroll, two in variants:
+            tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.TWO_LEVEL_SCANS = tile, unroll, two
             try:
                 got = call()
                 same = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
                 row["ms"][key] = cuda_time(graph_step(call)[0]) if same else "WRONG"
             except Exception as err:  # noqa: BLE001 (report the variant, go on)
                 row["ms"][key] = repr(err)[:100]
-        tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.LEAD_AXIS = None, False, False
+        tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.TWO_LEVEL_SCANS = None, False, None
         res.append(row)
         best = sorted((v, n) for n, v in row["ms"].items() if isinstance(v, float))[:4]
         print("tune_topk %-22s default %s: %s | best %s" % (
@@ -913,7 +913,8 @@ def main():
     ap.add_argument("--no-scaled-half", action="store_true",
                     help="a bfloat16 y with many rows per token: a float32 scatter buffer instead of the scaled "
                          "float16 one (SCALED_HALF_ATOMICS = False; for A/B runs)")
-    ap.add_argument("--lead-topk", action="store_true", help="EXPERIMENT (v19.4): the top-k kernel's two-level scans")
+    ap.add_argument("--topk-scans", choices=("auto", "flat", "two-level"), default="auto",
+                    help="the top-k kernel's compaction scans (TWO_LEVEL_SCANS; v19.4): by shape, or forced, for A/B")
     ap.add_argument("--unrolled-topk", action="store_true",
                     help="the top-k kernel's counting passes unrolled, as before v19 (UNROLL_PASSES; for A/B runs)")
     ap.add_argument("--wide-atomics", action="store_true",
@@ -982,7 +983,8 @@ def main():
     if args.no_scaled_half:
         _tm.SCALED_HALF_ATOMICS = False
     from mosa_attention.ops import triton_routing as _tr
-    _tr.UNROLL_PASSES, _tr.LEAD_AXIS = args.unrolled_topk, args.lead_topk
+    _tr.UNROLL_PASSES = args.unrolled_topk
+    _tr.TWO_LEVEL_SCANS = {"auto": None, "flat": False, "two-level": True}[args.topk_scans]
     if args.dwr_separate:
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:
@@ -1020,7 +1022,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "scaled_half_atomics": str(_tm.SCALED_HALF_ATOMICS), "unrolled_topk": args.unrolled_topk, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "scaled_half_atomics": str(_tm.SCALED_HALF_ATOMICS), "unrolled_topk": args.unrolled_topk, "topk_scans": args.topk_scans, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

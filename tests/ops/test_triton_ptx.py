@@ -108,9 +108,9 @@ ALL_KERNELS = textwrap.dedent("""
         print("compiled", kern.__name__)
     # the routing and dense-head kernels too
     from mosa_attention.ops import triton_routing as tr, triton_rope as rp
-    for bits, s_dt, unroll in ((16, "*bf16", False), (32, "*fp32", False), (19, "*fp16", False),
-                               (16, "*bf16", True)):
-        cons = dict(INCLUDE_FIRST=True, SIGMOID=True, BT=1024, BE=1, KEY_BITS=bits, UNROLL=unroll)
+    for bits, s_dt, unroll, two in ((16, "*bf16", False, True), (32, "*fp32", False, True),
+                                    (19, "*fp16", False, True), (16, "*bf16", True, False)):
+        cons = dict(INCLUDE_FIRST=True, SIGMOID=True, BT=1024, BE=1, KEY_BITS=bits, UNROLL=unroll, TWO_LEVEL=two)
         sig = dict(s_ptr=s_dt, idx_ptr="*i64", kept_ptr="*fp32", T="i32", E="i32", k="i32", stride_b="i64",
                    stride_t="i64", stride_e="i64", n_bits="i32", **{n: "constexpr" for n in cons})
         k = triton.compile(ASTSource(tr._topk_select, sig, cons), target=GPUTarget("cuda", 90, 32),

@@ -61,18 +61,40 @@ def test_ties_keep_the_earliest_positions(include_first, dtype):
             assert torch.equal(taken, cand[: len(taken)])
 
 
+@pytest.mark.parametrize("form", [("UNROLL_PASSES", True), ("TWO_LEVEL_SCANS", True), ("TWO_LEVEL_SCANS", False)])
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_unrolled_passes_give_the_same_selection(dtype, monkeypatch):
-    # the counting passes run as a loop with a runtime trip count; the unrolled form (kept for timing A/B)
-    # must select the same positions, ties and negatives included
+def test_every_form_of_the_kernel_gives_the_same_selection(dtype, ties, form, monkeypatch):
+    # the forms of the kernel kept for timing (the counting passes unrolled; the compaction's scans in one or
+    # two levels, which the default picks by shape) select the same positions as the default, with ties
+    # across the k-th place (then ranked by position) and without
     B, E, T, k = 2, 3, 70, 9
-    scores = (torch.randint(-3, 4, (B, T, E)) * 0.29).to(dtype).transpose(1, 2).to(DEVICE)
-    loop = topk_positions_triton(scores, k, include_first=True)
-    monkeypatch.setattr(triton_routing, "UNROLL_PASSES", True)
-    assert torch.equal(topk_positions_triton(scores, k, include_first=True), loop)
+    if ties:
+        scores = (torch.randint(-3, 4, (B, T, E)) * 0.29).to(dtype)
+    else:  # each row a permutation of 0..T-1: distinct and exact in every dtype
+        scores = torch.stack([torch.randperm(T) for _ in range(B * E)]).view(B, E, T).transpose(1, 2).to(dtype)
+    scores = scores.transpose(1, 2).to(DEVICE)
+    default = topk_positions_triton(scores, k, include_first=True)
+    monkeypatch.setattr(triton_routing, *form)
+    assert torch.equal(topk_positions_triton(scores, k, include_first=True), default)
     _, want = select_topk(scores.double(), k, True, backend="torch")
-    kept, want_kept = scores.gather(-1, loop), scores.gather(-1, want)
+    if not ties:
+        assert torch.equal(default, want)
+    kept, want_kept = scores.gather(-1, default), scores.gather(-1, want)
     assert torch.equal(kept.sort(-1).values, want_kept.sort(-1).values)
+
+
+@pytest.mark.parametrize("two_level", [False, True])
+def test_both_scan_forms_match_torch_topk_at_real_row_lengths(two_level, monkeypatch):
+    # rows of 1024 keys, as the targets' layers have them, through both forms of the compaction
+    monkeypatch.setattr(triton_routing, "TWO_LEVEL_SCANS", two_level)
+    T, k = 1024, 16
+    bits = torch.stack([torch.randperm(T) for _ in range(6)]).view(2, 3, T) + 0x3F80
+    scores = bits.to(torch.int16).view(torch.bfloat16).to(DEVICE)
+    for include_first in (False, True):
+        got = topk_positions_triton(scores, k, include_first)
+        _, want = select_topk(scores, k, include_first, backend="torch")
+        assert torch.equal(got, want)
 
 
 def test_negative_scores_and_extremes():

@@ -36,17 +36,19 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e, n_bits,
                  INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                 KEY_BITS: tl.constexpr = 32, UNROLL: tl.constexpr = False):
+                 KEY_BITS: tl.constexpr = 32, UNROLL: tl.constexpr = False, TWO_LEVEL: tl.constexpr = False):
+    # the tile is [1, BT, BE]: positions on the middle axis (the leading axis of one lets the compaction's
+    # scans be written in two levels, below)
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
-    pos = tl.arange(0, BT)
-    inside = (pos < T)[:, None] & (e < E)[None, :]
+    pos = tl.arange(0, 1)[:, None, None] * BT + tl.arange(0, BT)[None, :, None]
+    inside = (pos < T) & (e < E)[None, None, :]
     s_row = s_ptr + b * stride_b + e * stride_e
-    bits = tl.load(s_row[None, :] + pos[:, None] * stride_t, mask=inside, other=0.0).to(tl.float32)
+    bits = tl.load(s_row[None, None, :] + pos * stride_t, mask=inside, other=0.0).to(tl.float32)
     bits = bits.to(tl.uint32, bitcast=True)
     key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
     if INCLUDE_FIRST:
-        key = tl.where((pos == 0)[:, None], 0xFFFFFFFF, key)
+        key = tl.where(pos == 0, 0xFFFFFFFF, key)
     # a 16-bit float widened to float32 varies only in its top KEY_BITS bits (16 for bfloat16, 19 for
     # float16): keep those, so the search below takes KEY_BITS passes instead of 32
     key = tl.where(inside, key >> (32 - KEY_BITS), 0)
@@ -60,16 +62,27 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
     one = tl.full([BE], 1, dtype=tl.uint32)
     for i in range(KEY_BITS if UNROLL else n_bits):
         cand = prefix | (one << (KEY_BITS - 1 - i))
-        reach = tl.sum((key >= cand[None, :]).to(tl.int32), axis=0)  # outside keys are 0 < every cand
+        reach = tl.sum(tl.sum((key >= cand[None, None, :]).to(tl.int32), axis=1), axis=0)  # outside keys: 0
         prefix = tl.where(reach >= k, cand, prefix)
 
-    above = inside & (key > prefix[None, :])
-    need = k - tl.sum(above.to(tl.int32), axis=0)  # keys equal to the k-th that are kept
-    equal = (inside & (key == prefix[None, :])).to(tl.int32)
-    eq_rank = tl.cumsum(equal, axis=0) - equal
-    keep = above | ((equal == 1) & (eq_rank < need[None, :]))
-    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    tl.store(idx_ptr + (b * E + e[None, :]) * k + slot, pos[:, None] + tl.zeros([BT, BE], tl.int64), mask=keep)
+    above = inside & (key > prefix[None, None, :])
+    need = k - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)  # keys equal to the k-th that are kept
+    equal = (inside & (key == prefix[None, None, :])).to(tl.int32)
+    if TWO_LEVEL:
+        # the same ranks written as a scan along the positions plus the scanned totals of the leading axis
+        # (of length one, so zero): Triton then lays the scans out with fewer shuffles (at T = 1024 on one
+        # warp 48 against 184; 13-23 % fewer instructions in the sm_90 build, benchmarks/NOTES.md v19.4)
+        eq_tot = tl.sum(equal, axis=1)
+        eq_rank = tl.cumsum(equal, axis=1) - equal + (tl.cumsum(eq_tot, axis=0) - eq_tot)[:, None, :]
+        keep = (above | ((equal == 1) & (eq_rank < need[None, None, :]))).to(tl.int32)
+        k_tot = tl.sum(keep, axis=1)
+        slot = tl.cumsum(keep, axis=1) - 1 + (tl.cumsum(k_tot, axis=0) - k_tot)[:, None, :]
+    else:
+        eq_rank = tl.cumsum(equal, axis=1) - equal
+        keep = (above | ((equal == 1) & (eq_rank < need[None, None, :]))).to(tl.int32)
+        slot = tl.cumsum(keep, axis=1) - 1
+    tl.store(idx_ptr + (b * E + e[None, None, :]) * k + slot, pos.to(tl.int64) + tl.zeros([1, BT, BE], tl.int64),
+             mask=keep == 1)
     if SIGMOID:
         # the kept logits gathered again through the positions just written (the barrier makes them visible
         # to the whole program): computing sigmoid over the tile in registers and storing it through the
@@ -85,56 +98,14 @@ def _topk_select(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e
                      mask=m)
 
 
-@triton.jit
-def _topk_select3(s_ptr, idx_ptr, kept_ptr, T, E, k, stride_b, stride_t, stride_e, n_bits,
-                  INCLUDE_FIRST: tl.constexpr, SIGMOID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                  KEY_BITS: tl.constexpr = 32, UNROLL: tl.constexpr = False):
-    # EXPERIMENT (v19.4): _topk_select over a [1, BT, BE] tile
-    b = tl.program_id(0).to(tl.int64)
-    e = tl.program_id(1) * BE + tl.arange(0, BE)
-    pos = tl.arange(0, 1)[:, None, None] * BT + tl.arange(0, BT)[None, :, None]
-    inside = (pos < T) & (e < E)[None, None, :]
-    s_row = s_ptr + b * stride_b + e * stride_e
-    bits = tl.load(s_row[None, None, :] + pos * stride_t, mask=inside, other=0.0).to(tl.float32)
-    bits = bits.to(tl.uint32, bitcast=True)
-    key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
-    if INCLUDE_FIRST:
-        key = tl.where(pos == 0, 0xFFFFFFFF, key)
-    key = tl.where(inside, key >> (32 - KEY_BITS), 0)
-    prefix = tl.zeros([BE], dtype=tl.uint32)
-    one = tl.full([BE], 1, dtype=tl.uint32)
-    for i in range(KEY_BITS if UNROLL else n_bits):
-        cand = prefix | (one << (KEY_BITS - 1 - i))
-        reach = tl.sum(tl.sum((key >= cand[None, None, :]).to(tl.int32), axis=1), axis=0)
-        prefix = tl.where(reach >= k, cand, prefix)
-    above = inside & (key > prefix[None, None, :])
-    need = k - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)
-    equal = (inside & (key == prefix[None, None, :])).to(tl.int32)
-    eq_tot = tl.sum(equal, axis=1)
-    eq_rank = tl.cumsum(equal, axis=1) - equal + (tl.cumsum(eq_tot, axis=0) - eq_tot)[:, None, :]
-    keep = (above | ((equal == 1) & (eq_rank < need[None, None, :]))).to(tl.int32)
-    k_tot = tl.sum(keep, axis=1)
-    slot = tl.cumsum(keep, axis=1) - 1 + (tl.cumsum(k_tot, axis=0) - k_tot)[:, None, :]
-    tl.store(idx_ptr + (b * E + e[None, None, :]) * k + slot, pos.to(tl.int64) + tl.zeros([1, BT, BE], tl.int64),
-             mask=keep == 1)
-    if SIGMOID:
-        tl.debug_barrier()
-        base = (b * E + e) * k
-        for j0 in range(0, k, 16):
-            j = j0 + tl.arange(0, 16)
-            m = (e < E)[:, None] & (j < k)[None, :]
-            p = tl.load(idx_ptr + base[:, None] + j[None, :], mask=m, other=0)
-            lg = tl.load(s_row[:, None] + p * stride_t, mask=m, other=0.0).to(tl.float32)
-            tl.store(kept_ptr + base[:, None] + j[None, :], (1.0 / (1.0 + tl.exp(-lg))).to(kept_ptr.dtype.element_ty),
-                     mask=m)
-
-
 # (BE columns per program, num_warps) override, for tuning only (benchmarks/bench_layer.py); None in normal use
 TILE_OVERRIDE = None
 # True: the counting passes unrolled, as before v19 (for A/B timing only; bench_layer.py --tune-topk)
 UNROLL_PASSES = False
-# EXPERIMENT (v19.4): True runs _topk_select3
-LEAD_AXIS = False
+# the compaction's scans in two levels (TWO_LEVEL above): None chooses by the shape (two levels except for few
+# rows of at most 1024 keys, t1's class, where they were ~2 us slower in the layer on an H200: NOTES.md v19.4);
+# True / False force them (for A/B timing)
+TWO_LEVEL_SCANS = None
 
 
 def _tiles(T: int, rows: int):
@@ -162,9 +133,10 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
     if B * E:
         BT, BE, warps = _tiles(T, B * E)
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
-        (_topk_select3 if LEAD_AXIS else _topk_select)[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, bits, INCLUDE_FIRST=bool(include_first),
+        two = TWO_LEVEL_SCANS if TWO_LEVEL_SCANS is not None else not (B * E <= 512 and BT <= 1024)
+        _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, bits, INCLUDE_FIRST=bool(include_first),
                                               SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits,
-                                              UNROLL=bool(UNROLL_PASSES), num_warps=warps)
+                                              UNROLL=bool(UNROLL_PASSES), TWO_LEVEL=bool(two), num_warps=warps)
     return idx, (kept if sigmoid else None)
 
 
