@@ -108,6 +108,9 @@ UNROLL_PASSES = False
 TWO_LEVEL_SCANS = None
 
 
+FEW_ROWS = 512  # at most this many rows: t1's class (more warps per row; flat compaction scans)
+
+
 def _tiles(T: int, rows: int):
     """[BT, BE] tile and warps for ``rows`` rows of length T. Many rows: one row per program, about 32 keys
     per thread, so that the 16-33 counting passes reduce in registers and warp shuffles (t3's 16 x 505 rows
@@ -116,7 +119,7 @@ def _tiles(T: int, rows: int):
     272) leave SMs idle: one row per program on more warps (16 us against 22 us for two rows on two warps;
     benchmarks/NOTES.md, v6, v7)."""
     BT = max(next_pow2(T), 16)
-    if rows <= 512:
+    if rows <= FEW_ROWS:
         BE, warps = 1, max(1, min(8, BT // 256))
     else:
         BE, warps = 1, max(1, min(8, BT // 1024))
@@ -133,7 +136,7 @@ def _select(s, E, T, k, include_first, sigmoid, strides, kept_dtype):
     if B * E:
         BT, BE, warps = _tiles(T, B * E)
         bits = {torch.bfloat16: 16, torch.float16: 19}.get(s.dtype, 32)
-        two = TWO_LEVEL_SCANS if TWO_LEVEL_SCANS is not None else not (B * E <= 512 and BT <= 1024)
+        two = TWO_LEVEL_SCANS if TWO_LEVEL_SCANS is not None else not (B * E <= FEW_ROWS and BT <= 1024)
         _topk_select[(B, cdiv(E, BE))](s, idx, kept, T, E, k, *strides, bits, INCLUDE_FIRST=bool(include_first),
                                               SIGMOID=sigmoid, BT=BT, BE=BE, KEY_BITS=bits,
                                               UNROLL=bool(UNROLL_PASSES), TWO_LEVEL=bool(two), num_warps=warps)
