@@ -59,6 +59,7 @@ def test_vector_atomics_assemble_for_sm90():
 
 
 ALL_KERNELS = textwrap.dedent("""
+    import sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -66,6 +67,11 @@ ALL_KERNELS = textwrap.dedent("""
     FP32 = {"sc_ptr", "lse_ptr", "delta_ptr", "dsc_ptr", "dl_ptr", "cos_ptr", "sin_ptr"}
     I64 = {"idx_ptr", "perm_ptr", "starts_ptr"}
     I32 = {"stats_ptr"}
+    ARCH = int(sys.argv[1])
+    TARGET = GPUTarget("cuda", ARCH, 32)
+    # y's scatter as the launchers pick it (_atomic_plan): 16-byte vector adds into the scaled float16 buffer
+    # from sm_90, scalar atomics before (the vector forms' inline PTX needs sm_90)
+    Y_SCATTER = dict(VEC=8, SCALED=True) if ARCH >= 90 else dict(VEC=0, SCALED=False)
 
     def sig_of(kern, cons):
         for p in kern.params:  # constexpr parameters left out take their defaults
@@ -89,7 +95,7 @@ ALL_KERNELS = textwrap.dedent("""
             (tm._qkv_fwd, dict(base, ROPE=32, BM=128, BK=64, FUSED=True, ZERO=1, STATS=True)),
             (tm._qkv_fwd, dict(base, ROPE=32, BM=64, BK=32, FUSED=False, ZERO=1, STATS=True, COUNT=True)),
             (tm._attn_fwd, dict(base, BM=64, BN=32, BH=64, BS=128)),
-            (tm._attn_fwd, dict(base, BM=64, BN=32, BH=64, BS=128, ATOMIC=True, VEC=8, SCALED=True)),
+            (tm._attn_fwd, dict(base, BM=64, BN=32, BH=64, BS=128, ATOMIC=True, **Y_SCATTER)),
             (tm._unscale, dict(D=64, BLOCK=4096)),
             (tm._segment_sum, dict(BT=16, BH=512)),
             (tm._out_bwd, dict(base, BM=64, BH=64, DLOGIT=True, ZERO=1, DENSE_DL=True)),
@@ -100,9 +106,15 @@ ALL_KERNELS = textwrap.dedent("""
             (tm._attn_bwd_dq, dict(base, ROPE=32, BM=64, BN=32, BS=128)),
             (tm._attn_bwd_seqs, dict(base, ROPE=32, BLK=64)),
             (tm._qkv_bwd_dx, dict(base, BM=64, BH=128, ROUTER=True)),
+            (tm._qkv_bwd_dx, dict(base, BM=64, BH=128, ROUTER=True, ATOMIC=True, VEC=4 if ARCH >= 90 else 0)),
             (tm._dwqkv, dict(base, BR=64, BH=128, FUSED=True, ROUTER=True)),
             (tm._dwr, dict(BR=32, BH=128))):
-        k = triton.compile(ASTSource(kern, sig_of(kern, cons), cons), target=GPUTarget("cuda", 90, 32),
+        sig = sig_of(kern, cons)
+        if cons.get("ATOMIC") and kern is tm._qkv_bwd_dx:  # x's gradient adds into float32
+            sig["dx_ptr"] = "*fp32"
+        elif cons.get("ATOMIC") and ARCH < 90:  # and so does a bfloat16 y before sm_90
+            sig["out_ptr"] = "*fp32"
+        k = triton.compile(ASTSource(kern, sig, cons), target=TARGET,
                            options=dict(num_warps=4, num_stages=2))
         assert k.asm["cubin"], kern.__name__
         print("compiled", kern.__name__)
@@ -114,35 +126,36 @@ ALL_KERNELS = textwrap.dedent("""
         cons = dict(INCLUDE_FIRST=True, SIGMOID=True, BT=1024, BE=1, KEY_BITS=bits, UNROLL=unroll, TWO_LEVEL=two)
         sig = dict(s_ptr=s_dt, idx_ptr="*i64", kept_ptr="*fp32", T="i32", E="i32", k="i32", stride_b="i64",
                    stride_t="i64", stride_e="i64", n_bits="i32", **{n: "constexpr" for n in cons})
-        k = triton.compile(ASTSource(tr._topk_select, sig, cons), target=GPUTarget("cuda", 90, 32),
+        k = triton.compile(ASTSource(tr._topk_select, sig, cons), target=TARGET,
                            options=dict(num_warps=1, num_stages=2))
         assert k.asm["cubin"]
         print("compiled _topk_select", bits)
     for backward in (False, True):
         cons = dict(D=64, DP=64, ROPE=32, BT=32, BACKWARD=backward)
         k = triton.compile(ASTSource(rp._split_rope, sig_of(rp._split_rope, cons), cons),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+                           target=TARGET, options=dict(num_warps=4, num_stages=2))
         assert k.asm["cubin"]
         print("compiled _split_rope", backward)
     from mosa_attention.ops import triton_combine as tc
     cons = dict(BR=8, BH=512)
     sig = dict(dst_ptr="*bf16", src_ptr="*bf16", rows_ptr="*u8", N="i32", h="i32", BR="constexpr", BH="constexpr")
-    k = triton.compile(ASTSource(tc._add_at_rows, sig, cons), target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(ASTSource(tc._add_at_rows, sig, cons), target=TARGET,
                        options=dict(num_warps=4, num_stages=2))
     assert k.asm["cubin"]
     print("compiled _add_at_rows")
 """)
 
 
-def test_every_kernel_compiles_for_sm90():
+@pytest.mark.parametrize("arch", [90, 80])
+def test_every_kernel_compiles(arch):
     # the interpreter runs Python semantics: it accepts what Triton's compiler rejects (a loop that changes
-    # a variable's type, say), so compile each kernel (the op's, top-k's, the dense heads' split + RoPE) for
-    # an H100/H200 as a GPU launch would
+    # a variable's type, say), so compile each kernel (the op's, top-k's, the dense heads' split + RoPE) as a
+    # GPU launch would: for an H100/H200 (sm_90) and for an A100 (sm_80: no wgmma, no vector atomics)
     try:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:
         pytest.skip("this triton has no NVIDIA backend")
-    run = subprocess.run([sys.executable, "-c", ALL_KERNELS], env=dict(os.environ, TRITON_INTERPRET="0"),
+    run = subprocess.run([sys.executable, "-c", ALL_KERNELS, str(arch)], env=dict(os.environ, TRITON_INTERPRET="0"),
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 26, run.stdout
+    assert run.stdout.count("compiled") == 27, run.stdout
