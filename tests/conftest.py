@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Triton's kernels run under its interpreter on CPU tensors where there is no GPU (CI), and compiled on the GPU
+# where there is one (tests/ops/triton_env.py); decided here, before any test module imports a kernel
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 
 @pytest.fixture(autouse=True)

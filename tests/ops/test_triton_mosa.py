@@ -156,6 +156,13 @@ def test_positions_outside_the_sequence_are_rejected(bad, backend):
     x, scores, idx, w_qkv, w_o = _inputs(2, 12, 32, 2, 4, 32, torch.float32)
     idx = idx.clone()
     idx[0, 1, 2] = bad
+    if x.is_cuda:  # taken as padding, as position T is
+        padded = idx.clone()
+        padded[0, 1, 2] = 12
+        want = sparse_attention(x, scores, padded, w_qkv, w_o, rope_dims=16, backend=backend)
+        got = sparse_attention(x, scores, idx, w_qkv, w_o, rope_dims=16, backend=backend)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        return
     with pytest.raises(ValueError, match=f"positions in \\[0, T=12\\].*{bad}"):
         sparse_attention(x, scores, idx, w_qkv, w_o, rope_dims=16, backend=backend)
     if backend == "triton":
@@ -674,8 +681,9 @@ def test_float16_atomic_scatter_in_place_or_in_float32(monkeypatch, narrow):
     plan, used = triton_mosa._atomic_plan, []
     monkeypatch.setattr(triton_mosa, "_atomic_plan", lambda *a, **kw: used.append(plan(*a, **kw)) or used[-1])
     _compare(2, 24, 32, 12, 20, 32, 16, torch.float16, deterministic=False)
-    # (the entry point asks first, for the choice of scatter: use_rows)
-    assert used[-2:] == [(torch.float16 if narrow else torch.float32, 0)] * 2  # y, then dx
+    # (the entry point asks first, for the choice of scatter: use_rows); vector atomics on sm_90, else scalar
+    vec = triton_mosa._vector_atomics(torch.device(DEVICE), 32)
+    assert used[-2:] == [(torch.float16, 8 if vec else 0) if narrow else (torch.float32, 4 if vec else 0)] * 2
 
 
 def test_router_weight_gradient_placement_rule(monkeypatch):
@@ -881,13 +889,14 @@ def test_scaled_half_scatter_bound_and_scale(monkeypatch):
     calls = _count_unscaled(monkeypatch)
     y, qkv = triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, 16, 10000.0, False, torch.float32)[:2]
     st = calls[0][1]
-    counts = torch.zeros(B, T, dtype=torch.int32).index_put_((torch.arange(B)[:, None, None].expand_as(idx), idx),
-                                                              torch.ones_like(idx, dtype=torch.int32), accumulate=True)
+    counts = torch.zeros(B, T, dtype=torch.int32, device=DEVICE).index_put_(
+        (torch.arange(B, device=DEVICE)[:, None, None].expand_as(idx), idx),
+        torch.ones_like(idx, dtype=torch.int32), accumulate=True)
     assert torch.equal(st[triton_mosa._N_STATS:].view(B, T), counts)
     want = (counts.max().item(), qkv[2].abs().max().item(), scores.abs().max().item(), w_o.abs().max().item())
     assert st[:4].view(torch.float32).tolist() == pytest.approx(want, rel=1e-6)
     bound = want[0] * D * want[1] * want[2] * want[3]
-    one, inv = torch.ones(1, dtype=torch.float16), torch.empty(1)
+    one, inv = torch.ones(1, dtype=torch.float16, device=DEVICE), torch.empty(1, device=DEVICE)
     triton_mosa._unscale[(1,)](one, inv, 1, st, D=D, BLOCK=16)
     s = 1.0 / inv.item()
     assert s == 2.0 ** round(math.log2(s))

@@ -24,8 +24,10 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_overrides(tiny_corpus, cache_dir, tmp_path):
-    """Overrides for a fast run into tmp_path/run (add more after these to change them)."""
-    return TINY_MODEL + [f"data.source={str(tiny_corpus)!r}", f"data.cache_dir={str(cache_dir)!r}",
+    """Overrides for a fast run into tmp_path/run (add more after these to change them). On the CPU also on a
+    machine with a GPU: these tests compare runs bit for bit, which the GPU's default atomic scatters and
+    bf16 autocast do not repeat (``test_train_cuda.py`` covers the GPU)."""
+    return TINY_MODEL + ["train.device=cpu", f"data.source={str(tiny_corpus)!r}", f"data.cache_dir={str(cache_dir)!r}",
                          "data.vocab_size=300", "train.steps=8", "train.batch_size=4", "train.warmup_steps=2",
                          "train.log_every=1", "train.eval_windows=4", "train.save_every=4", "train.keep_last=5",
                          f"train.out_dir={str(tmp_path / 'run')!r}"]

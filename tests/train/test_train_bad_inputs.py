@@ -134,3 +134,20 @@ def test_state_dict_of_other_shapes_is_refused_before_copying():
 def test_config_errors_are_config_errors():
     with pytest.raises(ConfigError, match="vocab_size comes from the tokenizer"):
         build_config(None, ["model.vocab_size=100"])
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    # torchrun with more processes per machine than GPUs: each rank takes cuda:<local rank>; a rank without
+    # a GPU is told so, not handed CUDA's "invalid device ordinal"
+    from mosa_attention.train.distributed import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("auto", 0) == torch.device("cuda", 0)
+    assert pick_device("cuda", 0) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"local rank 1 takes cuda:1, but torch sees 1 CUDA device\(s\).*"
+                                         r"--nproc-per-node 1.*train.device=cpu"):
+        pick_device("auto", 1)
+    with pytest.raises(ValueError, match=r"device 'cuda:2' was asked for, but torch sees 1 CUDA device"):
+        pick_device("cuda:2")
+    assert pick_device("cpu", 3) == torch.device("cpu")

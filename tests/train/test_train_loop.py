@@ -1,5 +1,6 @@
 """The training loop: overfitting one batch, resume equality, checkpoints, the schedule."""
 import json
+import math
 
 import pytest
 import torch
@@ -155,8 +156,24 @@ def test_checkpoints_keep_the_last_n_and_round_trip_the_optimizer(tmp_path):
 def test_deterministic_run_sets_torch_switch_and_restores_it(tiny_overrides, monkeypatch):
     import mosa_attention.train.loop as loop
     seen = []
-    monkeypatch.setattr(loop, "_train", lambda *a: seen.append(torch.are_deterministic_algorithms_enabled()) or {})
-    before = torch.are_deterministic_algorithms_enabled()
+
+    def state():
+        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+    monkeypatch.setattr(loop, "_train", lambda *a: seen.append(state()) or {})
+    before = state()
     for value in ("true", "false"):
         loop.train(build_config(None, tiny_overrides + [f"train.deterministic={value}"]), log=lambda *a: None)
-    assert seen == [True, before] and torch.are_deterministic_algorithms_enabled() == before
+    # strict (not warn-only): on a GPU only that gives SDPA's deterministic backward
+    assert seen == [(True, False), before] and state() == before
+
+
+@pytest.mark.parametrize("attention", ["dense", "mosa", "pure_mosa", "fixed", "routing", "local", "mosa+local"])
+def test_every_attention_kind_trains_in_deterministic_mode(attention, tiny_overrides, tmp_path):
+    # strict mode raises for an op that has no deterministic version: none of the models' ops may need one
+    # (the GPU's kinds: tests/train/test_train_cuda.py)
+    kind = ["model.attention=mosa", "model.dense_kind='local'"] if attention == "mosa+local" \
+        else [f"model.attention={attention!r}"]
+    out = train(build_config(None, tiny_overrides + kind + ["train.steps=2", "train.deterministic=true"]),
+                log=lambda *a: None)
+    assert out["step"] == 2 and math.isfinite(out["val_loss"])

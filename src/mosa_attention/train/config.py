@@ -57,7 +57,7 @@ class OptimConfig:
     # torch.compile the model: false, true (inductor's default mode) or a mode of COMPILE_MODES; the modes
     # "reduce-overhead" and "max-autotune" replay each step as CUDA graphs (no per-launch host cost)
     compile: bool | str = False
-    deterministic: bool = False  # torch.use_deterministic_algorithms for the run: bit-repeatable MoSA kernels
+    deterministic: bool = False  # torch.use_deterministic_algorithms (strict) for the run: bit-repeatable GPU steps
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2, fully_shard)
     eval_every: int = 0  # validation every n steps (0: only at the end)
     eval_windows: int = 64  # validation windows of seq_len tokens (0: the whole split)

@@ -42,6 +42,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
             raise ValueError(f"device {name!r} was asked for but torch sees no CUDA device")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            why = (f"local rank {local_rank} takes cuda:{local_rank}" if name in ("auto", "cuda")
+                   else f"device {name!r} was asked for")
+            raise ValueError(f"{why}, but torch sees {count} CUDA device(s): start at most {count} process(es) "
+                             f"per machine (torchrun --nproc-per-node {count}) or train on the CPU (train.device=cpu)")
     return device
 
 
@@ -73,9 +79,13 @@ def wrap(model: nn.Module, info: DistInfo, kind: str) -> nn.Module:
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6
     except ImportError:  # pragma: no cover
         from torch.distributed._composable.fsdp import fully_shard  # torch 2.4-2.5
+    # the mesh of the training device's type: left to itself, FSDP builds one on CUDA wherever torch sees a GPU
+    # and sets each rank's device to cuda:<local rank>, also for a run on the CPU
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

@@ -66,15 +66,25 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
     t = cfg.train
     info = D.init(t.device)
     say = log if info.is_main else (lambda *a, **k: None)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         if t.deterministic:
-            # the MoSA kernels then scatter by the ordered segment sum; ops without a deterministic version warn
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            _deterministic(info.device)
         return _train(cfg, resume, info, say)
     finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
         D.shutdown()
+
+
+def _deterministic(device: torch.device) -> None:
+    """``train.deterministic``: every op of a step in a fixed order, so that a run repeats bit for bit. The MoSA
+    kernels then add by ordered segment sums; SDPA's attention backward (cuDNN, FlashAttention) takes its
+    deterministic algorithm only where torch may raise for ops that have none (``warn_only=False``: with
+    ``warn_only`` it warns and stays non-deterministic on a GPU), and cuBLAS needs a fixed workspace for it
+    (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts: set here unless the environment sets it)."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:

@@ -1,0 +1,62 @@
+"""The trainer on a GPU (skipped without one; CI has none, the card runs them: benchmarks/NOTES.md v20).
+On a GPU the MoSA kernels' default scatter adds by atomics, and SDPA's backward by its own, in an order that
+varies between runs; with ``train.deterministic`` every step is in a fixed order and a run repeats bit for
+bit."""
+import json
+
+import pytest
+import torch
+
+from mosa_attention.models.config import ATTENTION_KINDS
+from mosa_attention.train.config import build_config
+from mosa_attention.train.loop import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# wider than the CPU tests' model: head dim 64, T = 128 (several key blocks in SDPA's backward)
+WIDER = ["model.d_model=128", "model.n_head=4", "model.head_dim=64", "model.seq_len=128", "model.sparsity=4",
+         "train.batch_size=8", "train.steps=4", "train.save_every=2"]
+
+
+def losses(run):
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def on_gpu(overrides, *more):
+    return [o for o in overrides if o != "train.device=cpu"] + ["train.device=cuda", *more]
+
+
+def quiet(*a, **k):
+    pass
+
+
+@pytest.mark.parametrize("attention", [*ATTENTION_KINDS, "mosa+local"])
+def test_deterministic_gpu_runs_repeat_bit_for_bit(attention, tiny_overrides, tmp_path):
+    kind = ["model.attention=mosa", "model.dense_kind='local'"] if attention == "mosa+local" \
+        else [f"model.attention={attention!r}"]
+    base = on_gpu(tiny_overrides, *WIDER, *kind, "train.deterministic=true")
+    for name in ("a", "b"):
+        train(build_config(None, base + [f"train.out_dir={str(tmp_path / name)!r}"]), log=quiet)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == 4 and a == b, (a, b)
+
+
+def test_deterministic_gpu_run_resumes_bit_for_bit(tiny_overrides, tmp_path):
+    base = on_gpu(tiny_overrides, *WIDER, "train.deterministic=true")
+    train(build_config(None, base + [f"train.out_dir={str(tmp_path / 'full')!r}"]), log=quiet)
+    part = base + [f"train.out_dir={str(tmp_path / 'part')!r}"]
+    train(build_config(None, part + ["train.stop_after=2"]), log=quiet)
+    train(build_config(None, part), resume=str(tmp_path / "part"), log=quiet)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+
+
+def test_default_gpu_run_is_close_to_the_deterministic_one(tiny_overrides, tmp_path):
+    # the same math in another order of additions: the losses agree to rounding, not bit for bit
+    det = on_gpu(tiny_overrides, *WIDER, "train.deterministic=true", f"train.out_dir={str(tmp_path / 'det')!r}")
+    default = on_gpu(tiny_overrides, *WIDER, f"train.out_dir={str(tmp_path / 'default')!r}")
+    train(build_config(None, det), log=quiet)
+    train(build_config(None, default), log=quiet)
+    a, b = losses(tmp_path / "det"), losses(tmp_path / "default")
+    assert a.keys() == b.keys() and len(a) == 4
+    assert all(abs(a[s] - b[s]) <= 1e-3 * abs(a[s]) for s in a), (a, b)
