@@ -78,10 +78,11 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
 
 def _deterministic(device: torch.device) -> None:
     """``train.deterministic``: every op of a step in a fixed order, so that a run repeats bit for bit. The MoSA
-    kernels then add by ordered segment sums; SDPA's attention backward (cuDNN, FlashAttention) takes its
-    deterministic algorithm only where torch may raise for ops that have none (``warn_only=False``: with
-    ``warn_only`` it warns and stays non-deterministic on a GPU), and cuBLAS needs a fixed workspace for it
-    (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts: set here unless the environment sets it)."""
+    kernels then add by ordered segment sums. torch promises SDPA's deterministic attention backward (cuDNN,
+    FlashAttention) only in the strict mode, where an op that has no deterministic version raises (with
+    ``warn_only`` it warns that it stays non-deterministic, though on an H200 such runs still repeated:
+    benchmarks/NOTES.md v20), and cuBLAS a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS
+    starts: set here unless the environment sets it)."""
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
