@@ -2,7 +2,7 @@
 # The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
 # limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
 #   bash benchmarks/gpu_layer.sh OUT [STAGES]
-#   STAGES: any of parts ncu local check tune checktune topk bf16+FLAGS ac+FLAGS profile profile+FLAGS timeline timeline+FLAGS profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
+#   STAGES: any of pytest parts ncu local check tune checktune topk bf16+FLAGS ac+FLAGS profile profile+FLAGS timeline timeline+FLAGS profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
 # (…det: our layers with deterministic=True, …atomic: deterministic=False; the rest deterministic=None)
 set -u
 OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
@@ -27,6 +27,10 @@ for s in $STAGES; do
     mosabench) { timeout -k 5 "${MOSABENCH_S:-120}" $PY -m mosa_attention.cli bench --official .official --json "$OUT/mosabench.json" &&
                  timeout -k 5 "${MOSABENCH_S:-120}" $PY -m mosa_attention.cli bench --mosa-heads 505 --sparsity 64 --hybrid-dense-heads 4 --json "$OUT/mosabench_t3.json"; } ;;
     local)    timeout -k 5 "${LOCAL_S:-150}" $PY benchmarks/bench_local.py --out "$OUT/local" ;;
+    pytest)   # the whole test suite on the GPU: kernel tests compiled there, the trainer's GPU tests (needs the
+              # project's dependencies, e.g. wheels unpacked on PYTHONPATH; pytest-xdist for -n)
+              timeout -k 5 "${PYTEST_S:-420}" $PY -m pytest -q -rfEs -n "${PYTEST_N:-12}" -p no:cacheprovider tests \
+                > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log" ;;
     parts)    # each part of a MoSA step by cuBLAS / SDPA / plain atomics beside our kernels (bench_parts.py)
               for c in ${PARTS_CASES:-t3 t1}; do timeout -k 5 "${PARTS_S:-120}" $PY benchmarks/bench_parts.py --case "$c" --out "$OUT/parts"; done ;;
     topk)     timeout -k 5 "${TOPK_S:-120}" $PY $B --tune-topk --no-bench --out "$OUT/topk" ;;
