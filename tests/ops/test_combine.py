@@ -1,6 +1,6 @@
 """ops.combine: the sum at marked rows, its Triton kernel (under the interpreter in CI) and its reference."""
 import pytest
-from triton_env import DEVICE, require
+from triton_env import DEVICE, DTYPES, require
 
 import torch
 
@@ -12,7 +12,7 @@ require(triton_combine._add_at_rows)
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 48), (1, 5, 1000), (3, 8, 16)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_matches_reference(shape, dtype):
     torch.manual_seed(0)
     dst = torch.randn(shape, device=DEVICE).to(dtype)

@@ -1,7 +1,7 @@
 """The dense heads' fused split + RoPE kernel against the plain-torch ops, on CPU through the interpreter."""
 import pytest
 import torch
-from triton_env import DEVICE, require
+from triton_env import DEVICE, DTYPES, TOL, require
 
 pytest.importorskip("triton")
 from mosa_attention.layers import DenseAttention, LocalAttention  # noqa: E402
@@ -11,7 +11,7 @@ from mosa_attention.ops.attention import project_qkv  # noqa: E402
 require(triton_rope._split_rope)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,h,H,D,rope_dims", [
     (2, 37, 48, 3, 32, 16),   # T off the block, rope on half
     (1, 5, 32, 2, 64, 64),    # batch 1, full rotation
@@ -25,7 +25,7 @@ def test_matches_torch_ops(B, T, h, H, D, rope_dims, dtype):
     ws = [w.clone().requires_grad_(), w.double().requires_grad_()]
     got = project_qkv(xs[0], ws[0], H, rope_dims, 10000.0, backend="triton")
     want = project_qkv(xs[1], ws[1], H, rope_dims, 10000.0, backend="torch")
-    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    tol = TOL[dtype]
     for a, b in zip(got, want):
         assert a.shape == (B, H, T, D) and a.dtype == dtype
         assert ((a.double() - b).norm() / b.norm()).item() < tol

@@ -9,6 +9,11 @@ import torch  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
+# the dtypes the kernel tests run in: bfloat16 only where the kernels run compiled (on a GPU), since Triton's
+# interpreter computes tl.dot on bfloat16 operands wrongly (seen with Triton 3.9)
+DTYPES = (torch.float32, torch.float16) + (() if INTERPRET else (torch.bfloat16,))
+# relative error allowed against float64: bfloat16 at the bound for real shapes
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 
 def require(kernel) -> None:
