@@ -150,9 +150,11 @@ def main():
         torch.cuda.empty_cache()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "priority.json"), "w") as f:
+        path = os.path.join(args.out, "priority.json")
+        with open(path + ".tmp", "w") as f:  # written whole, then renamed
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
                       indent=1)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
