@@ -29,6 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from mosa_attention.bench.layer import make_step, median_ms  # noqa: E402
 from mosa_attention.layers import DenseAttention, MoSAAttention  # noqa: E402
 from mosa_attention.ops import _host  # noqa: E402
 
@@ -61,18 +62,6 @@ class DriverGraph:
             raise RuntimeError(f"cuGraphLaunch returned CUresult {rc}")
 
 
-def step_of(layer, x, dy):
-    params = list(layer.parameters()) + [x]
-
-    def step():
-        for p in params:
-            p.grad = None
-        y = layer(x)
-        y.backward(dy)
-        return y
-    return step
-
-
 def capture(step, flag: bool, cap_priority: int, mosa_priority: int):
     dev = torch.device("cuda", torch.cuda.current_device())
     _host._STREAMS[dev, "mosa heads"] = torch.cuda.Stream(dev, priority=mosa_priority)
@@ -90,18 +79,6 @@ def capture(step, flag: bool, cap_priority: int, mosa_priority: int):
         return DriverGraph(graph).replay, graph
     graph.instantiate()
     return graph.replay, graph
-
-
-def median_ms(fn, iters):
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main():
@@ -122,11 +99,11 @@ def main():
         dy = torch.randn_like(x)
         hybrid = MoSAAttention(h, E, rho, num_dense_heads=nd, backend="triton").cuda().to(torch.bfloat16)
         dense = DenseAttention(h, 9).cuda().to(torch.bfloat16)
-        ref = step_of(hybrid, x, dy)().detach().float()
+        ref = make_step(hybrid, x, dy)().detach().float()
         ref_dx = x.grad.detach().float()
-        replays = {"dense 9": capture(step_of(dense, x, dy), False, 0, 0)}
+        replays = {"dense 9": capture(make_step(dense, x, dy), False, 0, 0)}
         for name in args.variants.split(","):
-            replays[name] = capture(step_of(hybrid, x, dy), *VARIANTS[name])
+            replays[name] = capture(make_step(hybrid, x, dy), *VARIANTS[name])
             replays[name][0]()
             torch.cuda.synchronize()
             err = ((x.grad.float() - ref_dx).norm() / ref_dx.norm()).item()
@@ -136,7 +113,7 @@ def main():
         times = {name: [] for name in replays}
         for r in range(args.rounds):
             for name, (replay, _) in replays.items():
-                times[name].append(median_ms(replay, args.iters))
+                times[name].append(median_ms(replay, args.iters, cuda=True))
             print(f"{case} round {r}: " + ", ".join(f"{n} {t[-1]:.4f}" for n, t in times.items()), flush=True)
         dense_ms = statistics.median(times["dense 9"])
         results[case] = {n: {"ms": statistics.median(t), "rounds": t, "ratio": statistics.median(t) / dense_ms}
