@@ -727,6 +727,7 @@ def tune_topk(out):
                     ("two_level_scans", None, False, True), ("default_third", None, False, None)] + [
             ("%d,%d" % (be, nw), (be, nw), False, None)
             for be in (1, 2, 4, 8) for nw in (1, 2, 4, 8) if 4 <= bt * be // (32 * nw) <= 64]
+        before = tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.TWO_LEVEL_SCANS
         for key, tile, unroll, two in variants:
             tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.TWO_LEVEL_SCANS = tile, unroll, two
             try:
@@ -735,7 +736,7 @@ def tune_topk(out):
                 row["ms"][key] = cuda_time(graph_step(call)[0]) if same else "WRONG"
             except Exception as err:  # noqa: BLE001 (report the variant, go on)
                 row["ms"][key] = repr(err)[:100]
-        tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.TWO_LEVEL_SCANS = None, False, None
+        tr.TILE_OVERRIDE, tr.UNROLL_PASSES, tr.TWO_LEVEL_SCANS = before
         res.append(row)
         best = sorted((v, n) for n, v in row["ms"].items() if isinstance(v, float))[:4]
         print("tune_topk %-22s default %s: %s | best %s" % (

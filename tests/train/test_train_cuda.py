@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from mosa_attention.models.config import ATTENTION_KINDS
 from mosa_attention.train.config import build_config
 from mosa_attention.train.loop import train
+from train_cases import ATTENTION_CASES, attention_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -31,10 +31,9 @@ def quiet(*a, **k):
     pass
 
 
-@pytest.mark.parametrize("attention", [*ATTENTION_KINDS, "mosa+local"])
+@pytest.mark.parametrize("attention", ATTENTION_CASES)
 def test_deterministic_gpu_runs_repeat_bit_for_bit(attention, tiny_overrides, tmp_path):
-    kind = ["model.attention=mosa", "model.dense_kind='local'"] if attention == "mosa+local" \
-        else [f"model.attention={attention!r}"]
+    kind = attention_overrides(attention)
     base = on_gpu(tiny_overrides, *WIDER, *kind, "train.deterministic=true")
     for name in ("a", "b"):
         train(build_config(None, base + [f"train.out_dir={str(tmp_path / name)!r}"]), log=quiet)

@@ -9,6 +9,7 @@ from mosa_attention import MoSAConfig, MoSALM
 from mosa_attention.train import checkpoint as ckpt_io
 from mosa_attention.train.config import OptimConfig, build_config
 from mosa_attention.train.loop import train
+from train_cases import ATTENTION_CASES, attention_overrides
 from mosa_attention.train.optim import build_optimizer, lr_at
 
 
@@ -17,7 +18,7 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-@pytest.mark.parametrize("attention", ["mosa", "dense", "pure_mosa", "fixed", "routing", "local"])
+@pytest.mark.parametrize("attention", ATTENTION_CASES)
 def test_overfit_one_batch(attention):
     torch.manual_seed(0)
     cfg = MoSAConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, head_dim=16, seq_len=32, attention=attention,
@@ -168,12 +169,11 @@ def test_deterministic_run_sets_torch_switch_and_restores_it(tiny_overrides, mon
     assert seen == [(True, False), before] and state() == before
 
 
-@pytest.mark.parametrize("attention", ["dense", "mosa", "pure_mosa", "fixed", "routing", "local", "mosa+local"])
+@pytest.mark.parametrize("attention", ATTENTION_CASES)
 def test_every_attention_kind_trains_in_deterministic_mode(attention, tiny_overrides, tmp_path):
     # strict mode raises for an op that has no deterministic version: none of the models' ops may need one
     # (the GPU's kinds: tests/train/test_train_cuda.py)
-    kind = ["model.attention=mosa", "model.dense_kind='local'"] if attention == "mosa+local" \
-        else [f"model.attention={attention!r}"]
+    kind = attention_overrides(attention)
     out = train(build_config(None, tiny_overrides + kind + ["train.steps=2", "train.deterministic=true"]),
                 log=lambda *a: None)
     assert out["step"] == 2 and math.isfinite(out["val_loss"])
