@@ -949,6 +949,9 @@ def main():
     ap.add_argument("--dwo-in-out-bwd", default="auto", choices=("auto", "on", "off"),
                     help="w_o's gradient inside _out_bwd, one program per head (triton_mosa.DWO_IN_OUT_BWD): auto "
                          "(grids of many heads), on (wherever R <= 256), off (_dwo after _out_bwd, before v11)")
+    ap.add_argument("--attn-bwd-outside", action="store_true",
+                    help="short sequences' attention backward in its own kernel (_attn_bwd_seqs) instead of inside "
+                         "_out_bwd (triton_mosa.ATTN_IN_OUT_BWD = False; before v21)")
     ap.add_argument("--dwr-separate", action="store_true",
                     help="the router's weight gradient in its own kernel (_dwr) instead of inside _dwqkv")
     ap.add_argument("--timeline", action="store_true",
@@ -990,6 +993,8 @@ def main():
         _tm.DWR_IN_DWQKV = False
     if args.attn_bwd_split:
         _tm.SEQ_BLOCK_BWD = False
+    if args.attn_bwd_outside:
+        _tm.ATTN_IN_OUT_BWD = False
     _tm.DWO_IN_OUT_BWD = SWITCH[args.dwo_in_out_bwd]
     if args.tiles:
         _tm.TILE_OVERRIDES.update(json.loads(args.tiles))
@@ -1023,7 +1028,7 @@ def main():
     if args.select == "torch":
         from mosa_attention.ops import routing
         layer_module.select_topk = lambda s, k, first=False, backend="auto": routing.select_topk(s, k, first, "torch")
-    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "scaled_half_atomics": str(_tm.SCALED_HALF_ATOMICS), "unrolled_topk": args.unrolled_topk, "topk_scans": args.topk_scans, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    out = {"mode": MODE, "scatter": args.scatter, "vector_atomics": not args.scalar_atomics, "narrow_atomics": not args.wide_atomics, "scaled_half_atomics": str(_tm.SCALED_HALF_ATOMICS), "unrolled_topk": args.unrolled_topk, "topk_scans": args.topk_scans, "parallel_heads": not args.serial_heads, "dwr_in_dwqkv": str(_tm.DWR_IN_DWQKV), "seq_block_bwd": _tm.SEQ_BLOCK_BWD, "attn_in_out_bwd": _tm.ATTN_IN_OUT_BWD, "dwo_in_out_bwd": args.dwo_in_out_bwd, "tiles": args.tiles, "dense_router_grad_min_overlap": _tm.DENSE_ROUTER_GRAD_MIN_OVERLAP, "shared_input_grad": args.shared_input, "mosa_heads_first": not args.dense_first, "masked_sums": args.masked_sums, "rows_only": not args.no_rows_only, "narrow_shared_x": not args.wide_shared_x, "x_read": not args.no_x_read, "router": args.router, "select": args.select, "fused_router": not args.unfused, "dense_backend": DENSE_BACKEND, "sdpa": args.sdpa, "blas": args.blas, "reduced_reduction": not args.no_reduced_reduction, "cublas_workspace": args.cublas_workspace, "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(sys.argv), "env": {k: v for k, v in os.environ.items() if k.startswith("MOSA_")}}
     print(out, flush=True)

@@ -731,35 +731,60 @@ def test_long_row_reductions(deterministic):
     _routed_compare(4, 160, 32, 2, 130, 32, 16, False, torch.float16, TOL[torch.float16], deterministic)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("seq_block", [True, False], ids=["one-kernel", "two-kernels"])
-def test_attention_backward_for_short_sequences(monkeypatch, dtype, seq_block):
-    # k <= the row block: one kernel per block of whole sequences (here 64 // 9 = 7 sequences of 9 rows,
-    # the block's last row idle), with unsorted positions and padding slots; or the dk/dv and dq kernels
-    from mosa_attention.ops import triton_mosa
+# the attention backward's three forms: inside _out_bwd, its own kernel over blocks of whole sequences, and
+# the dk/dv and dq kernels (what each form launches: the kernels in `seen` and not)
+ATTN_BWD_FORMS = {"in-out-bwd": (True, True, "_out_bwd", "_attn_bwd_seqs"),
+                  "one-kernel": (False, True, "_attn_bwd_seqs", "_attn_bwd_dq"),
+                  "two-kernels": (False, False, "_attn_bwd_dq", "_attn_bwd_seqs")}
+
+
+def _attn_bwd_form(monkeypatch, form):
+    inside, seq_block = ATTN_BWD_FORMS[form][:2]
+    monkeypatch.setattr(triton_mosa, "ATTN_IN_OUT_BWD", inside)
     monkeypatch.setattr(triton_mosa, "SEQ_BLOCK_BWD", seq_block)
-    _compare(9, 40, 32, 2, 9, 32, 16, dtype, pad=2, unsorted=True, deterministic=False)
 
 
-def test_short_sequence_backward_takes_a_tile_override(monkeypatch):
-    # a tuning override of _attn_bwd_seqs' block (BLK = 16: one sequence of 9 rows per program instead of
-    # float32's three in 32) must set the rows each program covers too, or rows go without gradients
-    from mosa_attention.ops import triton_mosa
-    monkeypatch.setitem(triton_mosa.TILE_OVERRIDES, "_attn_bwd_seqs", {"BLK": 16})
+def _record_launches(monkeypatch):
     launch, seen = triton_mosa._launch, []
     monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (seen.append(kernel.fn.__name__),
                                                                            launch(kernel, *a, **kw))[1])
+    return seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", list(ATTN_BWD_FORMS))
+def test_attention_backward_for_short_sequences(monkeypatch, dtype, form):
+    # k <= the row block: one program per block of whole sequences (here 64 // 9 = 7 sequences of 9 rows,
+    # the block's last row idle; float32's 32-row block: 3), inside _out_bwd or in a kernel of its own, with
+    # unsorted positions and padding slots, both scatters; or the dk/dv and dq kernels
+    _attn_bwd_form(monkeypatch, form)
+    seen = _record_launches(monkeypatch)
+    for deterministic in (False, True):
+        _compare(9, 40, 32, 2, 9, 32, 16, dtype, pad=2, unsorted=True, deterministic=deterministic)
+    _compare(1, 20, 32, 2, 2, 32, 16, dtype)  # k = 2, batch 1
+    _routed_compare(2, 40, 48, 3, 9, 32, 16, False, dtype, TOL[dtype], False)  # router gradients from _out_bwd
+    ran, not_ran = ATTN_BWD_FORMS[form][2:]
+    assert ran in seen and not_ran not in seen
+
+
+@pytest.mark.parametrize("kernel", ["_attn_bwd_seqs", "_out_bwd"])
+def test_short_sequence_backward_takes_a_tile_override(monkeypatch, kernel):
+    # a tuning override of the block of the kernel that makes the short sequences' attention backward
+    # (16 rows: one sequence of 9 per program instead of float32's three in 32) must set the rows each
+    # program covers too, or rows go without gradients (or get two programs' dO)
+    _attn_bwd_form(monkeypatch, "in-out-bwd" if kernel == "_out_bwd" else "one-kernel")
+    monkeypatch.setitem(triton_mosa.TILE_OVERRIDES, kernel, {"BLK" if kernel == "_attn_bwd_seqs" else "BM": 16})
+    seen = _record_launches(monkeypatch)
     _compare(9, 40, 32, 2, 9, 32, 16, torch.float32, pad=2, unsorted=True, deterministic=False)
-    assert "_attn_bwd_seqs" in seen
+    assert kernel in seen and (kernel == "_attn_bwd_seqs") == ("_attn_bwd_seqs" in seen)
 
 
-@pytest.mark.parametrize("seq_block", [True, False], ids=["one-kernel", "two-kernels"])
-def test_every_launch_names_only_the_kernels_parameters(monkeypatch, seq_block):
+@pytest.mark.parametrize("form", list(ATTN_BWD_FORMS))
+def test_every_launch_names_only_the_kernels_parameters(monkeypatch, form):
     # Triton's interpreter ignores keyword arguments a kernel does not have, while a GPU launch raises on
     # them: check every launch of a forward + backward (both scatter modes, routing fused in) by hand
     import inspect
-    from mosa_attention.ops import triton_mosa
-    monkeypatch.setattr(triton_mosa, "SEQ_BLOCK_BWD", seq_block)
+    _attn_bwd_form(monkeypatch, form)
     launch, seen = triton_mosa._launch, set()
 
     def checked(kernel, grid_fn, args, blocks, **meta):
@@ -773,7 +798,7 @@ def test_every_launch_names_only_the_kernels_parameters(monkeypatch, seq_block):
     monkeypatch.setattr(triton_mosa, "_launch", checked)
     for det in (False, True):
         _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float32, TOL[torch.float32], det)
-    assert ("_attn_bwd_seqs" in seen) == seq_block and ("_attn_bwd_dq" in seen) != seq_block
+    assert ATTN_BWD_FORMS[form][2] in seen and ATTN_BWD_FORMS[form][3] not in seen
     # the router's weight gradient outside _dwqkv: in _dwr, or (heads overlapping much) the dense d logit
     monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", False)
     monkeypatch.setattr(triton_mosa, "DENSE_ROUTER_GRAD_MIN_OVERLAP", 2.0)

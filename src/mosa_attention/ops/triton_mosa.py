@@ -508,9 +508,11 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.co
 # --------------------------------------------------------------------------------------------- backward
 @triton.jit
 def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K,
-             zero_ptr, zero_n, dlf_ptr, dlf_stride, dwo_ptr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+             zero_ptr, zero_n, dlf_ptr, dlf_stride, dwo_ptr, qkv_ptr, lse_ptr, dqkv_ptr, cos_ptr, sin_ptr, NR,
+             qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
              BH: tl.constexpr, PREC: tl.constexpr, DLOGIT: tl.constexpr = False, ZERO: tl.constexpr = 0,
-             DENSE_DL: tl.constexpr = False, DWO: tl.constexpr = False):
+             DENSE_DL: tl.constexpr = False, DWO: tl.constexpr = False, ATTN: tl.constexpr = False,
+             ROPE: tl.constexpr = 0):
     """dO = score * (dy[b, pos] @ w_o[e]^T); d score = rowsum(dy[b, pos] @ w_o[e]^T * o); delta = rowsum(dO*o).
     DLOGIT: the scores are sigmoid(router logits); store d logit = d score * score * (1 - score) instead.
     ZERO = 1: also clear zero_ptr[0:zero_n] (the [B, T, h] buffer ``_qkv_bwd_dx`` adds dx into), shared by all
@@ -518,14 +520,23 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
     DENSE_DL: also write d logit into the zeroed [E, B * T] matrix dlf (row stride dlf_stride) at column
     b * T + pos, for the router's weight gradient as one dense product (``_router_grad_dense``).
     DWO: the program holds all R rows of its head (BM >= R) and also makes ``_dwo``'s dw_o[e] from the same
-    dy tiles, each column tile of it once: one gather of dy instead of two, one launch less."""
+    dy tiles, each column tile of it once: one gather of dy instead of two, one launch less.
+    ATTN: each program holds NR = (BM // K) * K rows, whole sequences (K <= BM), and goes on to their
+    attention backward (``_seqs_bwd``: dq, dk, dv into dqkv) instead of storing dO and delta for
+    ``_attn_bwd_seqs``: one launch less, and dO never leaves the registers."""
     if ZERO == 1:
         _zero_share(zero_ptr, zero_n, 1024)
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = o_ptr.dtype.element_ty
-    rows = pid * BM + tl.arange(0, BM)
-    rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+    if ATTN:
+        i = tl.arange(0, BM)
+        rows = pid * NR + i
+        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+        rm = rm & (i < NR)
+    else:
+        rows = pid * BM + tl.arange(0, BM)
+        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
     keep = rm & (pos >= 0) & (pos < T)
     grow = (b * T + pos).to(tl.int64) * h
     if ZERO == 2:
@@ -557,8 +568,14 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
     if DENSE_DL:
         tl.store(dlf_ptr + e.to(tl.int64) * dlf_stride + b * T + pos, dsc.to(dlf_ptr.dtype.element_ty), mask=keep)
     do = (acc * sc[:, None]).to(DT)
-    tl.store(do_ptr + ooff, do, mask=rm[:, None] & cm[None, :])
-    tl.store(delta_ptr + e * R + rows, tl.sum(do.to(tl.float32) * o, 1), mask=rm)
+    delta = tl.sum(do.to(tl.float32) * o, 1)
+    if ATTN:
+        lse = tl.load(lse_ptr + e * R + rows, mask=rm, other=0.0)
+        _seqs_bwd(qkv_ptr, dqkv_ptr, cos_ptr, sin_ptr, e, E, R, T, rows, rm, b, pos, do, lse, delta, qk_scale,
+                  sm_scale, D, DP, ROPE, PREC)
+    else:
+        tl.store(do_ptr + ooff, do, mask=rm[:, None] & cm[None, :])
+        tl.store(delta_ptr + e * R + rows, delta, mask=rm)
 
 
 @triton.jit
@@ -670,30 +687,18 @@ def _attn_bwd_dq(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr
 
 
 @triton.jit
-def _attn_bwd_seqs(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr, sin_ptr, T, E, R, K, NR,
-                   qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
-                   BLK: tl.constexpr, PREC: tl.constexpr):
-    """dq, dk and dv of NR = (BLK // K) * K rows that hold whole sequences (K <= BLK): every query that sees
-    one of their keys is among them, so one program makes all three from one tile of scores, in any order
-    of positions (the mask is same sequence and pos_q >= pos_k). Replaces ``_attn_bwd_dkdv`` +
-    ``_attn_bwd_dq`` (which each recompute the scores and dO V^T) where sequences are short."""
-    pid = tl.program_id(0)
-    e = tl.program_id(1)
+def _seqs_bwd(qkv_ptr, dqkv_ptr, cos_ptr, sin_ptr, e, E, R, T, rows, live, b, pos, do, lse, delta, qk_scale, sm_scale,
+              D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk and dv of the packed rows ``rows`` of head e, which hold whole sequences (every query that sees
+    one of their keys is among them), from one tile of scores, in any order of positions (the mask is same
+    sequence and pos_q >= pos_k); do, lse and delta are the rows' own."""
     DT: tl.constexpr = qkv_ptr.dtype.element_ty
-    i = tl.arange(0, BLK)
-    rows = pid * NR + i
-    live = (i < NR) & (rows < R)
-    b = rows // K
-    pos = tl.load(idx_ptr + (b * E + e) * K + rows % K, mask=live, other=0)
     cols = tl.arange(0, DP)
     off = rows.to(tl.int64)[:, None] * D + cols[None, :]
     mask = live[:, None] & (cols < D)[None, :]
     q = tl.load(qkv_ptr + (e * R).to(tl.int64) * D + off, mask=mask, other=0.0)
     k = tl.load(qkv_ptr + ((E + e) * R).to(tl.int64) * D + off, mask=mask, other=0.0)
     v = tl.load(qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D + off, mask=mask, other=0.0)
-    do = tl.load(do_ptr + (e * R).to(tl.int64) * D + off, mask=mask, other=0.0)
-    lse = tl.load(lse_ptr + e * R + rows, mask=live, other=0.0)
-    delta = tl.load(delta_ptr + e * R + rows, mask=live, other=0.0)
     p, ds = _probs_and_dscores(q, k, v, do, lse, delta, _visible(live, live, b, b, pos, pos), qk_scale, PREC)
     dv = tl.dot(tl.trans(p.to(DT)), do, input_precision=PREC)
     ds = ds.to(DT)
@@ -706,6 +711,30 @@ def _attn_bwd_seqs(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_p
     tl.store(dqkv_ptr + (e * R).to(tl.int64) * D + off, dq.to(DT), mask=mask)
     tl.store(dqkv_ptr + ((E + e) * R).to(tl.int64) * D + off, dk.to(DT), mask=mask)
     tl.store(dqkv_ptr + ((2 * E + e) * R).to(tl.int64) * D + off, dv.to(DT), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_seqs(qkv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, cos_ptr, sin_ptr, T, E, R, K, NR,
+                   qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr,
+                   BLK: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk and dv of NR = (BLK // K) * K rows that hold whole sequences (K <= BLK), one program per block
+    (``_seqs_bwd``). Replaces ``_attn_bwd_dkdv`` + ``_attn_bwd_dq`` (which each recompute the scores and
+    dO V^T) where sequences are short; ``_out_bwd`` does the same work itself where ``ATTN_IN_OUT_BWD``."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    i = tl.arange(0, BLK)
+    rows = pid * NR + i
+    live = (i < NR) & (rows < R)
+    b = rows // K
+    pos = tl.load(idx_ptr + (b * E + e) * K + rows % K, mask=live, other=0)
+    cols = tl.arange(0, DP)
+    off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    mask = live[:, None] & (cols < D)[None, :]
+    do = tl.load(do_ptr + (e * R).to(tl.int64) * D + off, mask=mask, other=0.0)
+    lse = tl.load(lse_ptr + e * R + rows, mask=live, other=0.0)
+    delta = tl.load(delta_ptr + e * R + rows, mask=live, other=0.0)
+    _seqs_bwd(qkv_ptr, dqkv_ptr, cos_ptr, sin_ptr, e, E, R, T, rows, live, b, pos, do, lse, delta, qk_scale,
+              sm_scale, D, DP, ROPE, PREC)
 
 
 @triton.jit
@@ -1022,6 +1051,17 @@ def _dwo_in_out_bwd(dev, R: int, E: int, c: dict) -> bool:
     return E >= DWO_IN_OUT_BWD_MIN_WAVES * _sm_count(dev)
 
 
+# The attention backward of short sequences inside ``_out_bwd`` (``ATTN``): each program holds whole
+# sequences (k <= its row block, not the one-program-per-head form of DWO_IN_OUT_BWD) and makes dq, dk, dv
+# from the dO it has just made, where ``_attn_bwd_seqs`` would otherwise be launched after it. True (default
+# where SEQ_BLOCK_BWD applies) / False (``_attn_bwd_seqs``, for comparison).
+ATTN_IN_OUT_BWD = True
+
+
+def _attn_in_out_bwd(whole: bool, K: int, bm: int) -> bool:
+    return bool(ATTN_IN_OUT_BWD) and SEQ_BLOCK_BWD and not whole and K <= bm
+
+
 def _atomic_buffer(shape, dtype, dev):
     """The [B, T, h] buffer an atomic scatter adds into, left uncleared: the kernel before the scatter
     clears it (``_zero_share``)."""
@@ -1120,8 +1160,6 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     dev = x.device
     dy = dy.to(cdt).contiguous()
     cos, sin = _rope_tables(rope_dims, rope_base, T + 1, dev)
-    do = torch.empty(E, R, D, device=dev, dtype=cdt)
-    delta = torch.empty(E, R, device=dev, dtype=torch.float32)
     dsc = torch.empty(B, E, K, device=dev, dtype=torch.float32)
     deterministic = perm.numel() > 0  # the forward's choice
     gdt = dx_dtype or x.dtype
@@ -1140,12 +1178,22 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     if whole and TILE_OVERRIDES.get("_out_bwd", {}).get("BM", R) < R:
         raise ValueError(f"TILE_OVERRIDES['_out_bwd']['BM'] must hold a head's R={R} rows where dw_o is made "
                          f"inside _out_bwd (DWO_IN_OUT_BWD), got {TILE_OVERRIDES['_out_bwd']['BM']}")
-    _launch(_out_bwd, lambda t: (1 if whole else cdiv(R, t["BM"]), E),
+    dqkv = torch.empty_like(qkv)
+    qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
+    # the attention backward inside _out_bwd (ATTN_IN_OUT_BWD) where its row block holds whole sequences;
+    # a tuning override of _out_bwd's block sets the rows each program covers too
+    bm = max(16, next_pow2(R)) if whole else TILE_OVERRIDES.get("_out_bwd", {}).get("BM", c["BM"])
+    attn_inside = _attn_in_out_bwd(whole, K, bm)
+    nr = (bm // K) * K if attn_inside else bm
+    # dO and delta only for a kernel after _out_bwd (else stand-in pointers the kernel does not touch)
+    do = qkv if attn_inside else torch.empty(E, R, D, device=dev, dtype=cdt)
+    delta = lse if attn_inside else torch.empty(E, R, device=dev, dtype=torch.float32)
+    _launch(_out_bwd, lambda t: (1 if whole else cdiv(R, nr), E),
             (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, rows, rows.numel(), dlf,
-             dlf.stride(0) if dense_dl else 0, dwo),
-            dict(BM=max(16, next_pow2(R)) if whole else c["BM"], BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"],
+             dlf.stride(0) if dense_dl else 0, dwo, qkv, lse, dqkv, cos, sin, nr, qk_scale, sm_scale),
+            dict(BM=bm, BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"],
             DLOGIT=w_router is not None, ZERO=0 if deterministic else 2 if rows_only else 1, DENSE_DL=dense_dl,
-            DWO=whole, num_warps=8 if whole and R > 128 else 4)
+            DWO=whole, ATTN=attn_inside, ROPE=rope_dims, num_warps=8 if whole and R > 128 else 4)
     # the weight gradients reduce over a head's R rows: 128 per step where R is long and the grid small (t1's
     # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
     # 16-bit tiles only (wider ones would not fit the pipeline in shared memory)
@@ -1153,16 +1201,16 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     if not whole:
         _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
                 dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
-    dqkv = torch.empty_like(qkv)
-    qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
     common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
     args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
     # 64, or 32 for wide heads and float32 (a tuning override of the block sets the rows per program too)
     blk = TILE_OVERRIDES.get("_attn_bwd_seqs", {}).get("BLK", c["BM"])
-    if SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
-        nr = (blk // K) * K
-        _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr), E),
-                (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr, qk_scale, sm_scale), dict(BLK=blk),
+    if attn_inside:
+        pass  # done by _out_bwd
+    elif SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
+        nr_seqs = (blk // K) * K
+        _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr_seqs), E),
+                (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr_seqs, qk_scale, sm_scale), dict(BLK=blk),
                 D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4)
     else:
         _launch(_attn_bwd_dkdv, lambda t: (cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
