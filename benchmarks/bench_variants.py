@@ -1,0 +1,135 @@
+"""Kernel settings timed in the layer they serve: each variant as its own CUDA graph, replayed in alternating rounds.
+
+`bench_layer.py --tune` picks each MoSA kernel's tiles by that kernel's own GPU time with the MoSA heads alone.
+In a hybrid the MoSA kernels run beside the dense heads' kernels, and a tile that makes a kernel faster alone can
+hold SMs the dense products wait for (v21: the attention backward inside ``_out_bwd`` made t1 2.5 us faster and
+t2 7 us slower). Here each variant (module switches of ``triton_mosa`` and launch overrides,
+``TILE_OVERRIDES``) is set, the layer's step is captured as a CUDA graph (the graph keeps the kernels it was
+captured with), and the settings are restored; then the rounds replay every graph in turn, so that all variants
+see the same drift of the card. Each variant's x gradient is checked against the eager default step's before
+it is timed.
+
+    python benchmarks/bench_variants.py --cases t2 --variants default,attn_outside --rounds 9 --out OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from mosa_attention.bench.layer import make_step, median_ms  # noqa: E402
+from mosa_attention.layers import DenseAttention, MoSAAttention  # noqa: E402
+from mosa_attention.ops import triton_mosa  # noqa: E402
+
+# h, MoSA heads, sparsity, dense heads in the layer, T, B, dense heads of the comparison layer (0: none)
+CASES = {"t1": (512, 17, 32, 0, 1024, 16, 9), "t2": (512, 17, 32, 4, 1024, 16, 9),
+         "t3": (512, 505, 64, 4, 1024, 16, 9), "t4": (1024, 60, 1024, 0, 65536, 1, 0),
+         "T16384": (1024, 60, 256, 0, 16384, 1, 0)}
+VARIANTS = {  # name: {"flags": {triton_mosa switch: value}, "tiles": {kernel: launch overrides}}
+    "default": {},
+    "attn_inside": {"flags": {"ATTN_IN_OUT_BWD": True}},
+    "attn_outside": {"flags": {"ATTN_IN_OUT_BWD": False}},
+    "attn_inside_bm32": {"flags": {"ATTN_IN_OUT_BWD": True}, "tiles": {"_out_bwd": {"BM": 32}}},
+    "attn_inside_w8": {"flags": {"ATTN_IN_OUT_BWD": True}, "tiles": {"_out_bwd": {"num_warps": 8}}},
+    "out_bm32": {"flags": {"ATTN_IN_OUT_BWD": False}, "tiles": {"_out_bwd": {"BM": 32}}},
+    "out_bh128_w8": {"flags": {"ATTN_IN_OUT_BWD": False}, "tiles": {"_out_bwd": {"BH": 128, "num_warps": 8}}},
+    "seqs_blk32": {"flags": {"ATTN_IN_OUT_BWD": False}, "tiles": {"_attn_bwd_seqs": {"BLK": 32}}},
+    "dwo_bh64": {"tiles": {"_dwo": {"BH": 64}}},
+    "dx_bh64_w4": {"tiles": {"_qkv_bwd_dx": {"BH": 64, "num_warps": 4}}},
+    "qkv_fwd_bm64_w4": {"tiles": {"_qkv_fwd": {"BM": 64, "num_warps": 4}}},
+    "attn_fwd_bm32": {"tiles": {"_attn_fwd": {"BM": 32, "BN": 32}}},
+    "dwqkv_w4": {"tiles": {"_dwqkv": {"num_warps": 4}}},
+}
+
+
+def capture(step, variant: dict):
+    """A CUDA graph of ``step`` run under ``variant``'s settings (restored afterwards): (replay, graph)."""
+    saved = {name: getattr(triton_mosa, name) for name in variant.get("flags", {})}
+    saved_tiles = dict(triton_mosa.TILE_OVERRIDES)
+    try:
+        for name, value in variant.get("flags", {}).items():
+            setattr(triton_mosa, name, value)
+        triton_mosa.TILE_OVERRIDES.update(variant.get("tiles", {}))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        for name, value in saved.items():
+            setattr(triton_mosa, name, value)
+        triton_mosa.TILE_OVERRIDES.clear()
+        triton_mosa.TILE_OVERRIDES.update(saved_tiles)
+    return graph.replay, graph
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="t2")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    results = {}
+    for case in args.cases.split(","):
+        if case not in CASES:
+            ap.error(f"--cases: unknown {case!r}; known: {', '.join(CASES)}")
+        h, E, rho, nd, T, B, nd_cmp = CASES[case]
+        torch.manual_seed(0)
+        x = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+        layer = MoSAAttention(h, E, rho, num_dense_heads=nd, backend="triton").cuda().to(torch.bfloat16)
+        make_step(layer, x, dy)()
+        ref_dx = x.grad.detach().float().clone()
+        replays = {}
+        if nd_cmp:
+            dense = DenseAttention(h, nd_cmp).cuda().to(torch.bfloat16)
+            replays[f"dense {nd_cmp}"] = capture(make_step(dense, x, dy), {})
+        for name in names:
+            replays[name] = capture(make_step(layer, x, dy), VARIANTS[name])
+            replays[name][0]()
+            torch.cuda.synchronize()
+            err = ((x.grad.float() - ref_dx).norm() / ref_dx.norm()).item()
+            print(f"{case} {name}: replay's x.grad against the eager default step's, relative {err:.1e}", flush=True)
+            if not err < 2e-2:
+                raise SystemExit(f"{case} {name}: the replay's gradient is off ({err:.2e})")
+        times = {name: [] for name in replays}
+        for r in range(args.rounds):
+            for name, (replay, _) in replays.items():
+                times[name].append(median_ms(replay, args.iters, cuda=True))
+            print(f"{case} round {r}: " + ", ".join(f"{n} {t[-1]:.4f}" for n, t in times.items()), flush=True)
+        base = statistics.median(times[f"dense {nd_cmp}"]) if nd_cmp else None
+        results[case] = {n: {"ms": statistics.median(t), "rounds": t,
+                             "ratio": statistics.median(t) / base if base else None} for n, t in times.items()}
+        print(f"== {case}: median over {args.rounds} rounds of {args.iters} replays"
+              + (f" (ratio to the dense {nd_cmp}-head layer)" if base else ""))
+        for n, v in sorted(results[case].items(), key=lambda kv: kv[1]["ms"]):
+            print(f"  {n:18s} {v['ms']:.4f} ms" + (f"  {v['ratio']:.3f}x" if base else ""), flush=True)
+        del replays, layer
+        torch.cuda.empty_cache()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "variants.json")
+        with open(path + ".tmp", "w") as f:  # written whole, then renamed
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "variants": {n: VARIANTS[n] for n in names}, "results": results}, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()
