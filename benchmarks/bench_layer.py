@@ -950,8 +950,8 @@ def main():
                     help="w_o's gradient inside _out_bwd, one program per head (triton_mosa.DWO_IN_OUT_BWD): auto "
                          "(grids of many heads), on (wherever R <= 256), off (_dwo after _out_bwd, before v11)")
     ap.add_argument("--attn-bwd-outside", action="store_true",
-                    help="short sequences' attention backward in its own kernel (_attn_bwd_seqs) instead of inside "
-                         "_out_bwd (triton_mosa.ATTN_IN_OUT_BWD = False; before v21)")
+                    help="short sequences' attention backward in its own kernel (_attn_bwd_seqs) also where the op "
+                         "runs alone, not inside _out_bwd (triton_mosa.ATTN_IN_OUT_BWD = False; before v21)")
     ap.add_argument("--dwr-separate", action="store_true",
                     help="the router's weight gradient in its own kernel (_dwr) instead of inside _dwqkv")
     ap.add_argument("--timeline", action="store_true",

@@ -31,6 +31,8 @@ CASES = {"t1": (512, 17, 32, 0, 1024, 16, 9), "t2": (512, 17, 32, 4, 1024, 16, 9
          "t3": (512, 505, 64, 4, 1024, 16, 9), "t4": (1024, 60, 1024, 0, 65536, 1, 0),
          "T16384": (1024, 60, 256, 0, 16384, 1, 0)}
 VARIANTS = {  # name: {"flags": {triton_mosa switch: value}, "tiles": {kernel: launch overrides}}
+    # (call 2 of v21 ran these with the attention backward inside _out_bwd as the default everywhere; since then
+    # the default puts it there only where the op runs alone, and takes 32-row _out_bwd blocks there)
     "default": {},
     "attn_inside": {"flags": {"ATTN_IN_OUT_BWD": True}},
     "attn_outside": {"flags": {"ATTN_IN_OUT_BWD": False}},
@@ -44,6 +46,8 @@ VARIANTS = {  # name: {"flags": {triton_mosa switch: value}, "tiles": {kernel: l
     "qkv_fwd_bm64_w4": {"tiles": {"_qkv_fwd": {"BM": 64, "num_warps": 4}}},
     "attn_fwd_bm32": {"tiles": {"_attn_fwd": {"BM": 32, "BN": 32}}},
     "dwqkv_w4": {"tiles": {"_dwqkv": {"num_warps": 4}}},
+    "blk32_dwqkv_w4_fwd_bm32": {"tiles": {"_attn_bwd_seqs": {"BLK": 32}, "_dwqkv": {"num_warps": 4},
+                                          "_attn_fwd": {"BM": 32, "BN": 32}}},
 }
 
 

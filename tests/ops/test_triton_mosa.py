@@ -280,14 +280,14 @@ def test_int32_positions():
 
 
 # ---------------------------------------------------------------------------------- routing fused in
-def _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, tol, deterministic=None):
+def _routed_compare(B, T, h, E, k, D, rope_dims, include_first, dtype, tol, deterministic=None, beside=False):
     from mosa_attention.ops.routing import select_topk
     from mosa_attention.ops.triton_mosa import mosa_triton
     x = torch.randn(B, T, h, dtype=dtype)
     w = [torch.randn(E, h, dtype=dtype) / h ** 0.5, torch.randn(E, h, 3 * D, dtype=dtype) / h ** 0.5,
          torch.randn(E, D, h, dtype=dtype) / D ** 0.5]
     leaves = [t.to(DEVICE).requires_grad_() for t in [x] + w]
-    y, kept, idx = mosa_triton(*leaves, k, include_first, rope_dims, deterministic=deterministic)
+    y, kept, idx = mosa_triton(*leaves, k, include_first, rope_dims, deterministic=deterministic, beside=beside)
     assert not kept.requires_grad and not idx.requires_grad
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -765,6 +765,23 @@ def test_attention_backward_for_short_sequences(monkeypatch, dtype, form):
     _routed_compare(2, 40, 48, 3, 9, 32, 16, False, dtype, TOL[dtype], False)  # router gradients from _out_bwd
     ran, not_ran = ATTN_BWD_FORMS[form][2:]
     assert ran in seen and not_ran not in seen
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["alone", "beside"])
+def test_backward_kernels_follow_beside(monkeypatch, beside):
+    # by default the short sequences' attention backward runs inside _out_bwd, on 32-row blocks, where the op
+    # has the GPU to itself, and in a kernel of its own after 64-row _out_bwd blocks where a hybrid's dense
+    # heads run beside it (16-bit heads; float32's blocks are 32 rows either way); the same gradients
+    launch, seen = triton_mosa._launch, []
+    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, grid_fn, args, blocks, **kw: (
+        seen.append((kernel.fn.__name__, blocks.get("BM"))), launch(kernel, grid_fn, args, blocks, **kw))[1])
+    _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float16, TOL[torch.float16], False, beside=beside)
+    assert ("_out_bwd", 64 if beside else 32) in seen
+    assert any(name == "_attn_bwd_seqs" for name, _ in seen) == beside
+    monkeypatch.setattr(triton_mosa, "ATTN_IN_OUT_BWD", True)  # forced: inside also beside other kernels
+    seen.clear()
+    _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float16, TOL[torch.float16], False, beside=beside)
+    assert not any(name == "_attn_bwd_seqs" for name, _ in seen)
 
 
 @pytest.mark.parametrize("kernel", ["_attn_bwd_seqs", "_out_bwd"])

@@ -148,15 +148,17 @@ class MoSAAttention(nn.Module):
         aux = self.router_aux and self.training and torch.is_grad_enabled()
         return self.routing == "topk" and not aux and fused_topk_available(x, self.backend)
 
-    def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None, x_read: torch.Tensor | None = None):
+    def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None, x_read: torch.Tensor | None = None,
+                    beside: bool = False):
         """(y of the MoSA heads, selection); the kept tokens marked in ``rows`` (only given on the fused
         path, see ``_kept_rows``), whose sums then read those rows only (``ROWS_ONLY``); ``x_read``: x in
-        the autocast dtype for the fused op's kernels to read (see ``_share_input``)."""
+        the autocast dtype for the fused op's kernels to read (see ``_share_input``); ``beside``: the dense
+        heads run beside them on another stream (the fused op then picks kernels that share the GPU)."""
         if self._fused(x):
             return mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
                                    include_first=self.include_first, rope_dims=self.rope_dims,
                                    rope_base=self.rope_base, deterministic=self.deterministic, mark_rows=rows,
-                                   rows_only=rows is not None and ROWS_ONLY, x_read=x_read)
+                                   rows_only=rows is not None and ROWS_ONLY, x_read=x_read, beside=beside)
         selection = self.select(x)
         y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
                              rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
@@ -239,7 +241,7 @@ class MoSAAttention(nn.Module):
             if not MOSA_HEADS_FIRST:
                 y_dense = self._dense_heads(x, qkv)
             with torch.cuda.stream(side):
-                y, selection = self._mosa_heads(x_mosa, rows, x_read)
+                y, selection = self._mosa_heads(x_mosa, rows, x_read, beside=True)
             if MOSA_HEADS_FIRST:
                 y_dense = self._dense_heads(x, qkv)
             main.wait_stream(side)

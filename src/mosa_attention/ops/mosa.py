@@ -130,15 +130,16 @@ def fused_topk_available(x: torch.Tensor, backend: str) -> bool:
 
 def mosa_topk_fused(x, w_router, w_qkv, w_o, k: int, *, include_first: bool = False, rope_dims: int,
                     rope_base: float = 10000.0, deterministic: bool | None = None, mark_rows=None,
-                    rows_only: bool = False, x_read=None):
+                    rows_only: bool = False, x_read=None, beside: bool = False):
     """Top-k routing + ``sparse_attention`` as one Triton op whose backward also makes the router's
     gradients (``triton_mosa.mosa_triton``). Returns (y, (kept scores, positions)); the selection carries
     no gradient. ``mark_rows``: a [B, T] bool tensor in which the kept tokens are set to True;
     ``rows_only``: y and x's gradient are then defined at those rows only; ``x_read``: x in the compute
-    dtype for the kernels to read (see ``mosa_triton``). Check ``fused_topk_available`` first."""
+    dtype for the kernels to read; ``beside``: other kernels run beside the op on another stream (both: see
+    ``mosa_triton``). Check ``fused_topk_available`` first."""
     from .triton_mosa import mosa_triton  # noqa: WPS433 (optional dependency)
     y, kept, idx = mosa_triton(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic,
-                               mark_rows, rows_only, x_read)
+                               mark_rows, rows_only, x_read, beside)
     return y, (kept, idx)
 
 

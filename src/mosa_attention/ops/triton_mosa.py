@@ -1052,14 +1052,29 @@ def _dwo_in_out_bwd(dev, R: int, E: int, c: dict) -> bool:
 
 
 # The attention backward of short sequences inside ``_out_bwd`` (``ATTN``): each program holds whole
-# sequences (k <= its row block, not the one-program-per-head form of DWO_IN_OUT_BWD) and makes dq, dk, dv
-# from the dO it has just made, where ``_attn_bwd_seqs`` would otherwise be launched after it. True (default
-# where SEQ_BLOCK_BWD applies) / False (``_attn_bwd_seqs``, for comparison).
-ATTN_IN_OUT_BWD = True
+# sequences (k <= its row block; not the one-program-per-head form of DWO_IN_OUT_BWD) and makes dq, dk, dv
+# from the dO it has just made, where ``_attn_bwd_seqs`` would otherwise run after it. None (default): where
+# the op has the GPU to itself, not ``beside`` other kernels; True: also beside them; False: never (for
+# comparisons). Measured on an H200 (bf16 graphs, benchmarks/NOTES.md v21): alone it saves a launch and dO's
+# round trip (t1 0.1032 -> 0.1003 ms with the 32-row block below), but its programs hold 150-255 registers
+# for longer, and beside a hybrid's dense heads the products waiting for SMs lose more than that (t2
+# 0.3312 -> 0.3376 ms with the 64-row block, 0.3383 with 32 rows).
+ATTN_IN_OUT_BWD = None
+# _out_bwd's row block where the op has the GPU to itself (16-bit heads of dim <= 64; wider ones keep 32):
+# twice the programs of the 64-row block (H200: t4, 60 heads of 64 rows, 0.3333 -> 0.3244 ms; T = 16384
+# 0.1600 -> 0.1566). Beside a hybrid's dense heads 64 (t2 0.3312 against 0.3353 ms with 32).
+OUT_BWD_ALONE_BM = 32
 
 
-def _attn_in_out_bwd(whole: bool, K: int, bm: int) -> bool:
-    return bool(ATTN_IN_OUT_BWD) and SEQ_BLOCK_BWD and not whole and K <= bm
+def _out_bwd_block(c: dict, beside: bool) -> int:
+    """Rows per ``_out_bwd`` program where the program does not hold a whole head (DWO_IN_OUT_BWD)."""
+    return TILE_OVERRIDES.get("_out_bwd", {}).get("BM", c["BM"] if beside else min(c["BM"], OUT_BWD_ALONE_BM))
+
+
+def _attn_in_out_bwd(whole: bool, K: int, bm: int, beside: bool) -> bool:
+    if ATTN_IN_OUT_BWD is False or not SEQ_BLOCK_BWD or whole or K > bm:
+        return False
+    return bool(ATTN_IN_OUT_BWD) or not beside
 
 
 def _atomic_buffer(shape, dtype, dev):
@@ -1149,11 +1164,12 @@ def _unscaled(buf, dtype, stats, D: int):
 
 
 def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
-              w_router=None, rows_only: bool = False, dx_dtype=None):
+              w_router=None, rows_only: bool = False, dx_dtype=None, beside: bool = False):
     """Gradients for x, scores, w_qkv, w_o; with ``w_router`` (the fused router: scores are sigmoid(x w_r^T)
     at the kept tokens) the second is w_router's gradient and x's includes the router's share.
     ``rows_only`` (atomics only): x's gradient is written at the kept tokens' rows only (see ``_fwd_impl``).
-    ``dx_dtype``: the dtype of x's gradient where x is a narrower copy of the op's input (default x's)."""
+    ``dx_dtype``: the dtype of x's gradient where x is a narrower copy of the op's input (default x's).
+    ``beside``: other kernels run beside these on another stream (``_out_bwd_block``)."""
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     cdt = qkv.dtype  # the forward's compute dtype
     c = _cfg(D, cdt)
@@ -1180,10 +1196,10 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
                          f"inside _out_bwd (DWO_IN_OUT_BWD), got {TILE_OVERRIDES['_out_bwd']['BM']}")
     dqkv = torch.empty_like(qkv)
     qk_scale, sm_scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
-    # the attention backward inside _out_bwd (ATTN_IN_OUT_BWD) where its row block holds whole sequences;
-    # a tuning override of _out_bwd's block sets the rows each program covers too
-    bm = max(16, next_pow2(R)) if whole else TILE_OVERRIDES.get("_out_bwd", {}).get("BM", c["BM"])
-    attn_inside = _attn_in_out_bwd(whole, K, bm)
+    # the attention backward inside _out_bwd where its row block holds whole sequences (_out_bwd_block); a
+    # tuning override of _out_bwd's block sets the rows each program covers too
+    bm = max(16, next_pow2(R)) if whole else _out_bwd_block(c, beside)
+    attn_inside = _attn_in_out_bwd(whole, K, bm, beside)
     nr = (bm // K) * K if attn_inside else bm
     # dO and delta only for a kernel after _out_bwd (else stand-in pointers the kernel does not touch)
     do = qkv if attn_inside else torch.empty(E, R, D, device=dev, dtype=cdt)
@@ -1317,13 +1333,14 @@ class _EagerRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, cdt,
-                mark_rows=None, rows_only=False, x_read=None):
+                mark_rows=None, rows_only=False, x_read=None, beside=False):
         xr = x if x_read is None else x_read  # what the kernels read (the same values after their cast)
         y, kept, idx, *saved = _routed_fwd_impl(xr, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
                                                 deterministic, cdt, mark_rows, rows_only)
         ctx.save_for_backward(xr, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
         ctx.rows_only = rows_only
+        ctx.beside = beside
         ctx.x_dtype = x.dtype
         ctx.mark_non_differentiable(kept, idx)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for kept and idx (two launches)
@@ -1332,11 +1349,11 @@ class _EagerRouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _kept, _idx):
         if dy is None:  # y took no part in the loss (grads are not materialised)
-            return (None,) * 13
+            return (None,) * 14
         *saved, w_router = ctx.saved_tensors
         dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router, rows_only=ctx.rows_only,
-                                        dx_dtype=ctx.x_dtype)
-        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None
+                                        dx_dtype=ctx.x_dtype, beside=ctx.beside)
+        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None, None
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
@@ -1425,7 +1442,7 @@ _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_c
 
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0,
                 deterministic: bool | None = None, mark_rows: torch.Tensor | None = None, rows_only: bool = False,
-                x_read: torch.Tensor | None = None):
+                x_read: torch.Tensor | None = None, beside: bool = False):
     """MoSA heads with top-k routing fused in: router GEMM, the fused top-k kernel and ``sparse_attention``'s
     kernels, the router's backward folded into them. Returns (y [B, T, h], kept scores [B, E, k] float32,
     positions [B, E, k] ascending); the last two carry no gradient. Same math as
@@ -1439,7 +1456,9 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     deterministic scatters, which write every row. ``x_read``: x already in the compute dtype (under autocast
     over float32, e.g. the copy a preceding product made), which the kernels then read instead of x: the
     same values after the cast they apply to x's tiles, half the bytes, no copy of their own for the router
-    product; gradients stay x's, in x's dtype. Ignored under torch.compile."""
+    product; gradients stay x's, in x's dtype. Ignored under torch.compile. ``beside``: other kernels run
+    beside this op's on another stream (a hybrid's dense heads), so the backward takes the kernel forms that
+    share the GPU better (``_bwd_impl``); a matter of speed only, ignored under torch.compile."""
     cdt, (w_router, w_qkv, w_o), mixed = _compute_dtype(x, w_router, w_qkv, w_o)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
@@ -1473,7 +1492,7 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
         if mark_rows is not None:
             mark_rows.scatter_(1, idx.view(B, -1), True)
         return y, kept, idx
-    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), x_read)
+    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), x_read, bool(beside))
 
 
 # --------------------------------------------------------------------------------------------- entry point
