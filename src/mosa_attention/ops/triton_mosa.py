@@ -16,7 +16,8 @@ graphs can capture the op).
 Forward: ``_qkv_fwd`` (gather + QKV projection + RoPE), ``_attn_fwd`` (flash attention + score + W_O
 projection) and the scatter-add. Backward: ``_out_bwd`` (dO, d score), ``_dwo``, ``_attn_bwd_dkdv``,
 ``_attn_bwd_dq`` (both with RoPE backward; where k <= 64, ``_attn_bwd_seqs`` makes all three from one
-score tile per block of whole sequences instead), ``_qkv_bwd_dx`` (each kept token's share of dx) and the
+score tile per block of whole sequences instead, and where k fits ``_out_bwd``'s block and the op runs alone,
+``_out_bwd`` itself: ``ATTN_IN_OUT_BWD``), ``_qkv_bwd_dx`` (each kept token's share of dx) and the
 scatter-add again, ``_dwqkv``. Weight gradients are reductions inside one program (no atomics). The two
 scatter-adds (y, dx) have two modes. Atomics: ``_attn_fwd`` / ``_qkv_bwd_dx`` add their tiles into a
 [B, T, h] buffer (nothing per kept token is written out, no sort; the order of the additions may differ
