@@ -309,3 +309,22 @@ def test_baselines_reject_bad_rope_settings(make):
     for kw, match in ((dict(rope_base=-1.0), "rope_base=-1.0"), (dict(rope_fraction=2.0), "rope_fraction=2.0")):
         with pytest.raises(ValueError, match=match):
             make(**kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the second stream is CUDA's")
+@pytest.mark.parametrize("aux", [False, True], ids=["router-fused", "given-selection"])
+def test_hybrid_tells_the_op_it_runs_beside_the_dense_heads(monkeypatch, aux):
+    # on CUDA a hybrid's MoSA heads run on a second stream beside the dense heads, and the Triton op is told
+    # (``beside``: the backward then takes the kernels that share the GPU); a MoSA-only layer runs alone
+    import mosa_attention.layers.mosa as layer_module
+    seen = []
+    for name in ("mosa_topk_fused", "sparse_attention"):
+        real = getattr(layer_module, name)
+        monkeypatch.setattr(layer_module, name, lambda *a, _real=real, **kw: (seen.append(kw["beside"]),
+                                                                               _real(*a, **kw))[1])
+    x = torch.randn(2, 64, 64, device="cuda")
+    for dense, want in ((2, True), (0, False)):
+        layer = MoSAAttention(64, 3, 4, head_dim=16, num_dense_heads=dense, router_aux=aux).cuda().train()
+        seen.clear()
+        layer(x).sum().backward()
+        assert seen == [want]

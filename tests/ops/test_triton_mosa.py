@@ -36,12 +36,12 @@ def _rel(a, b):
 
 
 def _compare(B, T, h, E, k, D, rope_dims, dtype, pad=0, unsorted=False, repeat=(), deterministic=None,
-             tol=None, w_o_scale=1.0):
+             tol=None, w_o_scale=1.0, beside=False):
     x, scores, idx, w_qkv, w_o = _inputs(B, T, h, E, k, D, dtype, pad, unsorted, repeat)
     w_o = w_o * w_o_scale
     leaves = [t.clone().requires_grad_() for t in (x, scores, w_qkv, w_o)]
     y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], rope_dims, 10000.0,
-                                deterministic=deterministic)
+                                deterministic=deterministic, beside=beside)
     dy = torch.randn_like(y)
     y.backward(dy)
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, scores, w_qkv, w_o)]
@@ -767,20 +767,27 @@ def test_attention_backward_for_short_sequences(monkeypatch, dtype, form):
     assert ran in seen and not_ran not in seen
 
 
+@pytest.mark.parametrize("routed", [True, False], ids=["router-fused", "given-selection"])
 @pytest.mark.parametrize("beside", [False, True], ids=["alone", "beside"])
-def test_backward_kernels_follow_beside(monkeypatch, beside):
+def test_backward_kernels_follow_beside(monkeypatch, beside, routed):
     # by default the short sequences' attention backward runs inside _out_bwd, on 32-row blocks, where the op
     # has the GPU to itself, and in a kernel of its own after 64-row _out_bwd blocks where a hybrid's dense
     # heads run beside it (16-bit heads; float32's blocks are 32 rows either way); the same gradients
     launch, seen = triton_mosa._launch, []
     monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, grid_fn, args, blocks, **kw: (
         seen.append((kernel.fn.__name__, blocks.get("BM"))), launch(kernel, grid_fn, args, blocks, **kw))[1])
-    _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float16, TOL[torch.float16], False, beside=beside)
+
+    def run():
+        if routed:
+            _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float16, TOL[torch.float16], False, beside=beside)
+        else:
+            _compare(2, 40, 48, 3, 9, 32, 16, torch.float16, pad=2, unsorted=True, beside=beside)
+    run()
     assert ("_out_bwd", 64 if beside else 32) in seen
     assert any(name == "_attn_bwd_seqs" for name, _ in seen) == beside
     monkeypatch.setattr(triton_mosa, "ATTN_IN_OUT_BWD", True)  # forced: inside also beside other kernels
     seen.clear()
-    _routed_compare(2, 40, 48, 3, 9, 32, 16, False, torch.float16, TOL[torch.float16], False, beside=beside)
+    run()
     assert not any(name == "_attn_bwd_seqs" for name, _ in seen)
 
 

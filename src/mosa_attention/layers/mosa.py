@@ -153,7 +153,7 @@ class MoSAAttention(nn.Module):
         """(y of the MoSA heads, selection); the kept tokens marked in ``rows`` (only given on the fused
         path, see ``_kept_rows``), whose sums then read those rows only (``ROWS_ONLY``); ``x_read``: x in
         the autocast dtype for the fused op's kernels to read (see ``_share_input``); ``beside``: the dense
-        heads run beside them on another stream (the fused op then picks kernels that share the GPU)."""
+        heads run beside them on another stream (the Triton kernels then take the forms that share the GPU)."""
         if self._fused(x):
             return mosa_topk_fused(x, self.router, self.W_QKV, self.W_O, self.num_selected(x.shape[1]),
                                    include_first=self.include_first, rope_dims=self.rope_dims,
@@ -161,7 +161,8 @@ class MoSAAttention(nn.Module):
                                    rows_only=rows is not None and ROWS_ONLY, x_read=x_read, beside=beside)
         selection = self.select(x)
         y = sparse_attention(x, *selection, self.W_QKV, self.W_O, rope_dims=self.rope_dims,
-                             rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic)
+                             rope_base=self.rope_base, backend=self.backend, deterministic=self.deterministic,
+                             beside=beside)
         return y, selection
 
     def _dense_heads(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:

@@ -106,21 +106,23 @@ def check_reference_dtypes(x, w_qkv, w_o) -> None:
 
 
 def sparse_attention(x, scores, idx, w_qkv, w_o, *, rope_dims: int, rope_base: float = 10000.0, backend: str = "auto",
-                     deterministic: bool | None = None):
+                     deterministic: bool | None = None, beside: bool = False):
     """Sparse heads over given selections; see the module docstring. Returns [B, T, h]. ``idx`` holds positions
     in [0, T] (T marks a padding slot): checked on the CPU; on a GPU (a check would wait for the device)
     positions outside that range are taken as padding.
 
     ``deterministic`` (triton backend): True sums each token's contributions in a fixed order (bit-repeatable),
     False with atomics (faster), None follows ``torch.use_deterministic_algorithms``. The torch backend's
-    ``index_add_`` follows that global switch itself."""
+    ``index_add_`` follows that global switch itself. ``beside`` (triton backend, speed only): other kernels
+    run beside this op on another stream, as a hybrid's dense heads do (``triton_mosa.mosa_triton``)."""
     check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims)
     name = resolve_backend(backend, x)
     if name == "torch":  # (the triton backend checks the same itself)
         check_positions(idx, x.shape[1])
         check_reference_dtypes(x, w_qkv, w_o)
         return sparse_attention_reference(x, scores, idx, w_qkv, w_o, rope_dims, rope_base)
-    return _triton_backend()(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic=deterministic)
+    return _triton_backend()(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic=deterministic,
+                             beside=beside)
 
 
 def fused_topk_available(x: torch.Tensor, backend: str) -> bool:

@@ -1315,16 +1315,17 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _Eager(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt):
+    def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt, beside=False):
         out = _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt)
         ctx.save_for_backward(x, scores, idx, w_qkv, w_o, *out[1:])
         ctx.rope = (rope_dims, rope_base)
+        ctx.beside = beside
         return out[0]
 
     @staticmethod
     def backward(ctx, dy):
-        dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope)
-        return dx, dsc, None, dwqkv, dwo, None, None, None, None
+        dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope, beside=ctx.beside)
+        return dx, dsc, None, dwqkv, dwo, None, None, None, None, None
 
 
 class _EagerRouted(torch.autograd.Function):
@@ -1556,7 +1557,7 @@ def _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed=False):
 
 
 def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float = 10000.0,
-                            deterministic: bool | None = None):
+                            deterministic: bool | None = None, beside: bool = False):
     """Fused Triton ``sparse_attention``; same arguments and result as ``sparse_attention_reference``.
 
     Differentiable in x, scores, w_qkv and w_o. ``deterministic`` picks the scatter-add of y and of x's
@@ -1565,7 +1566,8 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     additions, hence the last bits, may change from run to run. None (default) is True under
     ``torch.use_deterministic_algorithms(True)``, else the faster of the two for the shape: atomics, except
     where they would need a float32 buffer and the kept rows are fewer than ``ATOMIC_MIN_ROWS`` of the
-    output's rows (``use_rows``).
+    output's rows (``use_rows``). ``beside``: other kernels run beside this op's on another stream (see
+    ``mosa_triton``; ignored under torch.compile).
     """
     if x.dtype == torch.float64:  # documented fallback: no fp64 kernels
         check_reference_dtypes(x, w_qkv, w_o)
@@ -1584,4 +1586,4 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
             _rows_for(deterministic, x.device, h, (cdt, x.dtype), idx.numel(), B * T), cdt)
     if torch.compiler.is_compiling():
         return _fwd_op(*args)[0]
-    return _Eager.apply(*args)
+    return _Eager.apply(*args, bool(beside))
