@@ -15,7 +15,7 @@ mkdir -p "$OUT"
   $PYTHON -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } > "$OUT/gpu.txt" 2>&1
 timeout -k 5 "${BENCH_S:-120}" $PYTHON benchmarks/bench_generation.py --device cuda --prompt-lens 128 1024 4032 \
   --new-tokens "${NEW:-32}" --batch 1 8 --repeats 1 --out "$OUT/gpu_gen.json" > "$OUT/gpu_gen.log" 2>&1
-MOSA_REFERENCE=${MOSA_REFERENCE:-1} STEPS=${STEPS:-300} WINDOWS=${WINDOWS:-32} RUNS=${RUNS:-/tmp/mosa-routing-runs} \
+MOSA_REFERENCE=${MOSA_REFERENCE:-0} STEPS=${STEPS:-300} WINDOWS=${WINDOWS:-32} RUNS=${RUNS:-/tmp/mosa-routing-runs} \
   timeout -k 5 "${STUDY_S:-240}" bash benchmarks/routing_study.sh "$OUT" "$DATA" > "$OUT/study.log" 2>&1
 cat "$OUT/gpu.txt" "$OUT/gpu_gen.log"
 cat "$OUT/train_summary.txt" 2>/dev/null
