@@ -2,7 +2,7 @@
 # The layer measurements of benchmarks/RESULTS.md on a GPU in one device call, each stage under its own time
 # limit (a call cut off by its limit brings nothing back), logs and JSON in OUT.
 #   bash benchmarks/gpu_layer.sh OUT [STAGES]
-#   STAGES: any of pytest parts ncu local check tune checktune topk bf16+FLAGS ac+FLAGS profile profile+FLAGS timeline timeline+FLAGS profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
+#   STAGES: any of pytest parts variants ncu local check tune checktune topk bf16+FLAGS ac+FLAGS profile profile+FLAGS timeline timeline+FLAGS profilewide bf16wide mosabench streams bf16serial autocastserial profiledet hostprof bf16 bf16det bf16atomic bf16u bf16d autocast autocastdet sweep grid
 # (…det: our layers with deterministic=True, …atomic: deterministic=False; the rest deterministic=None)
 set -u
 OUT=${1:?usage: gpu_layer.sh OUT [STAGES]}
@@ -33,6 +33,9 @@ for s in $STAGES; do
                 > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log" ;;
     parts)    # each part of a MoSA step by cuBLAS / SDPA / plain atomics beside our kernels (bench_parts.py)
               for c in ${PARTS_CASES:-t3 t1}; do timeout -k 5 "${PARTS_S:-120}" $PY benchmarks/bench_parts.py --case "$c" --out "$OUT/parts"; done ;;
+    variants) # kernel settings timed in the layers they serve, one CUDA graph each, alternating (bench_variants.py)
+              timeout -k 5 "${VARIANTS_S:-200}" $PY benchmarks/bench_variants.py --cases "${VARIANT_CASES:-t2,t1}" \
+                --variants "${VARIANTS:-default,attn_inside,attn_outside}" --rounds "${ROUNDS:-7}" --out "$OUT/variants" ;;
     topk)     timeout -k 5 "${TOPK_S:-120}" $PY $B --tune-topk --no-bench --out "$OUT/topk" ;;
     bf16+*)   # bf16 timings of t1-t3 with the flags after "bf16+", "+" for spaces (A/B runs in one call)
               flags=${s#bf16+}
