@@ -23,13 +23,12 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from mosa_attention.bench.layer import make_step, median_ms  # noqa: E402
+from mosa_attention.bench.layer import alternating_rounds, make_step  # noqa: E402
 from mosa_attention.layers import DenseAttention, MoSAAttention  # noqa: E402
 from mosa_attention.ops import _host  # noqa: E402
 
@@ -110,14 +109,8 @@ def main():
             print(f"{case} {name}: replay's x.grad against the eager step's, relative {err:.1e}", flush=True)
             if not err < 2e-2:
                 raise SystemExit(f"{case} {name}: the replay's gradient is off ({err:.2e})")
-        times = {name: [] for name in replays}
-        for r in range(args.rounds):
-            for name, (replay, _) in replays.items():
-                times[name].append(median_ms(replay, args.iters, cuda=True))
-            print(f"{case} round {r}: " + ", ".join(f"{n} {t[-1]:.4f}" for n, t in times.items()), flush=True)
-        dense_ms = statistics.median(times["dense 9"])
-        results[case] = {n: {"ms": statistics.median(t), "rounds": t, "ratio": statistics.median(t) / dense_ms}
-                         for n, t in times.items()}
+        results[case] = alternating_rounds({n: replay for n, (replay, _) in replays.items()}, args.rounds,
+                                           args.iters, cuda=True, base="dense 9", label=f"{case} ")
         print(f"== {case}: median over {args.rounds} rounds of {args.iters} replays (ratio to dense 9 heads)")
         for n, v in results[case].items():
             print(f"  {n:16s} {v['ms']:.4f} ms  {v['ratio']:.3f}x")

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from mosa_attention.bench.layer import make_step, median_ms  # noqa: E402
+from mosa_attention.bench.layer import alternating_rounds, capture_graph, make_step  # noqa: E402
 from mosa_attention.layers import DenseAttention, MoSAAttention  # noqa: E402
 from mosa_attention.ops import triton_mosa  # noqa: E402
 
@@ -52,37 +51,31 @@ VARIANTS = {  # name: {"flags": {triton_mosa switch: value}, "tiles": {kernel: l
 
 
 def capture(step, variant: dict):
-    """A CUDA graph of ``step`` run under ``variant``'s settings (restored afterwards): (replay, graph)."""
+    """The replay of a CUDA graph of ``step`` captured under ``variant``'s settings (restored afterwards)."""
     saved = {name: getattr(triton_mosa, name) for name in variant.get("flags", {})}
     saved_tiles = dict(triton_mosa.TILE_OVERRIDES)
     try:
         for name, value in variant.get("flags", {}).items():
             setattr(triton_mosa, name, value)
         triton_mosa.TILE_OVERRIDES.update(variant.get("tiles", {}))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        replay, why = capture_graph(step)
     finally:
         for name, value in saved.items():
             setattr(triton_mosa, name, value)
         triton_mosa.TILE_OVERRIDES.clear()
         triton_mosa.TILE_OVERRIDES.update(saved_tiles)
-    return graph.replay, graph
+    if replay is None:
+        raise SystemExit(f"the step could not be captured under {variant}: {why}")
+    return replay
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="t2")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=100)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--cases", default="t2", help=f"comma-separated, among {', '.join(CASES)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS (all)")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds, each timing every variant in turn")
+    ap.add_argument("--iters", type=int, default=100, help="replays per variant and round (their median)")
+    ap.add_argument("--out", default=None, help="folder for variants.json")
     args = ap.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -106,20 +99,14 @@ def main():
             replays[f"dense {nd_cmp}"] = capture(make_step(dense, x, dy), {})
         for name in names:
             replays[name] = capture(make_step(layer, x, dy), VARIANTS[name])
-            replays[name][0]()
+            replays[name]()
             torch.cuda.synchronize()
             err = ((x.grad.float() - ref_dx).norm() / ref_dx.norm()).item()
             print(f"{case} {name}: replay's x.grad against the eager default step's, relative {err:.1e}", flush=True)
             if not err < 2e-2:
                 raise SystemExit(f"{case} {name}: the replay's gradient is off ({err:.2e})")
-        times = {name: [] for name in replays}
-        for r in range(args.rounds):
-            for name, (replay, _) in replays.items():
-                times[name].append(median_ms(replay, args.iters, cuda=True))
-            print(f"{case} round {r}: " + ", ".join(f"{n} {t[-1]:.4f}" for n, t in times.items()), flush=True)
-        base = statistics.median(times[f"dense {nd_cmp}"]) if nd_cmp else None
-        results[case] = {n: {"ms": statistics.median(t), "rounds": t,
-                             "ratio": statistics.median(t) / base if base else None} for n, t in times.items()}
+        base = f"dense {nd_cmp}" if nd_cmp else None
+        results[case] = alternating_rounds(replays, args.rounds, args.iters, cuda=True, base=base, label=f"{case} ")
         print(f"== {case}: median over {args.rounds} rounds of {args.iters} replays"
               + (f" (ratio to the dense {nd_cmp}-head layer)" if base else ""))
         for n, v in sorted(results[case].items(), key=lambda kv: kv[1]["ms"]):

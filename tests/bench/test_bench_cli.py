@@ -150,3 +150,20 @@ def test_bench_times_a_local_hybrid(tmp_path, capsys, monkeypatch):
 def test_bench_rejects_bad_local_arguments(extra, named, capsys):
     assert main(["bench", *SMALL, "--hybrid-dense-heads", "1", *extra]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_alternating_rounds_times_every_function_in_every_round():
+    # each round times the functions in turn; the medians and the ratios to the base come from those rounds
+    import time
+    from mosa_attention.bench.layer import alternating_rounds
+    order = []
+
+    def sleeper(name, s):
+        return lambda: (order.append(name), time.sleep(s))
+    res = alternating_rounds({"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.004)}, rounds=3, iters=2,
+                             cuda=False, base="fast")
+    assert order == ["fast", "fast", "slow", "slow"] * 3
+    assert len(res["slow"]["rounds"]) == 3 and res["fast"]["ratio"] == 1.0
+    assert res["slow"]["ms"] > res["fast"]["ms"] and res["slow"]["ratio"] > 2
+    with pytest.raises(ValueError, match="base"):
+        alternating_rounds({"a": lambda: None}, 1, 1, False, base="b")

@@ -64,6 +64,24 @@ def median_ms(fn, iters: int, cuda: bool, max_s: float | None = None) -> float:
     return statistics.median(times)
 
 
+def alternating_rounds(fns: dict, rounds: int, iters: int, cuda: bool, base: str | None = None,
+                       label: str = "") -> dict:
+    """Time several functions against each other: each of ``rounds`` rounds takes the median milliseconds of
+    ``iters`` calls of every function in turn (``median_ms``), so that all of them see the same drift of the
+    machine. Returns {name: {"ms": median over the rounds, "rounds": [...], "ratio": ms / base's ms, or None
+    without ``base``}}; prints each round, prefixed with ``label``."""
+    if base is not None and base not in fns:
+        raise ValueError(f"base must name one of the functions {list(fns)}, got base={base!r}")
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_ms(fn, iters, cuda))
+        print(f"{label}round {r}: " + ", ".join(f"{n} {t[-1]:.4f}" for n, t in times.items()), flush=True)
+    base_ms = statistics.median(times[base]) if base is not None else None
+    return {n: {"ms": statistics.median(t), "rounds": t, "ratio": statistics.median(t) / base_ms if base_ms else None}
+            for n, t in times.items()}
+
+
 def capture_graph(step):
     """(replay, None) for a CUDA graph of ``step``, or (None, why) when the step cannot be captured."""
     side = torch.cuda.Stream()
