@@ -1,0 +1,54 @@
+"""benchmarks/bench_variants.py: each variant's settings hold while its graph is captured, and only then (the
+capture itself needs a GPU and is replaced here by a stand-in that records what it saw)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from mosa_attention.ops import triton_mosa  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_variants.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bench_variants", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_variant_settings_hold_during_the_capture_only(monkeypatch):
+    mod = _module()
+    seen = []
+
+    def fake_capture(step):
+        seen.append((triton_mosa.ATTN_IN_OUT_BWD, {k: dict(v) for k, v in triton_mosa.TILE_OVERRIDES.items()}))
+        return step, None
+    monkeypatch.setattr(mod, "capture_graph", fake_capture)
+    monkeypatch.setitem(triton_mosa.TILE_OVERRIDES, "_dwo", {"BH": 32})  # a caller's own override stays
+    before = triton_mosa.ATTN_IN_OUT_BWD
+    step = object()
+    assert mod.capture(step, mod.VARIANTS["attn_inside_bm32"]) is step
+    assert seen == [(True, {"_dwo": {"BH": 32}, "_out_bwd": {"BM": 32}})]
+    assert triton_mosa.ATTN_IN_OUT_BWD is before and triton_mosa.TILE_OVERRIDES == {"_dwo": {"BH": 32}}
+    # restored also when the capture fails, and a step that cannot be captured stops the script
+    monkeypatch.setattr(mod, "capture_graph", lambda step: (None, "RuntimeError: no graph"))
+    with pytest.raises(SystemExit, match="no graph"):
+        mod.capture(step, mod.VARIANTS["attn_outside"])
+    monkeypatch.setattr(mod, "capture_graph", lambda step: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        mod.capture(step, mod.VARIANTS["out_bm32"])
+    assert triton_mosa.ATTN_IN_OUT_BWD is before and triton_mosa.TILE_OVERRIDES == {"_dwo": {"BH": 32}}
+
+
+def test_every_variant_names_real_switches_and_kernels():
+    mod = _module()
+    kernels = {name for name in dir(triton_mosa) if name.startswith("_") and hasattr(getattr(triton_mosa, name), "fn")}
+    for name, variant in mod.VARIANTS.items():
+        assert set(variant) <= {"flags", "tiles"}, name
+        for flag in variant.get("flags", {}):
+            assert hasattr(triton_mosa, flag), (name, flag)
+        for kernel in variant.get("tiles", {}):
+            assert kernel in kernels, (name, kernel)
