@@ -791,6 +791,19 @@ def test_backward_kernels_follow_beside(monkeypatch, beside, routed):
     assert not any(name == "_attn_bwd_seqs" for name, _ in seen)
 
 
+def test_beside_must_be_a_bool():
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    x, scores, idx, w_qkv, w_o = _inputs(1, 16, 32, 2, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="beside=1"):
+        sparse_attention_triton(x, scores, idx, w_qkv, w_o, 16, beside=1)
+    with pytest.raises(ValueError, match="beside='yes'"):
+        mosa_triton(x, torch.randn(2, 32, device=x.device), w_qkv, w_o, 4, False, 16, beside="yes")
+    from mosa_attention.ops import sparse_attention
+    for backend in ("torch", "triton"):  # the public op checks it for either backend
+        with pytest.raises(ValueError, match="beside=None"):
+            sparse_attention(x, scores, idx, w_qkv, w_o, rope_dims=16, backend=backend, beside=None)
+
+
 @pytest.mark.parametrize("kernel", ["_attn_bwd_seqs", "_out_bwd"])
 def test_short_sequence_backward_takes_a_tile_override(monkeypatch, kernel):
     # a tuning override of the block of the kernel that makes the short sequences' attention backward
