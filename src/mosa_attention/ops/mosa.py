@@ -116,8 +116,7 @@ def sparse_attention(x, scores, idx, w_qkv, w_o, *, rope_dims: int, rope_base: f
     ``index_add_`` follows that global switch itself. ``beside`` (triton backend, speed only): other kernels
     run beside this op on another stream, as a hybrid's dense heads do (``triton_mosa.mosa_triton``)."""
     check_sparse_inputs(x, scores, idx, w_qkv, w_o, rope_dims)
-    if not isinstance(beside, bool):
-        raise ValueError(f"beside must be True or False, got beside={beside!r}")
+    check_bool("beside", beside)
     name = resolve_backend(backend, x)
     if name == "torch":  # (the triton backend checks the same itself)
         check_positions(idx, x.shape[1])

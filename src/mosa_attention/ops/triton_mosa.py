@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ._checks import check_bool
 from ._host import cdiv, next_pow2
 from ._host import interpreting as _interpreting
 from .mosa import check_positions, check_reference_dtypes, check_sparse_inputs, sparse_attention_reference
@@ -1494,7 +1495,7 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
         if mark_rows is not None:
             mark_rows.scatter_(1, idx.view(B, -1), True)
         return y, kept, idx
-    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), x_read, _check_beside(beside))
+    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), x_read, check_bool("beside", beside))
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -1526,12 +1527,6 @@ def _rows_for(deterministic: bool | None, dev, h: int, dtypes, kept_rows: int, o
     asked only when the choice is left to the shape)."""
     in_place = deterministic is None and _atomics_in_place(dev, h, dtypes, kept_rows / max(out_rows, 1))
     return use_rows(deterministic, kept_rows, out_rows, in_place)
-
-
-def _check_beside(beside) -> bool:
-    if not isinstance(beside, bool):
-        raise ValueError(f"beside must be True or False, got beside={beside!r}")
-    return beside
 
 
 def _compute_dtype(x, *weights):
@@ -1592,4 +1587,4 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
             _rows_for(deterministic, x.device, h, (cdt, x.dtype), idx.numel(), B * T), cdt)
     if torch.compiler.is_compiling():
         return _fwd_op(*args)[0]
-    return _Eager.apply(*args, _check_beside(beside))
+    return _Eager.apply(*args, check_bool("beside", beside))
