@@ -26,9 +26,10 @@ from mosa_attention.layers import DenseAttention, MoSAAttention  # noqa: E402
 from mosa_attention.ops import triton_mosa  # noqa: E402
 
 # h, MoSA heads, sparsity, dense heads in the layer, T, B, dense heads of the comparison layer (0: none)
+# (t3m: t3's MoSA heads alone)
 CASES = {"t1": (512, 17, 32, 0, 1024, 16, 9), "t2": (512, 17, 32, 4, 1024, 16, 9),
-         "t3": (512, 505, 64, 4, 1024, 16, 9), "t4": (1024, 60, 1024, 0, 65536, 1, 0),
-         "T16384": (1024, 60, 256, 0, 16384, 1, 0)}
+         "t3": (512, 505, 64, 4, 1024, 16, 9), "t3m": (512, 505, 64, 0, 1024, 16, 9),
+         "t4": (1024, 60, 1024, 0, 65536, 1, 0), "T16384": (1024, 60, 256, 0, 16384, 1, 0)}
 VARIANTS = {  # name: {"flags": {triton_mosa switch: value}, "tiles": {kernel: launch overrides}}
     # (call 2 of v21 ran these with the attention backward inside _out_bwd as the default everywhere; since then
     # the default puts it there only where the op runs alone, and takes 32-row _out_bwd blocks there)
