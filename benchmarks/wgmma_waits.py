@@ -21,12 +21,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from mosa_attention.bench.compile import kernel_signature  # noqa: E402
 from mosa_attention.ops import triton_mosa as tm  # noqa: E402
 
-FLOAT32 = {"sc_ptr", "lse_ptr", "delta_ptr", "dsc_ptr", "dl_ptr", "cos_ptr", "sin_ptr"}
-INT64 = {"idx_ptr", "perm_ptr", "starts_ptr"}
 BASE = dict(D=64, DP=64, PREC="tf32")
-# kernel, constexprs, warps, stages; t3 (505 heads of k = 16, R = 256 rows, bf16), pointers to bf16 unless named
+# kernel, constexprs, warps, stages, argument types; t3 (505 heads of k = 16, R = 256 rows, bf16)
 LAUNCHES = [
     (tm._qkv_fwd, dict(BASE, ROPE=32, BM=128, BK=64, FUSED=True, ZERO=2, MARK=True, STATS=True), 8, 4, {}),
     (tm._attn_fwd, dict(BASE, BM=64, BN=32, BH=64, BS=128, ATOMIC=True, VEC=8, SCALED=True), 4, 3,
@@ -39,32 +38,15 @@ LAUNCHES = [
 ]
 
 
-def signature(kern, cons, types):
-    for p in kern.params:  # constexprs left out take their defaults
-        if p.is_constexpr and p.name not in cons:
-            cons[p.name] = p.default
-    sig = {}
-    for name in kern.arg_names:
-        if name in cons:
-            sig[name] = "constexpr"
-        elif name in types:
-            sig[name] = types[name]
-        elif name.endswith("_ptr"):
-            sig[name] = ("*fp32" if name in FLOAT32 else "*i64" if name in INT64 else "*i32" if name == "stats_ptr"
-                         else "*u8" if name == "mark_ptr" else "*bf16")
-        else:
-            sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
-    return sig
-
-
 def main():
     ptxas = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
     print(f"Triton {triton.__version__}, sm_90")
     for kern, cons, warps, stages, types in LAUNCHES:
-        sig = signature(kern, dict(cons), types)
+        cons = dict(cons)
+        sig = kernel_signature(kern, cons, types)
         # pointers and h marked 16-byte divisible, as the launches' tensors are (so the loads pipeline)
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if n.endswith("_ptr") or n == "h"}
-        k = triton.compile(ASTSource(kern, sig, {n: v for n, v in cons.items()}, attrs=attrs),
+        k = triton.compile(ASTSource(kern, sig, cons, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
         ttgir = k.asm["ttgir"]
         waits = re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", ttgir)

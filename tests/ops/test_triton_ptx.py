@@ -64,29 +64,12 @@ ALL_KERNELS = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from mosa_attention.ops import triton_mosa as tm
-    FP32 = {"sc_ptr", "lse_ptr", "delta_ptr", "dsc_ptr", "dl_ptr", "cos_ptr", "sin_ptr"}
-    I64 = {"idx_ptr", "perm_ptr", "starts_ptr"}
-    I32 = {"stats_ptr"}
+    from mosa_attention.bench.compile import kernel_signature as sig_of
     ARCH = int(sys.argv[1])
     TARGET = GPUTarget("cuda", ARCH, 32)
     # y's scatter as the launchers pick it (_atomic_plan): 16-byte vector adds into the scaled float16 buffer
     # from sm_90, scalar atomics before (the vector forms' inline PTX needs sm_90)
     Y_SCATTER = dict(VEC=8, SCALED=True) if ARCH >= 90 else dict(VEC=0, SCALED=False)
-
-    def sig_of(kern, cons):
-        for p in kern.params:  # constexpr parameters left out take their defaults
-            if p.is_constexpr and p.name not in cons:
-                cons[p.name] = p.default
-        sig = {}
-        for name in kern.arg_names:
-            if name in cons:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr") or name in ("src0", "src1", "src2"):
-                sig[name] = ("*fp32" if name in FP32 else "*i64" if name in I64 else "*i32" if name in I32
-                             else "*u8" if name == "mark_ptr" else "*fp16" if name == "src_ptr" else "*bf16")
-            else:
-                sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
-        return sig
 
     base = dict(D=64, DP=64, PREC="tf32")
     for kern, cons in (
