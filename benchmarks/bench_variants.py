@@ -3,8 +3,8 @@
 `bench_layer.py --tune` picks each MoSA kernel's tiles by that kernel's own GPU time with the MoSA heads alone.
 In a hybrid the MoSA kernels run beside the dense heads' kernels, and a tile that makes a kernel faster alone can
 hold SMs the dense products wait for (v21: the attention backward inside ``_out_bwd`` made t1 2.5 us faster and
-t2 7 us slower). Here each variant (module switches of ``triton_mosa`` and launch overrides,
-``TILE_OVERRIDES``) is set, the layer's step is captured as a CUDA graph (the graph keeps the kernels it was
+t2 7 us slower). Here each variant (module switches of ``triton_mosa`` and of the layer, and launch
+overrides, ``TILE_OVERRIDES``) is set, the layer's step is captured as a CUDA graph (the graph keeps the kernels it was
 captured with), and the settings are restored; then the rounds replay every graph in turn, so that all variants
 see the same drift of the card. Each variant's x gradient is checked against the eager default step's before
 it is timed.
@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from mosa_attention.bench.layer import alternating_rounds, capture_graph, make_step  # noqa: E402
 from mosa_attention.layers import DenseAttention, MoSAAttention  # noqa: E402
+from mosa_attention.layers import mosa as layer_mosa  # noqa: E402
 from mosa_attention.ops import triton_mosa  # noqa: E402
 
 # h, MoSA heads, sparsity, dense heads in the layer, T, B, dense heads of the comparison layer (0: none)
@@ -30,7 +31,9 @@ from mosa_attention.ops import triton_mosa  # noqa: E402
 CASES = {"t1": (512, 17, 32, 0, 1024, 16, 9), "t2": (512, 17, 32, 4, 1024, 16, 9),
          "t3": (512, 505, 64, 4, 1024, 16, 9), "t3m": (512, 505, 64, 0, 1024, 16, 9),
          "t4": (1024, 60, 1024, 0, 65536, 1, 0), "T16384": (1024, 60, 256, 0, 16384, 1, 0)}
-VARIANTS = {  # name: {"flags": {triton_mosa switch: value}, "tiles": {kernel: launch overrides}}
+# where a variant's switches live: "flags" the kernels' (ops.triton_mosa), "layer_flags" the layer's (layers.mosa)
+SWITCHES = {"flags": triton_mosa, "layer_flags": layer_mosa}
+VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value}, "tiles": {kernel: launch overrides}}
     # (call 2 of v21 ran these with the attention backward inside _out_bwd as the default everywhere; since then
     # the default puts it there only where the op runs alone, and takes 32-row _out_bwd blocks there)
     "default": {},
@@ -46,6 +49,9 @@ VARIANTS = {  # name: {"flags": {triton_mosa switch: value}, "tiles": {kernel: l
     "qkv_fwd_bm64_w4": {"tiles": {"_qkv_fwd": {"BM": 64, "num_warps": 4}}},
     "attn_fwd_bm32": {"tiles": {"_attn_fwd": {"BM": 32, "BN": 32}}},
     "dwqkv_w4": {"tiles": {"_dwqkv": {"num_warps": 4}}},
+    # (v22) the hybrid's dense heads launched before its MoSA heads (the router product and top-k then wait
+    # for the dense QKV product's SMs)
+    "dense_first": {"layer_flags": {"MOSA_HEADS_FIRST": False}},
     "blk32_dwqkv_w4_fwd_bm32": {"tiles": {"_attn_bwd_seqs": {"BLK": 32}, "_dwqkv": {"num_warps": 4},
                                           "_attn_fwd": {"BM": 32, "BN": 32}}},
 }
@@ -53,16 +59,17 @@ VARIANTS = {  # name: {"flags": {triton_mosa switch: value}, "tiles": {kernel: l
 
 def capture(step, variant: dict):
     """The replay of a CUDA graph of ``step`` captured under ``variant``'s settings (restored afterwards)."""
-    saved = {name: getattr(triton_mosa, name) for name in variant.get("flags", {})}
+    switched = [(SWITCHES[key], name, value) for key in SWITCHES for name, value in variant.get(key, {}).items()]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in switched]
     saved_tiles = dict(triton_mosa.TILE_OVERRIDES)
     try:
-        for name, value in variant.get("flags", {}).items():
-            setattr(triton_mosa, name, value)
+        for module, name, value in switched:
+            setattr(module, name, value)
         triton_mosa.TILE_OVERRIDES.update(variant.get("tiles", {}))
         replay, why = capture_graph(step)
     finally:
-        for name, value in saved.items():
-            setattr(triton_mosa, name, value)
+        for module, name, value in saved:
+            setattr(module, name, value)
         triton_mosa.TILE_OVERRIDES.clear()
         triton_mosa.TILE_OVERRIDES.update(saved_tiles)
     if replay is None:

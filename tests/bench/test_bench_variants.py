@@ -47,8 +47,20 @@ def test_every_variant_names_real_switches_and_kernels():
     mod = _module()
     kernels = {name for name in dir(triton_mosa) if name.startswith("_") and hasattr(getattr(triton_mosa, name), "fn")}
     for name, variant in mod.VARIANTS.items():
-        assert set(variant) <= {"flags", "tiles"}, name
-        for flag in variant.get("flags", {}):
-            assert hasattr(triton_mosa, flag), (name, flag)
+        assert set(variant) <= {"flags", "layer_flags", "tiles"}, name
+        for key, module in mod.SWITCHES.items():
+            for flag in variant.get(key, {}):
+                assert hasattr(module, flag), (name, flag)
         for kernel in variant.get("tiles", {}):
             assert kernel in kernels, (name, kernel)
+
+
+def test_layer_switches_hold_during_the_capture_only(monkeypatch):
+    from mosa_attention.layers import mosa as layer_mosa
+    mod = _module()
+    seen = []
+    monkeypatch.setattr(mod, "capture_graph", lambda step: (seen.append(layer_mosa.MOSA_HEADS_FIRST), (step, None))[1])
+    before = layer_mosa.MOSA_HEADS_FIRST
+    step = object()
+    assert mod.capture(step, mod.VARIANTS["dense_first"]) is step
+    assert seen == [not before] and layer_mosa.MOSA_HEADS_FIRST is before
