@@ -27,10 +27,11 @@ from mosa_attention.layers import mosa as layer_mosa  # noqa: E402
 from mosa_attention.ops import triton_mosa  # noqa: E402
 
 # h, MoSA heads, sparsity, dense heads in the layer, T, B, dense heads of the comparison layer (0: none)
-# (t3m: t3's MoSA heads alone)
+# (t3m: t3's MoSA heads alone; rho4, rho8: t1's heads at sparsities 4 and 8, k = 256 and 128)
 CASES = {"t1": (512, 17, 32, 0, 1024, 16, 9), "t2": (512, 17, 32, 4, 1024, 16, 9),
          "t3": (512, 505, 64, 4, 1024, 16, 9), "t3m": (512, 505, 64, 0, 1024, 16, 9),
-         "t4": (1024, 60, 1024, 0, 65536, 1, 0), "T16384": (1024, 60, 256, 0, 16384, 1, 0)}
+         "t4": (1024, 60, 1024, 0, 65536, 1, 0), "T16384": (1024, 60, 256, 0, 16384, 1, 0),
+         "rho4": (512, 17, 4, 0, 1024, 16, 9), "rho8": (512, 17, 8, 0, 1024, 16, 9)}
 # where a variant's switches live: "flags" the kernels' (ops.triton_mosa), "layer_flags" the layer's (layers.mosa)
 SWITCHES = {"flags": triton_mosa, "layer_flags": layer_mosa}
 VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value}, "tiles": {kernel: launch overrides}}
@@ -52,6 +53,17 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     # (v22) the hybrid's dense heads launched before its MoSA heads (the router product and top-k then wait
     # for the dense QKV product's SMs)
     "dense_first": {"layer_flags": {"MOSA_HEADS_FIRST": False}},
+    # (v22) the weight gradients' reduction in row slices (default: where the grid is small, not beside a
+    # hybrid's dense heads); one slice everywhere, or two / four forced (beside the dense heads too)
+    "wgrad_one_slice": {"flags": {"WGRAD_SPLIT": 1}},
+    "wgrad_split2": {"flags": {"WGRAD_SPLIT": 2}},
+    "wgrad_split4": {"flags": {"WGRAD_SPLIT": 4}},
+    # the router's weight gradient in a kernel of its own (_dwr) instead of inside _dwqkv, whose products it
+    # makes wait for each other (benchmarks/wgmma_waits.py); with the rows in one slice or split
+    "dl16_off": {"flags": {"DL16_TILE": False}},
+    "dl16_off_one_slice": {"flags": {"DL16_TILE": False, "WGRAD_SPLIT": 1}},
+    "dwr_apart": {"flags": {"DWR_IN_DWQKV": False}},
+    "dwr_apart_one_slice": {"flags": {"DWR_IN_DWQKV": False, "WGRAD_SPLIT": 1}},
     "blk32_dwqkv_w4_fwd_bm32": {"tiles": {"_attn_bwd_seqs": {"BLK": 32}, "_dwqkv": {"num_warps": 4},
                                           "_attn_fwd": {"BM": 32, "BN": 32}}},
 }

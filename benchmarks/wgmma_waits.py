@@ -25,7 +25,7 @@ from mosa_attention.bench.compile import kernel_signature  # noqa: E402
 from mosa_attention.ops import triton_mosa as tm  # noqa: E402
 
 BASE = dict(D=64, DP=64, PREC="tf32")
-# kernel, constexprs, warps, stages, argument types; t3 (505 heads of k = 16, R = 256 rows, bf16)
+# kernel, constexprs, warps, stages, argument types; t3's launches (505 heads of k = 16, R = 256 rows, bf16)
 LAUNCHES = [
     (tm._qkv_fwd, dict(BASE, ROPE=32, BM=128, BK=64, FUSED=True, ZERO=2, MARK=True, STATS=True), 8, 4, {}),
     (tm._attn_fwd, dict(BASE, BM=64, BN=32, BH=64, BS=128, ATOMIC=True, VEC=8, SCALED=True), 4, 3,
@@ -35,6 +35,10 @@ LAUNCHES = [
     (tm._qkv_bwd_dx, dict(BASE, BM=64, BH=128, ROUTER=False, ATOMIC=True, VEC=4), 8, 3, {"dx_ptr": "*fp32"}),
     (tm._dwqkv, dict(BASE, BR=64, BH=128, FUSED=True, ROUTER=False), 8, 2, {}),
     (tm._dwo, dict(BASE, BR=128, BH=128), 4, 3, {}),
+    # t1's (17 heads of k = 32, R = 512): the router's weight gradient inside _dwqkv, its d-logit tile loaded
+    # (DL16, the default) and made in registers (the old form, whose products wait for each other)
+    (tm._dwqkv, dict(BASE, BR=128, BH=128, FUSED=True, ROUTER=True, DL16=True), 8, 2, {"dl_ptr": "*bf16"}),
+    (tm._dwqkv, dict(BASE, BR=128, BH=128, FUSED=True, ROUTER=True), 8, 2, {}),
 ]
 
 
@@ -61,7 +65,8 @@ def main():
                 found = re.search(r"Used (\d+) registers", run.stderr)
                 spill = re.search(r"(\d+) bytes spill stores", run.stderr)
                 regs = f", {found.group(1) if found else '?'} registers, {spill.group(1) if spill else '?'} B spilled"
-        print(f"{kern.fn.__name__:16s} wgmma {ttgir.count('ttng.warp_group_dot '):2d}, waits (pendings) "
+        label = kern.fn.__name__ + ("+router" if cons.get("ROUTER") else "") + ("+dl16" if cons.get("DL16") else "")
+        print(f"{label:22s} wgmma {ttgir.count('ttng.warp_group_dot '):2d}, waits (pendings) "
               f"{', '.join(waits) or '-'}{regs}")
 
 

@@ -969,3 +969,65 @@ def test_scaled_half_scatter_bound_and_scale(monkeypatch):
     triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, 16, 10000.0, False, torch.float32, distinct=True)
     st = calls[1][1]
     assert st.numel() == triton_mosa._N_STATS and st[:1].view(torch.float32).item() == E
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_gradients_in_row_slices(monkeypatch, dtype, split):
+    # WGRAD_SPLIT forced: _dwqkv and _dwo reduce over slices of a head's rows, each program adding its partial
+    # sums into zeroed float32 (then copied into bf16 / fp16 gradients; float32 ones take them in place).
+    # Slices shorter than the rest (R off the blocks), one row block only (k = 2: one slice), the router's
+    # gradient inside _dwqkv, three unfused parts (float32) and the fused one (float16)
+    monkeypatch.setattr(triton_mosa, "WGRAD_SPLIT", split)
+    launch, seen = triton_mosa._launch, []
+    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, grid, args, blocks, **meta: (
+        seen.append((kernel.fn.__name__, meta.get("SPLIT"), grid(blocks))), launch(kernel, grid, args, blocks, **meta))[1])
+    _compare(2, 40, 48, 3, 17, 32, 16, dtype)                       # R = 34: h off the blocks
+    _compare(1, 150, 32, 2, 100, 32, 16, dtype)                     # R = 100: the last slice shorter
+    _compare(1, 20, 32, 2, 2, 32, 16, dtype)                        # k = 2, batch 1: R = 2, one slice
+    _compare(2, 30, 32, 2, 10, 32, 16, dtype, pad=2, unsorted=True)
+    monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", True)
+    # the router's gradient inside _dwqkv; R = 200: three or four row blocks in either dtype's tiles
+    _routed_compare(2, 120, 32, 3, 100, 64, 64, False, dtype, TOL[dtype], False)
+    splits = {(name, s) for name, s, _ in seen if name in ("_dwqkv", "_dwo")}
+    assert ("_dwqkv", split) in splits and ("_dwo", split) in splits, splits
+    assert ("_dwqkv", 1) in splits  # R = 2: one row block, one slice
+    for name, s, grid in seen:
+        if name == "_dwqkv":
+            assert grid[2] == s * (1 if dtype != torch.float32 else 3)
+        if name == "_dwo":
+            assert grid[2] == s
+
+
+def test_weight_gradient_split_choice(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_mosa, "_sm_count", lambda dev: 132)
+    # t1: 68 programs, R = 512 in 128-row blocks: too few blocks, one slice
+    assert triton_mosa._wgrad_split(cuda, 68, 512, 128, False, False) == 1
+    # a sparsity of 4 (R = 4096, 32 blocks): four slices bring 68 programs to two per SM; 8 (16 blocks): one
+    assert triton_mosa._wgrad_split(cuda, 68, 4096, 128, False, False) == 4
+    assert triton_mosa._wgrad_split(cuda, 68, 2048, 128, False, False) == 1
+    assert triton_mosa._wgrad_split(cuda, 8, 32768, 128, False, False) == 8  # at most WGRAD_MAX_SPLIT
+    # t3 (2,020 programs), deterministic scatters, beside a hybrid's dense heads, the CPU: one
+    assert triton_mosa._wgrad_split(cuda, 2020, 256, 64, False, False) == 1
+    assert triton_mosa._wgrad_split(cuda, 68, 4096, 128, True, False) == 1
+    assert triton_mosa._wgrad_split(cuda, 68, 4096, 128, False, True) == 1
+    assert triton_mosa._wgrad_split(torch.device("cpu"), 68, 4096, 128, False, False) == 1
+    monkeypatch.setattr(triton_mosa, "WGRAD_SPLIT", 8)
+    assert triton_mosa._wgrad_split(cuda, 2020, 256, 64, True, True) == 4  # forced, at most one slice per block
+
+
+@pytest.mark.parametrize("dl16", [True, False], ids=["dl_tile_loaded", "dl_tile_in_registers"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_router_gradient_tile_forms(monkeypatch, dtype, dl16):
+    # the router's weight gradient inside _dwqkv from the [rows, 16] d-logit tile _out_bwd writes (DL16_TILE),
+    # or from one made in registers: padding slots (k > kept tokens of a short T), include_first, k = T
+    monkeypatch.setattr(triton_mosa, "DL16_TILE", dl16)
+    monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", True)
+    launch, seen = triton_mosa._launch, []
+    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (
+        seen.append((kernel.fn.__name__, kw.get("DL16"))), launch(kernel, *a, **kw))[1])
+    _routed_compare(2, 40, 48, 3, 9, 32, 16, True, dtype, TOL[dtype], False)
+    _routed_compare(1, 24, 32, 2, 24, 64, 64, False, dtype, TOL[dtype], False)
+    _routed_compare(2, 40, 48, 3, 9, 32, 16, False, dtype, TOL[dtype], True)  # deterministic scatters
+    assert ("_dwqkv", dl16) in seen and ("_out_bwd", dl16) in seen

@@ -93,12 +93,21 @@ ALL_KERNELS = textwrap.dedent("""
             (tm._qkv_bwd_dx, dict(base, BM=64, BH=128, ROUTER=True)),
             (tm._qkv_bwd_dx, dict(base, BM=64, BH=128, ROUTER=True, ATOMIC=True, VEC=4 if ARCH >= 90 else 0)),
             (tm._dwqkv, dict(base, BR=64, BH=128, FUSED=True, ROUTER=True)),
+            # the weight gradients in row slices: partial sums added into float32 (vector atomics from sm_90)
+            (tm._dwqkv, dict(base, BR=128, BH=128, FUSED=True, ROUTER=True, SPLIT=2, VEC=4 if ARCH >= 90 else 0)),
+            (tm._dwqkv, dict(base, BR=128, BH=128, FUSED=True, ROUTER=True, DL16=True)),
+            (tm._out_bwd, dict(base, BM=64, BH=64, DLOGIT=True, ZERO=2, DL16=True)),
+            (tm._dwo, dict(base, BR=128, BH=128, SPLIT=4, VEC=4 if ARCH >= 90 else 0)),
             (tm._dwr, dict(BR=32, BH=128))):
         sig = sig_of(kern, cons)
         if cons.get("ATOMIC") and kern is tm._qkv_bwd_dx:  # x's gradient adds into float32
             sig["dx_ptr"] = "*fp32"
         elif cons.get("ATOMIC") and ARCH < 90:  # and so does a bfloat16 y before sm_90
             sig["out_ptr"] = "*fp32"
+        elif cons.get("SPLIT", 1) > 1:  # and the sliced weight gradients
+            sig.update({n: "*fp32" for n in ("dw_ptr", "dwr_ptr", "dwo_ptr") if n in sig})
+        if cons.get("DL16") and kern is tm._dwqkv:  # the d-logit tile, in the compute dtype
+            sig["dl_ptr"] = "*bf16"
         k = triton.compile(ASTSource(kern, sig, cons), target=TARGET,
                            options=dict(num_warps=4, num_stages=2))
         assert k.asm["cubin"], kern.__name__
@@ -143,4 +152,4 @@ def test_every_kernel_compiles(arch):
     run = subprocess.run([sys.executable, "-c", ALL_KERNELS, str(arch)], env=dict(os.environ, TRITON_INTERPRET="0"),
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 29, run.stdout
+    assert run.stdout.count("compiled") == 33, run.stdout

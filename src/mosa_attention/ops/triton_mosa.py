@@ -511,10 +511,10 @@ def _segment_sum(rows_ptr, perm_ptr, starts_ptr, out_ptr, N, NP, T, h, BT: tl.co
 @triton.jit
 def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr, T, h, E, R, K,
              zero_ptr, zero_n, dlf_ptr, dlf_stride, dwo_ptr, qkv_ptr, lse_ptr, dqkv_ptr, cos_ptr, sin_ptr, NR,
-             qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+             qk_scale, sm_scale, dl16_ptr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
              BH: tl.constexpr, PREC: tl.constexpr, DLOGIT: tl.constexpr = False, ZERO: tl.constexpr = 0,
              DENSE_DL: tl.constexpr = False, DWO: tl.constexpr = False, ATTN: tl.constexpr = False,
-             ROPE: tl.constexpr = 0):
+             ROPE: tl.constexpr = 0, DL16: tl.constexpr = False):
     """dO = score * (dy[b, pos] @ w_o[e]^T); d score = rowsum(dy[b, pos] @ w_o[e]^T * o); delta = rowsum(dO*o).
     DLOGIT: the scores are sigmoid(router logits); store d logit = d score * score * (1 - score) instead.
     ZERO = 1: also clear zero_ptr[0:zero_n] (the [B, T, h] buffer ``_qkv_bwd_dx`` adds dx into), shared by all
@@ -525,7 +525,9 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
     dy tiles, each column tile of it once: one gather of dy instead of two, one launch less.
     ATTN: each program holds NR = (BM // K) * K rows, whole sequences (K <= BM), and goes on to their
     attention backward (``_seqs_bwd``: dq, dk, dv into dqkv) instead of storing dO and delta for
-    ``_attn_bwd_seqs``: one launch less, and dO never leaves the registers."""
+    ``_attn_bwd_seqs``: one launch less, and dO never leaves the registers.
+    DL16: also write d logit as the first of 16 columns of dl16 [E, R, 16] (zero elsewhere and at padding
+    slots), in the compute dtype: the tile ``_dwqkv`` multiplies for the router's weight gradient."""
     if ZERO == 1:
         _zero_share(zero_ptr, zero_n, 1024)
     pid = tl.program_id(0)
@@ -567,6 +569,10 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
     if DLOGIT:
         dsc = dsc * sc * (1.0 - sc)
     tl.store(dsc_ptr + sel, dsc, mask=rm)
+    if DL16:
+        c16 = tl.arange(0, 16)
+        tl.store(dl16_ptr + (e * R + rows).to(tl.int64)[:, None] * 16 + c16[None, :],
+                 tl.where((c16 == 0)[None, :] & keep[:, None], dsc[:, None], 0.0).to(DT), mask=rm[:, None])
     if DENSE_DL:
         tl.store(dlf_ptr + e.to(tl.int64) * dlf_stride + b * T + pos, dsc.to(dlf_ptr.dtype.element_ty), mask=keep)
     do = (acc * sc[:, None]).to(DT)
@@ -582,8 +588,10 @@ def _out_bwd(dy_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, do_ptr, delta_ptr, dsc_ptr,
 
 @triton.jit
 def _dwo(dy_ptr, idx_ptr, sc_ptr, o_ptr, dwo_ptr, T, h, E, R, K,
-         D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
-    """dw_o[e][:, cols] = sum over rows of (o * score)^T dy[b, pos]."""
+         D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+         SPLIT: tl.constexpr = 1, VEC: tl.constexpr = 0):
+    """dw_o[e][:, cols] = sum over rows of (o * score)^T dy[b, pos]. SPLIT > 1: the rows in SPLIT slices
+    (grid axis 2), each program adding its partial sum into the zeroed float32 dw_o (``_add_tile``)."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = o_ptr.dtype.element_ty
@@ -591,10 +599,11 @@ def _dwo(dy_ptr, idx_ptr, sc_ptr, o_ptr, dwo_ptr, T, h, E, R, K,
     nm = nn < h
     cols = tl.arange(0, DP)
     cm = cols < D
+    r_start, r_end = _row_slice(R, BR, SPLIT)
     acc = tl.zeros([DP, BH], tl.float32)
-    for r0 in range(0, R, BR):
+    for r0 in range(r_start, r_end, BR):
         rows = r0 + tl.arange(0, BR)
-        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, r_end)
         keep = rm & (pos >= 0) & (pos < T)
         g = tl.load(dy_ptr + (b * T + pos).to(tl.int64)[:, None] * h + nn[None, :],
                     mask=keep[:, None] & nm[None, :], other=0.0)
@@ -602,8 +611,22 @@ def _dwo(dy_ptr, idx_ptr, sc_ptr, o_ptr, dwo_ptr, T, h, E, R, K,
                      mask=rm[None, :] & cm[:, None], other=0.0).to(tl.float32)
         sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
         acc = tl.dot((ot * sc[None, :]).to(DT), g, acc, input_precision=PREC)
-    tl.store(dwo_ptr + e.to(tl.int64) * D * h + cols[:, None] * h + nn[None, :], acc.to(dwo_ptr.dtype.element_ty),
-             mask=cm[:, None] & nm[None, :])
+    if SPLIT > 1:
+        _add_tile(dwo_ptr, e.to(tl.int64) * D * h + cols * h, pid * BH, acc, cm, h, VEC)
+    else:
+        tl.store(dwo_ptr + e.to(tl.int64) * D * h + cols[:, None] * h + nn[None, :],
+                 acc.to(dwo_ptr.dtype.element_ty), mask=cm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _row_slice(R, BR: tl.constexpr, SPLIT: tl.constexpr):
+    """[start, end) of the rows this program reduces over: slice program_id(2) % SPLIT of R, whole blocks of
+    BR rows each (the weight gradients' split reduction)."""
+    if SPLIT == 1:
+        return 0, R
+    per = tl.cdiv(tl.cdiv(R, SPLIT), BR) * BR
+    start = (tl.program_id(2) % SPLIT) * per
+    return start, tl.minimum(start + per, R)
 
 
 @triton.jit
@@ -780,29 +803,36 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
 @triton.jit
 def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
            D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
-           FUSED: tl.constexpr = False, ROUTER: tl.constexpr = False):
-    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part. FUSED: one program makes all three
-    parts from one load of the gathered x tile (grid axis 2 has size 1); else one program per part.
+           FUSED: tl.constexpr = False, ROUTER: tl.constexpr = False, SPLIT: tl.constexpr = 1,
+           VEC: tl.constexpr = 0, DL16: tl.constexpr = False):
+    """dw_qkv[e][rows of h, part] = sum over rows of x[b, pos]^T d_part. SPLIT > 1: the rows in SPLIT slices
+    (grid axis 2: part * SPLIT + slice), each program adding its partial sums into the zeroed float32 dw_qkv
+    (and dw_router) with atomics. FUSED: one program makes all three parts from one load of the gathered x
+    tile (one part on grid axis 2); else one program per part.
     ROUTER: also dw_router[e][rows of h] = sum over kept rows of x[b, pos] * d logit (top-k passes gradient
     only to kept tokens), as one more product of the same x tile with a 16-column matrix whose first column
-    is d logit (rounded to the compute dtype, like d_part): no second gather of x. Where the parts have one
+    is d logit (rounded to the compute dtype, like d_part): no second gather of x. DL16: that matrix is read
+    from dl_ptr [E, R, 16] as ``_out_bwd`` wrote it (a tile loaded for the product keeps the loop's products
+    in flight on sm_90; one made in registers from d logit made each step wait for them: Triton 3.6,
+    ``benchmarks/wgmma_waits.py``), else made from d logit [B, E, k]. Where the parts have one
     program each, part 0's program writes it."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
-    part = tl.program_id(2)
+    part = tl.program_id(2) // SPLIT
     DT: tl.constexpr = dqkv_ptr.dtype.element_ty
     nn = pid * BH + tl.arange(0, BH)
     nm = nn < h
     cols = tl.arange(0, DP)
     cm = cols < D
     c16 = tl.arange(0, 16)
+    r_start, r_end = _row_slice(R, BR, SPLIT)
     acc = tl.zeros([BH, DP], tl.float32)
     acc_k = tl.zeros([BH, DP], tl.float32)
     acc_v = tl.zeros([BH, DP], tl.float32)
     acc_r = tl.zeros([BH, 16], tl.float32)
-    for r0 in range(0, R, BR):
+    for r0 in range(r_start, r_end, BR):
         rows = r0 + tl.arange(0, BR)
-        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+        rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, r_end)
         xrow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64)
         xt = tl.load(x_ptr + xrow[None, :] * h + nn[:, None], mask=rm[None, :] & nm[:, None], other=0.0)
         xt = xt.to(DT)
@@ -813,19 +843,33 @@ def _dwqkv(x_ptr, idx_ptr, dqkv_ptr, dw_ptr, T, h, E, R, K, dl_ptr, dwr_ptr,
             acc_k = tl.dot(xt, tl.load(dp + E * R * D, mask=dm, other=0.0), acc_k, input_precision=PREC)
             acc_v = tl.dot(xt, tl.load(dp + 2 * E * R * D, mask=dm, other=0.0), acc_v, input_precision=PREC)
         if ROUTER:
-            dl = tl.load(dl_ptr + sel, mask=rm & (pos >= 0) & (pos < T), other=0.0)
-            g = tl.where((c16 == 0)[None, :], dl[:, None], 0.0).to(DT)
+            if DL16:  # d logit as the first of 16 columns [E, R, 16] in the compute dtype, written so by _out_bwd
+                g = tl.load(dl_ptr + (e * R + rows).to(tl.int64)[:, None] * 16 + c16[None, :], mask=rm[:, None],
+                            other=0.0)
+            else:
+                dl = tl.load(dl_ptr + sel, mask=rm & (pos >= 0) & (pos < T), other=0.0)
+                g = tl.where((c16 == 0)[None, :], dl[:, None], 0.0).to(DT)
             acc_r = tl.dot(xt, g, acc_r, input_precision=PREC)
-    out = dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :]
-    om = nm[:, None] & cm[None, :]
-    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=om)
-    if FUSED:
-        tl.store(out + D, acc_k.to(dw_ptr.dtype.element_ty), mask=om)
-        tl.store(out + 2 * D, acc_v.to(dw_ptr.dtype.element_ty), mask=om)
+    if SPLIT > 1:
+        rowoff = e.to(tl.int64) * h * 3 * D + nn.to(tl.int64) * (3 * D) + part * D
+        _add_tile(dw_ptr, rowoff, 0, acc, nm, D, VEC)
+        if FUSED:
+            _add_tile(dw_ptr, rowoff + D, 0, acc_k, nm, D, VEC)
+            _add_tile(dw_ptr, rowoff + 2 * D, 0, acc_v, nm, D, VEC)
+    else:
+        out = dw_ptr + e.to(tl.int64) * h * 3 * D + nn[:, None] * (3 * D) + part * D + cols[None, :]
+        om = nm[:, None] & cm[None, :]
+        tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=om)
+        if FUSED:
+            tl.store(out + D, acc_k.to(dw_ptr.dtype.element_ty), mask=om)
+            tl.store(out + 2 * D, acc_v.to(dw_ptr.dtype.element_ty), mask=om)
     if ROUTER:
         dwr = tl.sum(tl.where((c16 == 0)[None, :], acc_r, 0.0), 1)
         if part == 0:
-            tl.store(dwr_ptr + e.to(tl.int64) * h + nn, dwr.to(dwr_ptr.dtype.element_ty), mask=nm)
+            if SPLIT > 1:
+                tl.atomic_add(dwr_ptr + e.to(tl.int64) * h + nn, dwr, mask=nm, sem="relaxed")
+            else:
+                tl.store(dwr_ptr + e.to(tl.int64) * h + nn, dwr.to(dwr_ptr.dtype.element_ty), mask=nm)
 
 
 @triton.jit
@@ -1079,6 +1123,57 @@ def _attn_in_out_bwd(whole: bool, K: int, bm: int, beside: bool) -> bool:
     return bool(ATTN_IN_OUT_BWD) or not beside
 
 
+# The router's weight gradient inside ``_dwqkv`` multiplies a [rows, 16] tile whose first column is d logit:
+# True (default): ``_out_bwd`` writes that tile, and ``_dwqkv`` loads it for the product; False: ``_dwqkv``
+# makes it in registers from d logit, which on sm_90 made every step of its loop wait for the step's products
+# (Triton 3.6; ``benchmarks/wgmma_waits.py``). H200, bf16 graphs, 17 heads (benchmarks/NOTES.md v22.4): t1
+# 0.0982 -> 0.0971 ms, sparsity 8 0.3173 -> 0.3086, sparsity 4 0.5634 -> 0.5499; t2 unchanged.
+DL16_TILE = True
+
+
+# The weight gradients' reduction over a head's R rows in slices (``SPLIT``), each program adding its partial
+# sums into zeroed float32 with atomics, where the grid of one program per (column block, head) leaves SMs idle
+# and R is long. None (default): where R has at least WGRAD_SPLIT_MIN_BLOCKS row blocks, as many slices as bring
+# the grid to WGRAD_SPLIT_WAVES programs per SM, at most WGRAD_MAX_SPLIT; not with deterministic scatters (the
+# atomics' order varies) nor beside a hybrid's dense heads. An int: that many slices wherever R allows (tests
+# and comparisons). Measured on an H200 (bf16 graphs, benchmarks/NOTES.md v22.4), 17 heads at h = 512, T = 1024,
+# B = 16: a sparsity of 4 (R = 4096, 68 programs of 32 steps) 0.550 -> 0.527 ms with four slices; 8 (R = 2048)
+# 0.309 -> 0.311; t1 (R = 512) 0.097 -> 0.116 with two (the atomics, the buffers' clears and casts cost more
+# than the shorter reductions save); beside t2's dense heads +30 us.
+WGRAD_SPLIT = None
+WGRAD_SPLIT_MIN_BLOCKS = 32
+WGRAD_SPLIT_WAVES = 2
+WGRAD_MAX_SPLIT = 8
+
+
+def _wgrad_split(dev, programs: int, R: int, BR: int, deterministic: bool, beside: bool) -> int:
+    """Row slices of ``_dwqkv`` / ``_dwo`` (see WGRAD_SPLIT)."""
+    blocks = cdiv(R, BR)
+    if WGRAD_SPLIT is not None:
+        return max(1, min(int(WGRAD_SPLIT), blocks))
+    if deterministic or beside or dev.type != "cuda" or blocks < WGRAD_SPLIT_MIN_BLOCKS:
+        return 1
+    want = cdiv(WGRAD_SPLIT_WAVES * _sm_count(dev), programs)
+    return max(1, min(want, WGRAD_MAX_SPLIT, blocks // 2))
+
+
+def _wgrad_buffer(grad, split: int):
+    """Where a weight gradient is summed: ``grad`` itself (one slice), else zeroed float32 (``grad`` itself
+    when it is float32), copied into ``grad`` after the kernel."""
+    if split == 1:
+        return grad
+    if grad.dtype == torch.float32:
+        return grad.zero_()
+    return torch.zeros(grad.shape, device=grad.device, dtype=torch.float32)
+
+
+def _tiles(name: str, blocks: dict) -> dict:
+    """``blocks`` with the kernel's tuning overrides of those keys (``TILE_OVERRIDES``), for a launcher that
+    needs the final block sizes before the launch."""
+    over = TILE_OVERRIDES.get(name, {})
+    return {k: over.get(k, v) for k, v in blocks.items()}
+
+
 def _atomic_buffer(shape, dtype, dev):
     """The [B, T, h] buffer an atomic scatter adds into, left uncleared: the kernel before the scatter
     clears it (``_zero_share``)."""
@@ -1192,6 +1287,8 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     dense_dl = w_router is not None and not in_dw and _dense_router_grad(E * R / (B * T))
     dlf = torch.zeros(E, B * T + 8, device=dev, dtype=cdt) if dense_dl else dsc
     dwo = torch.empty_like(w_o)
+    # d logit as the router's product tile of _dwqkv (see DL16_TILE), else a stand-in pointer
+    dl16 = torch.empty(E, R, 16, device=dev, dtype=cdt) if in_dw and DL16_TILE else dsc
     whole = _dwo_in_out_bwd(dev, R, E, c)
     if whole and TILE_OVERRIDES.get("_out_bwd", {}).get("BM", R) < R:
         raise ValueError(f"TILE_OVERRIDES['_out_bwd']['BM'] must hold a head's R={R} rows where dw_o is made "
@@ -1208,17 +1305,24 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     delta = lse if attn_inside else torch.empty(E, R, device=dev, dtype=torch.float32)
     _launch(_out_bwd, lambda t: (1 if whole else cdiv(R, nr), E),
             (dy, idx, scores, w_o, o, do, delta, dsc, T, h, E, R, K, rows, rows.numel(), dlf,
-             dlf.stride(0) if dense_dl else 0, dwo, qkv, lse, dqkv, cos, sin, nr, qk_scale, sm_scale),
+             dlf.stride(0) if dense_dl else 0, dwo, qkv, lse, dqkv, cos, sin, nr, qk_scale, sm_scale, dl16),
             dict(BM=bm, BH=c["BH"]), D=D, DP=c["DP"], PREC=c["PREC"],
             DLOGIT=w_router is not None, ZERO=0 if deterministic else 2 if rows_only else 1, DENSE_DL=dense_dl,
-            DWO=whole, ATTN=attn_inside, ROPE=rope_dims, num_warps=8 if whole and R > 128 else 4)
+            DWO=whole, ATTN=attn_inside, ROPE=rope_dims, DL16=in_dw and DL16_TILE,
+            num_warps=8 if whole and R > 128 else 4)
     # the weight gradients reduce over a head's R rows: 128 per step where R is long and the grid small (t1's
     # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
     # 16-bit tiles only (wider ones would not fit the pipeline in shared memory)
     long_r = R >= 512 and c["DP"] <= 64 and cdt != torch.float32
     if not whole:
-        _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E), (dy, idx, scores, o, dwo, T, h, E, R, K),
-                dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], num_warps=4)
+        blocks = _tiles("_dwo", dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]))
+        split = _wgrad_split(dev, cdiv(h, blocks["BH"]) * E, R, blocks["BR"], deterministic, beside)
+        dwo_acc = _wgrad_buffer(dwo, split)
+        _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E, split), (dy, idx, scores, o, dwo_acc, T, h, E, R, K),
+                blocks, D=D, DP=c["DP"], PREC=c["PREC"], SPLIT=split, VEC=4 if _vector_atomics(dev, h) else 0,
+                num_warps=4)
+        if dwo_acc is not dwo:
+            dwo.copy_(dwo_acc)
     common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
     args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
     # 64, or 32 for wide heads and float32 (a tuning override of the block sets the rows per program too)
@@ -1253,11 +1357,19 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # in x's dtype: no cast pass in autograd
     dx = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
     dwqkv = torch.empty_like(w_qkv)
-    _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, 1 if fused else 3),
-            (x, idx, dqkv, dwqkv, T, h, E, R, K, dsc, dwr if in_dw else dsc),
-            dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]), D=D, DP=c["DP"],
-            PREC=c["PREC"], FUSED=fused, ROUTER=in_dw,
+    blocks = _tiles("_dwqkv", dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]))
+    parts = 1 if fused else 3
+    split = _wgrad_split(dev, cdiv(h, blocks["BH"]) * E * parts, R, blocks["BR"], deterministic, beside)
+    dw_acc, dwr_acc = _wgrad_buffer(dwqkv, split), _wgrad_buffer(dwr, split) if in_dw else dsc
+    _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, parts * split),
+            (x, idx, dqkv, dw_acc, T, h, E, R, K, dl16 if in_dw and DL16_TILE else dsc, dwr_acc), blocks, D=D,
+            DP=c["DP"], PREC=c["PREC"], FUSED=fused, ROUTER=in_dw, DL16=in_dw and DL16_TILE, SPLIT=split,
+            VEC=4 if _vector_atomics(dev, D) else 0,
             num_warps=8 if fused else 4, num_stages=c["DW_STAGES"])
+    if dw_acc is not dwqkv:
+        dwqkv.copy_(dw_acc)
+    if in_dw and dwr_acc is not dwr:
+        dwr.copy_(dwr_acc)
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 
