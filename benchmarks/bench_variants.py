@@ -53,13 +53,15 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     # (v22) the hybrid's dense heads launched before its MoSA heads (the router product and top-k then wait
     # for the dense QKV product's SMs)
     "dense_first": {"layer_flags": {"MOSA_HEADS_FIRST": False}},
-    # (v22) the weight gradients' reduction in row slices (default: where the grid is small, not beside a
-    # hybrid's dense heads); one slice everywhere, or two / four forced (beside the dense heads too)
+    # (v22) the weight gradients' reduction in row slices (default: where a head has at least 32 row blocks
+    # and the grid is small, not beside a hybrid's dense heads); one slice everywhere, or two / four forced
+    # (beside the dense heads too)
     "wgrad_one_slice": {"flags": {"WGRAD_SPLIT": 1}},
     "wgrad_split2": {"flags": {"WGRAD_SPLIT": 2}},
     "wgrad_split4": {"flags": {"WGRAD_SPLIT": 4}},
-    # the router's weight gradient in a kernel of its own (_dwr) instead of inside _dwqkv, whose products it
-    # makes wait for each other (benchmarks/wgmma_waits.py); with the rows in one slice or split
+    # (v22) the router's d-logit tile made in registers inside _dwqkv (the old form, whose products then wait
+    # for each other: benchmarks/wgmma_waits.py); and the router's weight gradient in a kernel of its own
+    # (_dwr) instead of inside _dwqkv; each with the rows in one slice too
     "dl16_off": {"flags": {"DL16_TILE": False}},
     "dl16_off_one_slice": {"flags": {"DL16_TILE": False, "WGRAD_SPLIT": 1}},
     "dwr_apart": {"flags": {"DWR_IN_DWQKV": False}},
