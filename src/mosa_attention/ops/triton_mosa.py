@@ -1114,7 +1114,7 @@ OUT_BWD_ALONE_BM = 32
 
 def _out_bwd_block(c: dict, beside: bool) -> int:
     """Rows per ``_out_bwd`` program where the program does not hold a whole head (DWO_IN_OUT_BWD)."""
-    return TILE_OVERRIDES.get("_out_bwd", {}).get("BM", c["BM"] if beside else min(c["BM"], OUT_BWD_ALONE_BM))
+    return _tile("_out_bwd", "BM", c["BM"] if beside else min(c["BM"], OUT_BWD_ALONE_BM))
 
 
 def _attn_in_out_bwd(whole: bool, K: int, bm: int, beside: bool) -> bool:
@@ -1167,11 +1167,15 @@ def _wgrad_buffer(grad, split: int):
     return torch.zeros(grad.shape, device=grad.device, dtype=torch.float32)
 
 
+def _tile(name: str, key: str, default):
+    """Kernel ``name``'s block size ``key``: its tuning override (``TILE_OVERRIDES``), else ``default``; for a
+    launcher that needs the final size before the launch (``_launch`` applies the same overrides)."""
+    return TILE_OVERRIDES.get(name, {}).get(key, default)
+
+
 def _tiles(name: str, blocks: dict) -> dict:
-    """``blocks`` with the kernel's tuning overrides of those keys (``TILE_OVERRIDES``), for a launcher that
-    needs the final block sizes before the launch."""
-    over = TILE_OVERRIDES.get(name, {})
-    return {k: over.get(k, v) for k, v in blocks.items()}
+    """``blocks`` with the kernel's tuning overrides of those keys (``_tile``)."""
+    return {k: _tile(name, k, v) for k, v in blocks.items()}
 
 
 def _atomic_buffer(shape, dtype, dev):
@@ -1290,7 +1294,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # d logit as the router's product tile of _dwqkv (see DL16_TILE), else a stand-in pointer
     dl16 = torch.empty(E, R, 16, device=dev, dtype=cdt) if in_dw and DL16_TILE else dsc
     whole = _dwo_in_out_bwd(dev, R, E, c)
-    if whole and TILE_OVERRIDES.get("_out_bwd", {}).get("BM", R) < R:
+    if whole and _tile("_out_bwd", "BM", R) < R:
         raise ValueError(f"TILE_OVERRIDES['_out_bwd']['BM'] must hold a head's R={R} rows where dw_o is made "
                          f"inside _out_bwd (DWO_IN_OUT_BWD), got {TILE_OVERRIDES['_out_bwd']['BM']}")
     dqkv = torch.empty_like(qkv)
@@ -1326,7 +1330,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
     args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
     # 64, or 32 for wide heads and float32 (a tuning override of the block sets the rows per program too)
-    blk = TILE_OVERRIDES.get("_attn_bwd_seqs", {}).get("BLK", c["BM"])
+    blk = _tile("_attn_bwd_seqs", "BLK", c["BM"])
     if attn_inside:
         pass  # done by _out_bwd
     elif SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
