@@ -37,6 +37,9 @@ MODELS = {
     "mosa17": dict(attention="mosa", sparsity=32, num_dense_heads=4, num_sparse_heads=17),
     # (not in the default list) the same with sliding-window heads on FlexAttention beside the MoSA heads
     "local17": dict(attention="mosa", sparsity=32, num_dense_heads=4, num_sparse_heads=17, dense_kind="local"),
+    # (not in the default list) 17 MoSA heads alone per layer: the op's backward forks its weight gradients onto
+    # a stream of their own (triton_mosa.WGRAD_SIDE_STREAM), which the compiled modes must capture
+    "pure17": dict(attention="pure_mosa", sparsity=32, num_sparse_heads=17),
 }
 DEFAULT_MODELS = ("dense", "mosa", "mosa17")
 MODES = ("eager", "compile", "graphs")

@@ -1013,8 +1013,89 @@ def test_weight_gradient_split_choice(monkeypatch):
     assert triton_mosa._wgrad_split(cuda, 68, 4096, 128, True, False) == 1
     assert triton_mosa._wgrad_split(cuda, 68, 4096, 128, False, True) == 1
     assert triton_mosa._wgrad_split(torch.device("cpu"), 68, 4096, 128, False, False) == 1
+    # the weight gradients on a stream of their own (WGRAD_SIDE_STREAM), whose programs fill the SMs instead
+    assert triton_mosa._wgrad_split(cuda, 68, 4096, 128, False, False, fork=object()) == 1
     monkeypatch.setattr(triton_mosa, "WGRAD_SPLIT", 8)
     assert triton_mosa._wgrad_split(cuda, 2020, 256, 64, True, True) == 4  # forced, at most one slice per block
+
+
+def test_weight_gradient_stream_choice(monkeypatch):
+    # a stream of their own where the op runs alone on a GPU; beside a hybrid's dense heads and on the CPU, none
+    monkeypatch.setattr(triton_mosa, "side_stream", lambda dev, key: ("stream", key))
+    # ... and heads of at least WGRAD_SIDE_MIN_ROWS rows (t1: 512; 60 heads of k = 64 at B = 1: 64, none)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert triton_mosa._wgrad_side_stream(cuda, False, 512) is not None
+    assert triton_mosa._wgrad_side_stream(cuda, False, 64) is None
+    assert triton_mosa._wgrad_side_stream(cuda, True, 512) is None
+    assert triton_mosa._wgrad_side_stream(cpu, False, 512) is None
+    monkeypatch.setattr(triton_mosa, "WGRAD_SIDE_STREAM", True)
+    assert triton_mosa._wgrad_side_stream(cuda, True, 64) is not None
+    assert triton_mosa._wgrad_side_stream(cpu, True, 512) is None
+    monkeypatch.setattr(triton_mosa, "WGRAD_SIDE_STREAM", False)
+    assert triton_mosa._wgrad_side_stream(cuda, False, 512) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_gradients_on_their_own_stream(monkeypatch, dtype):
+    # WGRAD_SIDE_STREAM's control flow, with stand-in streams on the CPU (on a GPU every test of the op alone
+    # runs the real fork): _dwo and _dwqkv are launched on the weight gradients' stream, each after it has waited
+    # for the launches before it, x's gradient on the caller's, and the caller's stream waits for the fork
+    # before the gradients are handed back; the gradients match the reference (atomic and deterministic
+    # scatters, the router's gradient inside _dwqkv or in _dwr, dw_o inside _out_bwd)
+    import contextlib
+    if DEVICE != "cpu":
+        pytest.skip("stand-in streams: the CPU only")
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(("wait", self.name, other.name))
+    main, side = Stream("main"), Stream("side")
+    current = [main]
+
+    @contextlib.contextmanager
+    def stream(s):
+        before, current[0] = current[0], s
+        try:
+            yield
+        finally:
+            current[0] = before
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(triton_mosa, "_wgrad_side_stream", lambda dev, beside, R: None if beside else side)
+    launch = triton_mosa._launch
+    monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (
+        events.append(("launch", kernel.fn.__name__, current[0].name)), launch(kernel, *a, **kw))[1])
+    for deterministic in (False, True):
+        _compare(2, 40, 48, 3, 17, 32, 16, dtype, deterministic=deterministic)
+    monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", True)
+    _routed_compare(2, 40, 48, 3, 9, 32, 16, True, dtype, TOL[dtype], False)
+    monkeypatch.setattr(triton_mosa, "DWO_IN_OUT_BWD", True)
+    _compare(2, 30, 32, 2, 10, 32, 16, dtype)
+    monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", False)  # the router's weight gradient in _dwr
+    _routed_compare(2, 40, 48, 3, 9, 32, 16, False, dtype, TOL[dtype], False)
+    where = {(e[1], e[2]) for e in events if e[0] == "launch"}
+    assert {("_dwo", "side"), ("_dwqkv", "side"), ("_dwr", "side"), ("_qkv_bwd_dx", "main"),
+            ("_out_bwd", "main")} <= where, where
+    assert not {("_dwo", "main"), ("_dwqkv", "main"), ("_dwr", "main"), ("_qkv_bwd_dx", "side")} & where, where
+    # every backward: the fork waits before its launches, and the caller waits for it before the next forward
+    backwards = [i for i, e in enumerate(events) if e[:2] == ("launch", "_out_bwd")]
+    assert len(backwards) == 5
+    for start, end in zip(backwards, backwards[1:] + [len(events)]):
+        part = events[start:end]
+        first_side = next(i for i, e in enumerate(part) if e[0] == "launch" and e[2] == "side")
+        assert ("wait", "side", "main") in part[:first_side]
+        last_side = max(i for i, e in enumerate(part) if e[0] == "launch" and e[2] == "side")
+        join = part.index(("wait", "main", "side"), last_side)
+        assert not any(e[0] == "launch" and e[1] == "_qkv_fwd" for e in part[:join])
+
+    # beside a hybrid's dense heads: no fork
+    events.clear()
+    _compare(2, 40, 48, 3, 17, 32, 16, dtype, beside=True)
+    assert not any(e[0] == "wait" or (e[0] == "launch" and e[2] == "side") for e in events)
 
 
 @pytest.mark.parametrize("dl16", [True, False], ids=["dl_tile_loaded", "dl_tile_in_registers"])

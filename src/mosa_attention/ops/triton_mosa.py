@@ -54,6 +54,7 @@ input (shapes, devices, dtype mixes, head dim > 128, odd rope_dims) raises Value
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -62,7 +63,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ._checks import check_bool
-from ._host import cdiv, next_pow2
+from ._host import cdiv, next_pow2, side_stream
 from ._host import interpreting as _interpreting
 from .mosa import check_positions, check_reference_dtypes, check_sparse_inputs, sparse_attention_reference
 from .triton_rope import rope_tables as _rope_tables
@@ -1135,8 +1136,9 @@ DL16_TILE = True
 # sums into zeroed float32 with atomics, where the grid of one program per (column block, head) leaves SMs idle
 # and R is long. None (default): where R has at least WGRAD_SPLIT_MIN_BLOCKS row blocks, as many slices as bring
 # the grid to WGRAD_SPLIT_WAVES programs per SM, at most WGRAD_MAX_SPLIT; not with deterministic scatters (the
-# atomics' order varies) nor beside a hybrid's dense heads. An int: that many slices wherever R allows (tests
-# and comparisons). Measured on an H200 (bf16 graphs, benchmarks/NOTES.md v22.4), 17 heads at h = 512, T = 1024,
+# atomics' order varies), nor beside a hybrid's dense heads, nor where the weight gradients run on a stream of
+# their own (``WGRAD_SIDE_STREAM``, which since v23 is what fills those SMs, faster: sparsity 4 0.485 -> 0.463 ms
+# without slices). An int: that many slices wherever R allows (tests and comparisons). Measured on an H200 (bf16 graphs, benchmarks/NOTES.md v22.4), 17 heads at h = 512, T = 1024,
 # B = 16: a sparsity of 4 (R = 4096, 68 programs of 32 steps) 0.550 -> 0.527 ms with four slices; 8 (R = 2048)
 # 0.309 -> 0.311; t1 (R = 512) 0.097 -> 0.116 with two (the atomics, the buffers' clears and casts cost more
 # than the shorter reductions save); beside t2's dense heads +30 us.
@@ -1146,12 +1148,38 @@ WGRAD_SPLIT_WAVES = 2
 WGRAD_MAX_SPLIT = 8
 
 
-def _wgrad_split(dev, programs: int, R: int, BR: int, deterministic: bool, beside: bool) -> int:
-    """Row slices of ``_dwqkv`` / ``_dwo`` (see WGRAD_SPLIT)."""
+# The weight gradients on a second stream where the op runs alone: forked after ``_out_bwd`` (w_o's, where it has
+# a kernel of its own, ``_dwo``, and the router's, where it has one, ``_dwr``) and after the attention's backward
+# (w_qkv's and, on small grids, the router's inside it, ``_dwqkv``, launched ahead of x's gradient), joined at
+# the end of the backward. Nothing else waits for them, so
+# they run beside the attention's and x's backward instead of after them, in the SMs those leave idle (t1's grids:
+# 68 programs each on 132 SMs) and in their tails. True: always; False: never; None (default): where the op runs
+# alone on a GPU and a head has at least WGRAD_SIDE_MIN_ROWS rows (beside a hybrid's dense heads the GPU is
+# shared already: there it was slower; heads of 64 rows make kernels too short to gain the join's cost).
+# H200, bf16 graphs (benchmarks/NOTES.md v23.1): 17 heads at h = 512, T = 1024, B = 16: t1 0.0981 -> 0.0906 ms,
+# sparsity 8 0.308 -> 0.266, sparsity 4 0.519 -> 0.461 (with the rows in one slice: the second stream fills the
+# SMs that WGRAD_SPLIT's slices did); t3's 505 MoSA heads alone 0.734 -> 0.724; t2's MoSA heads beside its dense
+# heads (forced) 0.330 -> 0.338; 60 heads of 64 rows (T = 16384 and 65536, h = 1024) 0.1544 -> 0.1575 and
+# 0.3268 -> 0.3275.
+WGRAD_SIDE_STREAM = None
+WGRAD_SIDE_MIN_ROWS = 128
+
+
+def _wgrad_side_stream(dev, beside: bool, R: int):
+    """The stream the weight gradients fork onto, or None (see WGRAD_SIDE_STREAM)."""
+    on = WGRAD_SIDE_STREAM
+    if on is None:
+        on = not beside and R >= WGRAD_SIDE_MIN_ROWS
+    return side_stream(dev, "mosa weight gradients") if on and dev.type == "cuda" else None
+
+
+def _wgrad_split(dev, programs: int, R: int, BR: int, deterministic: bool, beside: bool, fork=None) -> int:
+    """Row slices of ``_dwqkv`` / ``_dwo`` (see WGRAD_SPLIT); ``fork``: the stream they run on beside x's
+    gradient (``WGRAD_SIDE_STREAM``), whose programs then fill the SMs instead."""
     blocks = cdiv(R, BR)
     if WGRAD_SPLIT is not None:
         return max(1, min(int(WGRAD_SPLIT), blocks))
-    if deterministic or beside or dev.type != "cuda" or blocks < WGRAD_SPLIT_MIN_BLOCKS:
+    if deterministic or beside or fork is not None or dev.type != "cuda" or blocks < WGRAD_SPLIT_MIN_BLOCKS:
         return 1
     want = cdiv(WGRAD_SPLIT_WAVES * _sm_count(dev), programs)
     return max(1, min(want, WGRAD_MAX_SPLIT, blocks // 2))
@@ -1318,15 +1346,21 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # 512 rows on an H200: _dwo 14.0 -> 9.7 us, _dwqkv 15.4 -> 13.6 us); t3's 256 keep the tuned 64.
     # 16-bit tiles only (wider ones would not fit the pipeline in shared memory)
     long_r = R >= 512 and c["DP"] <= 64 and cdt != torch.float32
+    # the weight gradients' stream (joined below, before any tensor they read can be freed), or None
+    fork = _wgrad_side_stream(dev, beside, R)
+    main = torch.cuda.current_stream(dev) if fork is not None else None
     if not whole:
         blocks = _tiles("_dwo", dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]))
-        split = _wgrad_split(dev, cdiv(h, blocks["BH"]) * E, R, blocks["BR"], deterministic, beside)
-        dwo_acc = _wgrad_buffer(dwo, split)
-        _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E, split), (dy, idx, scores, o, dwo_acc, T, h, E, R, K),
-                blocks, D=D, DP=c["DP"], PREC=c["PREC"], SPLIT=split, VEC=4 if _vector_atomics(dev, h) else 0,
-                num_warps=4)
-        if dwo_acc is not dwo:
-            dwo.copy_(dwo_acc)
+        split = _wgrad_split(dev, cdiv(h, blocks["BH"]) * E, R, blocks["BR"], deterministic, beside, fork)
+        if fork is not None:
+            fork.wait_stream(main)
+        with torch.cuda.stream(fork) if fork is not None else contextlib.nullcontext():
+            dwo_acc = _wgrad_buffer(dwo, split)
+            _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E, split), (dy, idx, scores, o, dwo_acc, T, h, E, R, K),
+                    blocks, D=D, DP=c["DP"], PREC=c["PREC"], SPLIT=split, VEC=4 if _vector_atomics(dev, h) else 0,
+                    num_warps=4)
+            if dwo_acc is not dwo:
+                dwo.copy_(dwo_acc)
     common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
     args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
     # 64, or 32 for wide heads and float32 (a tuning override of the block sets the rows per program too)
@@ -1350,9 +1384,33 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     dwr = None if w_router is None or dense_dl else torch.empty_like(w_router)
     if dense_dl:
         dwr = _router_grad_dense(dlf[:, :B * T], x, w_router.dtype)
-    elif dwr is not None and not in_dw:
-        _launch(_dwr, lambda t: (cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
-                dict(BR=32, BH=min(128, max(16, next_pow2(h)))), num_warps=4)
+    elif dwr is not None and not in_dw:  # (on the weight gradients' stream where they have one)
+        if fork is not None:
+            fork.wait_stream(main)
+        with torch.cuda.stream(fork) if fork is not None else contextlib.nullcontext():
+            _launch(_dwr, lambda t: (cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
+                    dict(BR=32, BH=min(128, max(16, next_pow2(h)))), num_warps=4)
+    dwqkv = torch.empty_like(w_qkv)
+
+    def wgrad_qkv():
+        blocks = _tiles("_dwqkv", dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]))
+        parts = 1 if fused else 3
+        split = _wgrad_split(dev, cdiv(h, blocks["BH"]) * E * parts, R, blocks["BR"], deterministic, beside, fork)
+        dw_acc, dwr_acc = _wgrad_buffer(dwqkv, split), _wgrad_buffer(dwr, split) if in_dw else dsc
+        _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, parts * split),
+                (x, idx, dqkv, dw_acc, T, h, E, R, K, dl16 if in_dw and DL16_TILE else dsc, dwr_acc), blocks, D=D,
+                DP=c["DP"], PREC=c["PREC"], FUSED=fused, ROUTER=in_dw, DL16=in_dw and DL16_TILE, SPLIT=split,
+                VEC=4 if _vector_atomics(dev, D) else 0,
+                num_warps=8 if fused else 4, num_stages=c["DW_STAGES"])
+        if dw_acc is not dwqkv:
+            dwqkv.copy_(dw_acc)
+        if in_dw and dwr_acc is not dwr:
+            dwr.copy_(dwr_acc)
+
+    if fork is not None:  # w_qkv's gradient launched ahead of x's, beside it
+        fork.wait_stream(main)
+        with torch.cuda.stream(fork):
+            wgrad_qkv()
     _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"])),
             (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
             dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
@@ -1360,20 +1418,10 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
             num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
     # in x's dtype: no cast pass in autograd
     dx = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
-    dwqkv = torch.empty_like(w_qkv)
-    blocks = _tiles("_dwqkv", dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]))
-    parts = 1 if fused else 3
-    split = _wgrad_split(dev, cdiv(h, blocks["BH"]) * E * parts, R, blocks["BR"], deterministic, beside)
-    dw_acc, dwr_acc = _wgrad_buffer(dwqkv, split), _wgrad_buffer(dwr, split) if in_dw else dsc
-    _launch(_dwqkv, lambda t: (cdiv(h, t["BH"]), E, parts * split),
-            (x, idx, dqkv, dw_acc, T, h, E, R, K, dl16 if in_dw and DL16_TILE else dsc, dwr_acc), blocks, D=D,
-            DP=c["DP"], PREC=c["PREC"], FUSED=fused, ROUTER=in_dw, DL16=in_dw and DL16_TILE, SPLIT=split,
-            VEC=4 if _vector_atomics(dev, D) else 0,
-            num_warps=8 if fused else 4, num_stages=c["DW_STAGES"])
-    if dw_acc is not dwqkv:
-        dwqkv.copy_(dw_acc)
-    if in_dw and dwr_acc is not dwr:
-        dwr.copy_(dwr_acc)
+    if fork is None:
+        wgrad_qkv()
+    if fork is not None:  # the fork's work done before the gradients (and its inputs) are handed back
+        main.wait_stream(fork)
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 
