@@ -7,13 +7,15 @@ t2 7 us slower). Here each variant (module switches of ``triton_mosa`` and of th
 overrides, ``TILE_OVERRIDES``) is set, the layer's step is captured as a CUDA graph (the graph keeps the kernels it was
 captured with), and the settings are restored; then the rounds replay every graph in turn, so that all variants
 see the same drift of the card. Each variant's gradients (x's and every weight's) are checked against the eager
-default step's before it is timed.
+default step's before it is timed. ``--eager`` times eager steps instead, each run under its variant's
+settings (what a step costs with the host's launches: a change can help the GPU and cost the host).
 
     python benchmarks/bench_variants.py --cases t2 --variants default,attn_outside --rounds 9 --out OUT
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -66,8 +68,9 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     "dl16_off_one_slice": {"flags": {"DL16_TILE": False, "WGRAD_SPLIT": 1}},
     "dwr_apart": {"flags": {"DWR_IN_DWQKV": False}},
     "dwr_apart_one_slice": {"flags": {"DWR_IN_DWQKV": False, "WGRAD_SPLIT": 1}},
-    # (v23) the weight gradients on a stream of their own (default where the op runs alone): never; beside a
-    # hybrid's dense heads too; with the rows in slices as v22's rule would take them
+    # (v23) the weight gradients on a stream of their own (default where the op runs alone in a CUDA graph):
+    # never; always (beside a hybrid's dense heads, and in eager steps: --eager times its host cost); with the
+    # rows in slices as v22's rule would take them
     "wgrad_fork_off": {"flags": {"WGRAD_SIDE_STREAM": False}},
     "wgrad_fork_beside": {"flags": {"WGRAD_SIDE_STREAM": True}},
     "wgrad_fork_split4": {"flags": {"WGRAD_SPLIT": 4}},
@@ -76,8 +79,9 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
 }
 
 
-def capture(step, variant: dict):
-    """The replay of a CUDA graph of ``step`` captured under ``variant``'s settings (restored afterwards)."""
+@contextlib.contextmanager
+def settings(variant: dict):
+    """``variant``'s switches and launch overrides, set for the duration of the block, then restored."""
     switched = [(SWITCHES[key], name, value) for key in SWITCHES for name, value in variant.get(key, {}).items()]
     saved = [(module, name, getattr(module, name)) for module, name, _ in switched]
     saved_tiles = dict(triton_mosa.TILE_OVERRIDES)
@@ -85,15 +89,29 @@ def capture(step, variant: dict):
         for module, name, value in switched:
             setattr(module, name, value)
         triton_mosa.TILE_OVERRIDES.update(variant.get("tiles", {}))
-        replay, why = capture_graph(step)
+        yield
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
         triton_mosa.TILE_OVERRIDES.clear()
         triton_mosa.TILE_OVERRIDES.update(saved_tiles)
+
+
+def capture(step, variant: dict):
+    """The replay of a CUDA graph of ``step`` captured under ``variant``'s settings (restored afterwards)."""
+    with settings(variant):
+        replay, why = capture_graph(step)
     if replay is None:
         raise SystemExit(f"the step could not be captured under {variant}: {why}")
     return replay
+
+
+def eager(step, variant: dict):
+    """``step`` run eagerly under ``variant``'s settings at every call (``--eager``: host time included)."""
+    def run():
+        with settings(variant):
+            return step()
+    return run
 
 
 def main():
@@ -102,6 +120,8 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS (all)")
     ap.add_argument("--rounds", type=int, default=7, help="rounds, each timing every variant in turn")
     ap.add_argument("--iters", type=int, default=100, help="replays per variant and round (their median)")
+    ap.add_argument("--eager", action="store_true",
+                    help="time eager steps (the host's launches included) instead of CUDA-graph replays")
     ap.add_argument("--out", default=None, help="folder for variants.json")
     args = ap.parse_args()
     names = args.variants.split(",")
@@ -124,9 +144,9 @@ def main():
         replays = {}
         if nd_cmp:
             dense = DenseAttention(h, nd_cmp).cuda().to(torch.bfloat16)
-            replays[f"dense {nd_cmp}"] = capture(make_step(dense, x, dy), {})
+            replays[f"dense {nd_cmp}"] = (eager if args.eager else capture)(make_step(dense, x, dy), {})
         for name in names:
-            replays[name] = capture(make_step(layer, x, dy), VARIANTS[name])
+            replays[name] = (eager if args.eager else capture)(make_step(layer, x, dy), VARIANTS[name])
             replays[name]()
             torch.cuda.synchronize()
             # the replay's gradients (x's and every weight's) against the eager default step's
@@ -138,7 +158,7 @@ def main():
                 raise SystemExit(f"{case} {name}: the replay's gradient of {worst} is off ({errs[worst]:.2e})")
         base = f"dense {nd_cmp}" if nd_cmp else None
         results[case] = alternating_rounds(replays, args.rounds, args.iters, cuda=True, base=base, label=f"{case} ")
-        print(f"== {case}: median over {args.rounds} rounds of {args.iters} replays"
+        print(f"== {case}: median over {args.rounds} rounds of {args.iters} {'eager steps' if args.eager else 'replays'}"
               + (f" (ratio to the dense {nd_cmp}-head layer)" if base else ""))
         for n, v in sorted(results[case].items(), key=lambda kv: kv[1]["ms"]):
             print(f"  {n:18s} {v['ms']:.4f} ms" + (f"  {v['ratio']:.3f}x" if base else ""), flush=True)
@@ -148,7 +168,7 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "variants.json")
         with open(path + ".tmp", "w") as f:  # written whole, then renamed
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "eager": args.eager,
                        "variants": {n: VARIANTS[n] for n in names}, "results": results}, f, indent=1)
         os.replace(path + ".tmp", path)
 

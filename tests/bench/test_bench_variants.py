@@ -64,3 +64,13 @@ def test_layer_switches_hold_during_the_capture_only(monkeypatch):
     step = object()
     assert mod.capture(step, mod.VARIANTS["dense_first"]) is step
     assert seen == [not before] and layer_mosa.MOSA_HEADS_FIRST is before
+
+
+def test_eager_steps_run_under_their_variants_settings():
+    mod = _module()
+    seen = []
+    before = triton_mosa.WGRAD_SIDE_STREAM
+    run = mod.eager(lambda: seen.append(triton_mosa.WGRAD_SIDE_STREAM) or "y", mod.VARIANTS["wgrad_fork_off"])
+    assert triton_mosa.WGRAD_SIDE_STREAM is before  # set only while a step runs
+    assert run() == "y" and run() == "y"
+    assert seen == [False, False] and triton_mosa.WGRAD_SIDE_STREAM is before

@@ -1020,14 +1020,19 @@ def test_weight_gradient_split_choice(monkeypatch):
 
 
 def test_weight_gradient_stream_choice(monkeypatch):
-    # a stream of their own where the op runs alone on a GPU; beside a hybrid's dense heads and on the CPU, none
-    monkeypatch.setattr(triton_mosa, "side_stream", lambda dev, key: ("stream", key))
-    # ... and heads of at least WGRAD_SIDE_MIN_ROWS rows (t1: 512; 60 heads of k = 64 at B = 1: 64, none)
+    # a stream of their own where the op runs alone on a GPU (beside a hybrid's dense heads and on the CPU, none)
+    monkeypatch.setattr(triton_mosa, "Fork", lambda dev, key: ("fork", key))
+    # while a CUDA graph is being captured (eagerly the host pays more than the GPU gains), and for heads of at
+    # least WGRAD_SIDE_MIN_ROWS rows (t1: 512; 60 heads of k = 64 at B = 1: 64, none)
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert triton_mosa._wgrad_side_stream(cuda, False, 512) is not None
     assert triton_mosa._wgrad_side_stream(cuda, False, 64) is None
     assert triton_mosa._wgrad_side_stream(cuda, True, 512) is None
     assert triton_mosa._wgrad_side_stream(cpu, False, 512) is None
+    capturing[0] = False
+    assert triton_mosa._wgrad_side_stream(cuda, False, 512) is None
     monkeypatch.setattr(triton_mosa, "WGRAD_SIDE_STREAM", True)
     assert triton_mosa._wgrad_side_stream(cuda, True, 64) is not None
     assert triton_mosa._wgrad_side_stream(cpu, True, 512) is None
@@ -1035,44 +1040,117 @@ def test_weight_gradient_stream_choice(monkeypatch):
     assert triton_mosa._wgrad_side_stream(cuda, False, 512) is None
 
 
+@pytest.mark.parametrize("dense", [0, 2], ids=["mosa_heads", "hybrid"])
+def test_layer_on_a_second_gpu_while_the_first_is_current(dense):
+    # Triton launches on the current device: a layer moved to cuda:1 while cuda:0 is current runs its kernels on
+    # cuda:1 (without the switch they failed, "Pointer argument cannot be accessed from Triton", or, once the two
+    # GPUs had peer access, ran on cuda:0 over the link, unordered with cuda:1's stream) and gives what the same
+    # layer gives on cuda:0 (output, x's and every weight's gradient; float32)
+    import copy
+    from torch.profiler import ProfilerActivity, profile
+    from mosa_attention.layers import MoSAAttention
+    if DEVICE == "cpu" or torch.cuda.device_count() < 2:
+        pytest.skip("two GPUs")
+    torch.manual_seed(0)
+    layer = MoSAAttention(64, 3, 4, head_dim=32, num_dense_heads=dense, backend="triton")
+    x, dy = torch.randn(2, 64, 64), torch.randn(2, 64, 64)
+    results = []
+    with torch.cuda.device(0):
+        for dev in ("cuda:0", "cuda:1"):  # (each from the CPU: no copy between the GPUs, no peer access)
+            on = copy.deepcopy(layer).to(dev)
+            xd = x.to(dev).requires_grad_()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                y = on(xd)
+                y.backward(dy.to(dev))
+                torch.cuda.synchronize(dev)
+            results.append([y.detach().cpu(), xd.grad.cpu()] + [p.grad.cpu() for p in on.parameters()])
+            assert torch.cuda.current_device() == 0
+            ran = {e.device_index for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("_")}
+            assert ran == {int(dev[-1])}, (dev, ran)
+    for a, b in zip(*results):
+        assert _rel(b, a.double()) < 1e-5
+
+
+@pytest.mark.parametrize("fork", [None, False], ids=["default", "no_fork"])
+def test_cuda_graph_step_matches_eager(monkeypatch, fork):
+    # the op alone, forward + backward captured as a CUDA graph, where WGRAD_SIDE_STREAM's default forks the
+    # weight gradients onto their own stream: each replay (fresh inputs copied in) gives the eager step's output
+    # and gradients
+    from mosa_attention.bench.layer import capture_graph
+    if DEVICE == "cpu":
+        pytest.skip("CUDA graphs")
+    monkeypatch.setattr(triton_mosa, "WGRAD_SIDE_STREAM", fork)
+    forks = []
+    make = triton_mosa.Fork
+    monkeypatch.setattr(triton_mosa, "Fork", lambda *a: (forks.append(a), make(*a))[1])
+    B, T, h, E, k, D = 4, 256, 64, 3, 64, 32  # R = 256 rows per head
+    static = [t.clone() for t in _inputs(B, T, h, E, k, D, torch.float16)]
+    x, scores, idx, w_qkv, w_o = static
+    leaves = [t.requires_grad_() for t in (x, scores, w_qkv, w_o)]
+    dy = torch.randn(B, T, h, device=DEVICE, dtype=torch.float16)
+    outs = []
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        outs.append(sparse_attention_triton(x, scores, idx, w_qkv, w_o, 16, 10000.0))
+        outs[-1].backward(dy)
+        return outs[-1]
+    replay, why = capture_graph(step)
+    assert replay is not None, why
+    y_static = outs[-1]
+    grads_static = [t.grad for t in leaves]  # the graph's own (the eager steps below make new ones)
+    assert bool(forks) == (fork is None)  # forked in the capture only where the default says so
+    for _ in range(2):
+        fresh = _inputs(B, T, h, E, k, D, torch.float16)
+        with torch.no_grad():
+            for t, new in zip(static, fresh):
+                t.copy_(new)
+            dy.copy_(torch.randn_like(dy))
+        replay()
+        torch.cuda.synchronize()
+        got = [y_static.clone()] + [g.clone() for g in grads_static]
+        want = [step().detach()] + [t.grad for t in leaves]
+        for a, b in zip(got, want):
+            assert _rel(a, b.double()) < 2e-3
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weight_gradients_on_their_own_stream(monkeypatch, dtype):
-    # WGRAD_SIDE_STREAM's control flow, with stand-in streams on the CPU (on a GPU every test of the op alone
-    # runs the real fork): _dwo and _dwqkv are launched on the weight gradients' stream, each after it has waited
-    # for the launches before it, x's gradient on the caller's, and the caller's stream waits for the fork
-    # before the gradients are handed back; the gradients match the reference (atomic and deterministic
-    # scatters, the router's gradient inside _dwqkv or in _dwr, dw_o inside _out_bwd)
-    import contextlib
+    # WGRAD_SIDE_STREAM's control flow, with a stand-in for the fork on the CPU (on a GPU every test of the op
+    # alone runs the real one): _dwo, _dwr and _dwqkv are launched on the weight gradients' stream, after it
+    # has waited for the launches they need, x's gradient on the caller's, and the caller's stream waits for the
+    # fork before the gradients are handed back; the gradients match the reference (atomic and deterministic
+    # scatters, the router's gradient inside _dwqkv or in _dwr, dw_o inside _out_bwd, the attention's backward
+    # inside _out_bwd or after it)
     if DEVICE != "cpu":
-        pytest.skip("stand-in streams: the CPU only")
-    events = []
+        pytest.skip("a stand-in fork: the CPU only")
+    events, current = [], ["main"]
 
-    class Stream:
-        def __init__(self, name):
-            self.name = name
+    class Fork:
+        def run(self, fn, wait=True):
+            if wait:
+                events.append(("wait", "side", "main"))
+            current[0] = "side"
+            try:
+                return fn()
+            finally:
+                current[0] = "main"
 
-        def wait_stream(self, other):
-            events.append(("wait", self.name, other.name))
-    main, side = Stream("main"), Stream("side")
-    current = [main]
-
-    @contextlib.contextmanager
-    def stream(s):
-        before, current[0] = current[0], s
-        try:
-            yield
-        finally:
-            current[0] = before
-    monkeypatch.setattr(torch.cuda, "stream", stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
-    monkeypatch.setattr(triton_mosa, "_wgrad_side_stream", lambda dev, beside, R: None if beside else side)
+        def join(self):
+            events.append(("wait", "main", "side"))
+    monkeypatch.setattr(triton_mosa, "_wgrad_side_stream", lambda dev, beside, R: None if beside else Fork())
     launch = triton_mosa._launch
     monkeypatch.setattr(triton_mosa, "_launch", lambda kernel, *a, **kw: (
-        events.append(("launch", kernel.fn.__name__, current[0].name)), launch(kernel, *a, **kw))[1])
+        events.append(("launch", kernel.fn.__name__, current[0])), launch(kernel, *a, **kw))[1])
     for deterministic in (False, True):
         _compare(2, 40, 48, 3, 17, 32, 16, dtype, deterministic=deterministic)
     monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", True)
     _routed_compare(2, 40, 48, 3, 9, 32, 16, True, dtype, TOL[dtype], False)
+    monkeypatch.setattr(triton_mosa, "ATTN_IN_OUT_BWD", True)  # dqkv made by _out_bwd: one wait of the fork
+    _routed_compare(2, 40, 48, 3, 9, 32, 16, True, dtype, TOL[dtype], False)
+    monkeypatch.setattr(triton_mosa, "ATTN_IN_OUT_BWD", None)
     monkeypatch.setattr(triton_mosa, "DWO_IN_OUT_BWD", True)
     _compare(2, 30, 32, 2, 10, 32, 16, dtype)
     monkeypatch.setattr(triton_mosa, "DWR_IN_DWQKV", False)  # the router's weight gradient in _dwr
@@ -1081,16 +1159,27 @@ def test_weight_gradients_on_their_own_stream(monkeypatch, dtype):
     assert {("_dwo", "side"), ("_dwqkv", "side"), ("_dwr", "side"), ("_qkv_bwd_dx", "main"),
             ("_out_bwd", "main")} <= where, where
     assert not {("_dwo", "main"), ("_dwqkv", "main"), ("_dwr", "main"), ("_qkv_bwd_dx", "side")} & where, where
-    # every backward: the fork waits before its launches, and the caller waits for it before the next forward
+    # every backward: each launch on the fork comes after a wait of the fork that follows the last launch on this
+    # stream of what it reads (_out_bwd's results, dqkv), and this stream waits for the fork before the next
+    # forward
     backwards = [i for i, e in enumerate(events) if e[:2] == ("launch", "_out_bwd")]
-    assert len(backwards) == 5
+    assert len(backwards) == 6
+    waits_per_backward = []
     for start, end in zip(backwards, backwards[1:] + [len(events)]):
         part = events[start:end]
-        first_side = next(i for i, e in enumerate(part) if e[0] == "launch" and e[2] == "side")
-        assert ("wait", "side", "main") in part[:first_side]
-        last_side = max(i for i, e in enumerate(part) if e[0] == "launch" and e[2] == "side")
-        join = part.index(("wait", "main", "side"), last_side)
+        join = part.index(("wait", "main", "side"))
         assert not any(e[0] == "launch" and e[1] == "_qkv_fwd" for e in part[:join])
+        last_wait = None
+        for i, e in enumerate(part[:join]):
+            if e == ("wait", "side", "main"):
+                last_wait = i
+            elif e[0] == "launch" and e[2] == "side":
+                assert last_wait is not None, part
+                needs = "_out_bwd" if e[1] in ("_dwo", "_dwr") else ("_out_bwd", "_attn_bwd_seqs", "_attn_bwd_dq")
+                made = max(j for j, f in enumerate(part[:i]) if f[0] == "launch" and f[2] == "main" and f[1] in needs)
+                assert made < last_wait, part
+        waits_per_backward.append(sum(e == ("wait", "side", "main") for e in part[:join]))
+    assert waits_per_backward[3] == 1 and 2 in waits_per_backward  # attention inside _out_bwd: one wait
 
     # beside a hybrid's dense heads: no fork
     events.clear()

@@ -19,6 +19,63 @@ def side_stream(device, key: str = "side"):
     return _STREAMS[device, key]
 
 
+class Fork:
+    """Work forked from the calling thread's current CUDA stream (``main``) onto a side stream and joined back,
+    with host calls kept few (an eager step pays each): ``run(fn)`` makes the side stream wait for the work
+    launched on ``main`` so far (unless nothing was launched there since the last ``run``: ``wait=False``) and
+    calls ``fn`` with the side stream current; ``join()`` makes ``main`` wait for everything launched on the
+    side stream. The two events are made once per device and thread (a thread of its own per event pair, so
+    that another thread's record cannot come between a record and its wait)."""
+
+    def __init__(self, device, key: str):
+        import torch
+        self.stream = side_stream(device, key)
+        self.main = torch.cuda.current_stream(device)
+        cache = getattr(_EVENTS, "pairs", None)
+        if cache is None:
+            cache = _EVENTS.pairs = {}
+        if device not in cache:
+            cache[device] = (torch.cuda.Event(), torch.cuda.Event())
+        self._forked, self._joined = cache[device]
+
+    def run(self, fn, wait: bool = True):
+        import torch
+        if wait:
+            self._forked.record(self.main)
+            self.stream.wait_event(self._forked)
+        torch.cuda.set_stream(self.stream)
+        try:
+            return fn()
+        finally:
+            torch.cuda.set_stream(self.main)
+
+    def join(self):
+        self._joined.record(self.stream)
+        self.main.wait_event(self._joined)
+
+
+_EVENTS = threading.local()
+
+
+def on_its_device(fn):
+    """``fn(t, ...)`` run with its first argument's CUDA device current. Triton launches a kernel on the
+    current device's current stream, not on its tensors' device: a layer moved to ``cuda:1`` while ``cuda:0``
+    is current would run its kernels on the wrong GPU, unordered with the work that made their inputs. The
+    device is switched only where it differs (one ``current_device()`` call otherwise), and not inside a
+    ``torch.compile`` trace (compiled code sets its device itself)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(t, *args, **kwargs):
+        import torch
+        dev = t.device
+        if dev.type == "cuda" and not torch.compiler.is_compiling() and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+    return wrapped
+
+
 def interpreting() -> bool:
     """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``: on CPU tensors, in CI)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

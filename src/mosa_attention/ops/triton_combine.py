@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv, next_pow2, on_its_device
 
 
 @triton.jit
@@ -23,6 +23,7 @@ def _add_at_rows(dst_ptr, src_ptr, rows_ptr, N, h, BR: tl.constexpr, BH: tl.cons
             tl.store(dst_ptr + off, (d + s).to(dst_ptr.dtype.element_ty), mask=m)
 
 
+@on_its_device
 def add_at_rows_triton(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """dst, src contiguous [..., h] of one dtype, rows bool [...]: dst[rows] += src[rows]; returns dst."""
     h = dst.shape[-1]

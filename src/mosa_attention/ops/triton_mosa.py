@@ -54,7 +54,6 @@ input (shapes, devices, dtype mixes, head dim > 128, odd rope_dims) raises Value
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -63,7 +62,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ._checks import check_bool
-from ._host import cdiv, next_pow2, side_stream
+from ._host import Fork, cdiv, next_pow2, on_its_device
 from ._host import interpreting as _interpreting
 from .mosa import check_positions, check_reference_dtypes, check_sparse_inputs, sparse_attention_reference
 from .triton_rope import rope_tables as _rope_tables
@@ -1148,29 +1147,34 @@ WGRAD_SPLIT_WAVES = 2
 WGRAD_MAX_SPLIT = 8
 
 
-# The weight gradients on a second stream where the op runs alone: forked after ``_out_bwd`` (w_o's, where it has
-# a kernel of its own, ``_dwo``, and the router's, where it has one, ``_dwr``) and after the attention's backward
-# (w_qkv's and, on small grids, the router's inside it, ``_dwqkv``, launched ahead of x's gradient), joined at
-# the end of the backward. Nothing else waits for them, so
-# they run beside the attention's and x's backward instead of after them, in the SMs those leave idle (t1's grids:
-# 68 programs each on 132 SMs) and in their tails. True: always; False: never; None (default): where the op runs
-# alone on a GPU and a head has at least WGRAD_SIDE_MIN_ROWS rows (beside a hybrid's dense heads the GPU is
-# shared already: there it was slower; heads of 64 rows make kernels too short to gain the join's cost).
-# H200, bf16 graphs (benchmarks/NOTES.md v23.1): 17 heads at h = 512, T = 1024, B = 16: t1 0.0981 -> 0.0906 ms,
-# sparsity 8 0.308 -> 0.266, sparsity 4 0.519 -> 0.461 (with the rows in one slice: the second stream fills the
-# SMs that WGRAD_SPLIT's slices did); t3's 505 MoSA heads alone 0.734 -> 0.724; t2's MoSA heads beside its dense
-# heads (forced) 0.330 -> 0.338; 60 heads of 64 rows (T = 16384 and 65536, h = 1024) 0.1544 -> 0.1575 and
-# 0.3268 -> 0.3275.
+# The weight gradients on a second stream where the op runs alone in a CUDA graph: forked after ``_out_bwd`` (w_o's,
+# where it has a kernel of its own, ``_dwo``, and the router's, where it has one, ``_dwr``) and after the
+# attention's backward (w_qkv's and, on small grids, the router's inside it, ``_dwqkv``, launched ahead of x's
+# gradient), joined at the end of the backward (``_host.Fork``). Nothing else waits for them, so they run beside
+# the attention's and x's backward instead of after them, in the SMs those leave idle (t1's grids: 68 programs
+# each on 132 SMs) and in their tails. True: always; False: never; None (default): where the op runs alone, on a
+# GPU, while a CUDA graph is being captured (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``),
+# and a head has at least WGRAD_SIDE_MIN_ROWS rows. Not beside a hybrid's dense heads (the GPU is shared already:
+# there it was slower), not eagerly (an eager step of this size is bound by the host, 1.2-1.8 ms for t1 on the
+# H200's host against 0.09 ms of GPU time, so the fork's GPU time cannot show and its host calls are all cost: two
+# calls measured it ~0.1 ms slower in all 16 rounds, a third, in another order, within the rounds' spread), not for
+# heads of 64 rows (kernels too short to gain the join's cost). H200, bf16 graphs (benchmarks/NOTES.md v23.1):
+# 17 heads at h = 512, T = 1024, B = 16: t1 0.0981 -> 0.0906 ms, sparsity 8 0.308 -> 0.266, sparsity 4 0.519 ->
+# 0.461 (with the rows in one slice: the second stream fills the SMs that WGRAD_SPLIT's slices did); t3's 505 MoSA
+# heads alone 0.735 -> 0.718; t2's MoSA heads beside its dense heads (forced) 0.330 -> 0.338; 60 heads of 64 rows
+# (T = 16384 and 65536, h = 1024) 0.1544 -> 0.1575 and 0.3268 -> 0.3275.
 WGRAD_SIDE_STREAM = None
 WGRAD_SIDE_MIN_ROWS = 128
 
 
 def _wgrad_side_stream(dev, beside: bool, R: int):
-    """The stream the weight gradients fork onto, or None (see WGRAD_SIDE_STREAM)."""
+    """The weight gradients' fork from the current stream (``_host.Fork``), or None (see WGRAD_SIDE_STREAM)."""
+    if dev.type != "cuda":
+        return None
     on = WGRAD_SIDE_STREAM
     if on is None:
-        on = not beside and R >= WGRAD_SIDE_MIN_ROWS
-    return side_stream(dev, "mosa weight gradients") if on and dev.type == "cuda" else None
+        on = not beside and R >= WGRAD_SIDE_MIN_ROWS and torch.cuda.is_current_stream_capturing()
+    return Fork(dev, "mosa weight gradients") if on else None
 
 
 def _wgrad_split(dev, programs: int, R: int, BR: int, deterministic: bool, beside: bool, fork=None) -> int:
@@ -1348,49 +1352,26 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     long_r = R >= 512 and c["DP"] <= 64 and cdt != torch.float32
     # the weight gradients' stream (joined below, before any tensor they read can be freed), or None
     fork = _wgrad_side_stream(dev, beside, R)
-    main = torch.cuda.current_stream(dev) if fork is not None else None
-    if not whole:
+    dwr = None if w_router is None or dense_dl else torch.empty_like(w_router)
+    dwqkv = torch.empty_like(w_qkv)
+
+    def wgrad_o():
         blocks = _tiles("_dwo", dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]))
         split = _wgrad_split(dev, cdiv(h, blocks["BH"]) * E, R, blocks["BR"], deterministic, beside, fork)
-        if fork is not None:
-            fork.wait_stream(main)
-        with torch.cuda.stream(fork) if fork is not None else contextlib.nullcontext():
-            dwo_acc = _wgrad_buffer(dwo, split)
-            _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E, split), (dy, idx, scores, o, dwo_acc, T, h, E, R, K),
-                    blocks, D=D, DP=c["DP"], PREC=c["PREC"], SPLIT=split, VEC=4 if _vector_atomics(dev, h) else 0,
-                    num_warps=4)
-            if dwo_acc is not dwo:
-                dwo.copy_(dwo_acc)
-    common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
-    args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
-    # 64, or 32 for wide heads and float32 (a tuning override of the block sets the rows per program too)
-    blk = _tile("_attn_bwd_seqs", "BLK", c["BM"])
-    if attn_inside:
-        pass  # done by _out_bwd
-    elif SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
-        nr_seqs = (blk // K) * K
-        _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr_seqs), E),
-                (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr_seqs, qk_scale, sm_scale), dict(BLK=blk),
-                D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4)
-    else:
-        _launch(_attn_bwd_dkdv, lambda t: (cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
-                **common)
-        _launch(_attn_bwd_dq, lambda t: (cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]),
-                **common)
-    # The router's weight gradient, where it has a kernel of its own (t3's 505 heads, t4; not t1's 17, where
-    # _dwqkv makes it), needs only d logit: launched here, not last, where its programs held the SMs that a
-    # hybrid's dense heads' last products were waiting for (H200, t3 bf16 graph: median 1.010 -> 1.002 ms,
-    # near the runs' spread; t4 unchanged; benchmarks/NOTES.md v16.1).
-    dwr = None if w_router is None or dense_dl else torch.empty_like(w_router)
-    if dense_dl:
-        dwr = _router_grad_dense(dlf[:, :B * T], x, w_router.dtype)
-    elif dwr is not None and not in_dw:  # (on the weight gradients' stream where they have one)
-        if fork is not None:
-            fork.wait_stream(main)
-        with torch.cuda.stream(fork) if fork is not None else contextlib.nullcontext():
-            _launch(_dwr, lambda t: (cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
-                    dict(BR=32, BH=min(128, max(16, next_pow2(h)))), num_warps=4)
-    dwqkv = torch.empty_like(w_qkv)
+        dwo_acc = _wgrad_buffer(dwo, split)
+        _launch(_dwo, lambda t: (cdiv(h, t["BH"]), E, split), (dy, idx, scores, o, dwo_acc, T, h, E, R, K),
+                blocks, D=D, DP=c["DP"], PREC=c["PREC"], SPLIT=split, VEC=4 if _vector_atomics(dev, h) else 0,
+                num_warps=4)
+        if dwo_acc is not dwo:
+            dwo.copy_(dwo_acc)
+
+    def wgrad_router():
+        # The router's weight gradient, where it has a kernel of its own (t3's 505 heads, t4; not t1's 17, where
+        # _dwqkv makes it), needs only d logit: launched before x's gradient, not last, where its programs held
+        # the SMs that a hybrid's dense heads' last products were waiting for (H200, t3 bf16 graph: median 1.010
+        # -> 1.002 ms, near the runs' spread; t4 unchanged; benchmarks/NOTES.md v16.1).
+        _launch(_dwr, lambda t: (cdiv(h, t["BH"]), E), (x, idx, dsc, dwr, T, h, E, R, K),
+                dict(BR=32, BH=min(128, max(16, next_pow2(h)))), num_warps=4)
 
     def wgrad_qkv():
         blocks = _tiles("_dwqkv", dict(BR=128 if long_r and x.element_size() == 2 else c["BR"], BH=c["DW_BH"]))
@@ -1407,10 +1388,36 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
         if in_dw and dwr_acc is not dwr:
             dwr.copy_(dwr_acc)
 
-    if fork is not None:  # w_qkv's gradient launched ahead of x's, beside it
-        fork.wait_stream(main)
-        with torch.cuda.stream(fork):
-            wgrad_qkv()
+    # what needs only _out_bwd's results: w_o's gradient (unless _out_bwd made it) and the router's (where it has
+    # a kernel of its own), on the fork where there is one, else in this order on this stream
+    first = ([] if whole else [wgrad_o]) + ([wgrad_router] if dwr is not None and not in_dw else [])
+    if fork is not None and first:
+        fork.run(lambda: [fn() for fn in first])
+    elif not whole:
+        wgrad_o()
+    common = dict(D=D, DP=c["DP"], ROPE=rope_dims, BS=c["BS"], PREC=c["PREC"], num_warps=4)
+    args = (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, qk_scale, sm_scale)
+    # 64, or 32 for wide heads and float32 (a tuning override of the block sets the rows per program too)
+    blk = _tile("_attn_bwd_seqs", "BLK", c["BM"])
+    if attn_inside:
+        pass  # done by _out_bwd
+    elif SEQ_BLOCK_BWD and K <= blk:  # short sequences: one program per block of whole sequences
+        nr_seqs = (blk // K) * K
+        _launch(_attn_bwd_seqs, lambda t: (cdiv(R, nr_seqs), E),
+                (qkv, idx, do, lse, delta, dqkv, cos, sin, T, E, R, K, nr_seqs, qk_scale, sm_scale), dict(BLK=blk),
+                D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], num_warps=4)
+    else:
+        _launch(_attn_bwd_dkdv, lambda t: (cdiv(R, t["BN"]), E), args, dict(BM=c["BM"], BN=c["BN"]),
+                **common)
+        _launch(_attn_bwd_dq, lambda t: (cdiv(R, t["BM"]), E), args, dict(BM=c["BM"], BN=c["DQ_BN"]),
+                **common)
+    if dense_dl:
+        dwr = _router_grad_dense(dlf[:, :B * T], x, w_router.dtype)
+    elif fork is None and dwr is not None and not in_dw:
+        wgrad_router()
+    if fork is not None:  # w_qkv's gradient launched ahead of x's, beside it; the fork waits again only where
+        # this stream has launched dqkv's kernels since its first wait (else dqkv came from _out_bwd)
+        fork.run(wgrad_qkv, wait=not (first and attn_inside and not dense_dl))
     _launch(_qkv_bwd_dx, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"])),
             (dqkv, idx, w_qkv, rows, T, h, E, R, K, dsc, dsc if w_router is None else w_router),
             dict(BM=c["BM"], BH=c["DX_BH"]), D=D, DP=c["DP"], PREC=c["PREC"], ROUTER=w_router is not None,
@@ -1420,8 +1427,8 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     dx = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
     if fork is None:
         wgrad_qkv()
-    if fork is not None:  # the fork's work done before the gradients (and its inputs) are handed back
-        main.wait_stream(fork)
+    else:  # the fork's work done before the gradients (and the tensors it reads) are handed back
+        fork.join()
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 
@@ -1607,6 +1614,7 @@ def _routed_backward(ctx, dy, *_):
 _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
 
 
+@on_its_device
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0,
                 deterministic: bool | None = None, mark_rows: torch.Tensor | None = None, rows_only: bool = False,
                 x_read: torch.Tensor | None = None, beside: bool = False):
@@ -1721,6 +1729,7 @@ def _check(x, scores, idx, w_qkv, w_o, rope_dims, mixed=False):
         raise ValueError(f"w_qkv.dtype={w_qkv.dtype} must match x.dtype={x.dtype} (outside autocast)")
 
 
+@on_its_device
 def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float = 10000.0,
                             deterministic: bool | None = None, beside: bool = False):
     """Fused Triton ``sparse_attention``; same arguments and result as ``sparse_attention_reference``.

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_positive_int
-from ._host import cdiv, next_pow2, outside_graph_pools
+from ._host import cdiv, next_pow2, on_its_device, outside_graph_pools
 from .rope import check_rope_base
 
 _TABLES: dict = {}
@@ -131,6 +131,7 @@ class _SplitRope(torch.autograd.Function):
         return dqkv, None, None, None
 
 
+@on_its_device
 def split_rope_triton(qkv: torch.Tensor, n_heads: int, rope_dims: int, rope_base: float):
     """qkv [B, T, H * 3 * D] -> q, k, v [B, H, T, D] with RoPE on q and k at positions 0..T-1. qkv may be
     strided over B and T (e.g. the first columns of a wider product); it is read in place where its

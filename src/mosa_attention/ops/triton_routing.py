@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv, next_pow2, on_its_device
 
 MAX_T = 16384
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -151,6 +151,7 @@ def _check(name, t, k, T):
                          f"dtype={t.dtype}")
 
 
+@on_its_device
 def topk_positions_triton(scores: torch.Tensor, k: int, include_first: bool = False) -> torch.Tensor:
     """Positions [B, E, k] (int64, ascending) of each row's k largest scores; scores [B, E, T], any strides."""
     if scores.dim() != 3:
@@ -161,6 +162,7 @@ def topk_positions_triton(scores: torch.Tensor, k: int, include_first: bool = Fa
     return _select(scores, E, T, k, include_first, False, (sb, st, se), None)[0]
 
 
+@on_its_device
 def route_logits_triton(logits: torch.Tensor, k: int, include_first: bool = False, kept_dtype=None):
     """From router logits [B, T, E] (any strides): (positions [B, E, k] ascending, kept scores
     sigmoid(logit) [B, E, k] in ``kept_dtype``, default the logits' dtype). Not differentiable."""
