@@ -24,8 +24,8 @@ class Fork:
     with host calls kept few (an eager step pays each): ``run(fn)`` makes the side stream wait for the work
     launched on ``main`` so far (unless nothing was launched there since the last ``run``: ``wait=False``) and
     calls ``fn`` with the side stream current; ``join()`` makes ``main`` wait for everything launched on the
-    side stream. The two events are made once per device and thread (a thread of its own per event pair, so
-    that another thread's record cannot come between a record and its wait)."""
+    side stream. The two events are made once per device and thread (each thread has its own pair, so that
+    another thread's record cannot come between a record and its wait)."""
 
     def __init__(self, device, key: str):
         import torch

@@ -1137,10 +1137,11 @@ DL16_TILE = True
 # the grid to WGRAD_SPLIT_WAVES programs per SM, at most WGRAD_MAX_SPLIT; not with deterministic scatters (the
 # atomics' order varies), nor beside a hybrid's dense heads, nor where the weight gradients run on a stream of
 # their own (``WGRAD_SIDE_STREAM``, which since v23 is what fills those SMs, faster: sparsity 4 0.485 -> 0.463 ms
-# without slices). An int: that many slices wherever R allows (tests and comparisons). Measured on an H200 (bf16 graphs, benchmarks/NOTES.md v22.4), 17 heads at h = 512, T = 1024,
-# B = 16: a sparsity of 4 (R = 4096, 68 programs of 32 steps) 0.550 -> 0.527 ms with four slices; 8 (R = 2048)
-# 0.309 -> 0.311; t1 (R = 512) 0.097 -> 0.116 with two (the atomics, the buffers' clears and casts cost more
-# than the shorter reductions save); beside t2's dense heads +30 us.
+# without slices). An int: that many slices wherever R allows (tests and comparisons). Measured on an H200
+# (bf16 graphs, benchmarks/NOTES.md v22.4), 17 heads at h = 512, T = 1024, B = 16: a sparsity of 4 (R = 4096,
+# 68 programs of 32 steps) 0.550 -> 0.527 ms with four slices; 8 (R = 2048) 0.309 -> 0.311; t1 (R = 512) 0.097 ->
+# 0.116 with two (the atomics, the buffers' clears and casts cost more than the shorter reductions save); beside
+# t2's dense heads +30 us.
 WGRAD_SPLIT = None
 WGRAD_SPLIT_MIN_BLOCKS = 32
 WGRAD_SPLIT_WAVES = 2
