@@ -69,11 +69,10 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     "dwr_apart": {"flags": {"DWR_IN_DWQKV": False}},
     "dwr_apart_one_slice": {"flags": {"DWR_IN_DWQKV": False, "WGRAD_SPLIT": 1}},
     # (v23) the weight gradients on a stream of their own (default where the op runs alone in a CUDA graph):
-    # never; always (beside a hybrid's dense heads, and in eager steps: --eager times its host cost); with the
-    # rows in slices as v22's rule would take them
+    # never; always (beside a hybrid's dense heads, and in eager steps: --eager times its host cost). With the
+    # rows in slices as well: wgrad_split4 (a forced split holds on the stream too)
     "wgrad_fork_off": {"flags": {"WGRAD_SIDE_STREAM": False}},
     "wgrad_fork_beside": {"flags": {"WGRAD_SIDE_STREAM": True}},
-    "wgrad_fork_split4": {"flags": {"WGRAD_SPLIT": 4}},
     "blk32_dwqkv_w4_fwd_bm32": {"tiles": {"_attn_bwd_seqs": {"BLK": 32}, "_dwqkv": {"num_warps": 4},
                                           "_attn_fwd": {"BM": 32, "BN": 32}}},
 }
