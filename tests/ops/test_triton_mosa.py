@@ -1040,12 +1040,14 @@ def test_weight_gradient_stream_choice(monkeypatch):
     assert triton_mosa._wgrad_side_stream(cuda, False, 512) is None
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dense", [0, 2], ids=["mosa_heads", "hybrid"])
-def test_layer_on_a_second_gpu_while_the_first_is_current(dense):
+def test_layer_on_a_second_gpu_while_the_first_is_current(dense, compiled):
     # Triton launches on the current device: a layer moved to cuda:1 while cuda:0 is current runs its kernels on
     # cuda:1 (without the switch they failed, "Pointer argument cannot be accessed from Triton", or, once the two
     # GPUs had peer access, ran on cuda:0 over the link, unordered with cuda:1's stream) and gives what the same
-    # layer gives on cuda:0 (output, x's and every weight's gradient; float32)
+    # layer gives on cuda:0 (output, x's and every weight's gradient; float32); eagerly and under torch.compile
+    # (inductor's code around the custom ops)
     import copy
     from torch.profiler import ProfilerActivity, profile
     from mosa_attention.layers import MoSAAttention
@@ -1058,9 +1060,14 @@ def test_layer_on_a_second_gpu_while_the_first_is_current(dense):
     with torch.cuda.device(0):
         for dev in ("cuda:0", "cuda:1"):  # (each from the CPU: no copy between the GPUs, no peer access)
             on = copy.deepcopy(layer).to(dev)
+            run = torch.compile(on) if compiled else on
             xd = x.to(dev).requires_grad_()
+            if compiled:  # (compiled once outside the profile)
+                run(xd).sum().backward()
+                xd.grad = None
+                on.zero_grad(set_to_none=True)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                y = on(xd)
+                y = run(xd)
                 y.backward(dy.to(dev))
                 torch.cuda.synchronize(dev)
             results.append([y.detach().cpu(), xd.grad.cpu()] + [p.grad.cpu() for p in on.parameters()])
@@ -1114,6 +1121,39 @@ def test_cuda_graph_step_matches_eager(monkeypatch, fork):
         want = [step().detach()] + [t.grad for t in leaves]
         for a, b in zip(got, want):
             assert _rel(a, b.double()) < 2e-3
+
+
+def test_layer_under_compiled_cuda_graphs_matches_eager(monkeypatch):
+    # torch.compile(mode="reduce-overhead") records the layer's forward and backward as CUDA graphs (cudagraph
+    # trees), where WGRAD_SIDE_STREAM's default forks the weight gradients onto their own stream: every step, fresh
+    # inputs, gives the eager layer's output and gradients (x's and every weight's)
+    import copy
+    from mosa_attention.layers import MoSAAttention
+    if DEVICE == "cpu":
+        pytest.skip("CUDA graphs")
+    forks = []
+    make = triton_mosa.Fork
+    monkeypatch.setattr(triton_mosa, "Fork", lambda *a: (forks.append(a), make(*a))[1])
+    torch.manual_seed(0)
+    eager = MoSAAttention(64, 3, 4, head_dim=32, backend="triton").to(DEVICE, torch.float16)  # k = 64: R = 256
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, mode="reduce-overhead")
+    for step in range(4):
+        x = torch.randn(4, 256, 64, device=DEVICE, dtype=torch.float16)
+        dy = torch.randn_like(x)
+        results = []
+        for layer, fn in ((eager, eager), (compiled_layer, compiled)):
+            if fn is compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            layer.zero_grad(set_to_none=True)
+            xl = x.clone().requires_grad_()
+            y = fn(xl)
+            y.backward(dy)
+            # (clones: the graphs' outputs and gradients live in their memory pool, rewritten by the next replay)
+            results.append([y.detach().clone(), xl.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+        for a, b in zip(*results):
+            assert _rel(b, a.double()) < 2e-3, step
+    assert forks  # the recorded backward took the fork
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
