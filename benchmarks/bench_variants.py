@@ -73,6 +73,13 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     # rows in slices as well: wgrad_split4 (a forced split holds on the stream too)
     "wgrad_fork_off": {"flags": {"WGRAD_SIDE_STREAM": False}},
     "wgrad_fork_beside": {"flags": {"WGRAD_SIDE_STREAM": True}},
+    # (v24) under autocast over float32 (--autocast): the kernels read x's and the weights' tiles as they are
+    # and cast them, instead of the compute-dtype copies the op makes (default: x's where the router product
+    # makes it, the weights' where a head has at least 256 rows); copies of the weights forced everywhere
+    "narrow_off": {"flags": {"NARROW_X": False, "NARROW_WEIGHTS": False}},
+    "narrow_x_only": {"flags": {"NARROW_WEIGHTS": False}},
+    "narrow_weights_only": {"flags": {"NARROW_X": False}},
+    "narrow_weights_all": {"flags": {"NARROW_WEIGHTS": True}},
     "blk32_dwqkv_w4_fwd_bm32": {"tiles": {"_attn_bwd_seqs": {"BLK": 32}, "_dwqkv": {"num_warps": 4},
                                           "_attn_fwd": {"BM": 32, "BN": 32}}},
 }
@@ -113,6 +120,14 @@ def eager(step, variant: dict):
     return run
 
 
+def under_autocast(step):
+    """``step`` under bf16 autocast (``--autocast``: float32 x and parameters, as a model trains)."""
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return step()
+    return run
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="t2", help=f"comma-separated, among {', '.join(CASES)}")
@@ -121,6 +136,8 @@ def main():
     ap.add_argument("--iters", type=int, default=100, help="replays per variant and round (their median)")
     ap.add_argument("--eager", action="store_true",
                     help="time eager steps (the host's launches included) instead of CUDA-graph replays")
+    ap.add_argument("--autocast", action="store_true",
+                    help="float32 x and parameters, each step under bf16 autocast (default: all bf16)")
     ap.add_argument("--out", default=None, help="folder for variants.json")
     args = ap.parse_args()
     names = args.variants.split(",")
@@ -134,18 +151,22 @@ def main():
             ap.error(f"--cases: unknown {case!r}; known: {', '.join(CASES)}")
         h, E, rho, nd, T, B, nd_cmp = CASES[case]
         torch.manual_seed(0)
-        x = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        dy = torch.randn_like(x)
-        layer = MoSAAttention(h, E, rho, num_dense_heads=nd, backend="triton").cuda().to(torch.bfloat16)
-        make_step(layer, x, dy)()
+        dt = torch.float32 if args.autocast else torch.bfloat16
+        x = torch.randn(B, T, h, device="cuda", dtype=dt, requires_grad=True)
+        dy = torch.randn(B, T, h, device="cuda", dtype=torch.bfloat16)
+
+        def step_of(mod):
+            return under_autocast(make_step(mod, x, dy)) if args.autocast else make_step(mod, x, dy)
+        layer = MoSAAttention(h, E, rho, num_dense_heads=nd, backend="triton").cuda().to(dt)
+        step_of(layer)()
         leaves = {"x": x, **dict(layer.named_parameters())}
         ref = {n: t.grad.detach().float().clone() for n, t in leaves.items()}
         replays = {}
         if nd_cmp:
-            dense = DenseAttention(h, nd_cmp).cuda().to(torch.bfloat16)
-            replays[f"dense {nd_cmp}"] = (eager if args.eager else capture)(make_step(dense, x, dy), {})
+            dense = DenseAttention(h, nd_cmp).cuda().to(dt)
+            replays[f"dense {nd_cmp}"] = (eager if args.eager else capture)(step_of(dense), {})
         for name in names:
-            replays[name] = (eager if args.eager else capture)(make_step(layer, x, dy), VARIANTS[name])
+            replays[name] = (eager if args.eager else capture)(step_of(layer), VARIANTS[name])
             replays[name]()
             torch.cuda.synchronize()
             # the replay's gradients (x's and every weight's) against the eager default step's
@@ -168,6 +189,7 @@ def main():
         path = os.path.join(args.out, "variants.json")
         with open(path + ".tmp", "w") as f:  # written whole, then renamed
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "eager": args.eager,
+                       "autocast": args.autocast,
                        "variants": {n: VARIANTS[n] for n in names}, "results": results}, f, indent=1)
         os.replace(path + ".tmp", path)
 

@@ -433,13 +433,14 @@ def test_hybrid_masked_sums_under_autocast(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
-def test_router_fused_reads_a_narrow_copy_of_x():
+def test_router_fused_reads_a_narrow_copy_of_x(monkeypatch):
     # x_read: under autocast over float32 x the kernels read x's copy in the compute dtype instead of x;
     # they cast x's tiles to that dtype anyway, so y and every gradient are the same bits, and x's
-    # gradient stays float32
+    # gradient stays float32 (without the op's own copy, NARROW_X, which would read one either way)
     from mosa_attention.ops.triton_mosa import mosa_triton
     if DEVICE != "cpu":
         pytest.skip("CPU autocast")
+    monkeypatch.setattr(triton_mosa, "NARROW_X", False)
     torch.manual_seed(9)
     x = torch.randn(2, 30, 32)
     w = [torch.randn(3, 32), torch.randn(3, 32, 96) / 6, torch.randn(3, 32, 32) / 6]
@@ -456,6 +457,54 @@ def test_router_fused_reads_a_narrow_copy_of_x():
         assert torch.equal(a, b)
     with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="x_read must be"):
         mosa_triton(x, *w, 8, False, 16, x_read=x.bfloat16())
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["sparse_attention", "routed"])
+def test_narrow_copies_under_autocast_change_no_bit(monkeypatch, routed):
+    # under autocast over float32 x and weights the eager op reads, and saves for its backward, copies in the
+    # compute dtype: x's where the router product makes it (NARROW_X), the weights' (NARROW_WEIGHTS, forced
+    # here: the rule wants longer heads). The kernels cast the tiles they load to the same values, so y and
+    # every gradient are the same bits as without the copies, the gradients in float32
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    torch.manual_seed(4)
+    x, scores, idx, w_qkv, w_o = _inputs(2, 40, 32, 3, 9, 32, torch.float32)
+    w_router = torch.randn(3, 32)
+    dy = torch.randn(2, 40, 32)
+    out, saved = [], []
+    for narrow in (False, True):
+        monkeypatch.setattr(triton_mosa, "NARROW_X", narrow)
+        monkeypatch.setattr(triton_mosa, "NARROW_WEIGHTS", narrow)
+        leaves = [t.clone().requires_grad_() for t in ((x, w_router) if routed else (x, scores)) + (w_qkv, w_o)]
+        with torch.autocast("cpu", dtype=torch.float16):
+            if routed:
+                y = mosa_triton(*leaves, 9, False, 16)[0]
+            else:
+                y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], 16)
+        saved.append([t.dtype for t in y.grad_fn.saved_tensors])
+        y.float().backward(dy)
+        out.append([y.detach()] + [t.grad for t in leaves])
+        assert all(t.grad.dtype == torch.float32 for t in leaves)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    # what the backward keeps: x (its copy where routed), scores, idx, w_qkv, w_o, ...
+    assert saved[0][3:5] == [torch.float32] * 2 and saved[1][3:5] == [torch.float16] * 2
+    assert saved[0][0] == torch.float32 and saved[1][0] == (torch.float16 if routed else torch.float32)
+
+
+def test_narrow_weights_rule(monkeypatch):
+    w_qkv, w_o = torch.randn(2, 8, 24), torch.randn(2, 8, 8)
+    dts = lambda ws: [w.dtype for w in ws]  # noqa: E731
+    rows = triton_mosa.NARROW_WEIGHTS_MIN_ROWS
+    assert dts(triton_mosa._narrow_weights(w_qkv, w_o, torch.bfloat16, rows)) == [torch.bfloat16] * 2
+    assert dts(triton_mosa._narrow_weights(w_qkv, w_o, torch.bfloat16, rows - 1)) == [torch.float32] * 2
+    same = triton_mosa._narrow_weights(w_qkv, w_o, torch.float32, rows)
+    assert same[0] is w_qkv and same[1] is w_o
+    monkeypatch.setattr(triton_mosa, "NARROW_WEIGHTS", True)
+    assert dts(triton_mosa._narrow_weights(w_qkv, w_o, torch.float16, 1)) == [torch.float16] * 2
+    monkeypatch.setattr(triton_mosa, "NARROW_WEIGHTS", False)
+    assert dts(triton_mosa._narrow_weights(w_qkv, w_o, torch.float16, 10 ** 6)) == [torch.float32] * 2
 
 
 def test_hybrid_kernels_read_the_products_copy_under_autocast(monkeypatch):

@@ -1298,11 +1298,12 @@ def _unscaled(buf, dtype, stats, D: int):
 
 
 def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
-              w_router=None, rows_only: bool = False, dx_dtype=None, beside: bool = False):
+              w_router=None, rows_only: bool = False, dx_dtype=None, beside: bool = False, w_dtype=None):
     """Gradients for x, scores, w_qkv, w_o; with ``w_router`` (the fused router: scores are sigmoid(x w_r^T)
     at the kept tokens) the second is w_router's gradient and x's includes the router's share.
     ``rows_only`` (atomics only): x's gradient is written at the kept tokens' rows only (see ``_fwd_impl``).
-    ``dx_dtype``: the dtype of x's gradient where x is a narrower copy of the op's input (default x's).
+    ``dx_dtype``: the dtype of x's gradient where x is a narrower copy of the op's input (default x's);
+    ``w_dtype``: likewise for w_qkv's and w_o's gradients (``_narrow_weights``).
     ``beside``: other kernels run beside these on another stream (``_out_bwd_block``)."""
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     cdt = qkv.dtype  # the forward's compute dtype
@@ -1323,7 +1324,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # the router's weight gradient as one dense product where heads overlap much (see _router_grad_dense)
     dense_dl = w_router is not None and not in_dw and _dense_router_grad(E * R / (B * T))
     dlf = torch.zeros(E, B * T + 8, device=dev, dtype=cdt) if dense_dl else dsc
-    dwo = torch.empty_like(w_o)
+    dwo = torch.empty(w_o.shape, device=dev, dtype=w_dtype or w_o.dtype)
     # d logit as the router's product tile of _dwqkv (see DL16_TILE), else a stand-in pointer
     dl16 = torch.empty(E, R, 16, device=dev, dtype=cdt) if in_dw and DL16_TILE else dsc
     whole = _dwo_in_out_bwd(dev, R, E, c)
@@ -1354,7 +1355,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # the weight gradients' stream (joined below, before any tensor they read can be freed), or None
     fork = _wgrad_side_stream(dev, beside, R)
     dwr = None if w_router is None or dense_dl else torch.empty_like(w_router)
-    dwqkv = torch.empty_like(w_qkv)
+    dwqkv = torch.empty(w_qkv.shape, device=dev, dtype=w_dtype or w_qkv.dtype)
 
     def wgrad_o():
         blocks = _tiles("_dwo", dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]))
@@ -1433,6 +1434,29 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 
+# Under autocast over wider tensors (float32 parameters, a float32 residual stream), the eager op's kernels
+# cast x's and the weights' tiles as they load them. Where the same tiles are loaded many times that costs
+# bytes: the routed op casts x for its router product anyway, and with NARROW_X its kernels (and its backward,
+# which saves it instead of x) read that copy. NARROW_WEIGHTS: w_qkv and w_o cast once per call (as autocast
+# casts a linear layer's weight), the copies read by every kernel of the forward and the backward and saved for
+# it; the gradients stay in the weights' dtype. True: always; False: never; None: where a head's rows are read
+# by enough programs (R >= NARROW_WEIGHTS_MIN_ROWS) that the copy (one read, a half write) costs less than
+# the reads it halves. The same numbers either way (the kernels cast the tiles they load to the same values).
+NARROW_X = True
+NARROW_WEIGHTS = None
+NARROW_WEIGHTS_MIN_ROWS = 256
+
+
+def _narrow_weights(w_qkv, w_o, cdt, rows: int):
+    """(w_qkv, w_o) in the compute dtype ``cdt`` where NARROW_WEIGHTS says so, else as they are."""
+    if w_qkv.dtype == cdt and w_o.dtype == cdt:
+        return w_qkv, w_o
+    on = NARROW_WEIGHTS
+    if on is None:
+        on = rows >= NARROW_WEIGHTS_MIN_ROWS
+    return (w_qkv.to(cdt), w_o.to(cdt)) if on else (w_qkv, w_o)
+
+
 # --------------------------------------------------------------------------------------------- torch ops
 # Two wrappers of the same launchers: torch.library custom ops, which torch.compile sees as single nodes,
 # and an autograd.Function with less Python overhead per call for eager mode.
@@ -1489,6 +1513,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt, beside=False):
+        ctx.w_dtype = w_qkv.dtype
+        w_qkv, w_o = _narrow_weights(w_qkv, w_o, cdt=cdt, rows=idx.shape[0] * idx.shape[2])
         out = _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt)
         ctx.save_for_backward(x, scores, idx, w_qkv, w_o, *out[1:])
         ctx.rope = (rope_dims, rope_base)
@@ -1497,7 +1523,7 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope, beside=ctx.beside)
+        dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope, beside=ctx.beside, w_dtype=ctx.w_dtype)
         return dx, dsc, None, dwqkv, dwo, None, None, None, None, None
 
 
@@ -1509,7 +1535,13 @@ class _EagerRouted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, cdt,
                 mark_rows=None, rows_only=False, x_read=None, beside=False):
-        xr = x if x_read is None else x_read  # what the kernels read (the same values after their cast)
+        # what the kernels read (the same values after their cast): x_read, else x or its copy in the compute
+        # dtype, which the router product makes anyway (NARROW_X)
+        xr = x if x_read is None else x_read
+        if xr.dtype != cdt and NARROW_X:
+            xr = x.to(cdt)
+        ctx.w_dtype = w_qkv.dtype
+        w_qkv, w_o = _narrow_weights(w_qkv, w_o, cdt=cdt, rows=x.shape[0] * k)
         y, kept, idx, *saved = _routed_fwd_impl(xr, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
                                                 deterministic, cdt, mark_rows, rows_only)
         ctx.save_for_backward(xr, kept, idx, w_qkv, w_o, *saved, w_router)
@@ -1527,7 +1559,7 @@ class _EagerRouted(torch.autograd.Function):
             return (None,) * 14
         *saved, w_router = ctx.saved_tensors
         dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router, rows_only=ctx.rows_only,
-                                        dx_dtype=ctx.x_dtype, beside=ctx.beside)
+                                        dx_dtype=ctx.x_dtype, beside=ctx.beside, w_dtype=ctx.w_dtype)
         return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None, None
 
 
