@@ -58,6 +58,9 @@ def build(name: str, args) -> MoSALM:
 def run_one(name: str, mode: str, args) -> dict:
     """Warm-up steps, then timed steps of one model in one mode."""
     dev = torch.device(args.device)
+    if args.no_narrow:
+        from mosa_attention.ops import triton_mosa
+        triton_mosa.NARROW_X = triton_mosa.NARROW_WEIGHTS = False
     model = build(name, args)
     cfg = model.config
     T, vocab = cfg.seq_len, cfg.vocab_size
@@ -100,7 +103,7 @@ def run_one(name: str, mode: str, args) -> dict:
         last = step(args.warmup + i)
     sync()
     dt = time.perf_counter() - t0
-    row = {"model": name, "mode": mode, "heads": cfg.head_counts(), "params_M": model.num_params() / 1e6,
+    row = {"model": name, "mode": mode, "narrow": not args.no_narrow, "heads": cfg.head_counts(), "params_M": model.num_params() / 1e6,
            "forward_GFLOPs_per_seq": cfg.forward_flops() / 1e9,
            "batch": args.batch, "T": T, "steps": args.steps, "warmup_steps": args.warmup,
            "warmup_s": warm_s, "ms_per_step": dt / args.steps * 1e3,
@@ -133,6 +136,9 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="timed steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per configuration when several run")
+    ap.add_argument("--no-narrow", dest="no_narrow", action="store_true",
+                    help="the MoSA op without its compute-dtype copies of x and the weights under autocast "
+                         "(triton_mosa.NARROW_X, NARROW_WEIGHTS off; for comparison)")
     ap.add_argument("--out", default=None, help="folder for train.json")
     args = ap.parse_args()
     models, modes = args.models.split(","), args.modes.split(",")
@@ -154,7 +160,8 @@ def main():
                 cmd = [sys.executable, __file__, "--models", name, "--modes", mode] + [
                     a for key in ("preset", "n_layer", "d_model", "seq_len", "vocab_size", "batch", "warmup",
                                   "steps", "device") if getattr(args, key) is not None
-                    for a in (f"--{key.replace('_', '-')}", str(getattr(args, key)))]
+                    for a in (f"--{key.replace('_', '-')}", str(getattr(args, key)))] + (
+                    ["--no-narrow"] if args.no_narrow else [])
                 try:
                     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
@@ -172,7 +179,8 @@ def main():
             print(f"{r['model']:8} {r['mode']:8} failed: {r['error'].strip().splitlines()[-1][:100]}")
         else:
             peak, res = ("-" if r.get(k) is None else f"{r[k]:.0f}" for k in ("peak_MiB", "reserved_MiB"))
-            print(f"{r['model']:8} {r['mode']:8} {r['ms_per_step']:9.2f} {r['tokens_per_s']:10,.0f} {peak:>9} {res:>9} "
+            mode = r["mode"] + ("" if r.get("narrow", True) else ",nn")  # (nn: --no-narrow)
+            print(f"{r['model']:8} {mode:8} {r['ms_per_step']:9.2f} {r['tokens_per_s']:10,.0f} {peak:>9} {res:>9} "
                   f"{r['first_loss']:10.4f} {r['warmup_s']:9.1f}")
     save(args, rows)
 

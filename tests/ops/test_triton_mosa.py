@@ -459,12 +459,14 @@ def test_router_fused_reads_a_narrow_copy_of_x(monkeypatch):
         mosa_triton(x, *w, 8, False, 16, x_read=x.bfloat16())
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("routed", [False, True], ids=["sparse_attention", "routed"])
-def test_narrow_copies_under_autocast_change_no_bit(monkeypatch, routed):
-    # under autocast over float32 x and weights the eager op reads, and saves for its backward, copies in the
-    # compute dtype: x's where the router product makes it (NARROW_X), the weights' (NARROW_WEIGHTS, forced
-    # here: the rule wants longer heads). The kernels cast the tiles they load to the same values, so y and
-    # every gradient are the same bits as without the copies, the gradients in float32
+def test_narrow_copies_under_autocast_change_no_bit(monkeypatch, routed, compiled):
+    # under autocast over float32 x and weights the op reads, and saves for its backward, copies in the compute
+    # dtype: x's where the router product makes it (NARROW_X), the weights' (NARROW_WEIGHTS, forced here: the
+    # rule wants longer heads); under torch.compile the compiled graph makes them and the custom ops take them.
+    # The kernels cast the tiles they load to the same values, so y and every gradient are the same bits as the
+    # eager op's without the copies, the gradients in float32
     from mosa_attention.ops.triton_mosa import mosa_triton
     if DEVICE != "cpu":
         pytest.skip("CPU autocast")
@@ -472,25 +474,35 @@ def test_narrow_copies_under_autocast_change_no_bit(monkeypatch, routed):
     x, scores, idx, w_qkv, w_o = _inputs(2, 40, 32, 3, 9, 32, torch.float32)
     w_router = torch.randn(3, 32)
     dy = torch.randn(2, 40, 32)
-    out, saved = [], []
+
+    def op(*leaves):
+        with torch.autocast("cpu", dtype=torch.float16):
+            if routed:
+                return mosa_triton(*leaves, 9, False, 16)[0]
+            return sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], 16)
+    out, saved, read = [], [], []
+    fwd = triton_mosa._fwd_impl
+    monkeypatch.setattr(triton_mosa, "_fwd_impl",
+                        lambda *a, **kw: (read.append((a[0].dtype, a[3].dtype)), fwd(*a, **kw))[1])
     for narrow in (False, True):
         monkeypatch.setattr(triton_mosa, "NARROW_X", narrow)
         monkeypatch.setattr(triton_mosa, "NARROW_WEIGHTS", narrow)
+        torch._dynamo.reset()
         leaves = [t.clone().requires_grad_() for t in ((x, w_router) if routed else (x, scores)) + (w_qkv, w_o)]
-        with torch.autocast("cpu", dtype=torch.float16):
-            if routed:
-                y = mosa_triton(*leaves, 9, False, 16)[0]
-            else:
-                y = sparse_attention_triton(leaves[0], leaves[1], idx, leaves[2], leaves[3], 16)
-        saved.append([t.dtype for t in y.grad_fn.saved_tensors])
+        y = (torch.compile(op, fullgraph=True, backend="aot_eager") if compiled and narrow else op)(*leaves)
+        if not compiled:
+            saved.append([t.dtype for t in y.grad_fn.saved_tensors])
         y.float().backward(dy)
         out.append([y.detach()] + [t.grad for t in leaves])
         assert all(t.grad.dtype == torch.float32 for t in leaves)
     for a, b in zip(*out):
         assert torch.equal(a, b)
-    # what the backward keeps: x (its copy where routed), scores, idx, w_qkv, w_o, ...
-    assert saved[0][3:5] == [torch.float32] * 2 and saved[1][3:5] == [torch.float16] * 2
-    assert saved[0][0] == torch.float32 and saved[1][0] == (torch.float16 if routed else torch.float32)
+    # what the kernels read (x, w_qkv): the float32 tensors, then the copies
+    assert read[0] == (torch.float32, torch.float32)
+    assert read[-1] == (torch.float16 if routed else torch.float32, torch.float16)
+    if not compiled:  # what the backward keeps: x (its copy where routed), scores, idx, w_qkv, w_o, ...
+        assert saved[0][3:5] == [torch.float32] * 2 and saved[1][3:5] == [torch.float16] * 2
+        assert saved[0][0] == torch.float32 and saved[1][0] == (torch.float16 if routed else torch.float32)
 
 
 def test_narrow_weights_rule(monkeypatch):

@@ -55,6 +55,7 @@ input (shapes, devices, dtype mixes, head dim > 128, odd rope_dims) raises Value
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -1460,11 +1461,20 @@ def _narrow_weights(w_qkv, w_o, cdt, rows: int):
 # --------------------------------------------------------------------------------------------- torch ops
 # Two wrappers of the same launchers: torch.library custom ops, which torch.compile sees as single nodes,
 # and an autograd.Function with less Python overhead per call for eager mode.
+# (``wq_read``, ``wo_read``: the weights' copies in the compute dtype, ``_narrow_weights``, made by the caller so
+# that the compiled graph holds the casts; read and saved instead of w_qkv, w_o; ``x_read`` likewise for x)
 @torch.library.custom_op("mosa_attention::sparse_attention_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
-            rope_dims: int, rope_base: float, deterministic: bool, compute_dtype: torch.dtype
+            rope_dims: int, rope_base: float, deterministic: bool, compute_dtype: torch.dtype,
+            wq_read: Optional[torch.Tensor] = None, wo_read: Optional[torch.Tensor] = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    w_qkv, w_o = _read(w_qkv, wq_read), _read(w_o, wo_read)
     return _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, compute_dtype)
+
+
+def _read(t: torch.Tensor, copy: torch.Tensor | None) -> torch.Tensor:
+    """What the kernels read of ``t``: its copy where there is one."""
+    return t if copy is None else copy
 
 
 def _segments_like(idx, B, T, E, R, deterministic):
@@ -1475,36 +1485,40 @@ def _segments_like(idx, B, T, E, R, deterministic):
 
 
 @_fwd_op.register_fake
-def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, compute_dtype):
+def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, compute_dtype, wq_read=None, wo_read=None):
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     cdt = compute_dtype
     return (x.new_empty(B, T, h, dtype=cdt), x.new_empty(3, E, R, D, dtype=cdt), x.new_empty(E, R, D, dtype=cdt),
             x.new_empty(E, R, dtype=torch.float32), *_segments_like(idx, B, T, E, R, deterministic))
 
 
+# (``w_dtype``: the weights' gradients' dtype, where w_qkv and w_o are their copies)
 @torch.library.custom_op("mosa_attention::sparse_attention_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor,
             w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, perm: torch.Tensor,
-            starts: torch.Tensor, rope_dims: int, rope_base: float
+            starts: torch.Tensor, rope_dims: int, rope_base: float, w_dtype: torch.dtype
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base)
+    return _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base,
+                     w_dtype=w_dtype)
 
 
 @_bwd_op.register_fake
-def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base):
-    return torch.empty_like(x), torch.empty_like(scores), torch.empty_like(w_qkv), torch.empty_like(w_o)
+def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base, w_dtype):
+    return (torch.empty_like(x), torch.empty_like(scores), torch.empty_like(w_qkv, dtype=w_dtype),
+            torch.empty_like(w_o, dtype=w_dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    x, scores, idx, w_qkv, w_o, rope_dims, rope_base, _, _ = inputs
-    ctx.save_for_backward(x, scores, idx, w_qkv, w_o, *output[1:])
+    x, scores, idx, w_qkv, w_o, rope_dims, rope_base, _, _, wq_read, wo_read = inputs
+    ctx.save_for_backward(x, scores, idx, _read(w_qkv, wq_read), _read(w_o, wo_read), *output[1:])
     ctx.rope = (rope_dims, rope_base)
+    ctx.w_dtype = w_qkv.dtype
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, dy, *_):
-    dx, dsc, dwqkv, dwo = _bwd_op(dy, *ctx.saved_tensors, *ctx.rope)
-    return dx, dsc, None, dwqkv, dwo, None, None, None, None
+    dx, dsc, dwqkv, dwo = _bwd_op(dy, *ctx.saved_tensors, *ctx.rope, ctx.w_dtype)
+    return dx, dsc, None, dwqkv, dwo, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -1599,15 +1613,17 @@ def _route(x, w_router, k: int, include_first: bool, cdt: torch.dtype):
 @torch.library.custom_op("mosa_attention::mosa_routed_fwd", mutates_args=())
 def _routed_fwd_op(x: torch.Tensor, w_router: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, k: int,
                    include_first: bool, rope_dims: int, rope_base: float, deterministic: bool,
-                   compute_dtype: torch.dtype
+                   compute_dtype: torch.dtype, x_read: Optional[torch.Tensor] = None,
+                   wq_read: Optional[torch.Tensor] = None, wo_read: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor]:
-    return _routed_fwd_impl(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic,
-                            compute_dtype)
+    return _routed_fwd_impl(_read(x, x_read), w_router, _read(w_qkv, wq_read), _read(w_o, wo_read), k, include_first,
+                            rope_dims, rope_base, deterministic, compute_dtype)
 
 
 @_routed_fwd_op.register_fake
-def _(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, compute_dtype):
+def _(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, compute_dtype, x_read=None,
+      wq_read=None, wo_read=None):
     B, T, h = x.shape
     E, D, R = w_qkv.shape[0], w_qkv.shape[2] // 3, B * k
     idx = x.new_empty(B, E, k, dtype=torch.int64)
@@ -1617,31 +1633,35 @@ def _(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, determini
             *_segments_like(idx, B, T, E, R, deterministic))
 
 
+# (``x_dtype``, ``w_dtype``: the gradients' dtypes, where x, w_qkv and w_o are their copies)
 @torch.library.custom_op("mosa_attention::mosa_routed_bwd", mutates_args=())
 def _routed_bwd_op(dy: torch.Tensor, x: torch.Tensor, kept: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor,
                    w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, perm: torch.Tensor,
-                   starts: torch.Tensor, w_router: torch.Tensor, rope_dims: int, rope_base: float
+                   starts: torch.Tensor, w_router: torch.Tensor, rope_dims: int, rope_base: float,
+                   x_dtype: torch.dtype, w_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base,
-                     w_router=w_router)
+                     w_router=w_router, dx_dtype=x_dtype, w_dtype=w_dtype)
 
 
 @_routed_bwd_op.register_fake
-def _(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, rope_dims, rope_base):
-    return torch.empty_like(x), torch.empty_like(w_router), torch.empty_like(w_qkv), torch.empty_like(w_o)
+def _(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, rope_dims, rope_base, x_dtype, w_dtype):
+    return (torch.empty_like(x, dtype=x_dtype), torch.empty_like(w_router), torch.empty_like(w_qkv, dtype=w_dtype),
+            torch.empty_like(w_o, dtype=w_dtype))
 
 
 def _routed_setup_context(ctx, inputs, output):
-    x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, _, _ = inputs
+    x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, _, _, x_read, wq_read, wo_read = inputs
     y, kept, idx, *rest = output
-    ctx.save_for_backward(x, kept, idx, w_qkv, w_o, *rest, w_router)
+    ctx.save_for_backward(_read(x, x_read), kept, idx, _read(w_qkv, wq_read), _read(w_o, wo_read), *rest, w_router)
     ctx.rope = (rope_dims, rope_base)
+    ctx.dtypes = (x.dtype, w_qkv.dtype)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _routed_backward(ctx, dy, *_):
-    dx, dwr, dwqkv, dwo = _routed_bwd_op(dy, *ctx.saved_tensors, *ctx.rope)
-    return dx, dwr, dwqkv, dwo, None, None, None, None, None, None
+    dx, dwr, dwqkv, dwo = _routed_bwd_op(dy, *ctx.saved_tensors, *ctx.rope, *ctx.dtypes)
+    return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None
 
 
 _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
@@ -1696,7 +1716,11 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
         raise ValueError(f"x_read must be a contiguous copy of x {tuple(x.shape)} in the compute dtype {cdt} on "
                          f"{x.device}, got {tuple(x_read.shape)} {x_read.dtype} on {x_read.device}")
     if torch.compiler.is_compiling():
-        y, kept, idx = _routed_fwd_op(*args)[:3]
+        # the copies the eager op makes (NARROW_X, NARROW_WEIGHTS), here in the compiled graph
+        xr = x.detach().to(cdt) if NARROW_X and x.dtype != cdt else None
+        wq, wo = _narrow_weights(w_qkv.detach(), w_o.detach(), cdt, B * k)
+        narrow = wq.dtype != w_qkv.dtype
+        y, kept, idx = _routed_fwd_op(*args, xr, wq if narrow else None, wo if narrow else None)[:3]
         if mark_rows is not None:
             mark_rows.scatter_(1, idx.view(B, -1), True)
         return y, kept, idx
@@ -1792,5 +1816,7 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     args = (x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base),
             _rows_for(deterministic, x.device, h, (cdt, x.dtype), idx.numel(), B * T), cdt)
     if torch.compiler.is_compiling():
-        return _fwd_op(*args)[0]
+        wq, wo = _narrow_weights(w_qkv.detach(), w_o.detach(), cdt, B * idx.shape[2])  # (as the eager op)
+        narrow = wq.dtype != w_qkv.dtype
+        return _fwd_op(*args, wq if narrow else None, wo if narrow else None)[0]
     return _Eager.apply(*args, check_bool("beside", beside))
