@@ -497,9 +497,13 @@ def test_narrow_copies_under_autocast_change_no_bit(monkeypatch, routed, compile
         assert all(t.grad.dtype == torch.float32 for t in leaves)
     for a, b in zip(*out):
         assert torch.equal(a, b)
-    # what the kernels read (x, w_qkv): the float32 tensors, then the copies
+    # what the kernels read (x, w_qkv): the float32 tensors, then the copies; without gradients no copies
     assert read[0] == (torch.float32, torch.float32)
     assert read[-1] == (torch.float16 if routed else torch.float32, torch.float16)
+    if not compiled:
+        with torch.no_grad():
+            torch.testing.assert_close(op(*leaves), out[0][0], rtol=0, atol=0)
+        assert read[-1] == (torch.float32, torch.float32)
     if not compiled:  # what the backward keeps: x (its copy where routed), scores, idx, w_qkv, w_o, ...
         assert saved[0][3:5] == [torch.float32] * 2 and saved[1][3:5] == [torch.float16] * 2
         assert saved[0][0] == torch.float32 and saved[1][0] == (torch.float16 if routed else torch.float32)

@@ -1435,17 +1435,27 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     return dx, (dsc.to(scores.dtype) if w_router is None else dwr), dwqkv, dwo
 
 
-# Under autocast over wider tensors (float32 parameters, a float32 residual stream), the eager op's kernels
-# cast x's and the weights' tiles as they load them. Where the same tiles are loaded many times that costs
-# bytes: the routed op casts x for its router product anyway, and with NARROW_X its kernels (and its backward,
-# which saves it instead of x) read that copy. NARROW_WEIGHTS: w_qkv and w_o cast once per call (as autocast
-# casts a linear layer's weight), the copies read by every kernel of the forward and the backward and saved for
-# it; the gradients stay in the weights' dtype. True: always; False: never; None: where a head's rows are read
-# by enough programs (R >= NARROW_WEIGHTS_MIN_ROWS) that the copy (one read, a half write) costs less than
-# the reads it halves. The same numbers either way (the kernels cast the tiles they load to the same values).
+# Under autocast over wider tensors (float32 parameters, a float32 residual stream), the op's kernels cast x's
+# and the weights' tiles as they load them. Where the same tiles are loaded many times that costs bytes. Where
+# gradients are taken: the routed op casts x for its router product anyway, and with NARROW_X its kernels read
+# that copy, and its backward saves it instead of x (half the bytes; in a model, whose norm output x would
+# otherwise be kept for this op alone, less memory; in a benchmark that keeps x alive, the copy's size more).
+# NARROW_WEIGHTS: w_qkv and w_o cast once per call (as autocast casts a linear layer's weight), the copies read
+# by every kernel of the forward and the backward and saved for it; the gradients stay in the weights' dtype.
+# True: always; False: never; None: where a head's rows are read by enough programs (R >= NARROW_WEIGHTS_MIN_ROWS)
+# that the copy (one read, a half write) costs less than the reads it halves. H200, bf16 autocast over float32,
+# graphs (benchmarks/NOTES.md v24.1): t1 0.141 -> 0.121 ms, 17 heads at sparsity 4 0.601 -> 0.470, t3 1.160 ->
+# 1.121, t4 0.507 -> 0.493 (x's copy only: the weights' copy cost more there, 0.499). A forward without gradients
+# makes no copies (they saved little there, 0.072 -> 0.068 ms at t1, for up to 142 MiB more at the peak). The same
+# numbers either way: the kernels cast the tiles they load to the same values.
 NARROW_X = True
 NARROW_WEIGHTS = None
 NARROW_WEIGHTS_MIN_ROWS = 256
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will take gradients through an op on these tensors (the copies above pay only then)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _narrow_weights(w_qkv, w_o, cdt, rows: int):
@@ -1526,9 +1536,11 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _Eager(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt, beside=False):
+    def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt, beside=False,
+                narrow=False):
         ctx.w_dtype = w_qkv.dtype
-        w_qkv, w_o = _narrow_weights(w_qkv, w_o, cdt=cdt, rows=idx.shape[0] * idx.shape[2])
+        if narrow:
+            w_qkv, w_o = _narrow_weights(w_qkv, w_o, cdt=cdt, rows=idx.shape[0] * idx.shape[2])
         out = _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt)
         ctx.save_for_backward(x, scores, idx, w_qkv, w_o, *out[1:])
         ctx.rope = (rope_dims, rope_base)
@@ -1538,7 +1550,7 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope, beside=ctx.beside, w_dtype=ctx.w_dtype)
-        return dx, dsc, None, dwqkv, dwo, None, None, None, None, None
+        return dx, dsc, None, dwqkv, dwo, None, None, None, None, None, None
 
 
 class _EagerRouted(torch.autograd.Function):
@@ -1548,14 +1560,15 @@ class _EagerRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, deterministic, cdt,
-                mark_rows=None, rows_only=False, x_read=None, beside=False):
+                mark_rows=None, rows_only=False, x_read=None, beside=False, narrow=False):
         # what the kernels read (the same values after their cast): x_read, else x or its copy in the compute
         # dtype, which the router product makes anyway (NARROW_X)
         xr = x if x_read is None else x_read
-        if xr.dtype != cdt and NARROW_X:
+        if narrow and xr.dtype != cdt and NARROW_X:
             xr = x.to(cdt)
         ctx.w_dtype = w_qkv.dtype
-        w_qkv, w_o = _narrow_weights(w_qkv, w_o, cdt=cdt, rows=x.shape[0] * k)
+        if narrow:
+            w_qkv, w_o = _narrow_weights(w_qkv, w_o, cdt=cdt, rows=x.shape[0] * k)
         y, kept, idx, *saved = _routed_fwd_impl(xr, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
                                                 deterministic, cdt, mark_rows, rows_only)
         ctx.save_for_backward(xr, kept, idx, w_qkv, w_o, *saved, w_router)
@@ -1570,11 +1583,11 @@ class _EagerRouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _kept, _idx):
         if dy is None:  # y took no part in the loss (grads are not materialised)
-            return (None,) * 14
+            return (None,) * 15
         *saved, w_router = ctx.saved_tensors
         dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router, rows_only=ctx.rows_only,
                                         dx_dtype=ctx.x_dtype, beside=ctx.beside, w_dtype=ctx.w_dtype)
-        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None, None
+        return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
@@ -1717,14 +1730,16 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
                          f"{x.device}, got {tuple(x_read.shape)} {x_read.dtype} on {x_read.device}")
     if torch.compiler.is_compiling():
         # the copies the eager op makes (NARROW_X, NARROW_WEIGHTS), here in the compiled graph
-        xr = x.detach().to(cdt) if NARROW_X and x.dtype != cdt else None
-        wq, wo = _narrow_weights(w_qkv.detach(), w_o.detach(), cdt, B * k)
-        narrow = wq.dtype != w_qkv.dtype
-        y, kept, idx = _routed_fwd_op(*args, xr, wq if narrow else None, wo if narrow else None)[:3]
+        narrow = _needs_grad(x, w_router, w_qkv, w_o)
+        xr = x.detach().to(cdt) if narrow and NARROW_X and x.dtype != cdt else None
+        wq, wo = _narrow_weights(w_qkv.detach(), w_o.detach(), cdt, B * k) if narrow else (w_qkv, w_o)
+        copied = wq.dtype != w_qkv.dtype
+        y, kept, idx = _routed_fwd_op(*args, xr, wq if copied else None, wo if copied else None)[:3]
         if mark_rows is not None:
             mark_rows.scatter_(1, idx.view(B, -1), True)
         return y, kept, idx
-    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), x_read, check_bool("beside", beside))
+    return _EagerRouted.apply(*args, mark_rows, bool(rows_only), x_read, check_bool("beside", beside),
+                              _needs_grad(x, w_router, w_qkv, w_o))
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -1816,7 +1831,8 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     args = (x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base),
             _rows_for(deterministic, x.device, h, (cdt, x.dtype), idx.numel(), B * T), cdt)
     if torch.compiler.is_compiling():
-        wq, wo = _narrow_weights(w_qkv.detach(), w_o.detach(), cdt, B * idx.shape[2])  # (as the eager op)
-        narrow = wq.dtype != w_qkv.dtype
-        return _fwd_op(*args, wq if narrow else None, wo if narrow else None)[0]
-    return _Eager.apply(*args, check_bool("beside", beside))
+        narrow = _needs_grad(x, scores, w_qkv, w_o)  # (as the eager op)
+        wq, wo = _narrow_weights(w_qkv.detach(), w_o.detach(), cdt, B * idx.shape[2]) if narrow else (w_qkv, w_o)
+        copied = wq.dtype != w_qkv.dtype
+        return _fwd_op(*args, wq if copied else None, wo if copied else None)[0]
+    return _Eager.apply(*args, check_bool("beside", beside), _needs_grad(x, scores, w_qkv, w_o))
