@@ -509,6 +509,35 @@ def test_narrow_copies_under_autocast_change_no_bit(monkeypatch, routed, compile
         assert saved[0][0] == torch.float32 and saved[1][0] == (torch.float16 if routed else torch.float32)
 
 
+def test_narrow_x_copy_is_kept_instead_of_the_norm_output(monkeypatch):
+    # in a pre-norm block under autocast the layer's x is the norm's float32 output, which only the MoSA op saves
+    # for its backward: with NARROW_X the op saves its compute-dtype copy instead, so the step keeps half those
+    # bytes (the unique storages every node saves, parameters and the block's input left out)
+    from torch import nn
+    from mosa_attention.layers import MoSAAttention
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    torch.manual_seed(2)
+    B, T, h = 2, 48, 32
+    ln, attn = nn.LayerNorm(h), MoSAAttention(h, 3, 4, head_dim=32, backend="triton")
+    params = {p.data_ptr() for p in list(ln.parameters()) + list(attn.parameters())}
+    x = torch.randn(B, T, h, requires_grad=True)
+    kept = []
+    for narrow in (False, True):
+        monkeypatch.setattr(triton_mosa, "NARROW_X", narrow)
+        saved = {}
+
+        def pack(t):
+            if t.data_ptr() not in params and t.data_ptr() != x.data_ptr():
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.float16):
+            y = x + attn(ln(x))
+        y.float().sum().backward()
+        kept.append(sum(saved.values()))
+    assert kept[0] - kept[1] == B * T * h * 2, kept  # a float32 [B, T, h] became a float16 one
+
+
 def test_narrow_weights_rule(monkeypatch):
     w_qkv, w_o = torch.randn(2, 8, 24), torch.randn(2, 8, 8)
     dts = lambda ws: [w.dtype for w in ws]  # noqa: E731
