@@ -8,7 +8,8 @@ overrides, ``TILE_OVERRIDES``) is set, the layer's step is captured as a CUDA gr
 captured with), and the settings are restored; then the rounds replay every graph in turn, so that all variants
 see the same drift of the card. Each variant's gradients (x's and every weight's) are checked against the eager
 default step's before it is timed. ``--eager`` times eager steps instead, each run under its variant's
-settings (what a step costs with the host's launches: a change can help the GPU and cost the host).
+settings (what a step costs with the host's launches: a change can help the GPU and cost the host). ``--autocast``
+runs every step under bf16 autocast over float32 x and parameters (how models train) instead of all in bf16.
 
     python benchmarks/bench_variants.py --cases t2 --variants default,attn_outside --rounds 9 --out OUT
 """
