@@ -509,6 +509,39 @@ def test_narrow_copies_under_autocast_change_no_bit(monkeypatch, routed, compile
         assert saved[0][0] == torch.float32 and saved[1][0] == (torch.float16 if routed else torch.float32)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_narrow_copies_keep_each_weights_gradient_dtype(monkeypatch, compiled):
+    # under autocast the weights may differ in dtype (w_qkv float32, w_o bfloat16 here): with their copies each
+    # weight's gradient still comes out of the op in its own dtype (no cast left to autograd) and with the values
+    # it has without the copies
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    torch.manual_seed(5)
+    x, _, _, w_qkv, w_o = _inputs(2, 40, 32, 3, 9, 32, torch.float32)
+    w_o, w_router = w_o.bfloat16(), torch.randn(3, 32)
+    dy = torch.randn(2, 40, 32)
+    out, made = [], []
+    bwd = triton_mosa._bwd_impl
+    monkeypatch.setattr(triton_mosa, "_bwd_impl",
+                        lambda *a, **kw: (lambda g: (made.append([t.dtype for t in g]), g)[1])(bwd(*a, **kw)))
+    for narrow in (False, True):
+        monkeypatch.setattr(triton_mosa, "NARROW_WEIGHTS", narrow)
+        torch._dynamo.reset()
+        leaves = [t.clone().requires_grad_() for t in (x, w_router, w_qkv, w_o)]
+
+        def op(*ts):
+            with torch.autocast("cpu", dtype=torch.float16):
+                return mosa_triton(*ts, 9, False, 16)[0]
+        y = (torch.compile(op, fullgraph=True, backend="aot_eager") if compiled and narrow else op)(*leaves)
+        y.float().backward(dy)
+        # the op's own gradients (x, w_router, w_qkv, w_o), before autograd could cast them
+        assert made[-1] == [torch.float32] * 3 + [torch.bfloat16], made
+        out.append([y.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
 def test_narrow_x_copy_is_kept_instead_of_the_norm_output(monkeypatch):
     # in a pre-norm block under autocast the layer's x is the norm's float32 output, which only the MoSA op saves
     # for its backward: with NARROW_X the op saves its compute-dtype copy instead, so the step keeps half those

@@ -1299,12 +1299,12 @@ def _unscaled(buf, dtype, stats, D: int):
 
 
 def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
-              w_router=None, rows_only: bool = False, dx_dtype=None, beside: bool = False, w_dtype=None):
+              w_router=None, rows_only: bool = False, dx_dtype=None, beside: bool = False, w_dtypes=None):
     """Gradients for x, scores, w_qkv, w_o; with ``w_router`` (the fused router: scores are sigmoid(x w_r^T)
     at the kept tokens) the second is w_router's gradient and x's includes the router's share.
     ``rows_only`` (atomics only): x's gradient is written at the kept tokens' rows only (see ``_fwd_impl``).
     ``dx_dtype``: the dtype of x's gradient where x is a narrower copy of the op's input (default x's);
-    ``w_dtype``: likewise for w_qkv's and w_o's gradients (``_narrow_weights``).
+    ``w_dtypes``: likewise (w_qkv's, w_o's) for their gradients (``_narrow_weights``).
     ``beside``: other kernels run beside these on another stream (``_out_bwd_block``)."""
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     cdt = qkv.dtype  # the forward's compute dtype
@@ -1325,7 +1325,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # the router's weight gradient as one dense product where heads overlap much (see _router_grad_dense)
     dense_dl = w_router is not None and not in_dw and _dense_router_grad(E * R / (B * T))
     dlf = torch.zeros(E, B * T + 8, device=dev, dtype=cdt) if dense_dl else dsc
-    dwo = torch.empty(w_o.shape, device=dev, dtype=w_dtype or w_o.dtype)
+    dwo = torch.empty(w_o.shape, device=dev, dtype=w_dtypes[1] if w_dtypes else w_o.dtype)
     # d logit as the router's product tile of _dwqkv (see DL16_TILE), else a stand-in pointer
     dl16 = torch.empty(E, R, 16, device=dev, dtype=cdt) if in_dw and DL16_TILE else dsc
     whole = _dwo_in_out_bwd(dev, R, E, c)
@@ -1356,7 +1356,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     # the weight gradients' stream (joined below, before any tensor they read can be freed), or None
     fork = _wgrad_side_stream(dev, beside, R)
     dwr = None if w_router is None or dense_dl else torch.empty_like(w_router)
-    dwqkv = torch.empty(w_qkv.shape, device=dev, dtype=w_dtype or w_qkv.dtype)
+    dwqkv = torch.empty(w_qkv.shape, device=dev, dtype=w_dtypes[0] if w_dtypes else w_qkv.dtype)
 
     def wgrad_o():
         blocks = _tiles("_dwo", dict(BR=128 if long_r else c["BR"], BH=c["DWO_BH"]))
@@ -1502,32 +1502,32 @@ def _(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, compute_d
             x.new_empty(E, R, dtype=torch.float32), *_segments_like(idx, B, T, E, R, deterministic))
 
 
-# (``w_dtype``: the weights' gradients' dtype, where w_qkv and w_o are their copies)
+# (``wq_dtype``, ``wo_dtype``: the weights' gradients' dtypes, where w_qkv and w_o are their copies)
 @torch.library.custom_op("mosa_attention::sparse_attention_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor,
             w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, perm: torch.Tensor,
-            starts: torch.Tensor, rope_dims: int, rope_base: float, w_dtype: torch.dtype
+            starts: torch.Tensor, rope_dims: int, rope_base: float, wq_dtype: torch.dtype, wo_dtype: torch.dtype
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base,
-                     w_dtype=w_dtype)
+                     w_dtypes=(wq_dtype, wo_dtype))
 
 
 @_bwd_op.register_fake
-def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base, w_dtype):
-    return (torch.empty_like(x), torch.empty_like(scores), torch.empty_like(w_qkv, dtype=w_dtype),
-            torch.empty_like(w_o, dtype=w_dtype))
+def _(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base, wq_dtype, wo_dtype):
+    return (torch.empty_like(x), torch.empty_like(scores), torch.empty_like(w_qkv, dtype=wq_dtype),
+            torch.empty_like(w_o, dtype=wo_dtype))
 
 
 def _setup_context(ctx, inputs, output):
     x, scores, idx, w_qkv, w_o, rope_dims, rope_base, _, _, wq_read, wo_read = inputs
     ctx.save_for_backward(x, scores, idx, _read(w_qkv, wq_read), _read(w_o, wo_read), *output[1:])
     ctx.rope = (rope_dims, rope_base)
-    ctx.w_dtype = w_qkv.dtype
+    ctx.w_dtypes = (w_qkv.dtype, w_o.dtype)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, dy, *_):
-    dx, dsc, dwqkv, dwo = _bwd_op(dy, *ctx.saved_tensors, *ctx.rope, ctx.w_dtype)
+    dx, dsc, dwqkv, dwo = _bwd_op(dy, *ctx.saved_tensors, *ctx.rope, *ctx.w_dtypes)
     return dx, dsc, None, dwqkv, dwo, None, None, None, None, None, None
 
 
@@ -1538,7 +1538,7 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt, beside=False,
                 narrow=False):
-        ctx.w_dtype = w_qkv.dtype
+        ctx.w_dtypes = (w_qkv.dtype, w_o.dtype)
         if narrow:
             w_qkv, w_o = _narrow_weights(w_qkv, w_o, cdt=cdt, rows=idx.shape[0] * idx.shape[2])
         out = _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt)
@@ -1549,7 +1549,7 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope, beside=ctx.beside, w_dtype=ctx.w_dtype)
+        dx, dsc, dwqkv, dwo = _bwd_impl(dy, *ctx.saved_tensors, *ctx.rope, beside=ctx.beside, w_dtypes=ctx.w_dtypes)
         return dx, dsc, None, dwqkv, dwo, None, None, None, None, None, None
 
 
@@ -1566,7 +1566,7 @@ class _EagerRouted(torch.autograd.Function):
         xr = x if x_read is None else x_read
         if narrow and xr.dtype != cdt and NARROW_X:
             xr = x.to(cdt)
-        ctx.w_dtype = w_qkv.dtype
+        ctx.w_dtypes = (w_qkv.dtype, w_o.dtype)
         if narrow:
             w_qkv, w_o = _narrow_weights(w_qkv, w_o, cdt=cdt, rows=x.shape[0] * k)
         y, kept, idx, *saved = _routed_fwd_impl(xr, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
@@ -1586,7 +1586,7 @@ class _EagerRouted(torch.autograd.Function):
             return (None,) * 15
         *saved, w_router = ctx.saved_tensors
         dx, dwr, dwqkv, dwo = _bwd_impl(dy, *saved, *ctx.rope, w_router=w_router, rows_only=ctx.rows_only,
-                                        dx_dtype=ctx.x_dtype, beside=ctx.beside, w_dtype=ctx.w_dtype)
+                                        dx_dtype=ctx.x_dtype, beside=ctx.beside, w_dtypes=ctx.w_dtypes)
         return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None, None, None
 
 
@@ -1646,21 +1646,22 @@ def _(x, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base, determini
             *_segments_like(idx, B, T, E, R, deterministic))
 
 
-# (``x_dtype``, ``w_dtype``: the gradients' dtypes, where x, w_qkv and w_o are their copies)
+# (``x_dtype``, ``wq_dtype``, ``wo_dtype``: the gradients' dtypes, where x, w_qkv and w_o are their copies)
 @torch.library.custom_op("mosa_attention::mosa_routed_bwd", mutates_args=())
 def _routed_bwd_op(dy: torch.Tensor, x: torch.Tensor, kept: torch.Tensor, idx: torch.Tensor, w_qkv: torch.Tensor,
                    w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, perm: torch.Tensor,
                    starts: torch.Tensor, w_router: torch.Tensor, rope_dims: int, rope_base: float,
-                   x_dtype: torch.dtype, w_dtype: torch.dtype
+                   x_dtype: torch.dtype, wq_dtype: torch.dtype, wo_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims, rope_base,
-                     w_router=w_router, dx_dtype=x_dtype, w_dtype=w_dtype)
+                     w_router=w_router, dx_dtype=x_dtype, w_dtypes=(wq_dtype, wo_dtype))
 
 
 @_routed_bwd_op.register_fake
-def _(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, rope_dims, rope_base, x_dtype, w_dtype):
-    return (torch.empty_like(x, dtype=x_dtype), torch.empty_like(w_router), torch.empty_like(w_qkv, dtype=w_dtype),
-            torch.empty_like(w_o, dtype=w_dtype))
+def _(dy, x, kept, idx, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, rope_dims, rope_base, x_dtype, wq_dtype,
+      wo_dtype):
+    return (torch.empty_like(x, dtype=x_dtype), torch.empty_like(w_router), torch.empty_like(w_qkv, dtype=wq_dtype),
+            torch.empty_like(w_o, dtype=wo_dtype))
 
 
 def _routed_setup_context(ctx, inputs, output):
@@ -1668,7 +1669,7 @@ def _routed_setup_context(ctx, inputs, output):
     y, kept, idx, *rest = output
     ctx.save_for_backward(_read(x, x_read), kept, idx, _read(w_qkv, wq_read), _read(w_o, wo_read), *rest, w_router)
     ctx.rope = (rope_dims, rope_base)
-    ctx.dtypes = (x.dtype, w_qkv.dtype)
+    ctx.dtypes = (x.dtype, w_qkv.dtype, w_o.dtype)
     ctx.mark_non_differentiable(*output[1:])
 
 
