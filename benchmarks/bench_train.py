@@ -103,8 +103,8 @@ def run_one(name: str, mode: str, args) -> dict:
         last = step(args.warmup + i)
     sync()
     dt = time.perf_counter() - t0
-    row = {"model": name, "mode": mode, "narrow": not args.no_narrow, "heads": cfg.head_counts(), "params_M": model.num_params() / 1e6,
-           "forward_GFLOPs_per_seq": cfg.forward_flops() / 1e9,
+    row = {"model": name, "mode": mode, "narrow": not args.no_narrow, "heads": cfg.head_counts(),
+           "params_M": model.num_params() / 1e6, "forward_GFLOPs_per_seq": cfg.forward_flops() / 1e9,
            "batch": args.batch, "T": T, "steps": args.steps, "warmup_steps": args.warmup,
            "warmup_s": warm_s, "ms_per_step": dt / args.steps * 1e3,
            "tokens_per_s": args.batch * T * args.steps / dt, "first_loss": first, "last_loss": last.item(),
