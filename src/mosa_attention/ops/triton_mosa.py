@@ -1468,6 +1468,15 @@ def _narrow_weights(w_qkv, w_o, cdt, rows: int):
     return (w_qkv.to(cdt), w_o.to(cdt)) if on else (w_qkv, w_o)
 
 
+def _weight_copies(w_qkv, w_o, cdt, rows: int, grad: bool):
+    """(w_qkv's, w_o's) copies for the custom ops' ``wq_read``, ``wo_read`` (the compiled graph makes them),
+    or (None, None) where ``_narrow_weights`` makes none or no gradient is taken."""
+    if not grad:
+        return None, None
+    wq, wo = _narrow_weights(w_qkv.detach(), w_o.detach(), cdt, rows)
+    return (wq, wo) if (wq.dtype, wo.dtype) != (w_qkv.dtype, w_o.dtype) else (None, None)
+
+
 # --------------------------------------------------------------------------------------------- torch ops
 # Two wrappers of the same launchers: torch.library custom ops, which torch.compile sees as single nodes,
 # and an autograd.Function with less Python overhead per call for eager mode.
@@ -1733,9 +1742,7 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
         # the copies the eager op makes (NARROW_X, NARROW_WEIGHTS), here in the compiled graph
         narrow = _needs_grad(x, w_router, w_qkv, w_o)
         xr = x.detach().to(cdt) if narrow and NARROW_X and x.dtype != cdt else None
-        wq, wo = _narrow_weights(w_qkv.detach(), w_o.detach(), cdt, B * k) if narrow else (w_qkv, w_o)
-        copied = wq.dtype != w_qkv.dtype
-        y, kept, idx = _routed_fwd_op(*args, xr, wq if copied else None, wo if copied else None)[:3]
+        y, kept, idx = _routed_fwd_op(*args, xr, *_weight_copies(w_qkv, w_o, cdt, B * k, narrow))[:3]
         if mark_rows is not None:
             mark_rows.scatter_(1, idx.view(B, -1), True)
         return y, kept, idx
@@ -1832,8 +1839,6 @@ def sparse_attention_triton(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_bas
     args = (x, scores, idx, w_qkv, w_o, rope_dims, float(rope_base),
             _rows_for(deterministic, x.device, h, (cdt, x.dtype), idx.numel(), B * T), cdt)
     if torch.compiler.is_compiling():
-        narrow = _needs_grad(x, scores, w_qkv, w_o)  # (as the eager op)
-        wq, wo = _narrow_weights(w_qkv.detach(), w_o.detach(), cdt, B * idx.shape[2]) if narrow else (w_qkv, w_o)
-        copied = wq.dtype != w_qkv.dtype
-        return _fwd_op(*args, wq if copied else None, wo if copied else None)[0]
+        copies = _weight_copies(w_qkv, w_o, cdt, B * idx.shape[2], _needs_grad(x, scores, w_qkv, w_o))  # (as eager)
+        return _fwd_op(*args, *copies)[0]
     return _Eager.apply(*args, check_bool("beside", beside), _needs_grad(x, scores, w_qkv, w_o))
