@@ -72,3 +72,25 @@ def test_compiled_gpu_training_matches_eager(mode, tiny_overrides, tmp_path):
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "c")
     assert a.keys() == b.keys() and len(a) == 4
     assert all(abs(a[s] - b[s]) <= 5e-3 * abs(a[s]) for s in a), (a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_with_cuda_graphs_match_one(tiny_overrides, tmp_path):
+    # torchrun on two GPUs with CUDA graphs: the processes average their gradients after the backward
+    # (train.distributed="allreduce", chosen for the graph modes) and follow the one-GPU run's losses to rounding
+    import os
+    import subprocess
+    import sys
+
+    base = on_gpu(tiny_overrides, *WIDER, "train.compile='reduce-overhead'", "train.save_every=0")
+    train(build_config(None, base + [f"train.out_dir={str(tmp_path / 'one')!r}"]), log=quiet)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mosa_attention", "train", *[a for o in base for a in ("--set", o)],
+           "--set", f"train.out_dir={str(tmp_path / 'two')!r}"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "train.distributed='allreduce'" in proc.stdout
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 4
+    assert all(abs(a[s] - b[s]) <= 5e-3 * abs(a[s]) for s in a), (a, b)

@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): the same losses as one process with the same global batch."""
+"""torchrun with 2 CPU processes (gloo): the same losses as one process with the same global batch, for each
+way of sharing the gradients (DDP, FSDP2, and the all-reduce after the backward that the CUDA-graph modes use)."""
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ def as_flags(overrides):
     return [a for o in overrides for a in ("--set", o)]
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp", "allreduce"])
 def test_two_processes_match_one(kind, tiny_overrides, tmp_path):
     overrides = tiny_overrides + ["train.steps=3", "train.save_every=0"]
     train(build_config(None, overrides + [f"train.out_dir={str(tmp_path / 'one')!r}"]), log=lambda *a: None)
@@ -41,3 +42,28 @@ def test_two_processes_match_one(kind, tiny_overrides, tmp_path):
 
     model, _, ck = load_model(tmp_path / "two")
     assert ck.state["world_size"] == 2 and ck.step == 3
+
+
+class _Info:
+    def __init__(self, world_size):
+        self.world_size = world_size
+
+
+@pytest.mark.parametrize("compile_mode", ["reduce-overhead", "max-autotune"])
+def test_graph_modes_share_gradients_after_the_backward(compile_mode):
+    """Under torchrun the CUDA-graph modes average gradients after the backward: chosen over DDP (and said), kept
+    where asked for, refused with FSDP; other modes and single processes keep what the config says."""
+    from mosa_attention.train.config import ConfigError, OptimConfig
+    from mosa_attention.train.loop import _sharing
+
+    said = []
+    t = OptimConfig(compile=compile_mode, distributed="ddp")
+    assert _sharing(t, _Info(2), said.append) == "allreduce"
+    assert len(said) == 1 and "allreduce" in said[0] and compile_mode in said[0]
+    assert _sharing(OptimConfig(compile=compile_mode, distributed="allreduce"), _Info(2), said.append) == "allreduce"
+    with pytest.raises(ConfigError, match="fsdp.*allreduce"):
+        _sharing(OptimConfig(compile=compile_mode, distributed="fsdp"), _Info(2), said.append)
+    assert _sharing(OptimConfig(compile=compile_mode, distributed="fsdp"), _Info(1), said.append) == "fsdp"
+    for mode in (False, True, "default", "max-autotune-no-cudagraphs"):
+        assert _sharing(OptimConfig(compile=mode, distributed="ddp"), _Info(2), said.append) == "ddp"
+    assert len(said) == 1

@@ -25,7 +25,7 @@ FLAGS = {
     "seed": ("train.seed", int, "seed of weights and batches"),
     "device": ("train.device", str, "auto, cpu, cuda, cuda:1, ..."),
     "dtype": ("train.dtype", str, "auto (bf16 autocast on CUDA), float32 or bfloat16"),
-    "distributed": ("train.distributed", str, "under torchrun: ddp or fsdp"),
+    "distributed": ("train.distributed", str, "under torchrun: ddp, fsdp or allreduce"),
     "stop_after": ("train.stop_after", int, "stop after this many steps (checkpointed); --resume continues"),
     "out": ("train.out_dir", str, "run folder (default runs/<preset>-<attention>-<time>)"),
 }

@@ -34,6 +34,8 @@ MODEL_PRESETS = ("toy", *PRESETS)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # those that capture CUDA graphs (a step then marks its start: torch.compiler.cudagraph_mark_step_begin)
 GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+# how the processes of a torchrun run share their gradients (train.distributed; ``train.distributed.wrap``)
+DIST_KINDS = ("ddp", "fsdp", "allreduce")
 
 
 @dataclass
@@ -58,7 +60,9 @@ class OptimConfig:
     # "reduce-overhead" and "max-autotune" replay each step as CUDA graphs (no per-launch host cost)
     compile: bool | str = False
     deterministic: bool = False  # torch.use_deterministic_algorithms (strict) for the run: bit-repeatable GPU steps
-    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2, fully_shard)
+    # under torchrun: "ddp", "fsdp" (FSDP2, fully_shard) or "allreduce" (the gradients averaged once per step,
+    # after the backward: what the CUDA-graph modes of train.compile use, and choose by themselves over "ddp")
+    distributed: str = "ddp"
     eval_every: int = 0  # validation every n steps (0: only at the end)
     eval_windows: int = 64  # validation windows of seq_len tokens (0: the whole split)
     eval_batch_size: int = 16
@@ -121,8 +125,8 @@ class TrainConfig:
             raise ConfigError(f"train.dtype must be 'auto', 'float32' or 'bfloat16', got {t.dtype!r}")
         if not (isinstance(t.compile, bool) or t.compile in COMPILE_MODES):
             raise ConfigError(f"train.compile must be true, false or one of {list(COMPILE_MODES)}, got {t.compile!r}")
-        if t.distributed not in ("ddp", "fsdp"):
-            raise ConfigError(f"train.distributed must be 'ddp' or 'fsdp', got {t.distributed!r}")
+        if t.distributed not in DIST_KINDS:
+            raise ConfigError(f"train.distributed must be one of {list(DIST_KINDS)}, got {t.distributed!r}")
         if not (math.isfinite(t.lr) and t.lr > 0 and 0 <= t.min_lr <= t.lr):
             raise ConfigError(f"need 0 < train.lr and 0 <= train.min_lr <= lr, got lr={t.lr}, min_lr={t.min_lr}")
         if t.warmup_steps < 0 or t.grad_clip < 0 or t.eval_every < 0 or t.save_every < 0 or t.eval_windows < 0:

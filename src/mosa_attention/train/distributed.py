@@ -1,6 +1,7 @@
 """Multi-process training through PyTorch's own stack: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK, we join
-the process group (NCCL on GPUs, gloo on CPUs) and wrap the model with DDP or FSDP2 (``fully_shard``).
-The model itself knows nothing of this."""
+the process group (NCCL on GPUs, gloo on CPUs) and wrap the model with DDP or FSDP2 (``fully_shard``), or
+leave it unwrapped and average its gradients once per step (``"allreduce"``: no hooks inside the backward, so
+that a step can be replayed as CUDA graphs). The model itself knows nothing of this."""
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,15 @@ def shutdown() -> None:
 
 
 def wrap(model: nn.Module, info: DistInfo, kind: str) -> nn.Module:
-    """DDP, or FSDP2 with each transformer block sharded, then the root."""
+    """DDP; FSDP2 with each transformer block sharded, then the root; or, for ``"allreduce"``, the model itself
+    with rank 0's parameters and buffers copied to every process (as DDP does when it wraps a model), whose
+    gradients the loop then averages with ``all_reduce_grads``."""
     if not info.enabled:
+        return model
+    if kind == "allreduce":
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, src=0)
         return model
     if kind == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
@@ -105,6 +113,26 @@ def _restore_sync(model):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def all_reduce_grads(model: nn.Module, info: DistInfo) -> None:
+    """Average the gradients of ``model``'s parameters over the processes (``train.distributed="allreduce"``),
+    after the step's last backward: one collective per gradient dtype over a flat copy of those gradients,
+    outside any CUDA graph (the graphs of a compiled step hold no collective). Every process must have
+    gradients for the same parameters, as the processes of one model do."""
+    if not info.enabled:
+        return
+    groups: dict = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            groups.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= info.world_size
+        with torch.no_grad():
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
 
 
 def all_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:

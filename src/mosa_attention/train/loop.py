@@ -122,9 +122,10 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
         raise ConfigError(f"{run_dir} already holds checkpoints of another run; continue it with "
                           f"--resume {run_dir}, or train into another --out")
 
+    kind = _sharing(t, info, say)
     torch.manual_seed(t.seed)  # the same initial weights on every process
     model = MoSALM(model_cfg).to(device)
-    wrapped = D.wrap(model, info, t.distributed)
+    wrapped = D.wrap(model, info, kind)
     optimizer = build_optimizer(wrapped, t)
 
     torch.manual_seed(t.seed * 1000 + info.rank)  # dropout streams differ per process
@@ -135,9 +136,6 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     if later:
         say(f"warning: resuming from step {start} while {run_dir} holds later checkpoints ({', '.join(later)}): "
             f"they are replaced as training passes their steps, and metrics.jsonl is cut back to step {start}")
-    if t.compile in GRAPH_COMPILE_MODES and info.world_size > 1:
-        raise ConfigError(f"train.compile={t.compile!r} (CUDA graphs) runs in one process only; use train.compile=true "
-                          f"under torchrun")
     forward = torch.compile(wrapped, mode=None if t.compile is True else t.compile) if t.compile else wrapped
     graphs = t.compile in GRAPH_COMPILE_MODES and device.type == "cuda"
 
@@ -203,6 +201,8 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                         _, loss = forward(x, y)
                     (loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
+            if kind == "allreduce":
+                D.all_reduce_grads(wrapped, info)
             grad_norm = _clip(wrapped, t.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -268,6 +268,22 @@ def _progress(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
                 file=sys.stderr, mininterval=0.5)
+
+
+def _sharing(t, info, say) -> str:
+    """How the processes share gradients (``train.distributed``). The CUDA-graph modes of ``train.compile`` replay
+    the forward and backward as graphs, which hold no collective and no hook of DDP's: under torchrun they
+    average the gradients after the backward instead ("allreduce", chosen over the default "ddp"); FSDP, which
+    gathers each block's weights inside the forward, cannot run that way."""
+    if not (t.compile in GRAPH_COMPILE_MODES and info.world_size > 1) or t.distributed == "allreduce":
+        return t.distributed
+    if t.distributed == "fsdp":
+        raise ConfigError(f"train.compile={t.compile!r} (CUDA graphs) cannot run with train.distributed='fsdp' "
+                          f"(FSDP gathers weights inside the graphs); use train.distributed='allreduce' or 'ddp', "
+                          f"or train.compile=true")
+    say(f"train.compile={t.compile!r} under torchrun: the gradients are averaged after each step's backward "
+        f"(train.distributed='allreduce') instead of by DDP's hooks inside it")
+    return "allreduce"
 
 
 def _clip(model, max_norm: float) -> float:
