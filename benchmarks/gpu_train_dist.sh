@@ -7,20 +7,23 @@
 # (benchmarks/train_dist_summary.py).
 #   bash benchmarks/gpu_train_dist.sh OUT DATA [RUN ...]
 # DATA: a prepared-data folder of the tiny preset's vocabulary (8192), copied from this machine's cache (the
-# GPU machines have no network). RUN: names from the table below (default: all, in that order). Each run
-# has RUN_S seconds; on the GPU machines `python3` is the interpreter that has torch.
+# GPU machines have no network). RUN: names from the table below (default: ORDER). Each run has RUN_S seconds;
+# on the GPU machines `python3` is the interpreter that has torch. STEPS, BATCH (global), NP: the runs' sizes;
+# SRC: the source tree to run (default ./src; for an A/B against another version's copy).
 set -u
 OUT=${1:?usage: gpu_train_dist.sh OUT DATA [RUN ...]}
 DATA=${2:?usage: gpu_train_dist.sh OUT DATA [RUN ...]}
 shift 2
 export PYTHON=${PYTHON:-python3}
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONPATH=${SRC:-$PWD/src}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # SRC: another copy of src/
 STEPS=${STEPS:-40} BATCH=${BATCH:-32} NP=${NP:-2} RUNS=${RUNS:-/tmp/mosa-dist-runs}
 mkdir -p "$OUT" "$RUNS"
 MOSA17=(--config tiny-mosa --set model.num_sparse_heads=17)
 declare -A ARGS=(
   [mosa17_graphs]="$NP ${MOSA17[*]} --compile reduce-overhead"
   [mosa17_graphs_1p]="1 ${MOSA17[*]} --compile reduce-overhead"
+  [mosa17_eager_1p]="1 ${MOSA17[*]}"
+  [dense_graphs_1p]="1 --config tiny-dense --compile reduce-overhead"
   [mosa17_ddp]="$NP ${MOSA17[*]}"
   [mosa17_ddp_compile]="$NP ${MOSA17[*]} --compile"
   [dense_graphs]="$NP --config tiny-dense --compile reduce-overhead"

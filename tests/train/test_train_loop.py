@@ -177,3 +177,23 @@ def test_every_attention_kind_trains_in_deterministic_mode(attention, tiny_overr
     out = train(build_config(None, tiny_overrides + kind + ["train.steps=2", "train.deterministic=true"]),
                 log=lambda *a: None)
     assert out["step"] == 2 and math.isfinite(out["val_loss"])
+
+
+def test_values_are_read_back_at_once_and_the_first_non_finite_loss_is_named():
+    # the loop reads losses and gradient norms back only where it logs, evaluates or saves; the error must still
+    # name the first step whose loss was not finite, not the step where it was read
+    from mosa_attention.train.loop import _read_back
+
+    pending = [(s, torch.tensor(v), torch.tensor(float(s))) for s, v in ((3, 2.5), (4, 1.5))]
+    assert _read_back(pending) == (1.5, 4.0) and pending == []
+    pending = [(s, torch.tensor(v), torch.tensor(1.0)) for s, v in ((5, 2.0), (6, float("nan")), (7, float("inf")))]
+    with pytest.raises(FloatingPointError, match="nan at step 6"):
+        _read_back(pending)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tiny_overrides, tmp_path):
+    cfg = build_config(None, tiny_overrides + ["train.steps=8", "train.log_every=8", "train.save_every=0",
+                                               "train.lr=1e9", "train.warmup_steps=0", "train.grad_clip=0",
+                                               f"train.out_dir={str(tmp_path / 'r')!r}"])
+    with pytest.raises(FloatingPointError, match=r"the loss is (nan|inf) at step [1-8];"):
+        train(cfg, log=lambda *a: None)

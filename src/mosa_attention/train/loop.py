@@ -184,6 +184,8 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     wrapped.train()
     t0, last_t, last_step = time.time(), time.time(), start
     completed = start  # optimizer steps taken so far
+    pending = []  # (step, loss, gradient norm) on the device, of the steps not read back yet
+    pin = device.type == "cuda"
     try:
         for step in range(start, end):
             lr = lr_at(step, t)
@@ -193,6 +195,8 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
             for micro in range(t.grad_accum):
                 x, y = train_batch(train_tokens, T, t.batch_size, t.seed, step,
                                    _rows(t.batch_size, info.world_size, t.grad_accum, info.rank, micro))
+                if pin:  # a copy from pinned memory does not wait for the GPU's queue (a pageable one does)
+                    x, y = x.pin_memory(), y.pin_memory()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with D.no_sync(wrapped, micro < t.grad_accum - 1):
                     if graphs:  # the last step's graph outputs may be overwritten from here on
@@ -203,27 +207,31 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                 loss_sum += loss.detach()
             if kind == "allreduce":
                 D.all_reduce_grads(wrapped, info)
-            grad_norm = _clip(wrapped, t.grad_clip)
+            norm = _clip(wrapped, t.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             completed = step + 1
-            loss_val = D.all_mean(loss_sum / t.grad_accum, info).item()
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"the loss is {loss_val} at step {step + 1}; lower train.lr or check the data")
+            pending.append((step + 1, D.all_mean(loss_sum / t.grad_accum, info), norm))
             done = step + 1
             bar.update(1)
+            logged = done % t.log_every == 0 or done == end
+            evaluated = bool(t.eval_every) and done % t.eval_every == 0 and done < t.steps
+            saved = bool(t.save_every) and done % t.save_every == 0 and done < end
+            if not (logged or evaluated or saved):
+                continue  # the GPU runs on while the host prepares the next steps
+            loss_val, grad_norm = _read_back(pending)
             now = time.time()
             tps = tokens_per_step * (done - last_step) / max(now - last_t, 1e-9)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            if done % t.log_every == 0 or done == end:
+            if logged:
                 record({"step": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
                         "tokens": done * tokens_per_step, "tokens_per_s": tps, "elapsed_s": now - t0})
                 last_t, last_step = now, done
-            if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+            if evaluated:
                 res = validate(done)
                 if info.is_main:
                     bar.write(f"step {done}: val loss {res['loss']:.4f}, ppl {res['ppl']:.2f}")
-            if t.save_every and done % t.save_every == 0 and done < end:
+            if saved:
                 save(done)
     except KeyboardInterrupt:
         bar.close()
@@ -286,12 +294,26 @@ def _sharing(t, info, say) -> str:
     return "allreduce"
 
 
-def _clip(model, max_norm: float) -> float:
+def _clip(model, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' total norm to ``max_norm`` (0: no clipping); the norm before clipping, on the device."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
+
+
+def _read_back(pending: list) -> tuple[float, float]:
+    """(loss, gradient norm) of the last of ``pending``'s steps, read from the device in one transfer (the only
+    point where the loop waits for the GPU); a FloatingPointError names the first step whose loss is not
+    finite. Empties ``pending``."""
+    steps = [s for s, _, _ in pending]
+    vals = torch.stack([torch.stack([lo.float(), n.float()]) for _, lo, n in pending]).cpu().tolist()
+    pending.clear()
+    for step, (loss, _) in zip(steps, vals):
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss} at step {step}; lower train.lr or check the data")
+    return vals[-1][0], vals[-1][1]
 
 
 def _state_dicts(model, optimizer):
