@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from mosa_attention.train.config import build_config
@@ -67,3 +68,48 @@ def test_graph_modes_share_gradients_after_the_backward(compile_mode):
     for mode in (False, True, "default", "max-autotune-no-cudagraphs"):
         assert _sharing(OptimConfig(compile=mode, distributed="ddp"), _Info(2), said.append) == "ddp"
     assert len(said) == 1
+
+
+def _grads_worker(rank, world, init_file, missing, results):
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from mosa_attention.train.distributed import DistInfo, all_reduce_grads
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        for i, p in enumerate(model.parameters()):
+            p.grad = torch.full_like(p, float(rank + 1) * (i + 1))
+        if missing and rank == 1:
+            model[1].bias.grad = None  # this process has no gradient for one parameter
+        info = DistInfo(rank=rank, world_size=world)
+        try:
+            all_reduce_grads(model, info, check=True)
+            results[rank] = [p.grad.tolist() for p in model.parameters()]
+        except RuntimeError as err:
+            results[rank] = str(err)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_all_reduce_grads_averages_or_names_the_parameters_that_differ(missing, tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_grads_worker, args=(2, str(tmp_path / "init"), missing, results), nprocs=2, join=True)
+        results = dict(results)
+    if missing:  # both processes stop with the same clear error, none hangs in a collective of another size
+        for rank in (0, 1):
+            assert "different parameters (1.bias)" in results[rank], results[rank]
+    else:  # every gradient is the mean of the processes' values: (1 + 2) / 2 * (i + 1)
+        shapes = [(4, 3), (4,), (2, 4), (2,)]
+        for rank in (0, 1):
+            for i, (g, shape) in enumerate(zip(results[rank], shapes)):
+                flat = torch.tensor(g).reshape(-1)
+                assert flat.numel() == torch.Size(shape).numel()
+                assert torch.allclose(flat, torch.full_like(flat, 1.5 * (i + 1))), (rank, i, g)

@@ -120,17 +120,27 @@ def _restore_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def all_reduce_grads(model: nn.Module, info: DistInfo) -> None:
+def all_reduce_grads(model: nn.Module, info: DistInfo, check: bool = False) -> None:
     """Average the gradients of ``model``'s parameters over the processes (``train.distributed="allreduce"``),
     after the step's last backward: one collective per gradient dtype over a flat copy of those gradients,
     outside any CUDA graph (the graphs of a compiled step hold no collective). Every process must have
-    gradients for the same parameters, as the processes of one model do."""
+    gradients for the same parameters, as the processes of one model do; ``check`` (the loop's first step)
+    compares which ones first and raises a RuntimeError naming them where processes differ, instead of
+    all-reducing buffers of different sizes."""
     if not info.enabled:
         return
     groups: dict = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            groups.setdefault(p.grad.dtype, []).append(p.grad)
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    if check:
+        mine = [(n, str(p.grad.dtype), p.grad.numel()) for n, p in named]
+        every = all_gather_object(mine, info)
+        if any(other != mine for other in every):
+            differ = sorted({n for other in every for n, *_ in set(other) ^ set(mine)})
+            raise RuntimeError(f"the processes have gradients for different parameters ({', '.join(differ[:8])}"
+                               f"{', ...' if len(differ) > 8 else ''}); train.distributed='allreduce' needs the same "
+                               f"ones on every process")
+    for _, p in named:
+        groups.setdefault(p.grad.dtype, []).append(p.grad)
     average = dist.get_backend() == "nccl"  # NCCL averages in the collective; gloo only sums
     for grads in groups.values():
         flat = torch.cat([g.reshape(-1) for g in grads])

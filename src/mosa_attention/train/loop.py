@@ -206,7 +206,7 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                     (loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
             if kind == "allreduce":
-                D.all_reduce_grads(wrapped, info)
+                D.all_reduce_grads(wrapped, info, check=step == start)
             norm = _clip(wrapped, t.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
