@@ -15,12 +15,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from bench_train import MODELS  # noqa: E402  (the models of the whole-model benchmark, beside this script)
 from mosa_attention import MoSAConfig, MoSALM  # noqa: E402
 from mosa_attention.train import distributed as D  # noqa: E402
-
-# as benchmarks/bench_train.py's
-MODELS = {"dense": dict(attention="dense"), "mosa": dict(attention="mosa", sparsity=32, num_dense_heads=4),
-          "mosa17": dict(attention="mosa", sparsity=32, num_dense_heads=4, num_sparse_heads=17)}
 
 
 def timed(fn, reps: int) -> float:
@@ -40,7 +37,7 @@ def timed(fn, reps: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="dense,mosa17,mosa")
+    ap.add_argument("--models", default="dense,mosa17,mosa", help=f"comma-separated, of {sorted(MODELS)}")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
