@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from mosa_attention.train.config import build_config
+from mosa_attention.train.distributed import DistInfo, all_reduce_grads
 from mosa_attention.train.loop import train
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -45,11 +47,6 @@ def test_two_processes_match_one(kind, tiny_overrides, tmp_path):
     assert ck.state["world_size"] == 2 and ck.step == 3
 
 
-class _Info:
-    def __init__(self, world_size):
-        self.world_size = world_size
-
-
 @pytest.mark.parametrize("compile_mode", ["reduce-overhead", "max-autotune"])
 def test_graph_modes_share_gradients_after_the_backward(compile_mode):
     """Under torchrun the CUDA-graph modes average gradients after the backward: chosen over DDP (and said), kept
@@ -58,25 +55,20 @@ def test_graph_modes_share_gradients_after_the_backward(compile_mode):
     from mosa_attention.train.loop import _sharing
 
     said = []
+    two, one = DistInfo(world_size=2), DistInfo(world_size=1)
     t = OptimConfig(compile=compile_mode, distributed="ddp")
-    assert _sharing(t, _Info(2), said.append) == "allreduce"
+    assert _sharing(t, two, said.append) == "allreduce"
     assert len(said) == 1 and "allreduce" in said[0] and compile_mode in said[0]
-    assert _sharing(OptimConfig(compile=compile_mode, distributed="allreduce"), _Info(2), said.append) == "allreduce"
+    assert _sharing(OptimConfig(compile=compile_mode, distributed="allreduce"), two, said.append) == "allreduce"
     with pytest.raises(ConfigError, match="fsdp.*allreduce"):
-        _sharing(OptimConfig(compile=compile_mode, distributed="fsdp"), _Info(2), said.append)
-    assert _sharing(OptimConfig(compile=compile_mode, distributed="fsdp"), _Info(1), said.append) == "fsdp"
+        _sharing(OptimConfig(compile=compile_mode, distributed="fsdp"), two, said.append)
+    assert _sharing(OptimConfig(compile=compile_mode, distributed="fsdp"), one, said.append) == "fsdp"
     for mode in (False, True, "default", "max-autotune-no-cudagraphs"):
-        assert _sharing(OptimConfig(compile=mode, distributed="ddp"), _Info(2), said.append) == "ddp"
+        assert _sharing(OptimConfig(compile=mode, distributed="ddp"), two, said.append) == "ddp"
     assert len(said) == 1
 
 
 def _grads_worker(rank, world, init_file, missing, results):
-    import torch
-    import torch.distributed as dist
-    from torch import nn
-
-    from mosa_attention.train.distributed import DistInfo, all_reduce_grads
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)

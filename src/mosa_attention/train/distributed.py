@@ -129,7 +129,6 @@ def all_reduce_grads(model: nn.Module, info: DistInfo, check: bool = False) -> N
     all-reducing buffers of different sizes."""
     if not info.enabled:
         return
-    groups: dict = {}
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     if check:
         mine = [(n, str(p.grad.dtype), p.grad.numel()) for n, p in named]
@@ -139,6 +138,7 @@ def all_reduce_grads(model: nn.Module, info: DistInfo, check: bool = False) -> N
             raise RuntimeError(f"the processes have gradients for different parameters ({', '.join(differ[:8])}"
                                f"{', ...' if len(differ) > 8 else ''}); train.distributed='allreduce' needs the same "
                                f"ones on every process")
+    groups: dict = {}
     for _, p in named:
         groups.setdefault(p.grad.dtype, []).append(p.grad)
     average = dist.get_backend() == "nccl"  # NCCL averages in the collective; gloo only sums
