@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Training on several GPUs of one host, end to end through `mosa train` under torchrun: CUDA graphs
-# (`--compile reduce-overhead`, whose processes average their gradients after the backward:
-# train.distributed="allreduce") against DDP eagerly and DDP under plain torch.compile, for the dense model and
-# the MoSA hybrids of the tiny preset; one process with CUDA graphs on the same global batch as the reference
-# for the losses. Each run's metrics.jsonl and log land in OUT; summary.json and summary.md compare them
+# (`--compile reduce-overhead`, the trainer's default on GPUs since v26, whose processes average their
+# gradients after the backward: train.distributed="allreduce") against DDP eagerly (`--compile false`) and DDP
+# under plain torch.compile, for the dense model and the MoSA hybrids of the tiny preset; one process with CUDA
+# graphs on the same global batch as the reference for the losses. Each run's metrics.jsonl and log land in OUT; summary.json and summary.md compare them
 # (benchmarks/train_dist_summary.py).
 #   bash benchmarks/gpu_train_dist.sh OUT DATA [RUN ...]
 # DATA: a prepared-data folder of the tiny preset's vocabulary (8192), copied from this machine's cache (the
@@ -22,14 +22,14 @@ MOSA17=(--config tiny-mosa --set model.num_sparse_heads=17)
 declare -A ARGS=(
   [mosa17_graphs]="$NP ${MOSA17[*]} --compile reduce-overhead"
   [mosa17_graphs_1p]="1 ${MOSA17[*]} --compile reduce-overhead"
-  [mosa17_eager_1p]="1 ${MOSA17[*]}"
+  [mosa17_eager_1p]="1 ${MOSA17[*]} --compile false"
   [dense_graphs_1p]="1 --config tiny-dense --compile reduce-overhead"
-  [mosa17_ddp]="$NP ${MOSA17[*]}"
+  [mosa17_ddp]="$NP ${MOSA17[*]} --compile false"
   [mosa17_ddp_compile]="$NP ${MOSA17[*]} --compile"
   [dense_graphs]="$NP --config tiny-dense --compile reduce-overhead"
-  [dense_ddp]="$NP --config tiny-dense"
+  [dense_ddp]="$NP --config tiny-dense --compile false"
   [mosa_graphs]="$NP --config tiny-mosa --compile reduce-overhead"
-  [mosa_ddp]="$NP --config tiny-mosa"
+  [mosa_ddp]="$NP --config tiny-mosa --compile false"
 )
 ORDER=(mosa17_graphs mosa17_graphs_1p mosa17_ddp dense_graphs dense_ddp mosa_graphs mosa_ddp mosa17_ddp_compile)
 [ $# -gt 0 ] && ORDER=("$@")

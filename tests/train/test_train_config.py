@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from mosa_attention.train.cli import builtin_configs, configure_parser, overrides_from
 from mosa_attention.train.config import ConfigError, build_config, parse_value, read_file, to_toml
@@ -88,6 +89,34 @@ def test_compile_takes_a_mode():
         build_config(None, ["train.compile=fast"])
     with pytest.raises(ConfigError, match="train.compile must be .* got (train.compile=)?1"):
         build_config(None, ["train.compile=1"])
+    assert build_config(None, []).train.compile == "auto"  # the default
+    for word in ("false", "off", "eager", "False"):
+        o = overrides_from(p.parse_args(["--compile", word]))
+        assert o == ["train.compile=false"] and build_config(None, o).train.compile is False
+    assert build_config(None, overrides_from(p.parse_args(["--compile", "auto"]))).train.compile == "auto"
+
+
+def test_compile_auto_takes_cuda_graphs_on_a_gpu_only(monkeypatch):
+    # resolve_compile only reads the device's type and the settings: it runs without a GPU
+    import importlib.util
+
+    from mosa_attention.train.config import OptimConfig
+    from mosa_attention.train.loop import resolve_compile
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_compile(OptimConfig(), cpu) == (False, None)
+    mode, why = resolve_compile(OptimConfig(), cuda)
+    if importlib.util.find_spec("triton") is not None:
+        assert mode == "reduce-overhead" and "CUDA graphs" in why and "--compile false" in why
+    for t, reason in [(OptimConfig(distributed="fsdp"), "fsdp"), (OptimConfig(deterministic=True), "deterministic")]:
+        mode, why = resolve_compile(t, cuda)
+        assert mode is False and reason in why
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    assert resolve_compile(OptimConfig(), cuda) == (False, "train.compile='auto': eager (triton is not installed)")
+    for given in (False, True, "default", "reduce-overhead", "max-autotune-no-cudagraphs"):  # asked for: kept
+        assert resolve_compile(OptimConfig(compile=given), cuda) == (given, None)
+        assert resolve_compile(OptimConfig(compile=given), cpu) == (given, None)
 
 
 @pytest.mark.parametrize("name", sorted(builtin_configs()))

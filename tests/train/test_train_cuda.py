@@ -51,9 +51,10 @@ def test_deterministic_gpu_run_resumes_bit_for_bit(tiny_overrides, tmp_path):
 
 
 def test_default_gpu_run_is_close_to_the_deterministic_one(tiny_overrides, tmp_path):
-    # the same math in another order of additions: the losses agree to rounding, not bit for bit
+    # the same math in another order of additions: the losses agree to rounding, not bit for bit (both eager:
+    # train.compile='auto' is eager for deterministic runs; the compiled default: the test below)
     det = on_gpu(tiny_overrides, *WIDER, "train.deterministic=true", f"train.out_dir={str(tmp_path / 'det')!r}")
-    default = on_gpu(tiny_overrides, *WIDER, f"train.out_dir={str(tmp_path / 'default')!r}")
+    default = on_gpu(tiny_overrides, *WIDER, "train.compile=false", f"train.out_dir={str(tmp_path / 'default')!r}")
     train(build_config(None, det), log=quiet)
     train(build_config(None, default), log=quiet)
     a, b = losses(tmp_path / "det"), losses(tmp_path / "default")
@@ -61,15 +62,38 @@ def test_default_gpu_run_is_close_to_the_deterministic_one(tiny_overrides, tmp_p
     assert all(abs(a[s] - b[s]) <= 1e-3 * abs(a[s]) for s in a), (a, b)
 
 
-@pytest.mark.parametrize("mode", ["true", "'reduce-overhead'"])
+@pytest.mark.parametrize("mode", ["true", "'reduce-overhead'", None])
 def test_compiled_gpu_training_matches_eager(mode, tiny_overrides, tmp_path):
     # torch.compile of the model (inductor), and with CUDA graphs ("reduce-overhead", the fast path the docs
-    # give for small steps): the same losses as the eager run to rounding (bf16 autocast, atomic adds)
-    eager = on_gpu(tiny_overrides, *WIDER, f"train.out_dir={str(tmp_path / 'eager')!r}")
-    compiled = on_gpu(tiny_overrides, *WIDER, f"train.compile={mode}", f"train.out_dir={str(tmp_path / 'c')!r}")
+    # give for small steps; None: the default, 'auto', which takes it on a GPU): the same losses as the eager run
+    # to rounding (bf16 autocast, atomic adds)
+    eager = on_gpu(tiny_overrides, *WIDER, "train.compile=false", f"train.out_dir={str(tmp_path / 'eager')!r}")
+    compiled = on_gpu(tiny_overrides, *WIDER, *([f"train.compile={mode}"] if mode else []),
+                      f"train.out_dir={str(tmp_path / 'c')!r}")
+    said = []
     train(build_config(None, eager), log=quiet)
-    train(build_config(None, compiled), log=quiet)
+    train(build_config(None, compiled), log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    if mode is None:
+        assert any("train.compile='auto': reduce-overhead" in line for line in said), said
+        assert any("compiled (reduce-overhead)" in line for line in said), said
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "c")
+    assert a.keys() == b.keys() and len(a) == 4
+    assert all(abs(a[s] - b[s]) <= 5e-3 * abs(a[s]) for s in a), (a, b)
+
+
+@pytest.mark.parametrize("case", [*ATTENTION_CASES, "threshold+aux"])
+def test_every_attention_kind_trains_under_the_default_cuda_graphs(case, tiny_overrides, tmp_path):
+    # train.compile='auto' takes CUDA graphs on a GPU for every model: each attention kind (and threshold routing
+    # with the router's auxiliary loss) follows its eager run's losses to rounding
+    kind = (["model.attention='mosa'", "model.routing='threshold'", "model.router_aux_loss=0.01"]
+            if case == "threshold+aux" else attention_overrides(case))
+    eager = on_gpu(tiny_overrides, *WIDER, *kind, "train.compile=false", f"train.out_dir={str(tmp_path / 'e')!r}")
+    default = on_gpu(tiny_overrides, *WIDER, *kind, f"train.out_dir={str(tmp_path / 'd')!r}")
+    said = []
+    train(build_config(None, eager), log=quiet)
+    train(build_config(None, default), log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("compiled (reduce-overhead)" in line for line in said), said
+    a, b = losses(tmp_path / "e"), losses(tmp_path / "d")
     assert a.keys() == b.keys() and len(a) == 4
     assert all(abs(a[s] - b[s]) <= 5e-3 * abs(a[s]) for s in a), (a, b)
 

@@ -51,20 +51,19 @@ def test_two_processes_match_one(kind, tiny_overrides, tmp_path):
 def test_graph_modes_share_gradients_after_the_backward(compile_mode):
     """Under torchrun the CUDA-graph modes average gradients after the backward: chosen over DDP (and said), kept
     where asked for, refused with FSDP; other modes and single processes keep what the config says."""
-    from mosa_attention.train.config import ConfigError, OptimConfig
+    from mosa_attention.train.config import ConfigError
     from mosa_attention.train.loop import _sharing
 
     said = []
     two, one = DistInfo(world_size=2), DistInfo(world_size=1)
-    t = OptimConfig(compile=compile_mode, distributed="ddp")
-    assert _sharing(t, two, said.append) == "allreduce"
+    assert _sharing("ddp", compile_mode, two, said.append) == "allreduce"
     assert len(said) == 1 and "allreduce" in said[0] and compile_mode in said[0]
-    assert _sharing(OptimConfig(compile=compile_mode, distributed="allreduce"), two, said.append) == "allreduce"
+    assert _sharing("allreduce", compile_mode, two, said.append) == "allreduce"
     with pytest.raises(ConfigError, match="fsdp.*allreduce"):
-        _sharing(OptimConfig(compile=compile_mode, distributed="fsdp"), two, said.append)
-    assert _sharing(OptimConfig(compile=compile_mode, distributed="fsdp"), one, said.append) == "fsdp"
+        _sharing("fsdp", compile_mode, two, said.append)
+    assert _sharing("fsdp", compile_mode, one, said.append) == "fsdp"
     for mode in (False, True, "default", "max-autotune-no-cudagraphs"):
-        assert _sharing(OptimConfig(compile=mode, distributed="ddp"), two, said.append) == "ddp"
+        assert _sharing("ddp", mode, two, said.append) == "ddp"
     assert len(said) == 1
 
 

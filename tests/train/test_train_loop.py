@@ -197,3 +197,25 @@ def test_a_diverging_run_stops_with_a_clear_error(tiny_overrides, tmp_path):
                                                f"train.out_dir={str(tmp_path / 'r')!r}"])
     with pytest.raises(FloatingPointError, match=r"the loss is (nan|inf) at step [1-8];"):
         train(cfg, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("asked", ["auto", "default"])
+def test_a_compile_failure_under_auto_says_how_to_train_eagerly(asked, tiny_overrides, tmp_path, monkeypatch):
+    # train.compile='auto' compiles on a GPU without being asked to: where compiling fails, the error says so and
+    # names --compile false; a mode the user asked for fails with torch's own error. (A CPU run: 'auto' is made to
+    # choose a mode as it would on a GPU, and torch.compile to hand back a model that fails.)
+    from mosa_attention.train import loop
+
+    def fails(*a, **k):
+        raise AssertionError("inductor broke")
+
+    monkeypatch.setattr(loop, "resolve_compile", lambda t, device: ("default" if t.compile == "auto" else t.compile,
+                                                                     None))
+    monkeypatch.setattr(loop.torch, "compile", lambda model, mode=None: fails)
+    cfg = build_config(None, tiny_overrides + [f"train.compile={asked}", f"train.out_dir={str(tmp_path / 'r')!r}"])
+    if asked == "auto":
+        with pytest.raises(RuntimeError, match="step 1 failed under torch.compile .*inductor broke.*--compile false"):
+            train(cfg, log=lambda *a: None)
+    else:
+        with pytest.raises(AssertionError, match="inductor broke"):
+            train(cfg, log=lambda *a: None)

@@ -41,7 +41,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=f"{help_text} [{key}]")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="torch.compile the model; MODE: default, reduce-overhead (CUDA graphs: the fastest on a GPU), "
-                        "max-autotune or max-autotune-no-cudagraphs [train.compile]")
+                        "max-autotune, max-autotune-no-cudagraphs, auto (the default: reduce-overhead on a GPU, "
+                        "eager elsewhere) or false (eager) [train.compile]")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="bit-repeatable steps: torch.use_deterministic_algorithms for the run [train.deterministic]")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -66,7 +67,9 @@ def overrides_from(args) -> list[str]:
         if value is not None:
             out.append(f"{key}={json.dumps(value)}" if typ is str else f"{key}={value}")
     if getattr(args, "compile", None):
-        out.append("train.compile=true" if args.compile == "default" else f"train.compile={json.dumps(args.compile)}")
+        mode = args.compile.lower()
+        out.append("train.compile=true" if mode == "default" else "train.compile=false" if mode in ("false", "off", "eager")
+                   else f"train.compile={json.dumps(args.compile)}")
     if getattr(args, "deterministic", None):
         out.append("train.deterministic=true")
     return out + list(args.set)

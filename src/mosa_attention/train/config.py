@@ -57,8 +57,9 @@ class OptimConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 autocast on CUDA, float32 on CPU; or "float32", "bfloat16"
     # torch.compile the model: false, true (inductor's default mode) or a mode of COMPILE_MODES; the modes
-    # "reduce-overhead" and "max-autotune" replay each step as CUDA graphs (no per-launch host cost)
-    compile: bool | str = False
+    # "reduce-overhead" and "max-autotune" replay each step as CUDA graphs (no per-launch host cost). "auto":
+    # "reduce-overhead" on a GPU (eagerly a MoSA step is bound by the host), eager elsewhere (resolve_compile)
+    compile: bool | str = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms (strict) for the run: bit-repeatable GPU steps
     # under torchrun: "ddp", "fsdp" (FSDP2, fully_shard) or "allreduce" (the gradients averaged once per step,
     # after the backward: what the CUDA-graph modes of train.compile use, and choose by themselves over "ddp")
@@ -123,8 +124,9 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer must be 'adam' or 'adamw', got {t.optimizer!r}")
         if t.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"train.dtype must be 'auto', 'float32' or 'bfloat16', got {t.dtype!r}")
-        if not (isinstance(t.compile, bool) or t.compile in COMPILE_MODES):
-            raise ConfigError(f"train.compile must be true, false or one of {list(COMPILE_MODES)}, got {t.compile!r}")
+        if not (isinstance(t.compile, bool) or t.compile == "auto" or t.compile in COMPILE_MODES):
+            raise ConfigError(f"train.compile must be true, false, 'auto' or one of {list(COMPILE_MODES)}, "
+                              f"got {t.compile!r}")
         if t.distributed not in DIST_KINDS:
             raise ConfigError(f"train.distributed must be one of {list(DIST_KINDS)}, got {t.distributed!r}")
         if not (math.isfinite(t.lr) and t.lr > 0 and 0 <= t.min_lr <= t.lr):

@@ -2,6 +2,7 @@
 order a reader would do them by hand."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -122,7 +123,10 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
         raise ConfigError(f"{run_dir} already holds checkpoints of another run; continue it with "
                           f"--resume {run_dir}, or train into another --out")
 
-    kind = _sharing(t, info, say)
+    compile_mode, why = resolve_compile(t, device)
+    if why:
+        say(why)
+    kind = _sharing(t.distributed, compile_mode, info, say)
     torch.manual_seed(t.seed)  # the same initial weights on every process
     model = MoSALM(model_cfg).to(device)
     wrapped = D.wrap(model, info, kind)
@@ -136,8 +140,8 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     if later:
         say(f"warning: resuming from step {start} while {run_dir} holds later checkpoints ({', '.join(later)}): "
             f"they are replaced as training passes their steps, and metrics.jsonl is cut back to step {start}")
-    forward = torch.compile(wrapped, mode=None if t.compile is True else t.compile) if t.compile else wrapped
-    graphs = t.compile in GRAPH_COMPILE_MODES and device.type == "cuda"
+    forward = torch.compile(wrapped, mode=None if compile_mode is True else compile_mode) if compile_mode else wrapped
+    graphs = compile_mode in GRAPH_COMPILE_MODES and device.type == "cuda"
 
     n_params = model.num_params()
     say("config:\n" + _indent(to_toml({**cfg.to_dict(), "model (resolved)": model_cfg.to_dict()})))
@@ -145,7 +149,7 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
         f"embeddings), heads per layer {model_cfg.head_counts()}, {model_cfg.forward_flops() / 1e9:.3f} GFLOPs "
         f"forward per sequence; {info.world_size} process(es) on {device}"
         f"{', bf16 autocast' if amp else ''}"
-        f"{'' if not t.compile else ', compiled' if t.compile is True else f', compiled ({t.compile})'}")
+        f"{'' if not compile_mode else ', compiled' if compile_mode is True else f', compiled ({compile_mode})'}")
     say(f"run folder: {run_dir}")
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -201,9 +205,16 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                 with D.no_sync(wrapped, micro < t.grad_accum - 1):
                     if graphs:  # the last step's graph outputs may be overwritten from here on
                         torch.compiler.cudagraph_mark_step_begin()
-                    with autocast(device, amp):
-                        _, loss = forward(x, y)
-                    (loss / t.grad_accum).backward()
+                    try:
+                        with autocast(device, amp):
+                            _, loss = forward(x, y)
+                        (loss / t.grad_accum).backward()
+                    except Exception as err:
+                        if step < start + 3 and t.compile == "auto" and compile_mode:  # compiling, recording
+                            raise RuntimeError(f"step {step + 1} failed under torch.compile (train.compile='auto' chose "
+                                               f"{compile_mode!r} on this GPU): {type(err).__name__}: {err}; if "
+                                               f"compiling is the cause, --compile false trains eagerly") from err
+                        raise
                 loss_sum += loss.detach()
             if kind == "allreduce":
                 D.all_reduce_grads(wrapped, info, check=step == start)
@@ -278,18 +289,35 @@ def _progress(total: int, initial: int, enabled: bool):
                 file=sys.stderr, mininterval=0.5)
 
 
-def _sharing(t, info, say) -> str:
+def resolve_compile(t, device: torch.device) -> tuple[bool | str, str | None]:
+    """``train.compile`` as this run takes it, and a line for the log where "auto" chose on a GPU. "auto" is
+    "reduce-overhead" (CUDA graphs) on a GPU, where an eager step is bound by the host (docs/training.md), except
+    with FSDP (which cannot run inside graphs), deterministic steps (which ask for the plainest path) or no triton
+    (which torch.compile needs on a GPU); otherwise eager (False)."""
+    if t.compile != "auto":
+        return t.compile, None
+    if device.type != "cuda":
+        return False, None
+    why = ("train.distributed='fsdp'" if t.distributed == "fsdp" else "train.deterministic" if t.deterministic
+           else "triton is not installed" if importlib.util.find_spec("triton") is None else None)
+    if why:
+        return False, f"train.compile='auto': eager ({why})"
+    return "reduce-overhead", ("train.compile='auto': reduce-overhead, each step replayed as CUDA graphs (the first "
+                               "steps compile and record; --compile false trains eagerly)")
+
+
+def _sharing(distributed: str, compile_mode, info, say) -> str:
     """How the processes share gradients (``train.distributed``). The CUDA-graph modes of ``train.compile`` replay
     the forward and backward as graphs, which hold no collective and no hook of DDP's: under torchrun they
     average the gradients after the backward instead ("allreduce", chosen over the default "ddp"); FSDP, which
     gathers each block's weights inside the forward, cannot run that way."""
-    if not (t.compile in GRAPH_COMPILE_MODES and info.world_size > 1) or t.distributed == "allreduce":
-        return t.distributed
-    if t.distributed == "fsdp":
-        raise ConfigError(f"train.compile={t.compile!r} (CUDA graphs) cannot run with train.distributed='fsdp' "
+    if not (compile_mode in GRAPH_COMPILE_MODES and info.world_size > 1) or distributed == "allreduce":
+        return distributed
+    if distributed == "fsdp":
+        raise ConfigError(f"train.compile={compile_mode!r} (CUDA graphs) cannot run with train.distributed='fsdp' "
                           f"(FSDP gathers weights inside the graphs); use train.distributed='allreduce' or 'ddp', "
                           f"or train.compile=true")
-    say(f"train.compile={t.compile!r} under torchrun: the gradients are averaged after each step's backward "
+    say(f"train.compile={compile_mode!r} under torchrun: the gradients are averaged after each step's backward "
         f"(train.distributed='allreduce') instead of by DDP's hooks inside it")
     return "allreduce"
 
