@@ -36,6 +36,32 @@ def test_overfit_one_batch(attention):
     assert loss.item() < 0.25 * first, (attention, first, loss.item())
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_optimizer_is_fused_on_a_gpu_only(name):
+    # torch's fused Adam / AdamW where every parameter is a plain CUDA tensor (one pass per step over each
+    # parameter and its moments); the multi-tensor default elsewhere, so CPU runs keep their numbers
+    model = torch.nn.Linear(4, 3)
+    opt = build_optimizer(model, OptimConfig(optimizer=name))
+    assert all(not g.get("fused") for g in opt.param_groups)
+    if torch.cuda.is_available():
+        ref = torch.nn.Linear(4, 3).cuda()
+        fast = torch.nn.Linear(4, 3).cuda()
+        fast.load_state_dict(ref.state_dict())
+        opt = build_optimizer(fast, OptimConfig(optimizer=name))
+        assert all(g.get("fused") for g in opt.param_groups)
+        slow = build_optimizer(ref, OptimConfig(optimizer=name))
+        for g in slow.param_groups:
+            g["fused"] = None  # as on the CPU: torch's multi-tensor default
+        for _ in range(3):
+            x = torch.randn(8, 4, device="cuda")
+            for m, o in ((ref, slow), (fast, opt)):
+                o.zero_grad()
+                m(x).square().sum().backward()
+                o.step()
+        for a, b in zip(ref.parameters(), fast.parameters()):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_schedule_warmup_then_cosine_to_min_lr():
     c = OptimConfig(steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
     assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
