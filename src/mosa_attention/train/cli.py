@@ -68,8 +68,9 @@ def overrides_from(args) -> list[str]:
             out.append(f"{key}={json.dumps(value)}" if typ is str else f"{key}={value}")
     if getattr(args, "compile", None):
         mode = args.compile.lower()
-        out.append("train.compile=true" if mode == "default" else "train.compile=false" if mode in ("false", "off", "eager")
-                   else f"train.compile={json.dumps(args.compile)}")
+        value = ("true" if mode == "default" else "false" if mode in ("false", "off", "eager")
+                 else json.dumps(args.compile))
+        out.append(f"train.compile={value}")
     if getattr(args, "deterministic", None):
         out.append("train.deterministic=true")
     return out + list(args.set)

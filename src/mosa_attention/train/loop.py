@@ -211,9 +211,9 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                         (loss / t.grad_accum).backward()
                     except Exception as err:
                         if step < start + 3 and t.compile == "auto" and compile_mode:  # compiling, recording
-                            raise RuntimeError(f"step {step + 1} failed under torch.compile (train.compile='auto' chose "
-                                               f"{compile_mode!r} on this GPU): {type(err).__name__}: {err}; if "
-                                               f"compiling is the cause, --compile false trains eagerly") from err
+                            raise RuntimeError(f"step {step + 1} failed under torch.compile (train.compile='auto' "
+                                               f"chose {compile_mode!r} on this GPU): {type(err).__name__}: {err}; "
+                                               f"if compiling is the cause, --compile false trains eagerly") from err
                         raise
                 loss_sum += loss.detach()
             if kind == "allreduce":
