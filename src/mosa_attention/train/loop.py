@@ -95,6 +95,11 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum "
                           f"= {info.world_size} x {t.grad_accum}")
     device, amp = info.device, _amp_dtype(t.dtype, info.device)
+    compile_mode, why = resolve_compile(t, device)
+    check_graphs(compile_mode, t.grad_accum, device)  # (these errors now, not after the data is prepared)
+    if why:
+        say(why)
+    kind = _sharing(t.distributed, compile_mode, info, say)
     if resume:
         ckpt_io.resolve(resume)  # a missing checkpoint is an error now, not after the data is prepared
 
@@ -123,10 +128,6 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
         raise ConfigError(f"{run_dir} already holds checkpoints of another run; continue it with "
                           f"--resume {run_dir}, or train into another --out")
 
-    compile_mode, why = resolve_compile(t, device)
-    if why:
-        say(why)
-    kind = _sharing(t.distributed, compile_mode, info, say)
     torch.manual_seed(t.seed)  # the same initial weights on every process
     model = MoSALM(model_cfg).to(device)
     wrapped = D.wrap(model, info, kind)
@@ -292,18 +293,31 @@ def _progress(total: int, initial: int, enabled: bool):
 def resolve_compile(t, device: torch.device) -> tuple[bool | str, str | None]:
     """``train.compile`` as this run takes it, and a line for the log where "auto" chose on a GPU. "auto" is
     "reduce-overhead" (CUDA graphs) on a GPU, where an eager step is bound by the host (docs/training.md), except
-    with FSDP (which cannot run inside graphs), deterministic steps (which ask for the plainest path) or no triton
-    (which torch.compile needs on a GPU); otherwise eager (False)."""
+    with FSDP (which cannot run inside graphs), deterministic steps (which ask for the plainest path), gradient
+    accumulation (``check_graphs``) or no triton (which torch.compile needs on a GPU); otherwise eager (False)."""
     if t.compile != "auto":
         return t.compile, None
     if device.type != "cuda":
         return False, None
     why = ("train.distributed='fsdp'" if t.distributed == "fsdp" else "train.deterministic" if t.deterministic
+           else f"train.grad_accum={t.grad_accum}" if t.grad_accum > 1
            else "triton is not installed" if importlib.util.find_spec("triton") is None else None)
     if why:
         return False, f"train.compile='auto': eager ({why})"
     return "reduce-overhead", ("train.compile='auto': reduce-overhead, each step replayed as CUDA graphs (the first "
                                "steps compile and record; --compile false trains eagerly)")
+
+
+def check_graphs(compile_mode, grad_accum: int, device: torch.device) -> None:
+    """A ConfigError for CUDA graphs with gradients accumulated over micro-batches: torch's CUDA graph trees hand
+    the first micro-batch's gradients to ``.grad`` in their memory pool, where the next micro-batch's replay
+    overwrites them (pytorch/pytorch#169545; the sum then comes out wrong or torch stops with "accessing tensor
+    output of CUDAGraphs that has been overwritten")."""
+    if compile_mode in GRAPH_COMPILE_MODES and device.type == "cuda" and grad_accum > 1:
+        raise ConfigError(f"train.compile={compile_mode!r} (CUDA graphs) cannot accumulate gradients over "
+                          f"micro-batches (train.grad_accum={grad_accum}): torch's CUDA graph trees overwrite the "
+                          f"first micro-batch's gradients (pytorch/pytorch#169545); use train.grad_accum=1 with a "
+                          f"larger micro-batch, or train.compile=true or false")
 
 
 def _sharing(distributed: str, compile_mode, info, say) -> str:
