@@ -98,6 +98,19 @@ def test_every_attention_kind_trains_under_the_default_cuda_graphs(case, tiny_ov
     assert all(abs(a[s] - b[s]) <= 5e-3 * abs(a[s]) for s in a), (a, b)
 
 
+def test_gradient_accumulation_under_cuda_graphs(tiny_overrides, tmp_path):
+    # two micro-batches per step under CUDA graphs (the first one's gradients moved out of the graphs' pool,
+    # pytorch/pytorch#169545) follow one micro-batch of the same global batch, under graphs and eagerly
+    runs = {"one": [], "two": ["train.grad_accum=2"], "eager": ["train.grad_accum=2", "train.compile=false"]}
+    for name, more in runs.items():
+        train(build_config(None, on_gpu(tiny_overrides, *WIDER, "train.compile='reduce-overhead'", *more,
+                                        f"train.out_dir={str(tmp_path / name)!r}")), log=quiet)
+    one, two, eager = (losses(tmp_path / n) for n in runs)
+    assert one.keys() == two.keys() == eager.keys() and len(one) == 4
+    for other in (two, eager):
+        assert all(abs(one[s] - other[s]) <= 5e-3 * abs(one[s]) for s in one), (one, other)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpus_with_cuda_graphs_match_one(tiny_overrides, tmp_path):
     # torchrun on two GPUs with CUDA graphs: the processes average their gradients after the backward

@@ -245,3 +245,18 @@ def test_a_compile_failure_under_auto_says_how_to_train_eagerly(asked, tiny_over
     else:
         with pytest.raises(AssertionError, match="inductor broke"):
             train(cfg, log=lambda *a: None)
+
+
+def test_own_grads_moves_each_gradient_out_of_the_memory_it_was_handed_in():
+    # under CUDA graphs the first micro-batch's gradients live in the graphs' pool; _own_grads puts clones in place
+    from mosa_attention.train.loop import _own_grads
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model(torch.randn(5, 3)).sum().backward()
+    model[1].bias.grad = None  # a parameter without a gradient keeps none
+    before = {n: (p.grad.clone(), p.grad.data_ptr()) for n, p in model.named_parameters() if p.grad is not None}
+    _own_grads(model)
+    assert model[1].bias.grad is None
+    for n, p in model.named_parameters():
+        if n in before:
+            assert p.grad.data_ptr() != before[n][1] and torch.equal(p.grad, before[n][0])

@@ -96,7 +96,6 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                           f"= {info.world_size} x {t.grad_accum}")
     device, amp = info.device, _amp_dtype(t.dtype, info.device)
     compile_mode, why = resolve_compile(t, device)
-    check_graphs(compile_mode, t.grad_accum, device)  # (these errors now, not after the data is prepared)
     if why:
         say(why)
     kind = _sharing(t.distributed, compile_mode, info, say)
@@ -216,6 +215,8 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                                                f"chose {compile_mode!r} on this GPU): {type(err).__name__}: {err}; "
                                                f"if compiling is the cause, --compile false trains eagerly") from err
                         raise
+                if graphs and micro == 0 and t.grad_accum > 1:
+                    _own_grads(wrapped)
                 loss_sum += loss.detach()
             if kind == "allreduce":
                 D.all_reduce_grads(wrapped, info, check=step == start)
@@ -293,14 +294,13 @@ def _progress(total: int, initial: int, enabled: bool):
 def resolve_compile(t, device: torch.device) -> tuple[bool | str, str | None]:
     """``train.compile`` as this run takes it, and a line for the log where "auto" chose on a GPU. "auto" is
     "reduce-overhead" (CUDA graphs) on a GPU, where an eager step is bound by the host (docs/training.md), except
-    with FSDP (which cannot run inside graphs), deterministic steps (which ask for the plainest path), gradient
-    accumulation (``check_graphs``) or no triton (which torch.compile needs on a GPU); otherwise eager (False)."""
+    with FSDP (which cannot run inside graphs), deterministic steps (which ask for the plainest path) or no triton
+    (which torch.compile needs on a GPU); otherwise eager (False)."""
     if t.compile != "auto":
         return t.compile, None
     if device.type != "cuda":
         return False, None
     why = ("train.distributed='fsdp'" if t.distributed == "fsdp" else "train.deterministic" if t.deterministic
-           else f"train.grad_accum={t.grad_accum}" if t.grad_accum > 1
            else "triton is not installed" if importlib.util.find_spec("triton") is None else None)
     if why:
         return False, f"train.compile='auto': eager ({why})"
@@ -308,16 +308,15 @@ def resolve_compile(t, device: torch.device) -> tuple[bool | str, str | None]:
                                "steps compile and record; --compile false trains eagerly)")
 
 
-def check_graphs(compile_mode, grad_accum: int, device: torch.device) -> None:
-    """A ConfigError for CUDA graphs with gradients accumulated over micro-batches: torch's CUDA graph trees hand
-    the first micro-batch's gradients to ``.grad`` in their memory pool, where the next micro-batch's replay
-    overwrites them (pytorch/pytorch#169545; the sum then comes out wrong or torch stops with "accessing tensor
-    output of CUDAGraphs that has been overwritten")."""
-    if compile_mode in GRAPH_COMPILE_MODES and device.type == "cuda" and grad_accum > 1:
-        raise ConfigError(f"train.compile={compile_mode!r} (CUDA graphs) cannot accumulate gradients over "
-                          f"micro-batches (train.grad_accum={grad_accum}): torch's CUDA graph trees overwrite the "
-                          f"first micro-batch's gradients (pytorch/pytorch#169545); use train.grad_accum=1 with a "
-                          f"larger micro-batch, or train.compile=true or false")
+def _own_grads(model) -> None:
+    """After a step's first micro-batch under CUDA graphs: each ``.grad`` that autograd took from the backward
+    graph's outputs lives in the graphs' memory pool, where the next micro-batch's replay writes again
+    (pytorch/pytorch#169545: the accumulated gradient then comes out wrong, or torch stops). A clone in memory
+    the trainer owns takes its place, and later micro-batches add into it."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad = p.grad.clone()
 
 
 def _sharing(distributed: str, compile_mode, info, say) -> str:
