@@ -184,15 +184,18 @@ def test_deterministic_run_sets_torch_switch_and_restores_it(tiny_overrides, mon
     import mosa_attention.train.loop as loop
     seen = []
 
-    def state():
-        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    from torch._inductor import config as inductor_config
+
+    def state():  # (and inductor's deterministic mode, which picks its kernels' configurations by rule)
+        return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                getattr(inductor_config, "deterministic", True))
 
     monkeypatch.setattr(loop, "_train", lambda *a: seen.append(state()) or {})
     before = state()
     for value in ("true", "false"):
         loop.train(build_config(None, tiny_overrides + [f"train.deterministic={value}"]), log=lambda *a: None)
     # strict (not warn-only): on a GPU only that gives SDPA's deterministic backward
-    assert seen == [(True, False), before] and state() == before
+    assert seen == [(True, False, True), before] and state() == before
 
 
 @pytest.mark.parametrize("attention", ATTENTION_CASES)

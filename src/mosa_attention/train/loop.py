@@ -2,6 +2,7 @@
 order a reader would do them by hand."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -69,12 +70,26 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
     say = log if info.is_main else (lambda *a, **k: None)
     was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        if t.deterministic:
-            _deterministic(info.device)
-        return _train(cfg, resume, info, say)
+        with _inductor_deterministic(t.deterministic):
+            if t.deterministic:
+                _deterministic(info.device)
+            return _train(cfg, resume, info, say)
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
         D.shutdown()
+
+
+def _inductor_deterministic(on: bool):
+    """For the run, where ``on``: inductor's deterministic mode, which picks its kernels' configurations by rule
+    instead of by timing them on the device, so that a compiled run resumed in another process (or run again
+    after inductor's cache is cleared) takes the same reduction orders. A no-op where torch lacks the switch."""
+    if not on:
+        return contextlib.nullcontext()
+    from torch._inductor import config as inductor_config
+
+    if not hasattr(inductor_config, "deterministic"):
+        return contextlib.nullcontext()
+    return inductor_config.patch(deterministic=True)
 
 
 def _deterministic(device: torch.device) -> None:
@@ -294,13 +309,14 @@ def _progress(total: int, initial: int, enabled: bool):
 def resolve_compile(t, device: torch.device) -> tuple[bool | str, str | None]:
     """``train.compile`` as this run takes it, and a line for the log where "auto" chose on a GPU. "auto" is
     "reduce-overhead" (CUDA graphs) on a GPU, where an eager step is bound by the host (docs/training.md), except
-    with FSDP (which cannot run inside graphs), deterministic steps (which ask for the plainest path) or no triton
-    (which torch.compile needs on a GPU); otherwise eager (False)."""
+    with FSDP (which cannot run inside graphs) or no triton (which torch.compile needs on a GPU); otherwise eager
+    (False). Deterministic runs take the graphs too: they repeat and resume bit for bit there (benchmarks/NOTES.md
+    v27.0)."""
     if t.compile != "auto":
         return t.compile, None
     if device.type != "cuda":
         return False, None
-    why = ("train.distributed='fsdp'" if t.distributed == "fsdp" else "train.deterministic" if t.deterministic
+    why = ("train.distributed='fsdp'" if t.distributed == "fsdp"
            else "triton is not installed" if importlib.util.find_spec("triton") is None else None)
     if why:
         return False, f"train.compile='auto': eager ({why})"
