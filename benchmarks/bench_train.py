@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from mosa_attention import MoSAConfig, MoSALM  # noqa: E402
+from mosa_attention.train.config import OptimConfig  # noqa: E402
+from mosa_attention.train.optim import build_optimizer  # noqa: E402
 
 MODELS = {
     "dense": dict(attention="dense"),
@@ -64,7 +66,7 @@ def run_one(name: str, mode: str, args) -> dict:
     model = build(name, args)
     cfg = model.config
     T, vocab = cfg.seq_len, cfg.vocab_size
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if dev.type == "cuda" else {}))
+    opt = build_optimizer(model, OptimConfig(lr=1e-4))  # the trainer's: AdamW, fused on a GPU
     fwd = model
     if mode == "compile":
         fwd = torch.compile(model)
