@@ -30,6 +30,10 @@ declare -A ARGS=(
   [dense_ddp]="$NP --config tiny-dense --compile false"
   [mosa_graphs]="$NP --config tiny-mosa --compile reduce-overhead"
   [mosa_ddp]="$NP --config tiny-mosa --compile false"
+  [mosa_graphs_1p]="1 --config tiny-mosa --compile reduce-overhead"
+  [mosa17_graphs_bf16]="$NP ${MOSA17[*]} --compile reduce-overhead --grad-reduce-dtype bfloat16"
+  [dense_graphs_bf16]="$NP --config tiny-dense --compile reduce-overhead --grad-reduce-dtype bfloat16"
+  [mosa_graphs_bf16]="$NP --config tiny-mosa --compile reduce-overhead --grad-reduce-dtype bfloat16"
 )
 ORDER=(mosa17_graphs mosa17_graphs_1p mosa17_ddp dense_graphs dense_ddp mosa_graphs mosa_ddp mosa17_ddp_compile)
 [ $# -gt 0 ] && ORDER=("$@")

@@ -164,3 +164,12 @@ def test_print_config_stays_a_config_file_and_shows_the_resolved_model(tmp_path,
     assert resolved == {k: v for k, v in model.to_dict().items() if v is not None}
     assert f"4 dense and {model.sparse_heads} sparse heads per layer, k = 32 of T = 1024" in out
 
+
+
+def test_grad_reduce_dtype_is_checked():
+    assert build_config(None, []).train.grad_reduce_dtype == "float32"
+    assert build_config(None, ["train.grad_reduce_dtype=bfloat16"]).train.grad_reduce_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="train.grad_reduce_dtype must be one of .* got 'float16'"):
+        build_config(None, ["train.grad_reduce_dtype=float16"])
+    with pytest.raises(ConfigError, match="grad_reduce_dtype='bfloat16' is for .*FSDP"):
+        build_config(None, ["train.grad_reduce_dtype=bfloat16", "train.distributed=fsdp"])

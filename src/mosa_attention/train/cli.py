@@ -26,6 +26,7 @@ FLAGS = {
     "device": ("train.device", str, "auto, cpu, cuda, cuda:1, ..."),
     "dtype": ("train.dtype", str, "auto (bf16 autocast on CUDA), float32 or bfloat16"),
     "distributed": ("train.distributed", str, "under torchrun: ddp, fsdp or allreduce"),
+    "grad_reduce_dtype": ("train.grad_reduce_dtype", str, "under torchrun: float32 or bfloat16 (half the bytes)"),
     "stop_after": ("train.stop_after", int, "stop after this many steps (checkpointed); --resume continues"),
     "out": ("train.out_dir", str, "run folder (default runs/<preset>-<attention>-<time>)"),
 }

@@ -36,6 +36,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 # how the processes of a torchrun run share their gradients (train.distributed; ``train.distributed.wrap``)
 DIST_KINDS = ("ddp", "fsdp", "allreduce")
+# the dtypes float32 gradients may travel in between processes (train.grad_reduce_dtype)
+REDUCE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -64,6 +66,9 @@ class OptimConfig:
     # under torchrun: "ddp", "fsdp" (FSDP2, fully_shard) or "allreduce" (the gradients averaged once per step,
     # after the backward: what the CUDA-graph modes of train.compile use, and choose by themselves over "ddp")
     distributed: str = "ddp"
+    # the dtype float32 gradients travel in between processes: "float32", or "bfloat16" (half the bytes; each
+    # process's gradient rounded to bf16 before the average, as DDP's bf16 compression hook does); not with FSDP
+    grad_reduce_dtype: str = "float32"
     eval_every: int = 0  # validation every n steps (0: only at the end)
     eval_windows: int = 64  # validation windows of seq_len tokens (0: the whole split)
     eval_batch_size: int = 16
@@ -129,6 +134,12 @@ class TrainConfig:
                               f"got {t.compile!r}")
         if t.distributed not in DIST_KINDS:
             raise ConfigError(f"train.distributed must be one of {list(DIST_KINDS)}, got {t.distributed!r}")
+        if t.grad_reduce_dtype not in REDUCE_DTYPES:
+            raise ConfigError(f"train.grad_reduce_dtype must be one of {list(REDUCE_DTYPES)}, "
+                              f"got {t.grad_reduce_dtype!r}")
+        if t.grad_reduce_dtype != "float32" and t.distributed == "fsdp":
+            raise ConfigError(f"train.grad_reduce_dtype={t.grad_reduce_dtype!r} is for train.distributed='ddp' or "
+                              f"'allreduce'; FSDP reduce-scatters its gradients in their own dtype")
         if not (math.isfinite(t.lr) and t.lr > 0 and 0 <= t.min_lr <= t.lr):
             raise ConfigError(f"need 0 < train.lr and 0 <= train.min_lr <= lr, got lr={t.lr}, min_lr={t.min_lr}")
         if t.warmup_steps < 0 or t.grad_clip < 0 or t.eval_every < 0 or t.save_every < 0 or t.eval_windows < 0:

@@ -74,10 +74,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, info: DistInfo, kind: str) -> nn.Module:
+def wrap(model: nn.Module, info: DistInfo, kind: str, reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
     """DDP; FSDP2 with each transformer block sharded, then the root; or, for ``"allreduce"``, the model itself
     with rank 0's parameters and buffers copied to every process (as DDP does when it wraps a model), whose
-    gradients the loop then averages with ``all_reduce_grads``."""
+    gradients the loop then averages with ``all_reduce_grads``. ``reduce_dtype`` bfloat16: DDP's buckets of
+    float32 gradients travel in bf16 (its compression hook); for "allreduce" ``all_reduce_grads`` takes it."""
     if not info.enabled:
         return model
     if kind == "allreduce":
@@ -87,7 +88,10 @@ def wrap(model: nn.Module, info: DistInfo, kind: str) -> nn.Module:
         return model
     if kind == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if reduce_dtype != torch.float32:  # (torch's own bf16 hook needs NCCL; this one runs on gloo too)
+            ddp.register_comm_hook(reduce_dtype, _average_in)
+        return ddp
     try:
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6
     except ImportError:  # pragma: no cover
@@ -100,6 +104,19 @@ def wrap(model: nn.Module, info: DistInfo, kind: str) -> nn.Module:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def _average_in(dtype: torch.dtype, bucket):
+    """DDP communication hook: average a bucket of gradients over the processes in ``dtype`` (each process's
+    share divided by the world size in the gradients' dtype, then cast, summed and cast back)."""
+    grads = bucket.buffer()
+    sent = grads.div(dist.get_world_size()).to(dtype)
+    work = dist.all_reduce(sent, async_op=True).get_future()
+
+    def back(fut):
+        return grads.copy_(fut.value()[0])
+
+    return work.then(back)
 
 
 def no_sync(model: nn.Module, skip: bool):
@@ -120,10 +137,13 @@ def _restore_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def all_reduce_grads(model: nn.Module, info: DistInfo, check: bool = False) -> None:
+def all_reduce_grads(model: nn.Module, info: DistInfo, check: bool = False,
+                     reduce_dtype: torch.dtype = torch.float32) -> None:
     """Average the gradients of ``model``'s parameters over the processes (``train.distributed="allreduce"``),
     after the step's last backward: one collective per gradient dtype over a flat copy of those gradients,
-    outside any CUDA graph (the graphs of a compiled step hold no collective). Every process must have
+    outside any CUDA graph (the graphs of a compiled step hold no collective). ``reduce_dtype`` bfloat16: the
+    float32 gradients' copy is made in bf16 (half the bytes to send; the average is cast back into the float32
+    gradients), others travel in their own dtype. Every process must have
     gradients for the same parameters, as the processes of one model do; ``check`` (the loop's first step)
     compares which ones first and raises a RuntimeError naming them where processes differ, instead of
     all-reducing buffers of different sizes."""
@@ -140,16 +160,19 @@ def all_reduce_grads(model: nn.Module, info: DistInfo, check: bool = False) -> N
                                f"ones on every process")
     groups: dict = {}
     for _, p in named:
-        groups.setdefault(p.grad.dtype, []).append(p.grad)
+        dtype = reduce_dtype if p.grad.dtype == torch.float32 else p.grad.dtype
+        groups.setdefault(dtype, []).append(p.grad)
     average = dist.get_backend() == "nccl"  # NCCL averages in the collective; gloo only sums
-    for grads in groups.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.AVG if average else dist.ReduceOp.SUM)
-        if not average:
-            flat /= info.world_size
-        with torch.no_grad():
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+    with torch.no_grad():
+        for dtype, grads in groups.items():
+            sizes = [g.numel() for g in grads]
+            flat = grads[0].new_empty(sum(sizes), dtype=dtype)
+            parts = [part.view_as(g) for g, part in zip(grads, flat.split(sizes))]
+            torch._foreach_copy_(parts, grads)  # (one pass, casting where the dtypes differ)
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG if average else dist.ReduceOp.SUM)
+            if not average:
+                flat /= info.world_size
+            torch._foreach_copy_(grads, parts)
 
 
 def all_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -144,7 +144,10 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
 
     torch.manual_seed(t.seed)  # the same initial weights on every process
     model = MoSALM(model_cfg).to(device)
-    wrapped = D.wrap(model, info, kind)
+    reduce_dtype = getattr(torch, t.grad_reduce_dtype)
+    if info.enabled and reduce_dtype != torch.float32:
+        say(f"train.grad_reduce_dtype={t.grad_reduce_dtype!r}: float32 gradients averaged in {t.grad_reduce_dtype}")
+    wrapped = D.wrap(model, info, kind, reduce_dtype)
     optimizer = build_optimizer(wrapped, t)
 
     torch.manual_seed(t.seed * 1000 + info.rank)  # dropout streams differ per process
@@ -234,7 +237,7 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                     _own_grads(wrapped)
                 loss_sum += loss.detach()
             if kind == "allreduce":
-                D.all_reduce_grads(wrapped, info, check=step == start)
+                D.all_reduce_grads(wrapped, info, check=step == start, reduce_dtype=reduce_dtype)
             norm = _clip(wrapped, t.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
