@@ -107,10 +107,13 @@ def wrap(model: nn.Module, info: DistInfo, kind: str, reduce_dtype: torch.dtype 
 
 
 def _average_in(dtype: torch.dtype, bucket):
-    """DDP communication hook: average a bucket of gradients over the processes in ``dtype`` (each process's
-    share divided by the world size in the gradients' dtype, then cast, summed and cast back)."""
+    """DDP communication hook: average a bucket of float32 gradients over the processes in ``dtype`` (each
+    process's share divided by the world size in float32, then cast, summed and cast back); a bucket of
+    another dtype travels in its own, as in ``all_reduce_grads``."""
     grads = bucket.buffer()
-    sent = grads.div(dist.get_world_size()).to(dtype)
+    sent = grads.div(dist.get_world_size())
+    if grads.dtype == torch.float32:
+        sent = sent.to(dtype)
     work = dist.all_reduce(sent, async_op=True).get_future()
 
     def back(fut):
