@@ -119,11 +119,11 @@ def test_gradient_accumulation_under_cuda_graphs(tiny_overrides, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-@pytest.mark.parametrize("reduce_dtype", ["float32", "bfloat16"])
-def test_two_gpus_with_cuda_graphs_match_one(reduce_dtype, tiny_overrides, tmp_path):
+@pytest.mark.parametrize("reduce_dtype,accum", [("float32", 1), ("bfloat16", 1), ("float32", 2)])
+def test_two_gpus_with_cuda_graphs_match_one(reduce_dtype, accum, tiny_overrides, tmp_path):
     # torchrun on two GPUs with CUDA graphs: the processes average their gradients after the backward
-    # (train.distributed="allreduce", chosen for the graph modes; in float32 or, train.grad_reduce_dtype, bf16)
-    # and follow the one-GPU run's losses to rounding
+    # (train.distributed="allreduce", chosen for the graph modes; in float32 or, train.grad_reduce_dtype, bf16;
+    # after two micro-batches each with train.grad_accum=2) and follow the one-GPU run's losses to rounding
     import os
     import subprocess
     import sys
@@ -132,7 +132,8 @@ def test_two_gpus_with_cuda_graphs_match_one(reduce_dtype, tiny_overrides, tmp_p
     train(build_config(None, base + [f"train.out_dir={str(tmp_path / 'one')!r}"]), log=quiet)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "mosa_attention", "train", *[a for o in base for a in ("--set", o)],
-           "--set", f"train.out_dir={str(tmp_path / 'two')!r}", "--set", f"train.grad_reduce_dtype={reduce_dtype}"]
+           "--set", f"train.out_dir={str(tmp_path / 'two')!r}", "--set", f"train.grad_reduce_dtype={reduce_dtype}",
+           "--set", f"train.grad_accum={accum}"]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
