@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from mosa_attention import MoSAConfig, MoSALM  # noqa: E402
 from mosa_attention.inference import calibrate_thresholds, extend, new_cache  # noqa: E402
+from mosa_attention.inference.static import StaticDecoder  # noqa: E402
 
 MODELS = {  # name -> MoSAConfig overrides on the preset
     "dense": dict(attention="dense"),
@@ -42,26 +43,44 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, device, repeats
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V, (batch, prompt_len + new_tokens), generator=g).to(device)
-    prefill, decode = [], []
+    prefill, decode, fixed = [], [], []
+    pad = torch.zeros(batch, dtype=torch.long, device=device)
     for _ in range(repeats):
-        cache = new_cache(model, torch.zeros(batch, dtype=torch.long, device=device))
+        cache = new_cache(model, pad)
         sync(device)
         t0 = time.perf_counter()
         extend(model, ids[:, :prompt_len], cache)
         sync(device)
         t1 = time.perf_counter()
         for t in range(prompt_len, prompt_len + new_tokens):
-            extend(model, ids[:, t:t + 1], cache)
+            last = extend(model, ids[:, t:t + 1], cache)[:, -1]
         sync(device)
         t2 = time.perf_counter()
         prefill.append(t1 - t0)
         decode.append(t2 - t1)
+        # the same steps with fixed shapes (inference.static; CUDA graphs on a GPU): the first step records the
+        # graph and is left out of the time
+        other = new_cache(model, pad)
+        extend(model, ids[:, :prompt_len], other)
+        decoder = StaticDecoder(model, other, max_len=prompt_len + new_tokens)
+        decoder.step(ids[:, prompt_len])
+        sync(device)
+        t3 = time.perf_counter()
+        for t in range(prompt_len + 1, prompt_len + new_tokens):
+            last_fixed = decoder.step(ids[:, t])
+        sync(device)
+        fixed.append(time.perf_counter() - t3)
     tokens = batch * (prompt_len + new_tokens)
     return {
         "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch,
         "prefill_s": statistics.median(prefill),
         "decode_tokens_per_s": batch * new_tokens / statistics.median(decode),
         "decode_ms_per_step": 1e3 * statistics.median(decode) / new_tokens,
+        "fixed_decode_tokens_per_s": batch * (new_tokens - 1) / statistics.median(fixed),
+        "fixed_decode_ms_per_step": 1e3 * statistics.median(fixed) / (new_tokens - 1),
+        "fixed_graphs": decoder.graphs,
+        # the last step's logits, paged cache against fixed shapes
+        "fixed_max_abs_diff": float((last.float() - last_fixed.float()).abs().max()),
         "kv_bytes_allocated": cache.nbytes(), "kv_bytes_held": cache.held_bytes(),
         "cache_bytes_with_bookkeeping": cache.nbytes(kv_only=False),
         "kv_bytes_per_token_allocated": cache.nbytes() / tokens, "kv_bytes_per_token_held": cache.held_bytes() / tokens,
@@ -108,7 +127,7 @@ def main(argv=None) -> int:
         print(f"## {name}: heads per layer {cfg.head_counts()}, {cfg.forward_flops() / 1e9:.1f} GFLOPs forward "
               f"at T={cfg.seq_len}", flush=True)
         for batch in args.batch:
-            measure(model, min(args.prompt_lens), 2, batch, device, 1)  # warm-up
+            measure(model, min(args.prompt_lens), 3, batch, device, 1)  # warm-up
             for L in args.prompt_lens:
                 if L + args.new_tokens > cfg.longest_input:
                     continue
@@ -121,7 +140,8 @@ def main(argv=None) -> int:
                     with open(args.out, "w") as f:
                         json.dump(rows, f, indent=1)
                 print(f"{name:18s} B={batch:<3d} L={L:<5d} prefill {row['prefill_s'] * 1e3:8.1f} ms  decode "
-                      f"{row['decode_tokens_per_s']:8.1f} tok/s  KV/token {row['kv_bytes_per_token_held'] / 1024:7.1f} KiB "
+                      f"{row['decode_tokens_per_s']:8.1f} tok/s, fixed shapes {row['fixed_decode_tokens_per_s']:8.1f} "
+                      f"tok/s (logits within {row['fixed_max_abs_diff']:.1e})  KV/token {row['kv_bytes_per_token_held'] / 1024:7.1f} KiB "
                       f"held, {row['kv_bytes_per_token_allocated'] / 1024:7.1f} KiB allocated, MoSA heads keep "
                       f"{row['sparse_kept_fraction']:.4f}", flush=True)
         del model

@@ -9,6 +9,7 @@ import torch
 
 from .decode import extend_unchecked, new_cache
 from .sampling import check_sampling, sample
+from .static import StaticDecoder
 
 
 class RoutingWarning(UserWarning):
@@ -57,7 +58,7 @@ def _prompts(model, ids) -> tuple[list[list[int]], bool]:
 def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
              capacity: int | None = None, stream: Callable[[torch.Tensor], None] | None = None,
-             return_cache: bool = False):
+             return_cache: bool = False, fixed_shapes: bool | None = None):
     """Sample up to ``max_new_tokens`` tokens after each prompt.
 
     ids: a [B, T] integer tensor, or a list of B token lists of any lengths (left-padded internally, each
@@ -65,6 +66,11 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k
     ``seed`` makes sampling repeatable. A sequence stops after ``eos_id`` (later tokens repeat it); all stop
     after ``max_new_tokens``. ``capacity`` bounds each MoSA head's cache (see ``cache.SparseCache``).
     ``stream(tokens [B])`` is called with every new column as it is sampled.
+
+    ``fixed_shapes``: decode through ``static.StaticDecoder`` (every step the same shapes, replayed as a CUDA
+    graph on a GPU) instead of the paged cache's ``extend``; None takes it on a GPU, where the paged steps are
+    bound by the host, unless ``capacity`` or ``return_cache`` asks for the paged cache. The same tokens either
+    way, to rounding.
 
     Returns a [B, T + n] tensor for tensor input, else a list of lists (prompt + new tokens, cut after
     ``eos_id``); with ``return_cache`` also the ``KVCache``.
@@ -79,6 +85,11 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k
         raise ValueError(f"max_new_tokens must be an integer >= 0, got max_new_tokens={max_new_tokens!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an integer or None, got seed={seed!r}")
+    if fixed_shapes is not None and not isinstance(fixed_shapes, bool):
+        raise ValueError(f"fixed_shapes must be True, False or None, got fixed_shapes={fixed_shapes!r}")
+    if fixed_shapes and (capacity is not None or return_cache):
+        raise ValueError("fixed_shapes=True keeps every token a MoSA head keeps in buffers of its own: it takes "
+                         "neither capacity nor return_cache (those need the paged cache, fixed_shapes=False)")
     prompts, as_tensor = _prompts(model, ids)
     longest = max(len(p) for p in prompts)
     limit = model.config.longest_input
@@ -88,11 +99,11 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k
     warn_if_not_causal(model)
     with torch.no_grad():
         return _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                         capacity, stream, return_cache)
+                         capacity, stream, return_cache, fixed_shapes)
 
 
 def _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top_p, seed, eos_id, capacity, stream,
-              return_cache):
+              return_cache, fixed_shapes=None):
     longest = max(len(p) for p in prompts)
     device = model.embed.weight.device
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
@@ -107,6 +118,14 @@ def _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top
     try:
         cache = new_cache(model, pad, capacity)
         logits = extend_unchecked(model, batch, cache)[:, -1]  # the prompts (checked above) in one pass
+        if fixed_shapes is None:
+            fixed_shapes = device.type == "cuda" and capacity is None and not return_cache
+        if fixed_shapes and max_new_tokens > 1:
+            decoder = StaticDecoder(model, cache, max_len=longest + max_new_tokens)
+            step_fn = decoder.step
+        else:
+            def step_fn(token):
+                return extend_unchecked(model, token[:, None], cache)[:, -1]  # sampled: valid ids
         out, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)
@@ -118,7 +137,7 @@ def _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top
                 stream(token)
             if step + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
                 break
-            logits = extend_unchecked(model, token[:, None], cache)[:, -1]  # sampled: valid ids
+            logits = step_fn(token)
     finally:
         model.train(was_training)
 

@@ -1,0 +1,208 @@
+"""Decoding steps of fixed shape, so that a GPU can replay each one as a CUDA graph.
+
+``extend`` decodes a token through the paged cache of ``cache.py``: only the MoSA heads that keep the token
+work, and the host reads back which heads those are and how many pages to hand out, so a step is a different
+sequence of launches each time (about a thousand small ones per step of the tiny preset: the GPU idles while
+the host dispatches them). ``StaticDecoder`` takes the cache after the prompt's prefill and decodes one token
+per sequence with every shape fixed:
+
+* dense heads: keys and values of all ``max_len`` columns preallocated, the new column written at the
+  current column (a device tensor), the unwritten ones masked;
+* local heads: the ring buffer as it is (its slot is the column modulo the window, on the device);
+* MoSA heads: per (sequence, head) ``room`` slots; every head computes the new token's query, key and value,
+  writes its key and value at slot ``count`` and counts it only where its score passes the threshold (the
+  causal rule of ``decode.keep_mask``); a head that does not keep the token outputs zero for it. That costs
+  the projections of all heads instead of the ~1/sparsity that keep the token, but no read from the device.
+
+The host keeps a bound on the fullest head (it grows by at most one per step); when the bound reaches
+``room``, it reads the counts once and, where needed, doubles the room (copying the slots and recording the
+graph anew). The logits equal ``extend``'s to rounding (the same math; tests/inference/test_static_decode.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..layers import MoSAAttention
+from ..ops import apply_rope, project_qkv, rope_cos_sin
+from ..ops.routing import router_logits
+from .cache import DenseCache, KVCache, RingCache, SparseCache
+from .decode import keep_mask
+
+
+class _Dense:
+    """A dense heads' cache of ``max_len`` columns."""
+
+    def __init__(self, cache: DenseCache, max_len: int):
+        B, H, _, D = cache.k.shape
+        k, v, _ = cache.keys()
+        self.k = cache.k.new_zeros(B, H, max_len, D)
+        self.v = torch.zeros_like(self.k)
+        self.k[:, :, : k.shape[2]] = k
+        self.v[:, :, : v.shape[2]] = v
+
+
+class _Sparse:
+    """A MoSA layer's kept keys and values in ``room`` slots per (sequence, head)."""
+
+    def __init__(self, cache: SparseCache, room: int):
+        k, v, pos, _, valid = cache.view()
+        B, E, S, D = k.shape
+        self.count = cache.count.clone()
+        self.k = k.new_zeros(B, E, room, D)
+        self.v = torch.zeros_like(self.k)
+        self.pos = pos.new_zeros(B, E, room)
+        n = min(S, room)  # (slots past a head's count are not read)
+        self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n] = k[:, :, :n], v[:, :, :n], pos[:, :, :n]
+        assert not bool((valid[:, :, n:]).any()), "room below a head's count"
+
+    def grow(self, room: int) -> None:
+        for name in ("k", "v", "pos"):
+            t = getattr(self, name)
+            bigger = t.new_zeros(*t.shape[:2], room, *t.shape[3:])
+            bigger[:, :, : t.shape[2]] = t
+            setattr(self, name, bigger)
+
+
+class StaticDecoder:
+    """One-token decoding steps of ``model`` from a prefilled ``cache`` (``decode.extend`` over the prompts),
+    every tensor preallocated for columns up to ``max_len``; on CUDA each step is replayed as a CUDA graph
+    (``graphs``). ``headroom``: MoSA slots per head beyond the fullest head's count at the start (at least
+    this many steps go by before the host reads the counts). ``step(tokens [B])`` returns the next logits
+    [B, vocab]; the returned tensor is overwritten by the next step."""
+
+    def __init__(self, model, cache: KVCache, max_len: int, headroom: int = 64, graphs: bool | None = None):
+        if cache.length >= max_len:
+            raise ValueError(f"max_len={max_len} leaves no column after the cache's {cache.length}")
+        for part in cache.parts():
+            if isinstance(part, SparseCache) and part.capacity is not None:
+                raise ValueError("StaticDecoder keeps every token a head keeps; a cache with a capacity (eviction) "
+                                 "decodes with extend")
+        self.model = model
+        self.pad = cache.pad
+        self.max_len = max_len
+        device = cache.pad.device
+        self.graphs = device.type == "cuda" if graphs is None else bool(graphs)
+        self.col = torch.full((1,), cache.length, dtype=torch.long, device=device)
+        self.length = cache.length  # the same, on the host
+        self.tokens = torch.zeros(cache.pad.shape[0], dtype=torch.long, device=device)
+        counts = [p.count for p in cache.parts() if isinstance(p, SparseCache)]
+        self.fullest = int(torch.stack([c.max() for c in counts]).max()) if counts else 0
+        self.room = self.fullest + max(int(headroom), 1)
+        self.layers = []
+        for layer in cache.layers:
+            sparse, dense = layer["sparse"], layer["dense"]
+            self.layers.append({
+                "sparse": _Sparse(sparse, self.room) if sparse is not None else None,
+                "dense": (dense if isinstance(dense, RingCache) else _Dense(dense, max_len)
+                          if dense is not None else None)})
+        self.graph = None
+        self.logits = None
+
+    # the step, plain torch: every shape fixed, no read from the device
+    def _forward(self) -> torch.Tensor:
+        model, col = self.model, self.col
+        pos = col - self.pad  # [B]
+        x = model.embed(self.tokens[:, None])
+        for block, layer in zip(model.blocks, self.layers):
+            h = block.ln1(x)
+            x = x + self._attend(block.attn, layer, h, pos)
+            x = x + block.mlp(block.ln2(x))
+        col.add_(1)
+        return model.lm_head(model.ln_f(x))[:, -1]
+
+    def _attend(self, attn, layer, x, pos):
+        if isinstance(attn, MoSAAttention):
+            y = self._sparse(attn, layer["sparse"], x, pos) if layer["sparse"] is not None else 0
+            if layer["dense"] is not None:
+                window = attn.local_window if attn.dense_kind == "local" else None
+                y = y + self._dense(attn.dense, layer["dense"], x, pos, window)
+            return y
+        return self._dense(attn, layer["dense"], x, pos, attn.window)
+
+    def _dense(self, attn, cache, x, pos, window):
+        B = x.shape[0]
+        col = self.col
+        q, k, v = project_qkv(x, attn.W_QKV.weight, attn.num_heads, attn.rope_dims, attn.rope_base,
+                              positions=pos.clamp(min=0)[:, None, None])
+        if isinstance(cache, RingCache):
+            slot = col % cache.window
+            cache.k.index_copy_(2, slot, k)
+            cache.v.index_copy_(2, slot, v)
+            cache.col.index_copy_(0, slot, col)
+            kcol = cache.col
+        else:
+            cache.k.index_copy_(2, col, k)
+            cache.v.index_copy_(2, col, v)
+            kcol = torch.arange(self.max_len, device=col.device)
+        mask = (kcol[None, :] >= self.pad[:, None]) & (kcol <= col) & (kcol >= 0)  # [B, keys]
+        if window is not None:
+            mask &= kcol > col - window
+        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask[:, None, None, :])
+        return F.linear(o.transpose(1, 2).reshape(B, 1, -1), attn.W_O.weight)
+
+    def _sparse(self, attn, cache: _Sparse, x, pos):
+        B, _, h = x.shape
+        D = attn.head_dim
+        E, room = cache.count.shape[1], cache.k.shape[2]
+        scores = torch.sigmoid(router_logits(x, attn.router))  # [B, E, 1]
+        p = pos[:, None, None].expand(B, E, 1)
+        keep = keep_mask(attn, scores, pos[:, None])  # [B, E, 1]
+        # the heads as the batch of one product, so that the weights are read in place (an einsum over
+        # [B, 1, h] x [E, h, 3D] copied them, 108 MB a layer in the tiny preset's FLOP-matched model)
+        qkv = torch.bmm(x[:, 0].unsqueeze(0).expand(E, B, h), attn.W_QKV)  # [E, B, 3D]
+        q, k, v = qkv.transpose(0, 1)[:, :, None].split(D, dim=-1)  # [B, E, 1, D]
+        cos, sin = rope_cos_sin(p, attn.rope_dims, attn.rope_base, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # every head writes at its next slot; only the heads that keep the token count it
+        slot = cache.count.clamp(max=room - 1)[..., None]  # [B, E, 1]
+        cache.k.scatter_(2, slot[..., None].expand(-1, -1, -1, D), k)
+        cache.v.scatter_(2, slot[..., None].expand(-1, -1, -1, D), v)
+        cache.pos.scatter_(2, slot, p)
+        cache.count += keep[..., 0]
+        valid = torch.arange(room, device=x.device) < cache.count[..., None]  # [B, E, room]
+        mask = valid[:, :, None, :] | ~keep[..., None]  # a head that does not keep the token: finite, dropped
+        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)
+        o = o * (scores * keep)[..., None].to(o.dtype)
+        return torch.bmm(o[:, :, 0].transpose(0, 1), attn.W_O).sum(0)[:, None]  # [E, B, h] -> [B, 1, h]
+
+    def _ensure_room(self) -> None:
+        """Before a step: every head must have a free slot. The fullest head grows by at most one per step, so
+        the counts are read only when that bound reaches the room."""
+        sparse = [layer["sparse"] for layer in self.layers if layer["sparse"] is not None]
+        if not sparse or self.fullest + 1 < self.room:
+            return
+        self.fullest = int(torch.stack([s.count.max() for s in sparse]).max())
+        if self.fullest + 1 < self.room:
+            return
+        self.room = 2 * self.room
+        for s in sparse:
+            s.grow(self.room)
+        self.graph = None  # new buffers: record again
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [B] (one new column) and return the logits [B, vocab] of the next one."""
+        if self.length >= self.max_len:
+            raise ValueError(f"the decoder was built for max_len={self.max_len} columns")
+        self._ensure_room()
+        self.tokens.copy_(tokens)
+        if not self.graphs:
+            self.logits = self._forward()
+        elif self.graph is None:
+            self._record()
+        else:
+            self.graph.replay()
+        self.length += 1
+        self.fullest += 1
+        return self.logits
+
+    def _record(self) -> None:
+        """This step run eagerly (which also warms up the libraries' handles), then recorded for the next steps:
+        recording runs nothing, so the state stays the eager step's; the graph reads its inputs (the tokens,
+        the column, the caches) from the same memory at every replay."""
+        eager = self._forward()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = self._forward()
+        static.copy_(eager)  # this step's logits, in the tensor every replay writes
+        self.graph, self.logits = graph, static

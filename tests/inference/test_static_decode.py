@@ -1,0 +1,106 @@
+"""Fixed-shape decoding steps (``inference.static.StaticDecoder``) against the paged cache's ``extend``: the same
+logits at every step, for every attention kind that generates, ragged prompts, and across the MoSA slots'
+growth; on a GPU also replayed as CUDA graphs."""
+import pytest
+import torch
+
+from mosa_attention.inference import extend, generate, new_cache
+from mosa_attention.inference.static import StaticDecoder
+from test_inference_decode import MODELS, model_of
+
+
+def two_ways(model, seqs, prompt_lens, headroom, graphs=False, device="cpu"):
+    """Prefill the left-padded prompts, then feed the remaining columns: (extend's logits, the static
+    decoder's) per step, [steps][B, vocab] each."""
+    L = max(prompt_lens)
+    pad = torch.tensor([L - n for n in prompt_lens], device=device)
+    batch = torch.stack([torch.cat([torch.zeros(L - n, dtype=torch.long), s[:n]])
+                         for s, n in zip(seqs, prompt_lens)]).to(device)
+    steps = min(len(s) - n for s, n in zip(seqs, prompt_lens))
+    ref_cache, cache = new_cache(model, pad), new_cache(model, pad)
+    extend(model, batch, ref_cache)
+    extend(model, batch, cache)
+    decoder = StaticDecoder(model, cache, max_len=L + steps, headroom=headroom, graphs=graphs)
+    ref, got = [], []
+    for t in range(steps):
+        col = torch.stack([s[n + t] for s, n in zip(seqs, prompt_lens)]).to(device)
+        ref.append(extend(model, col[:, None], ref_cache)[:, -1])
+        got.append(decoder.step(col).clone())
+    return ref, got, decoder, ref_cache
+
+
+@pytest.mark.parametrize("kw", MODELS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+@pytest.mark.parametrize("headroom", [1, 64])
+def test_static_steps_equal_extend(kw, headroom):
+    # headroom 1: the MoSA slots fill up after a step or two and grow (twice or more) while decoding
+    model = model_of(**kw)
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 50, (30,)) for _ in range(3)]
+    ref, got, decoder, ref_cache = two_ways(model, seqs, [5, 11, 1], headroom)
+    assert len(ref) == 19
+    for t, (r, g) in enumerate(zip(ref, got)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=f"step {t}")
+    # the MoSA heads counted the same kept tokens as the paged cache
+    for layer, ref_layer in zip(decoder.layers, ref_cache.layers):
+        if layer["sparse"] is not None:
+            assert torch.equal(layer["sparse"].count, ref_layer["sparse"].count)
+    if headroom == 1 and any(layer["sparse"] is not None for layer in decoder.layers):
+        assert decoder.room >= 4  # it grew
+
+
+def test_static_decoder_refuses_what_it_cannot_hold():
+    model = model_of(attention="mosa")
+    pad = torch.tensor([0])
+    cache = new_cache(model, pad)
+    extend(model, torch.randint(0, 50, (1, 4)), cache)
+    with pytest.raises(ValueError, match="max_len=4 leaves no column"):
+        StaticDecoder(model, cache, max_len=4)
+    decoder = StaticDecoder(model, cache, max_len=5)
+    decoder.step(torch.tensor([3]))
+    with pytest.raises(ValueError, match="built for max_len=5"):
+        decoder.step(torch.tensor([3]))
+    capped = new_cache(model, pad, capacity=2)
+    extend(model, torch.randint(0, 50, (1, 4)), capped)
+    with pytest.raises(ValueError, match="capacity"):
+        StaticDecoder(model, capped, max_len=8)
+
+
+@pytest.mark.parametrize("kw", [dict(attention="mosa"), dict(attention="dense")])
+def test_generate_takes_the_same_tokens_either_way(kw):
+    model = model_of(**kw)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    a = generate(model, prompts, 12, temperature=0, fixed_shapes=False)
+    b = generate(model, prompts, 12, temperature=0, fixed_shapes=True)
+    assert a == b
+    c = generate(model, prompts, 12, temperature=0.8, top_k=10, seed=3, fixed_shapes=False)
+    d = generate(model, prompts, 12, temperature=0.8, top_k=10, seed=3, fixed_shapes=True)
+    assert c == d
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kw", MODELS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_cuda_graph_steps_equal_extend(kw):
+    # each step replayed as a CUDA graph (recorded again where the MoSA slots grow): extend's logits
+    model = model_of(**kw).cuda()
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 50, (40,)) for _ in range(3)]
+    ref, got, decoder, _ = two_ways(model, seqs, [5, 11, 1], headroom=2, graphs=True, device="cuda")
+    assert decoder.graph is not None
+    for t, (r, g) in enumerate(zip(ref, got)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4, msg=f"step {t}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kw", [dict(attention="mosa"), dict(attention="mosa", dense_kind="local"),
+                                dict(attention="dense")])
+def test_generate_on_a_gpu_takes_cuda_graphs_by_default(kw, monkeypatch):
+    import mosa_attention.inference.static as static
+
+    model = model_of(**kw).cuda()
+    recorded = []
+    real = static.StaticDecoder._record
+    monkeypatch.setattr(static.StaticDecoder, "_record", lambda self: recorded.append(1) or real(self))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    default = generate(model, prompts, 20, temperature=0)
+    assert recorded, "the default did not record a CUDA graph"
+    assert default == generate(model, prompts, 20, temperature=0, fixed_shapes=False)
