@@ -30,6 +30,15 @@ from .cache import DenseCache, KVCache, RingCache, SparseCache
 from .decode import keep_mask
 
 
+def _attend_one(q, k, v, mask):
+    """Attention of one query per (sequence, head) over its keys: two batched products and a softmax, which
+    spread over the keys. (SDPA's kernels with a mask split the work by queries: with one query a head's
+    4,000 keys ran on one block, 3.5 ms a step at 4,032 tokens on an H200.)"""
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.matmul(p.to(v.dtype), v)
+
+
 class _Dense:
     """A dense heads' cache of ``max_len`` columns."""
 
@@ -138,7 +147,7 @@ class StaticDecoder:
         mask = (kcol[None, :] >= self.pad[:, None]) & (kcol <= col) & (kcol >= 0)  # [B, keys]
         if window is not None:
             mask &= kcol > col - window
-        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask[:, None, None, :])
+        o = _attend_one(q, cache.k, cache.v, mask[:, None, None, :])
         return F.linear(o.transpose(1, 2).reshape(B, 1, -1), attn.W_O.weight)
 
     def _sparse(self, attn, cache: _Sparse, x, pos):
@@ -162,7 +171,7 @@ class StaticDecoder:
         cache.count += keep[..., 0]
         valid = torch.arange(room, device=x.device) < cache.count[..., None]  # [B, E, room]
         mask = valid[:, :, None, :] | ~keep[..., None]  # a head that does not keep the token: finite, dropped
-        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)
+        o = _attend_one(q, cache.k, cache.v, mask)
         o = o * (scores * keep)[..., None].to(o.dtype)
         return torch.bmm(o[:, :, 0].transpose(0, 1), attn.W_O).sum(0)[:, None]  # [E, B, h] -> [B, 1, h]
 
