@@ -14,4 +14,7 @@ tail -4 $O/pytest_summary.log
 timeout 280 python3 benchmarks/bench_generation.py --device cuda --prompt-lens 128 1024 4032 --new-tokens 32 \
   --batch 1 8 --repeats 1 --out $O/gpu_gen.json > $O/bench.log 2>&1
 echo "bench rc=$?" >> $O/bench.log; grep -E "B=|rc=" $O/bench.log
+timeout 150 python3 benchmarks/bench_generation.py --device cuda --dtype bfloat16 --models dense mosa-hybrid \
+  --prompt-lens 128 4032 --new-tokens 32 --batch 1 8 --repeats 1 --out $O/gpu_gen_bf16.json > $O/bench_bf16.log 2>&1
+echo "bench rc=$?" >> $O/bench_bf16.log; grep -E "B=|rc=" $O/bench_bf16.log
 cd $OUT && tar czf all.tar.gz x && rm -rf x
