@@ -104,3 +104,12 @@ def test_generate_on_a_gpu_takes_cuda_graphs_by_default(kw, monkeypatch):
     default = generate(model, prompts, 20, temperature=0)
     assert recorded, "the default did not record a CUDA graph"
     assert default == generate(model, prompts, 20, temperature=0, fixed_shapes=False)
+
+
+def test_steps_record_no_autograd_graph():
+    # a model whose weights require gradients (as after training) decodes without building autograd graphs
+    model = model_of(attention="mosa").requires_grad_(True)
+    cache = new_cache(model, torch.tensor([0]))
+    extend(model, torch.randint(0, 50, (1, 4)), cache)
+    logits = StaticDecoder(model, cache, max_len=8).step(torch.tensor([3]))
+    assert not logits.requires_grad
