@@ -59,6 +59,11 @@ def test_static_decoder_refuses_what_it_cannot_hold():
     decoder.step(torch.tensor([3]))
     with pytest.raises(ValueError, match="built for max_len=5"):
         decoder.step(torch.tensor([3]))
+    with pytest.raises(ValueError, match="headroom"):
+        StaticDecoder(model, cache, max_len=8, headroom=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="graphs=True needs the cache on a CUDA device"):
+            StaticDecoder(model, cache, max_len=8, graphs=True)
     capped = new_cache(model, pad, capacity=2)
     extend(model, torch.randint(0, 50, (1, 4)), capped)
     with pytest.raises(ValueError, match="capacity"):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..layers import MoSAAttention
 from ..ops import apply_rope, project_qkv, rope_cos_sin
+from ..ops._checks import check_positive_int
 from ..ops.routing import router_logits
 from .cache import DenseCache, KVCache, RingCache, SparseCache
 from .decode import keep_mask
@@ -55,15 +56,14 @@ class _Sparse:
     """A MoSA layer's kept keys and values in ``room`` slots per (sequence, head)."""
 
     def __init__(self, cache: SparseCache, room: int):
-        k, v, pos, _, valid = cache.view()
+        k, v, pos, _, _ = cache.view()
         B, E, S, D = k.shape
         self.count = cache.count.clone()
         self.k = k.new_zeros(B, E, room, D)
         self.v = torch.zeros_like(self.k)
         self.pos = pos.new_zeros(B, E, room)
-        n = min(S, room)  # (slots past a head's count are not read)
+        n = min(S, room)  # (room exceeds every head's count; slots past a count are never read)
         self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n] = k[:, :, :n], v[:, :, :n], pos[:, :, :n]
-        assert not bool((valid[:, :, n:]).any()), "room below a head's count"
 
     def grow(self, room: int) -> None:
         for name in ("k", "v", "pos"):
@@ -78,7 +78,8 @@ class StaticDecoder:
     every tensor preallocated for columns up to ``max_len``; on CUDA each step is replayed as a CUDA graph
     (``graphs``). ``headroom``: MoSA slots per head beyond the fullest head's count at the start (at least
     this many steps go by before the host reads the counts). ``step(tokens [B])`` returns the next logits
-    [B, vocab]; the returned tensor is overwritten by the next step."""
+    [B, vocab]; the returned tensor is overwritten by the next step. The decoder takes ``cache`` over (local
+    heads' rings are written in place, the rest copied): extend it no further."""
 
     @torch.no_grad()
     def __init__(self, model, cache: KVCache, max_len: int, headroom: int = 64, graphs: bool | None = None):
@@ -88,17 +89,20 @@ class StaticDecoder:
             if isinstance(part, SparseCache) and part.capacity is not None:
                 raise ValueError("StaticDecoder keeps every token a head keeps; a cache with a capacity (eviction) "
                                  "decodes with extend")
+        check_positive_int("headroom", headroom)
+        device = cache.pad.device
+        if graphs and device.type != "cuda":
+            raise ValueError(f"graphs=True needs the cache on a CUDA device, got {device}")
         self.model = model
         self.pad = cache.pad
         self.max_len = max_len
-        device = cache.pad.device
         self.graphs = device.type == "cuda" if graphs is None else bool(graphs)
         self.col = torch.full((1,), cache.length, dtype=torch.long, device=device)
         self.length = cache.length  # the same, on the host
         self.tokens = torch.zeros(cache.pad.shape[0], dtype=torch.long, device=device)
         counts = [p.count for p in cache.parts() if isinstance(p, SparseCache)]
         self.fullest = int(torch.stack([c.max() for c in counts]).max()) if counts else 0
-        self.room = self.fullest + max(int(headroom), 1)
+        self.room = self.fullest + headroom
         self.layers = []
         for layer in cache.layers:
             sparse, dense = layer["sparse"], layer["dense"]
