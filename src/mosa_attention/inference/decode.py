@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..layers import DenseAttention, MoSAAttention
 from ..ops import apply_rope, project_qkv, rope_cos_sin
@@ -17,6 +18,17 @@ from ..ops.routing import router_logits
 from .cache import DenseCache, KVCache, RingCache, SparseCache
 
 SUPPORTED = ("dense", "mosa", "pure_mosa", "local")
+# SDPA's backends for the cache's attention, whose key length changes at every step. None: SDPA's own choice,
+# which on an H100/H200 in 16-bit takes cuDNN's kernels, built anew for every new shape (decoding in bf16 ran
+# at 7-24 tokens/s where float32 ran at 47-221: benchmarks/NOTES.md v27.3).
+SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def _attention(q, k, v, mask):
+    if SDPA_BACKENDS is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with sdpa_kernel(list(SDPA_BACKENDS)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def check_supported(model) -> None:
@@ -123,7 +135,7 @@ def dense_heads(attn: DenseAttention, cache, x, pos, cols, pad, window: int | No
     if window is not None:
         mask &= kcol > cols[:, None] - window
     mask |= (cols[None, :] < pad[:, None])[..., None]  # a pad query sees anything: finite, and never read
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+    o = _attention(q, keys, values, mask[:, None])
     return F.linear(o.transpose(1, 2).reshape(B, n, -1), attn.W_O.weight)
 
 
@@ -169,7 +181,7 @@ def sparse_heads(attn: MoSAAttention, cache: SparseCache, x, pos) -> torch.Tenso
     keys, values, kpos, _, kvalid = cache.view(None if every else heads)
     mask = kvalid[..., None, :] & (kpos[..., None, :] <= p[..., :, None])  # [B, E', m, S]
     mask |= ~ok[..., None]  # padding queries: finite, dropped below
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    o = _attention(q, keys, values, mask)
     cache.evict()
     o = o * (s * ok)[..., None].to(o.dtype)
     y = torch.einsum("bekd,edh->bekh", o, w_o).reshape(B, E * m, h)
