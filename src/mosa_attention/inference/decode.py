@@ -19,8 +19,8 @@ from .cache import DenseCache, KVCache, RingCache, SparseCache
 
 SUPPORTED = ("dense", "mosa", "pure_mosa", "local")
 # SDPA's backends for the cache's attention, whose key length changes at every step. None: SDPA's own choice,
-# which on an H100/H200 in 16-bit takes cuDNN's kernels, built anew for every new shape (decoding in bf16 ran
-# at 7-24 tokens/s where float32 ran at 47-221: benchmarks/NOTES.md v27.3).
+# with which decoding in bf16 on an H200 ran 6-12x slower than with these (likely cuDNN's kernels, planned per
+# shape: benchmarks/NOTES.md v27.3).
 SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
