@@ -1,5 +1,7 @@
 """Measure generation: KV-cache bytes per token from the cache's real tensors, prefill time and decode
-tokens/s, for a dense model and MoSA models of equal FLOPs (the paper's presets, FLOP-matched heads).
+tokens/s, for a dense model and MoSA models of equal FLOPs (the paper's presets, FLOP-matched heads). Decoding
+is timed twice: through the paged cache's steps (``extend``) and with fixed shapes (``inference.static``, each
+step a CUDA graph on a GPU), with the largest difference of the two paths' last logits.
 
     python benchmarks/bench_generation.py                                  # CPU, tiny preset, a few lengths
     python benchmarks/bench_generation.py --device cuda --prompt-lens 128 1024 4032 --out results/gen.json
