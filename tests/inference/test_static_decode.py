@@ -77,9 +77,10 @@ def test_generate_takes_the_same_tokens_either_way(kw):
     a = generate(model, prompts, 12, temperature=0, fixed_shapes=False)
     b = generate(model, prompts, 12, temperature=0, fixed_shapes=True)
     assert a == b
-    c = generate(model, prompts, 12, temperature=0.8, top_k=10, seed=3, fixed_shapes=False)
-    d = generate(model, prompts, 12, temperature=0.8, top_k=10, seed=3, fixed_shapes=True)
+    c, paged = generate(model, prompts, 12, temperature=0.8, top_k=10, seed=3, fixed_shapes=False, return_cache=True)
+    d, fixed = generate(model, prompts, 12, temperature=0.8, top_k=10, seed=3, fixed_shapes=True, return_cache=True)
     assert c == d
+    assert fixed.length == paged.length and fixed.entries() == paged.entries()  # (to_cache)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -106,9 +107,11 @@ def test_generate_on_a_gpu_takes_cuda_graphs_by_default(kw, monkeypatch):
     real = static.StaticDecoder._record
     monkeypatch.setattr(static.StaticDecoder, "_record", lambda self: recorded.append(1) or real(self))
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
-    default = generate(model, prompts, 20, temperature=0)
+    default, cache = generate(model, prompts, 20, temperature=0, return_cache=True)
     assert recorded, "the default did not record a CUDA graph"
-    assert default == generate(model, prompts, 20, temperature=0, fixed_shapes=False)
+    paged, paged_cache = generate(model, prompts, 20, temperature=0, fixed_shapes=False, return_cache=True)
+    assert default == paged
+    assert cache.length == paged_cache.length and cache.entries() == paged_cache.entries()
 
 
 def test_steps_record_no_autograd_graph():
@@ -118,3 +121,27 @@ def test_steps_record_no_autograd_graph():
     extend(model, torch.randint(0, 50, (1, 4)), cache)
     logits = StaticDecoder(model, cache, max_len=8).step(torch.tensor([3]))
     assert not logits.requires_grad
+
+
+@pytest.mark.parametrize("kw", MODELS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_to_cache_holds_what_the_paged_steps_hold(kw):
+    # the decoded state handed back as a paged cache: the same entries, positions, scores, keys and values as the
+    # cache extend filled, and it extends on with the same logits
+    model = model_of(**kw)
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 50, (30,)) for _ in range(3)]
+    _, _, decoder, ref_cache = two_ways(model, seqs, [5, 11, 1], headroom=1)
+    cache = decoder.to_cache()
+    assert cache.length == ref_cache.length and cache.entries() == ref_cache.entries()
+    assert cache.held_bytes() == ref_cache.held_bytes()
+    for layer, ref in zip(cache.layers, ref_cache.layers):
+        if layer["sparse"] is not None:
+            got, want = layer["sparse"].view(), ref["sparse"].view()
+            valid, ref_valid = got[4], want[4]
+            S = min(valid.shape[-1], ref_valid.shape[-1])
+            assert torch.equal(valid[..., :S], ref_valid[..., :S]) and not valid[..., S:].any()
+            for a, b in zip(got[:4], want[:4]):
+                torch.testing.assert_close(a[:, :, :S][valid[..., :S]], b[:, :, :S][ref_valid[..., :S]])
+    nxt = torch.tensor([7, 8, 9])
+    torch.testing.assert_close(extend(model, nxt[:, None], cache), extend(model, nxt[:, None], ref_cache),
+                               rtol=1e-5, atol=1e-5)

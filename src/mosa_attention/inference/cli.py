@@ -37,8 +37,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a sequence at the end-of-document token")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--stats", action="store_true", help="print tokens/s and the KV cache's size at the end (decodes "
-                   "through the paged cache, also on a GPU)")
+    p.add_argument("--stats", action="store_true", help="print tokens/s and the KV cache's size at the end")
 
 
 def load_run(path, device: str = "auto"):
@@ -149,12 +148,9 @@ def run(args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RoutingWarning)  # said above, before the text starts
-            # (--stats reports the paged cache, so it decodes through it; otherwise a GPU takes the fixed-shape
-            # steps replayed as CUDA graphs: generate's fixed_shapes)
-            out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer, eos_id=eos_id,
-                           return_cache=args.stats)
-            out, cache = out if args.stats else (out, None)
+            out, cache = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer,
+                                  eos_id=eos_id, return_cache=True)
     except ValueError as e:
         print(f"\nmosa generate: error: {e}", file=sys.stderr)
         return 2

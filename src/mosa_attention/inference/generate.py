@@ -69,8 +69,8 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k
 
     ``fixed_shapes``: decode through ``static.StaticDecoder`` (every step the same shapes, replayed as a CUDA
     graph on a GPU) instead of the paged cache's ``extend``; None takes it on a GPU, where the paged steps are
-    bound by the host, unless ``capacity`` or ``return_cache`` asks for the paged cache. The same tokens either
-    way, to rounding.
+    bound by the host, unless ``capacity`` asks for the paged cache's eviction. The same tokens either way, to
+    rounding; ``return_cache`` then gives the decoded state as a paged cache (``StaticDecoder.to_cache``).
 
     Returns a [B, T + n] tensor for tensor input, else a list of lists (prompt + new tokens, cut after
     ``eos_id``); with ``return_cache`` also the ``KVCache``.
@@ -87,9 +87,9 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k
         raise ValueError(f"seed must be an integer or None, got seed={seed!r}")
     if fixed_shapes is not None and not isinstance(fixed_shapes, bool):
         raise ValueError(f"fixed_shapes must be True, False or None, got fixed_shapes={fixed_shapes!r}")
-    if fixed_shapes and (capacity is not None or return_cache):
-        raise ValueError("fixed_shapes=True keeps every token a MoSA head keeps in buffers of its own: it takes "
-                         "neither capacity nor return_cache (those need the paged cache, fixed_shapes=False)")
+    if fixed_shapes and capacity is not None:
+        raise ValueError("fixed_shapes=True keeps every token a MoSA head keeps: it takes no capacity (the paged "
+                         "cache's eviction, fixed_shapes=False)")
     prompts, as_tensor = _prompts(model, ids)
     longest = max(len(p) for p in prompts)
     limit = model.config.longest_input
@@ -119,7 +119,8 @@ def _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top
         cache = new_cache(model, pad, capacity)
         logits = extend_unchecked(model, batch, cache)[:, -1]  # the prompts (checked above) in one pass
         if fixed_shapes is None:
-            fixed_shapes = device.type == "cuda" and capacity is None and not return_cache
+            fixed_shapes = device.type == "cuda" and capacity is None
+        decoder = None
         if fixed_shapes and max_new_tokens > 1:
             decoder = StaticDecoder(model, cache, max_len=longest + max_new_tokens)
             step_fn = decoder.step
@@ -138,6 +139,8 @@ def _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top
             if step + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
                 break
             logits = step_fn(token)
+        if decoder is not None and return_cache:
+            cache = decoder.to_cache()
     finally:
         model.train(was_training)
 

@@ -56,17 +56,19 @@ class _Sparse:
     """A MoSA layer's kept keys and values in ``room`` slots per (sequence, head)."""
 
     def __init__(self, cache: SparseCache, room: int):
-        k, v, pos, _, _ = cache.view()
+        k, v, pos, score, _ = cache.view()
         B, E, S, D = k.shape
         self.count = cache.count.clone()
         self.k = k.new_zeros(B, E, room, D)
         self.v = torch.zeros_like(self.k)
         self.pos = pos.new_zeros(B, E, room)
+        self.score = score.new_zeros(B, E, room)  # (for to_cache: the paged cache keeps them)
         n = min(S, room)  # (room exceeds every head's count; slots past a count are never read)
-        self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :, :n] = k[:, :, :n], v[:, :, :n], pos[:, :, :n]
+        for name, t in (("k", k), ("v", v), ("pos", pos), ("score", score)):
+            getattr(self, name)[:, :, :n] = t[:, :, :n]
 
     def grow(self, room: int) -> None:
-        for name in ("k", "v", "pos"):
+        for name in ("k", "v", "pos", "score"):
             t = getattr(self, name)
             bigger = t.new_zeros(*t.shape[:2], room, *t.shape[3:])
             bigger[:, :, : t.shape[2]] = t
@@ -173,12 +175,36 @@ class StaticDecoder:
         cache.k.scatter_(2, slot[..., None].expand(-1, -1, -1, D), k)
         cache.v.scatter_(2, slot[..., None].expand(-1, -1, -1, D), v)
         cache.pos.scatter_(2, slot, p)
+        cache.score.scatter_(2, slot, scores.float())
         cache.count += keep[..., 0]
         valid = torch.arange(room, device=x.device) < cache.count[..., None]  # [B, E, room]
         mask = valid[:, :, None, :] | ~keep[..., None]  # a head that does not keep the token: finite, dropped
         o = _attend_one(q, cache.k, cache.v, mask)
         o = o * (scores * keep)[..., None].to(o.dtype)
         return torch.bmm(o[:, :, 0].transpose(0, 1), attn.W_O).sum(0)[:, None]  # [E, B, h] -> [B, 1, h]
+
+    @torch.no_grad()
+    def to_cache(self, page_size: int = 8) -> KVCache:
+        """The decoded state as a paged ``KVCache``: the keys and values each head holds, in the order the paged
+        steps would have stored them, so that it measures and extends as if ``extend`` had decoded."""
+        layers = []
+        for layer in self.layers:
+            sparse, dense = layer["sparse"], layer["dense"]
+            if sparse is not None:
+                B, E, room, D = sparse.k.shape
+                paged = SparseCache(B, E, D, dtype=sparse.k.dtype, device=sparse.k.device, page_size=page_size)
+                ok = torch.arange(room, device=sparse.k.device) < sparse.count[..., None]
+                paged.append(sparse.k, sparse.v, sparse.pos, sparse.score, ok)
+                sparse = paged
+            if isinstance(dense, _Dense):
+                B, H, _, D = dense.k.shape
+                cols = DenseCache(B, H, D, dtype=dense.k.dtype, device=dense.k.device)
+                cols.append(dense.k[:, :, : self.length], dense.v[:, :, : self.length])
+                dense = cols
+            layers.append({"sparse": sparse, "dense": dense})
+        cache = KVCache(layers, self.pad)
+        cache.length = self.length
+        return cache
 
     def _ensure_room(self) -> None:
         """Before a step: every head must have a free slot. The fullest head grows by at most one per step, so
