@@ -148,9 +148,10 @@ def run(args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RoutingWarning)  # said above, before the text starts
-            out, cache = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer,
-                                  eos_id=eos_id, return_cache=True)
+            out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer, eos_id=eos_id,
+                           return_cache=args.stats)  # (the cache only for --stats)
+            out, cache = out if args.stats else (out, None)
     except ValueError as e:
         print(f"\nmosa generate: error: {e}", file=sys.stderr)
         return 2
