@@ -78,7 +78,8 @@ def wrap(model: nn.Module, info: DistInfo, kind: str, reduce_dtype: torch.dtype 
     """DDP; FSDP2 with each transformer block sharded, then the root; or, for ``"allreduce"``, the model itself
     with rank 0's parameters and buffers copied to every process (as DDP does when it wraps a model), whose
     gradients the loop then averages with ``all_reduce_grads``. ``reduce_dtype`` bfloat16: DDP's buckets of
-    float32 gradients travel in bf16 (its compression hook); for "allreduce" ``all_reduce_grads`` takes it."""
+    float32 gradients travel in bf16 (a communication hook, ``_average_in``); for "allreduce" ``all_reduce_grads``
+    takes it."""
     if not info.enabled:
         return model
     if kind == "allreduce":
