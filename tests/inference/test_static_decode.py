@@ -145,3 +145,30 @@ def test_to_cache_holds_what_the_paged_steps_hold(kw):
     nxt = torch.tensor([7, 8, 9])
     torch.testing.assert_close(extend(model, nxt[:, None], cache), extend(model, nxt[:, None], ref_cache),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", MODELS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_triton_heads_step_equals_torch_heads_step(kw):
+    # the MoSA heads' Triton step (only the heads that keep the token work; interpreted on a CPU) against the
+    # plain-torch step, through whole decodes with slots that double
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model_of(**kw).to(device)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 50, (n,)) for n in (5, 11, 1)]
+    L = 11
+    pad = torch.tensor([L - len(p) for p in prompts], device=device)
+    batch = torch.stack([torch.cat([torch.zeros(L - len(p), dtype=torch.long), p]) for p in prompts]).to(device)
+    decoders = {}
+    for backend in ("torch", "triton"):
+        cache = new_cache(model, pad)
+        extend(model, batch, cache)
+        decoders[backend] = StaticDecoder(model, cache, max_len=L + 12, headroom=1, graphs=False, backend=backend)
+    g = torch.Generator().manual_seed(2)
+    for t in range(12):
+        tokens = torch.randint(0, 50, (3,), generator=g).to(device)
+        want = decoders["torch"].step(tokens).clone()
+        got = decoders["triton"].step(tokens)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"step {t}")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        StaticDecoder(model, new_cache(model, pad), max_len=L + 1, backend="cuda")

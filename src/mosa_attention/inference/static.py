@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import MoSAAttention
-from ..ops import apply_rope, project_qkv, rope_cos_sin
+from ..ops import project_qkv, rope_cos_sin
+from ..ops.decode_heads import BACKENDS, decode_heads
 from ..ops._checks import check_positive_int
 from ..ops.routing import router_logits
 from .cache import DenseCache, KVCache, RingCache, SparseCache
@@ -78,13 +79,15 @@ class _Sparse:
 class StaticDecoder:
     """One-token decoding steps of ``model`` from a prefilled ``cache`` (``decode.extend`` over the prompts),
     every tensor preallocated for columns up to ``max_len``; on CUDA each step is replayed as a CUDA graph
-    (``graphs``). ``headroom``: MoSA slots per head beyond the fullest head's count at the start (at least
+    (``graphs``). ``backend``: the MoSA heads' step (``ops.decode_heads``): "torch" computes every head,
+    "triton" only the heads that keep the token. ``headroom``: MoSA slots per head beyond the fullest head's count at the start (at least
     this many steps go by before the host reads the counts). ``step(tokens [B])`` returns the next logits
     [B, vocab]; the returned tensor is overwritten by the next step. The decoder takes ``cache`` over (local
     heads' rings are written in place, the rest copied): extend it no further."""
 
     @torch.no_grad()
-    def __init__(self, model, cache: KVCache, max_len: int, headroom: int = 64, graphs: bool | None = None):
+    def __init__(self, model, cache: KVCache, max_len: int, headroom: int = 64, graphs: bool | None = None,
+                 backend: str = "torch"):
         if cache.length >= max_len:
             raise ValueError(f"max_len={max_len} leaves no column after the cache's {cache.length}")
         for part in cache.parts():
@@ -92,6 +95,9 @@ class StaticDecoder:
                 raise ValueError("StaticDecoder keeps every token a head keeps; a cache with a capacity (eviction) "
                                  "decodes with extend")
         check_positive_int("headroom", headroom)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+        self.backend = backend
         device = cache.pad.device
         if graphs and device.type != "cuda":
             raise ValueError(f"graphs=True needs the cache on a CUDA device, got {device}")
@@ -158,30 +164,21 @@ class StaticDecoder:
         return F.linear(o.transpose(1, 2).reshape(B, 1, -1), attn.W_O.weight)
 
     def _sparse(self, attn, cache: _Sparse, x, pos):
-        B, _, h = x.shape
-        D = attn.head_dim
+        B = x.shape[0]
         E, room = cache.count.shape[1], cache.k.shape[2]
         scores = torch.sigmoid(router_logits(x, attn.router))  # [B, E, 1]
-        p = pos[:, None, None].expand(B, E, 1)
         keep = keep_mask(attn, scores, pos[:, None])  # [B, E, 1]
-        # the heads as the batch of one product, so that the weights are read in place (an einsum over
-        # [B, 1, h] x [E, h, 3D] copied them, 108 MB a layer in the tiny preset's FLOP-matched model)
-        qkv = torch.bmm(x[:, 0].unsqueeze(0).expand(E, B, h), attn.W_QKV)  # [E, B, 3D]
-        q, k, v = qkv.transpose(0, 1)[:, :, None].split(D, dim=-1)  # [B, E, 1, D]
-        cos, sin = rope_cos_sin(p, attn.rope_dims, attn.rope_base, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # every head writes at its next slot; only the heads that keep the token count it
+        cos, sin = rope_cos_sin(pos.clamp(min=0), attn.rope_dims, attn.rope_base, x.dtype)  # [B, rope dims]
+        # every head's next slot takes the token's position and score (read only where the head counts it) ...
         slot = cache.count.clamp(max=room - 1)[..., None]  # [B, E, 1]
-        cache.k.scatter_(2, slot[..., None].expand(-1, -1, -1, D), k)
-        cache.v.scatter_(2, slot[..., None].expand(-1, -1, -1, D), v)
-        cache.pos.scatter_(2, slot, p)
+        cache.pos.scatter_(2, slot, pos[:, None, None].expand(B, E, 1))
         cache.score.scatter_(2, slot, scores.float())
+        # ... and its key and value (ops.decode_heads: the kernel writes only the keeping heads' slots)
+        y = decode_heads(x[:, 0].contiguous(), scores[..., 0].contiguous(), keep[..., 0].contiguous(), cache.count,
+                         attn.W_QKV, attn.W_O, cos.contiguous(), sin.contiguous(), cache.k, cache.v,
+                         backend=self.backend)
         cache.count += keep[..., 0]
-        valid = torch.arange(room, device=x.device) < cache.count[..., None]  # [B, E, room]
-        mask = valid[:, :, None, :] | ~keep[..., None]  # a head that does not keep the token: finite, dropped
-        o = _attend_one(q, cache.k, cache.v, mask)
-        o = o * (scores * keep)[..., None].to(o.dtype)
-        return torch.bmm(o[:, :, 0].transpose(0, 1), attn.W_O).sum(0)[:, None]  # [E, B, h] -> [B, 1, h]
+        return y[:, None]
 
     @torch.no_grad()
     def to_cache(self, page_size: int = 8) -> KVCache:

@@ -1,0 +1,49 @@
+"""One decoding step of a layer's MoSA heads over fixed-size per-head caches: the reference in plain torch and a
+Triton kernel with the same signature, whose programs skip the heads that do not keep the token.
+
+For each sequence b and head e, with the new token's row x[b] (already normalised), its router score and
+whether the head keeps it (``keep``), and the head's ``count`` tokens cached in slots [0, count):
+q, k, v = x[b] W_QKV[e] with RoPE at the token's position (``cos``/``sin`` of that position); k and v are written
+at slot ``count``; o = softmax(q K^T / sqrt(D)) V over slots [0, count]; y[b] += score * o W_O[e] where the head
+keeps the token. The caller advances ``count`` where ``keep``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .rope import apply_rope
+
+BACKENDS = ("torch", "triton")
+
+
+def decode_heads_reference(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache) -> torch.Tensor:
+    """x [B, h], scores and keep [B, E], count [B, E] (int64), w_qkv [E, h, 3D], w_o [E, D, h], cos and sin
+    [B, R] (R rotated dims), k_cache and v_cache [B, E, room, D] -> y [B, h]. Every head computes its
+    projections and writes its slot (a head that does not keep the token writes past its count, never read)."""
+    B, h = x.shape
+    E, room, D = w_qkv.shape[0], k_cache.shape[2], w_o.shape[1]
+    # the heads as the batch of one product, so that the weights are read in place
+    qkv = torch.bmm(x.unsqueeze(0).expand(E, B, h), w_qkv)  # [E, B, 3D]
+    q, k, v = qkv.transpose(0, 1)[:, :, None].split(D, dim=-1)  # [B, E, 1, D]
+    q, k = apply_rope(q, cos[:, None, None], sin[:, None, None]), apply_rope(k, cos[:, None, None], sin[:, None, None])
+    slot = count.clamp(max=room - 1)[..., None, None].expand(-1, -1, 1, D)
+    k_cache.scatter_(2, slot, k)
+    v_cache.scatter_(2, slot, v)
+    s = torch.matmul(q, k_cache.transpose(-1, -2)).float() * D ** -0.5  # [B, E, 1, room]
+    seen = torch.arange(room, device=x.device) <= count[..., None]  # slots [0, count]
+    p = s.masked_fill(~seen[:, :, None], float("-inf")).softmax(-1)
+    o = torch.matmul(p.to(v_cache.dtype), v_cache)[:, :, 0]  # [B, E, D]
+    o = o * (scores * keep).to(o.dtype)[..., None]
+    return torch.bmm(o.transpose(0, 1), w_o).sum(0)  # [E, B, h] -> [B, h]
+
+
+def decode_heads(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache, backend: str = "torch"):
+    """``decode_heads_reference`` (``backend="torch"``) or its Triton kernel (``"triton"``: CUDA tensors, or any
+    under Triton's interpreter)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+    if backend == "torch":
+        return decode_heads_reference(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache)
+    from .triton_decode_heads import decode_heads_triton
+
+    return decode_heads_triton(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache)
