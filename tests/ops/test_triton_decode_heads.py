@@ -1,13 +1,14 @@
 """The decoding step's MoSA-heads kernel against its plain-torch reference: output, the cache slots written for
 the heads that keep the token, at awkward shapes (one head, one slot, full rooms, no RoPE, all RoPE dims, head
 dims that are not powers of two, batch 1)."""
-import triton_env  # noqa: F401  (first: the interpreter on machines without a GPU)
 import pytest
 import torch
+import triton_env  # (the interpreter on machines without a GPU)
 
-from mosa_attention.ops.decode_heads import decode_heads, decode_heads_reference
-from mosa_attention.ops.rope import rope_cos_sin
-from mosa_attention.ops.triton_decode_heads import _decode_heads
+pytest.importorskip("triton")
+from mosa_attention.ops.decode_heads import decode_heads, decode_heads_reference  # noqa: E402
+from mosa_attention.ops.rope import rope_cos_sin  # noqa: E402
+from mosa_attention.ops.triton_decode_heads import _decode_heads  # noqa: E402
 
 triton_env.require(_decode_heads)
 DEVICE = triton_env.DEVICE
