@@ -49,6 +49,23 @@ def test_generate_streams_text(run_dir, capsys):
     assert "6 tokens" in err and "KV cache" in err
 
 
+def test_generate_passes_the_decoding_path_on(run_dir, capsys, monkeypatch):
+    # --fixed-shapes / --no-fixed-shapes reach generate (None: its default, fixed shapes on a GPU); the same text
+    import importlib
+
+    from mosa_attention.inference import cli
+
+    gen = importlib.import_module("mosa_attention.inference.generate")  # (the package's name is the function)
+    seen, real, texts = [], gen.generate, set()
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: seen.append(k["fixed_shapes"]) or real(*a, **k))
+    for flag in ([], ["--fixed-shapes"], ["--no-fixed-shapes"]):
+        rc = call(cli, ["--checkpoint", str(run_dir), "--prompt", "the cat", "--max-new-tokens", "5",
+                        "--temperature", "0", "--no-stop-at-eos", "--device", "cpu", *flag])
+        assert rc == 0
+        texts.add(capsys.readouterr().out)
+    assert seen == [None, True, False] and len(texts) == 1
+
+
 def test_generate_batch_and_bad_arguments(run_dir, capsys):
     from mosa_attention.inference import cli
 

@@ -38,6 +38,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="stop a sequence at the end-of-document token")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--stats", action="store_true", help="print tokens/s and the KV cache's size at the end")
+    p.add_argument("--fixed-shapes", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode with fixed shapes, each step a CUDA graph (default: on a GPU); --no-fixed-shapes "
+                        "takes the paged cache's steps, as a CPU does")
 
 
 def load_run(path, device: str = "auto"):
@@ -150,7 +153,7 @@ def run(args) -> int:
             warnings.simplefilter("ignore", RoutingWarning)  # said above, before the text starts
             out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer, eos_id=eos_id,
-                           return_cache=args.stats)  # (the cache only for --stats)
+                           return_cache=args.stats, fixed_shapes=args.fixed_shapes)  # (the cache: --stats)
             out, cache = out if args.stats else (out, None)
     except ValueError as e:
         print(f"\nmosa generate: error: {e}", file=sys.stderr)
