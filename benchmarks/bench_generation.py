@@ -42,7 +42,7 @@ def sync(device):
 
 
 def measure(model, prompt_len: int, new_tokens: int, batch: int, device, repeats: int,
-            static_backend: str = "torch") -> dict:
+            static_backend: str = "auto") -> dict:
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V, (batch, prompt_len + new_tokens), generator=g).to(device)
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per case after one warm-up; median")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--static-backend", default="torch", choices=["torch", "triton"],
+    p.add_argument("--static-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="the fixed-shape steps' MoSA heads (inference.static's backend)")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)

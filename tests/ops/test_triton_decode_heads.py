@@ -6,11 +6,11 @@ import torch
 import triton_env  # (the interpreter on machines without a GPU)
 
 pytest.importorskip("triton")
-from mosa_attention.ops.decode_heads import decode_heads, decode_heads_reference  # noqa: E402
+from mosa_attention.ops.decode_heads import decode_heads, decode_heads_reference, resolve_decode_backend  # noqa: E402
 from mosa_attention.ops.rope import rope_cos_sin  # noqa: E402
-from mosa_attention.ops.triton_decode_heads import _decode_heads  # noqa: E402
+from mosa_attention.ops import triton_decode_heads  # noqa: E402
 
-triton_env.require(_decode_heads)
+triton_env.require(triton_decode_heads._qkv_parts)
 DEVICE = triton_env.DEVICE
 
 
@@ -42,12 +42,15 @@ SHAPES = [  # B, E, h, D, room, RD
     (1, 17, 128, 64, 40, 32),
     (2, 4, 96, 40, 70, 20),
     (1, 3, 32, 16, 34, 16),  # a full room of 34: 33 cached slots, one past a block of 32
-]
+    (1, 66, 320, 32, 5, 16),  # the split form: 5 slices of x's dims, 3 of the output's (the last one short),
+]                             # and more heads than one block of the head sum
 
 
+@pytest.mark.parametrize("form", triton_decode_heads.FORMS)
 @pytest.mark.parametrize("dtype", triton_env.DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kernel_matches_reference(shape, dtype):
+def test_kernel_matches_reference(shape, dtype, form, monkeypatch):
+    monkeypatch.setattr(triton_decode_heads, "FORM", form)
     B, E, h, D, room, RD = shape
     args = case(B, E, h, D, room, RD, dtype, seed=sum(shape))
     ref_k, ref_v = args[8].clone(), args[9].clone()
@@ -71,3 +74,17 @@ def test_kernel_matches_reference(shape, dtype):
 def test_backend_is_checked():
     with pytest.raises(ValueError, match="backend must be one of"):
         decode_heads(*case(1, 1, 32, 16, 2, 8, torch.float32, 0), backend="cuda")
+
+
+def test_auto_backend_takes_the_kernel_on_cuda_only():
+    cpu = torch.zeros(1)
+    assert resolve_decode_backend("auto", cpu) == "torch"
+    assert resolve_decode_backend("triton", cpu) == "triton"  # (asked for: Triton's interpreter runs it here)
+    if torch.cuda.is_available():
+        assert resolve_decode_backend("auto", cpu.cuda()) == "triton"
+    # "auto" on a CPU gives the reference's bits
+    args = tuple(t.cpu() for t in case(2, 3, 32, 16, 2, 8, torch.float32, 0))
+    k_auto, v_auto = args[8].clone(), args[9].clone()
+    want = decode_heads(*args, backend="torch")
+    got = decode_heads(*args[:8], k_auto, v_auto, backend="auto")
+    assert torch.equal(got, want) and torch.equal(k_auto, args[8]) and torch.equal(v_auto, args[9])

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import MoSAAttention
-from ..ops import project_qkv, rope_cos_sin
-from ..ops.decode_heads import BACKENDS, attend_one, decode_heads
+from ..ops import apply_rope, rope_cos_sin
+from ..ops.decode_heads import attend_one, decode_heads, resolve_decode_backend
 from ..ops._checks import check_positive_int
 from ..ops.routing import router_logits
 from .cache import DenseCache, KVCache, RingCache, SparseCache
@@ -71,14 +71,14 @@ class StaticDecoder:
     """One-token decoding steps of ``model`` from a prefilled ``cache`` (``decode.extend`` over the prompts),
     every tensor preallocated for columns up to ``max_len``; on CUDA each step is replayed as a CUDA graph
     (``graphs``). ``backend``: the MoSA heads' step (``ops.decode_heads``): "torch" computes every head,
-    "triton" only the heads that keep the token. ``headroom``: MoSA slots per head beyond the fullest head's count at the start (at least
+    "triton" only the heads that keep the token, "auto" (the default) the kernel on CUDA where triton imports. ``headroom``: MoSA slots per head beyond the fullest head's count at the start (at least
     this many steps go by before the host reads the counts). ``step(tokens [B])`` returns the next logits
     [B, vocab]; the returned tensor is overwritten by the next step. The decoder takes ``cache`` over (local
     heads' rings are written in place, the rest copied): extend it no further."""
 
     @torch.no_grad()
     def __init__(self, model, cache: KVCache, max_len: int, headroom: int = 64, graphs: bool | None = None,
-                 backend: str = "torch"):
+                 backend: str = "auto"):
         if cache.length >= max_len:
             raise ValueError(f"max_len={max_len} leaves no column after the cache's {cache.length}")
         for part in cache.parts():
@@ -86,10 +86,8 @@ class StaticDecoder:
                 raise ValueError("StaticDecoder keeps every token a head keeps; a cache with a capacity (eviction) "
                                  "decodes with extend")
         check_positive_int("headroom", headroom)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
-        self.backend = backend
         device = cache.pad.device
+        self.backend = resolve_decode_backend(backend, cache.pad)
         if graphs and device.type != "cuda":
             raise ValueError(f"graphs=True needs the cache on a CUDA device, got {device}")
         self.model = model
@@ -116,6 +114,7 @@ class StaticDecoder:
     def _forward(self) -> torch.Tensor:
         model, col = self.model, self.col
         pos = col - self.pad  # [B]
+        self._tables = {}  # RoPE's cos and sin at pos, made once per step (not per layer and kind of head)
         x = model.embed(self.tokens[:, None])
         for block, layer in zip(model.blocks, self.layers):
             h = block.ln1(x)
@@ -133,11 +132,21 @@ class StaticDecoder:
             return y
         return self._dense(attn, layer["dense"], x, pos, attn.window)
 
+    def _cos_sin(self, pos, rope_dims: int, rope_base: float, dtype):
+        """``rope_cos_sin`` at the step's positions [B] (padding's at 0), once per step for each setting."""
+        key = (rope_dims, rope_base, dtype)
+        if key not in self._tables:
+            self._tables[key] = tuple(t.contiguous() for t in rope_cos_sin(pos.clamp(min=0), rope_dims, rope_base, dtype))
+        return self._tables[key]
+
     def _dense(self, attn, cache, x, pos, window):
         B = x.shape[0]
         col = self.col
-        q, k, v = project_qkv(x, attn.W_QKV.weight, attn.num_heads, attn.rope_dims, attn.rope_base,
-                              positions=pos.clamp(min=0)[:, None, None])
+        # (project_qkv at positions [B, 1, 1], with the step's tables)
+        q, k, v = F.linear(x, attn.W_QKV.weight).view(B, 1, attn.num_heads, -1).transpose(1, 2).chunk(3, dim=-1)
+        if attn.rope_dims:
+            cos, sin = self._cos_sin(pos, attn.rope_dims, attn.rope_base, q.dtype)
+            q, k = apply_rope(q, cos[:, None, None], sin[:, None, None]), apply_rope(k, cos[:, None, None], sin[:, None, None])
         if isinstance(cache, RingCache):
             slot = col % cache.window
             cache.k.index_copy_(2, slot, k)
@@ -159,14 +168,14 @@ class StaticDecoder:
         E, room = cache.count.shape[1], cache.k.shape[2]
         scores = torch.sigmoid(router_logits(x, attn.router))  # [B, E, 1]
         keep = keep_mask(attn, scores, pos[:, None])  # [B, E, 1]
-        cos, sin = rope_cos_sin(pos.clamp(min=0), attn.rope_dims, attn.rope_base, x.dtype)  # [B, rope dims]
+        cos, sin = self._cos_sin(pos, attn.rope_dims, attn.rope_base, x.dtype)  # [B, rope dims]
         # every head's next slot takes the token's position and score (read only where the head counts it) ...
         slot = cache.count.clamp(max=room - 1)[..., None]  # [B, E, 1]
         cache.pos.scatter_(2, slot, pos[:, None, None].expand(B, E, 1))
         cache.score.scatter_(2, slot, scores.float())
         # ... and its key and value (ops.decode_heads: the kernel writes only the keeping heads' slots)
         y = decode_heads(x[:, 0].contiguous(), scores[..., 0].contiguous(), keep[..., 0].contiguous(), cache.count,
-                         attn.W_QKV, attn.W_O, cos.contiguous(), sin.contiguous(), cache.k, cache.v,
+                         attn.W_QKV, attn.W_O, cos, sin, cache.k, cache.v,
                          backend=self.backend)
         cache.count += keep[..., 0]
         return y[:, None]

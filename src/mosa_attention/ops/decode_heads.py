@@ -13,7 +13,7 @@ import torch
 
 from .rope import apply_rope
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("auto", "torch", "triton")
 
 
 def attend_one(q, k, v, mask):
@@ -45,12 +45,28 @@ def decode_heads_reference(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache
     return torch.bmm(o.transpose(0, 1), w_o).sum(0)  # [E, B, h] -> [B, h]
 
 
-def decode_heads(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache, backend: str = "torch"):
-    """``decode_heads_reference`` (``backend="torch"``) or its Triton kernel (``"triton"``: CUDA tensors, or any
-    under Triton's interpreter)."""
+def _triton_importable() -> bool:
+    try:
+        from . import triton_decode_heads  # noqa: F401, WPS433 (optional dependency)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_decode_backend(backend: str, x: torch.Tensor) -> str:
+    """"torch" or "triton" for ``backend`` on ``x``'s device: "auto" takes the kernel on CUDA where triton imports
+    (on an H200 it decodes 1.2-3.6 times as many tokens/s as the reference: benchmarks/NOTES.md v28.0)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
-    if backend == "torch":
+    if backend == "auto":
+        return "triton" if x.is_cuda and _triton_importable() else "torch"
+    return backend
+
+
+def decode_heads(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache, backend: str = "auto"):
+    """``decode_heads_reference`` (``backend="torch"``) or its Triton kernel (``"triton"``: CUDA tensors, or any
+    under Triton's interpreter); "auto": the kernel on CUDA where triton imports, else the reference."""
+    if resolve_decode_backend(backend, x) == "torch":
         return decode_heads_reference(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache)
     from .triton_decode_heads import decode_heads_triton
 
