@@ -3,8 +3,7 @@
     python benchmarks/profile_static_decode.py cuda OUT.json       # from the repository root
 
 Tiny preset at rho = 32 (the models of bench_generation.py, thresholds calibrated the same way), float32 unless
-DTYPE=bfloat16, batch B (default 1), PL prompt tokens (default 1024); BACKENDS the static decoder's backends and FORMS
-the Triton kernels' forms (``ops.triton_decode_heads.FORM``) to run. For each model: the step's time as a CUDA
+DTYPE=bfloat16, batch B (default 1), PL prompt tokens (default 1024); BACKENDS the static decoder's backends to run. For each model: the step's time as a CUDA
 graph replay (median over 32 steps), then 8 steps run eagerly (``graphs=False``) under torch.profiler: kernels
 per step, their summed duration, and the kernels that take the most time, grouped by name. A graph replays the
 same kernels back to back, so (graph step time) - (summed kernel time) is about what the gaps between kernels
@@ -25,14 +24,12 @@ from bench_generation import MODELS, sync  # noqa: E402
 from mosa_attention import MoSAConfig, MoSALM  # noqa: E402
 from mosa_attention.inference import calibrate_thresholds, extend, new_cache  # noqa: E402
 from mosa_attention.inference.static import StaticDecoder  # noqa: E402
-from mosa_attention.ops import triton_decode_heads  # noqa: E402
 
 dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
 out = sys.argv[2] if len(sys.argv) > 2 else "static_probe.json"
 L, B = int(os.environ.get("PL", 1024)), int(os.environ.get("B", 1))
 dtype = getattr(torch, os.environ.get("DTYPE", "float32"))
 backends = os.environ.get("BACKENDS", "triton torch").split()
-forms = os.environ.get("FORMS", "split").split()
 models = os.environ.get("MODELS", "dense mosa-hybrid pure-mosa").split()
 steps, timed = 8, 32
 rows = []
@@ -56,10 +53,7 @@ for name in models:
             calibrate_thresholds(model, [torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), device=dev)])
     model = model.to(dtype)
     ids = torch.randint(0, cfg.vocab_size, (B, L + timed + steps + 2), generator=torch.Generator().manual_seed(0)).to(dev)
-    variants = [(b, f) for b in backends for f in (forms if b == "triton" else ["-"])]
-    for backend, form in (variants if cfg.sparse_heads else variants[:1]):
-        if form != "-":
-            triton_decode_heads.FORM = form
+    for backend in (backends if cfg.sparse_heads else backends[:1]):
         # the step as a graph replay
         dec = decoder_for(model, ids, backend, graphs=dev.type == "cuda")
         dec.step(ids[:, L])
@@ -91,12 +85,12 @@ for name in models:
         total_us = sum(us for _, us in kernels.values())
         launches = sum(c for c, _ in kernels.values())
         top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
-        r = {"model": name, "backend": backend, "form": form, "batch": B, "prompt": L, "dtype": str(dtype),
+        r = {"model": name, "backend": backend, "batch": B, "prompt": L, "dtype": str(dtype),
              "graph_ms_per_step": graph_ms, "kernels_per_step": launches / steps,
              "kernel_ms_per_step": total_us / 1e3 / steps,
              "top": [{"kernel": n, "per_step": c / steps, "us_per_step": us / steps} for n, (c, us) in top]}
         rows.append(r)
-        print(f"## {name} {backend} {form}: graph {graph_ms:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step, "
+        print(f"## {name} {backend}: graph {graph_ms:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step, "
               f"{r['kernel_ms_per_step']:.3f} ms of kernels/step", flush=True)
         for t in r["top"][:15]:
             print(f"   {t['us_per_step']:8.1f} us  {t['per_step']:5.1f}x  {t['kernel']}", flush=True)

@@ -140,20 +140,15 @@ ALL_KERNELS = textwrap.dedent("""
     # the decoding step's MoSA heads (ops.triton_decode_heads), float32 and bfloat16 weights and caches
     from mosa_attention.ops import triton_decode_heads as dh
     for dt in ("*fp32", "*bf16"):
-        ints = dict(keep_ptr="*i8", count_ptr="*i64")
-        f32 = {n: "*fp32" for n in ("part_ptr", "yh_ptr")}
-        for kern, cons in ((dh._decode_heads, dict(D=64, DP=64, RD=32, BK=32, BS=32, BH=64)),
+        fixed = dict(keep_ptr="*i8", count_ptr="*i64", pos_ptr="*i64", posc_ptr="*i64", part_ptr="*fp32",
+                     yh_ptr="*fp32", scc_ptr="*fp32", thr_ptr="*fp32")
+        for kern, cons in ((dh._route, dict(FIRST=True, BE=8, BK=512)),
                            (dh._qkv_parts, dict(D=64, DP=64, BK=64)),
                            (dh._attend_out, dict(D=64, DP=64, RD=32, NSP=8, BS=64, BH=64)),
                            (dh._sum_heads, dict(BE=512, BH=16))):
-            types = {n: dt for n in kern.arg_names if n.endswith("_ptr")}
-            types.update(ints)
-            types.update(f32)
-            if kern is dh._decode_heads:
-                types["y_ptr"] = "*fp32"
-            k = triton.compile(ASTSource(kern, sig_of(kern, cons, {n: t for n, t in types.items()
-                                                                    if n in kern.arg_names}), cons),
-                               target=TARGET, options=dict(num_warps=4, num_stages=2))
+            types = {n: fixed.get(n, dt) for n in kern.arg_names if n.endswith("_ptr")}
+            k = triton.compile(ASTSource(kern, sig_of(kern, cons, types), cons), target=TARGET,
+                               options=dict(num_warps=4, num_stages=2))
             assert k.asm["cubin"]
             print("compiled", kern.__name__, dt)
 """)

@@ -9,10 +9,11 @@ per sequence with every shape fixed:
 * dense heads: keys and values of all ``max_len`` columns preallocated, the new column written at the
   current column (a device tensor), the unwritten ones masked;
 * local heads: the ring buffer as it is (its slot is the column modulo the window, on the device);
-* MoSA heads: per (sequence, head) ``room`` slots; every head computes the new token's query, key and value,
-  writes its key and value at slot ``count`` and counts it only where its score passes the threshold (the
-  causal rule of ``decode.keep_mask``); a head that does not keep the token outputs zero for it. That costs
-  the projections of all heads instead of the ~1/sparsity that keep the token, but no read from the device.
+* MoSA heads: per (sequence, head) ``room`` slots; a head whose score passes its threshold (the causal rule of
+  ``decode.keep_mask``) writes the token's key and value at slot ``count``, attends and counts it, the others
+  output zero for it (``ops.decode_heads``). On a GPU the Triton backend reads the weights of the ~1/sparsity
+  heads that keep the token only; the plain-torch one (the reference, and a CPU's) computes every head's
+  projections. Neither reads anything back from the device.
 
 The host keeps a bound on the fullest head (it grows by at most one per step); when the bound reaches
 ``room``, it reads the counts once and, where needed, doubles the room (copying the slots and recording the
@@ -27,9 +28,7 @@ from ..layers import MoSAAttention
 from ..ops import apply_rope, rope_cos_sin
 from ..ops.decode_heads import attend_one, decode_heads, resolve_decode_backend
 from ..ops._checks import check_positive_int
-from ..ops.routing import router_logits
 from .cache import DenseCache, KVCache, RingCache, SparseCache
-from .decode import keep_mask
 
 
 class _Dense:
@@ -164,20 +163,12 @@ class StaticDecoder:
         return F.linear(o.transpose(1, 2).reshape(B, 1, -1), attn.W_O.weight)
 
     def _sparse(self, attn, cache: _Sparse, x, pos):
-        B = x.shape[0]
-        E, room = cache.count.shape[1], cache.k.shape[2]
-        scores = torch.sigmoid(router_logits(x, attn.router))  # [B, E, 1]
-        keep = keep_mask(attn, scores, pos[:, None])  # [B, E, 1]
+        # routing, the slots' writes, attention and W_O of every head that keeps the token (ops.decode_heads: the
+        # Triton backend reads only those heads' weights), the counts advanced
         cos, sin = self._cos_sin(pos, attn.rope_dims, attn.rope_base, x.dtype)  # [B, rope dims]
-        # every head's next slot takes the token's position and score (read only where the head counts it) ...
-        slot = cache.count.clamp(max=room - 1)[..., None]  # [B, E, 1]
-        cache.pos.scatter_(2, slot, pos[:, None, None].expand(B, E, 1))
-        cache.score.scatter_(2, slot, scores.float())
-        # ... and its key and value (ops.decode_heads: the kernel writes only the keeping heads' slots)
-        y = decode_heads(x[:, 0].contiguous(), scores[..., 0].contiguous(), keep[..., 0].contiguous(), cache.count,
-                         attn.W_QKV, attn.W_O, cos, sin, cache.k, cache.v,
+        y = decode_heads(x[:, 0].contiguous(), attn.router, attn.threshold, pos, cache.count, attn.W_QKV, attn.W_O,
+                         cos, sin, cache.k, cache.v, cache.pos, cache.score, include_first=attn.include_first,
                          backend=self.backend)
-        cache.count += keep[..., 0]
         return y[:, None]
 
     @torch.no_grad()

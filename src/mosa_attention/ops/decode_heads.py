@@ -1,15 +1,18 @@
-"""One decoding step of a layer's MoSA heads over fixed-size per-head caches: the reference in plain torch and a
-Triton kernel with the same signature, whose programs skip the heads that do not keep the token.
+"""One decoding step of a layer's MoSA heads over fixed-size per-head caches: the reference in plain torch and
+Triton kernels with the same signature, whose programs skip the heads that do not keep the token.
 
-For each sequence b and head e, with the new token's row x[b] (already normalised), its router score and
-whether the head keeps it (``keep``), and the head's ``count`` tokens cached in slots [0, count):
-q, k, v = x[b] W_QKV[e] with RoPE at the token's position (``cos``/``sin`` of that position); k and v are written
-at slot ``count``; o = softmax(q K^T / sqrt(D)) V over slots [0, count]; y[b] += score * o W_O[e] where the head
-keeps the token. The caller advances ``count`` where ``keep``.
+For each sequence b, with the new token's row x[b] (already normalised) at position pos[b], and each head e with
+``count`` tokens cached in slots [0, count): the router score r = sigmoid(x[b] W_r[e]); the head keeps the token
+where r passes its threshold (position 0 always, with ``include_first``; never at a negative position, i.e.
+padding), the causal rule of ``inference.decode.keep_mask``. Every head writes the position and score at slot
+``count`` (read only where it keeps the token). A keeping head makes q, k, v = x[b] W_QKV[e] with RoPE at the
+token's position (``cos``/``sin`` of that position), writes k and v at slot ``count``, attends over slots
+[0, count], and adds r * o W_O[e] to y[b]; then its count grows by one.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .rope import apply_rope
 
@@ -26,22 +29,34 @@ def attend_one(q, k, v, mask):
     return torch.matmul(p.to(v.dtype), v)
 
 
-def decode_heads_reference(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache) -> torch.Tensor:
-    """x [B, h], scores and keep [B, E], count [B, E] (int64), w_qkv [E, h, 3D], w_o [E, D, h], cos and sin
-    [B, R] (R rotated dims), k_cache and v_cache [B, E, room, D] -> y [B, h]. Every head computes its
-    projections and writes its slot (a head that does not keep the token writes past its count, never read)."""
+def decode_heads_reference(x, w_router, threshold, pos, count, w_qkv, w_o, cos, sin, k_cache, v_cache, pos_cache,
+                           score_cache, include_first: bool = False) -> torch.Tensor:
+    """x [B, h], w_router [E, h], threshold [E], pos [B] (int64), count [B, E] (int64), w_qkv [E, h, 3D],
+    w_o [E, D, h], cos and sin [B, R] (R rotated dims), k_cache and v_cache [B, E, room, D], pos_cache [B, E, room]
+    (int64) and score_cache [B, E, room] (float32) -> y [B, h]; the caches and ``count`` are updated in place.
+    Every head computes its projections and writes its slot (one that does not keep the token writes past its
+    count, never read)."""
     B, h = x.shape
     E, room, D = w_qkv.shape[0], k_cache.shape[2], w_o.shape[1]
+    scores = torch.sigmoid(F.linear(x, w_router))  # [B, E]
+    keep = scores > threshold.to(scores.dtype)
+    if include_first:
+        keep |= (pos == 0)[:, None]
+    keep &= (pos >= 0)[:, None]
+    slot = count.clamp(max=room - 1)[..., None]  # [B, E, 1]
+    pos_cache.scatter_(2, slot, pos[:, None, None].expand(B, E, 1))
+    score_cache.scatter_(2, slot, scores.float()[..., None])
     # the heads as the batch of one product, so that the weights are read in place
     qkv = torch.bmm(x.unsqueeze(0).expand(E, B, h), w_qkv)  # [E, B, 3D]
     q, k, v = qkv.transpose(0, 1)[:, :, None].split(D, dim=-1)  # [B, E, 1, D]
     q, k = apply_rope(q, cos[:, None, None], sin[:, None, None]), apply_rope(k, cos[:, None, None], sin[:, None, None])
-    slot = count.clamp(max=room - 1)[..., None, None].expand(-1, -1, 1, D)
-    k_cache.scatter_(2, slot, k)
-    v_cache.scatter_(2, slot, v)
+    kv_slot = slot[..., None].expand(-1, -1, 1, D)
+    k_cache.scatter_(2, kv_slot, k)
+    v_cache.scatter_(2, kv_slot, v)
     seen = torch.arange(room, device=x.device) <= count[..., None]  # slots [0, count]
     o = attend_one(q, k_cache, v_cache, seen[:, :, None])[:, :, 0]  # [B, E, D]
     o = o * (scores * keep).to(o.dtype)[..., None]
+    count += keep
     return torch.bmm(o.transpose(0, 1), w_o).sum(0)  # [E, B, h] -> [B, h]
 
 
@@ -63,11 +78,13 @@ def resolve_decode_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def decode_heads(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache, backend: str = "auto"):
-    """``decode_heads_reference`` (``backend="torch"``) or its Triton kernel (``"triton"``: CUDA tensors, or any
-    under Triton's interpreter); "auto": the kernel on CUDA where triton imports, else the reference."""
+def decode_heads(x, w_router, threshold, pos, count, w_qkv, w_o, cos, sin, k_cache, v_cache, pos_cache, score_cache,
+                 include_first: bool = False, backend: str = "auto"):
+    """``decode_heads_reference`` (``backend="torch"``) or its Triton kernels (``"triton"``: CUDA tensors, or any
+    under Triton's interpreter); "auto": the kernels on CUDA where triton imports, else the reference."""
+    args = (x, w_router, threshold, pos, count, w_qkv, w_o, cos, sin, k_cache, v_cache, pos_cache, score_cache)
     if resolve_decode_backend(backend, x) == "torch":
-        return decode_heads_reference(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache)
+        return decode_heads_reference(*args, include_first=include_first)
     from .triton_decode_heads import decode_heads_triton
 
-    return decode_heads_triton(x, scores, keep, count, w_qkv, w_o, cos, sin, k_cache, v_cache)
+    return decode_heads_triton(*args, include_first=include_first)
