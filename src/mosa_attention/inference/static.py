@@ -113,7 +113,7 @@ class StaticDecoder:
     def _forward(self) -> torch.Tensor:
         model, col = self.model, self.col
         pos = col - self.pad  # [B]
-        self._tables = {}  # RoPE's cos and sin at pos, made once per step (not per layer and kind of head)
+        self._tables = {}  # RoPE's cos and sin at pos and the dense heads' mask, made once per step (not per layer)
         x = model.embed(self.tokens[:, None])
         for block, layer in zip(model.blocks, self.layers):
             h = block.ln1(x)
@@ -141,26 +141,36 @@ class StaticDecoder:
     def _dense(self, attn, cache, x, pos, window):
         B = x.shape[0]
         col = self.col
-        # (project_qkv at positions [B, 1, 1], with the step's tables)
-        q, k, v = F.linear(x, attn.W_QKV.weight).view(B, 1, attn.num_heads, -1).transpose(1, 2).chunk(3, dim=-1)
+        # (project_qkv at positions [B, 1, 1], with the step's tables; RoPE on q and k in one pass)
+        qkv = F.linear(x, attn.W_QKV.weight).view(B, 1, attn.num_heads, 3, -1)  # [B, 1, H, (q, k, v), D]
+        qk, v = qkv[:, :, :, :2], qkv[:, :, :, 2]
         if attn.rope_dims:
-            cos, sin = self._cos_sin(pos, attn.rope_dims, attn.rope_base, q.dtype)
-            q, k = apply_rope(q, cos[:, None, None], sin[:, None, None]), apply_rope(k, cos[:, None, None], sin[:, None, None])
+            cos, sin = self._cos_sin(pos, attn.rope_dims, attn.rope_base, qkv.dtype)
+            qk = apply_rope(qk, cos[:, None, None, None], sin[:, None, None, None])
+        q, k, v = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2), v.transpose(1, 2)  # [B, H, 1, D]
         if isinstance(cache, RingCache):
             slot = col % cache.window
             cache.k.index_copy_(2, slot, k)
             cache.v.index_copy_(2, slot, v)
             cache.col.index_copy_(0, slot, col)
             kcol = cache.col
+            mask = self._mask(kcol, window)
         else:
             cache.k.index_copy_(2, col, k)
             cache.v.index_copy_(2, col, v)
-            kcol = torch.arange(self.max_len, device=col.device)
-        mask = (kcol[None, :] >= self.pad[:, None]) & (kcol <= col) & (kcol >= 0)  # [B, keys]
-        if window is not None:
-            mask &= kcol > col - window
-        o = attend_one(q, cache.k, cache.v, mask[:, None, None, :])
+            if ("columns", window) not in self._tables:  # (the same for every layer of the step)
+                self._tables["columns", window] = self._mask(torch.arange(self.max_len, device=col.device), window)
+            mask = self._tables["columns", window]
+        o = attend_one(q, cache.k, cache.v, mask)
         return F.linear(o.transpose(1, 2).reshape(B, 1, -1), attn.W_O.weight)
+
+    def _mask(self, kcol, window):
+        """[B, 1, 1, keys]: the key columns ``kcol`` a sequence's new token sees (not padding, not ahead, within
+        ``window``)."""
+        mask = (kcol[None, :] >= self.pad[:, None]) & (kcol <= self.col) & (kcol >= 0)
+        if window is not None:
+            mask &= kcol > self.col - window
+        return mask[:, None, None, :]
 
     def _sparse(self, attn, cache: _Sparse, x, pos):
         # routing, the slots' writes, attention and W_O of every head that keeps the token (ops.decode_heads: the
