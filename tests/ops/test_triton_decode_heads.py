@@ -66,9 +66,14 @@ SHAPES = [  # B, E, h, D, room, RD
 ]                             # and more heads than one block of the head sum
 
 
+@pytest.mark.parametrize("compact", [True, False], ids=["list", "grid"])
 @pytest.mark.parametrize("dtype", triton_env.DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kernels_match_reference(shape, dtype):
+def test_kernels_match_reference(shape, dtype, compact, monkeypatch):
+    # both ways of finding the keeping heads' rows: a list made by the routing kernel, over fewer programs than
+    # rows (so that a program takes several), or a program per row
+    monkeypatch.setattr(triton_decode_heads, "COMPACT", compact)
+    monkeypatch.setattr(triton_decode_heads, "PROGRAMS", 3)
     B, E, h, D, room, RD = shape
     include_first = sum(shape) % 2 == 0
     args = case(B, E, h, D, room, RD, dtype, seed=sum(shape), include_first=include_first)

@@ -141,10 +141,10 @@ ALL_KERNELS = textwrap.dedent("""
     from mosa_attention.ops import triton_decode_heads as dh
     for dt in ("*fp32", "*bf16"):
         fixed = dict(keep_ptr="*i8", count_ptr="*i64", pos_ptr="*i64", posc_ptr="*i64", part_ptr="*fp32",
-                     yh_ptr="*fp32", scc_ptr="*fp32", thr_ptr="*fp32")
-        for kern, cons in ((dh._route, dict(FIRST=True, BE=8, BK=512)),
-                           (dh._qkv_parts, dict(D=64, DP=64, BK=64)),
-                           (dh._attend_out, dict(D=64, DP=64, RD=32, NSP=8, BS=64, BH=64)),
+                     yh_ptr="*fp32", scc_ptr="*fp32", thr_ptr="*fp32", list_ptr="*i32", n_ptr="*i32")
+        for kern, cons in ((dh._route, dict(FIRST=True, COMPACT=True, BE=8, BK=512)),
+                           (dh._qkv_parts, dict(COMPACT=True, D=64, DP=64, BK=64)),
+                           (dh._attend_out, dict(COMPACT=True, D=64, DP=64, RD=32, NSP=8, BS=64, BH=64)),
                            (dh._sum_heads, dict(BE=512, BH=16))):
             types = {n: fixed.get(n, dt) for n in kern.arg_names if n.endswith("_ptr")}
             k = triton.compile(ASTSource(kern, sig_of(kern, cons, types), cons), target=TARGET,
