@@ -110,6 +110,25 @@ def test_backend_is_checked():
         decode_heads(*case(1, 1, 32, 16, 2, 8, torch.float32, 0), backend="cuda")
 
 
+@pytest.mark.parametrize("index, bad, match", [
+    (0, lambda t: t[:, :-1], "w_qkv must be"),  # x narrower than the weights
+    (1, lambda t: t[:-1], "w_router must have shape"),
+    (2, lambda t: t[:, None], "threshold must have shape"),
+    (4, lambda t: t.int(), "count must be torch.int64"),
+    (6, lambda t: t.transpose(1, 2), "w_o must have shape"),
+    (8, lambda t: t[:, :-1], "sin must have shape"),
+    (9, lambda t: t[:, :, :-1], "v_cache must have shape"),
+    (12, lambda t: t.double(), "score_cache must be torch.float32"),
+    (10, lambda t: t.half(), "v_cache must have x's dtype"),
+])
+def test_bad_arguments_are_named(index, bad, match):
+    args = case(2, 3, 32, 16, 4, 8, torch.float32, 0)
+    args[index] = bad(args[index])
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=match):
+            decode_heads(*args, backend=backend)
+
+
 def test_auto_backend_takes_the_kernels_on_cuda_only():
     cpu = torch.zeros(1)
     assert resolve_decode_backend("auto", cpu) == "torch"

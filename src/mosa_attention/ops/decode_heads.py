@@ -78,11 +78,56 @@ def resolve_decode_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
+NAMES = ("x", "w_router", "threshold", "pos", "count", "w_qkv", "w_o", "cos", "sin", "k_cache", "v_cache",
+         "pos_cache", "score_cache")
+
+
+def check_decode_args(*args) -> None:
+    """The shapes, dtypes and device ``decode_heads`` takes (see the reference), or a ValueError naming the
+    argument and what it got. (Host-side metadata only: nothing waits for the device.)"""
+    if len(args) != len(NAMES) or not all(isinstance(t, torch.Tensor) for t in args):
+        raise ValueError(f"decode_heads takes the tensors {', '.join(NAMES)}")
+    x, w_router, threshold, pos, count, w_qkv, w_o, cos, sin, k_cache, v_cache, pos_cache, score_cache = args
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor [B, h], got x.shape={tuple(x.shape)}, dtype={x.dtype}")
+    B, h = x.shape
+    if w_qkv.dim() != 3 or w_qkv.shape[1] != h or w_qkv.shape[2] % 3:
+        raise ValueError(f"w_qkv must be [E, h={h}, 3*D], got w_qkv.shape={tuple(w_qkv.shape)}")
+    E, D = w_qkv.shape[0], w_qkv.shape[2] // 3
+    room = k_cache.shape[2] if k_cache.dim() == 4 else -1
+    R = cos.shape[-1] if cos.dim() == 2 else -1
+    want = {"w_router": (E, h), "threshold": (E,), "pos": (B,), "count": (B, E), "w_o": (E, D, h),
+            "cos": (B, R), "sin": (B, R), "k_cache": (B, E, room, D), "v_cache": (B, E, room, D),
+            "pos_cache": (B, E, room), "score_cache": (B, E, room)}
+    for name, t in zip(NAMES, args):
+        if name in want and tuple(t.shape) != want[name]:
+            raise ValueError(f"{name} must have shape {want[name]} (B={B}, E={E}, h={h}, D={D}, room={room}), "
+                             f"got {name}.shape={tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"every tensor must be on x's device {x.device}, got {name} on {t.device}")
+    if room < 1 or R > D or R % 2:
+        raise ValueError(f"k_cache needs room >= 1 slot and cos an even number of rotated dims <= D={D}, got "
+                         f"k_cache.shape={tuple(k_cache.shape)}, cos.shape={tuple(cos.shape)}")
+    for name in ("w_router", "w_qkv", "w_o", "cos", "sin", "k_cache", "v_cache"):
+        t = args[NAMES.index(name)]
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} must have x's dtype {x.dtype}, got {name}.dtype={t.dtype}")
+    for name, dtype in (("pos", torch.int64), ("count", torch.int64), ("pos_cache", torch.int64),
+                        ("score_cache", torch.float32)):
+        t = args[NAMES.index(name)]
+        if t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype}, got {name}.dtype={t.dtype}")
+    if not threshold.is_floating_point():
+        raise ValueError(f"threshold must be floating, got threshold.dtype={threshold.dtype}")
+
+
 def decode_heads(x, w_router, threshold, pos, count, w_qkv, w_o, cos, sin, k_cache, v_cache, pos_cache, score_cache,
                  include_first: bool = False, backend: str = "auto"):
     """``decode_heads_reference`` (``backend="torch"``) or its Triton kernels (``"triton"``: CUDA tensors, or any
-    under Triton's interpreter); "auto": the kernels on CUDA where triton imports, else the reference."""
+    under Triton's interpreter); "auto": the kernels on CUDA where triton imports, else the reference. Arguments
+    are checked first (``check_decode_args``)."""
     args = (x, w_router, threshold, pos, count, w_qkv, w_o, cos, sin, k_cache, v_cache, pos_cache, score_cache)
+    check_decode_args(*args)
     if resolve_decode_backend(backend, x) == "torch":
         return decode_heads_reference(*args, include_first=include_first)
     from .triton_decode_heads import decode_heads_triton
