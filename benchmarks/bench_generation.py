@@ -42,7 +42,7 @@ def sync(device):
 
 
 def measure(model, prompt_len: int, new_tokens: int, batch: int, device, repeats: int,
-            static_backend: str = "auto") -> dict:
+            static_backend: str = "auto", compile_step: bool = False) -> dict:
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V, (batch, prompt_len + new_tokens), generator=g).to(device)
@@ -65,7 +65,8 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, device, repeats
         # graph and is left out of the time
         other = new_cache(model, pad)
         extend(model, ids[:, :prompt_len], other)
-        decoder = StaticDecoder(model, other, max_len=prompt_len + new_tokens, backend=static_backend)
+        decoder = StaticDecoder(model, other, max_len=prompt_len + new_tokens, backend=static_backend,
+                                compile=compile_step)
         decoder.step(ids[:, prompt_len])
         sync(device)
         t3 = time.perf_counter()
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--static-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="the fixed-shape steps' MoSA heads (inference.static's backend)")
+    p.add_argument("--compile-step", action="store_true",
+                   help="the fixed-shape step's torch ops through torch.compile (StaticDecoder(compile=True))")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
     if args.threads:
@@ -132,14 +135,15 @@ def main(argv=None) -> int:
         print(f"## {name}: heads per layer {cfg.head_counts()}, {cfg.forward_flops() / 1e9:.1f} GFLOPs forward "
               f"at T={cfg.seq_len}", flush=True)
         for batch in args.batch:
-            measure(model, min(args.prompt_lens), 3, batch, device, 1, args.static_backend)  # warm-up
+            measure(model, min(args.prompt_lens), 3, batch, device, 1, args.static_backend, args.compile_step)  # warm-up
             for L in args.prompt_lens:
                 if L + args.new_tokens > cfg.longest_input:
                     continue
                 row = {"model": name, "heads": cfg.head_counts(), "preset": args.preset, "sparsity": args.sparsity,
                        "device": where, "dtype": args.dtype,
-                       "static_backend": args.static_backend,
-                       **measure(model, L, args.new_tokens, batch, device, args.repeats, args.static_backend)}
+                       "static_backend": args.static_backend, "compile_step": args.compile_step,
+                       **measure(model, L, args.new_tokens, batch, device, args.repeats, args.static_backend,
+                                 args.compile_step)}
                 rows.append(row)
                 if args.out:  # after every row, so that a run cut short keeps what it measured
                     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

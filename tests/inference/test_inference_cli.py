@@ -57,13 +57,19 @@ def test_generate_passes_the_decoding_path_on(run_dir, capsys, monkeypatch):
 
     gen = importlib.import_module("mosa_attention.inference.generate")  # (the package's name is the function)
     seen, real, texts = [], gen.generate, set()
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: seen.append(k["fixed_shapes"]) or real(*a, **k))
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: seen.append((k["fixed_shapes"], k["compile"]))
+                        or real(*a, **k))
     for flag in ([], ["--fixed-shapes"], ["--no-fixed-shapes"]):
         rc = call(cli, ["--checkpoint", str(run_dir), "--prompt", "the cat", "--max-new-tokens", "5",
                         "--temperature", "0", "--no-stop-at-eos", "--device", "cpu", *flag])
         assert rc == 0
         texts.add(capsys.readouterr().out)
-    assert seen == [None, True, False] and len(texts) == 1
+    assert seen == [(None, False), (True, False), (False, False)] and len(texts) == 1
+    # --compile with the paged steps is refused in one line
+    rc = call(cli, ["--checkpoint", str(run_dir), "--prompt", "the cat", "--max-new-tokens", "5", "--device", "cpu",
+                    "--compile", "--no-fixed-shapes"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "compile=True compiles the fixed-shape steps" in err and "Traceback" not in err
 
 
 def test_generate_batch_and_bad_arguments(run_dir, capsys):

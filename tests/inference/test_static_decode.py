@@ -9,7 +9,7 @@ from mosa_attention.inference.static import StaticDecoder
 from test_inference_decode import MODELS, model_of
 
 
-def two_ways(model, seqs, prompt_lens, headroom, graphs=False, device="cpu"):
+def two_ways(model, seqs, prompt_lens, headroom, graphs=False, device="cpu", compile=False):
     """Prefill the left-padded prompts, then feed the remaining columns: (extend's logits, the static
     decoder's) per step, [steps][B, vocab] each."""
     L = max(prompt_lens)
@@ -20,7 +20,7 @@ def two_ways(model, seqs, prompt_lens, headroom, graphs=False, device="cpu"):
     ref_cache, cache = new_cache(model, pad), new_cache(model, pad)
     extend(model, batch, ref_cache)
     extend(model, batch, cache)
-    decoder = StaticDecoder(model, cache, max_len=L + steps, headroom=headroom, graphs=graphs)
+    decoder = StaticDecoder(model, cache, max_len=L + steps, headroom=headroom, graphs=graphs, compile=compile)
     ref, got = [], []
     for t in range(steps):
         col = torch.stack([s[n + t] for s, n in zip(seqs, prompt_lens)]).to(device)
@@ -81,6 +81,38 @@ def test_generate_takes_the_same_tokens_either_way(kw):
     d, fixed = generate(model, prompts, 12, temperature=0.8, top_k=10, seed=3, fixed_shapes=True, return_cache=True)
     assert c == d
     assert fixed.length == paged.length and fixed.entries() == paged.entries()  # (to_cache)
+
+
+def test_generate_checks_compile():
+    model = model_of(attention="mosa")
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        generate(model, [[1, 2]], 2, compile="yes")
+    with pytest.raises(ValueError, match="cannot go with fixed_shapes=False"):
+        generate(model, [[1, 2]], 2, compile=True, fixed_shapes=False)
+
+
+def test_compiled_steps_equal_extend():
+    # the step's torch ops through torch.compile (the MoSA heads' op a graph break): extend's logits, a hybrid
+    model = model_of(attention="mosa")
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 50, (12,)) for _ in range(2)]
+    ref, got, decoder, _ = two_ways(model, seqs, [5, 3], headroom=64, compile=True)
+    assert decoder._step is not decoder._forward
+    for t, (r, g) in enumerate(zip(ref, got)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4, msg=f"step {t}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kw", [dict(attention="mosa"), dict(attention="dense"), dict(attention="pure_mosa")],
+                         ids=["mosa", "dense", "pure_mosa"])
+def test_compiled_cuda_graph_steps_equal_extend(kw):
+    # compiled and replayed as CUDA graphs, with slots that grow (recorded, and compiled, again)
+    model = model_of(**kw).cuda()
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 50, (30,)) for _ in range(3)]
+    ref, got, decoder, _ = two_ways(model, seqs, [5, 11, 1], headroom=2, graphs=True, device="cuda", compile=True)
+    for t, (r, g) in enumerate(zip(ref, got)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4, msg=f"step {t}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

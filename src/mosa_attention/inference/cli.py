@@ -41,6 +41,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed-shapes", action=argparse.BooleanOptionalAction, default=None,
                    help="decode with fixed shapes, each step a CUDA graph (default: on a GPU); --no-fixed-shapes "
                         "takes the paged cache's steps, as a CPU does")
+    p.add_argument("--compile", action="store_true",
+                   help="fuse the fixed-shape step's torch ops with torch.compile (1.3-1.7x the tokens/s of the "
+                        "tiny models on an H200, after a compile of ~10-20 s; implies --fixed-shapes)")
 
 
 def load_run(path, device: str = "auto"):
@@ -153,7 +156,8 @@ def run(args) -> int:
             warnings.simplefilter("ignore", RoutingWarning)  # said above, before the text starts
             out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, capacity=args.capacity, stream=printer, eos_id=eos_id,
-                           return_cache=args.stats, fixed_shapes=args.fixed_shapes)  # (the cache: --stats)
+                           return_cache=args.stats,  # (the cache: --stats)
+                           fixed_shapes=args.fixed_shapes, compile=args.compile)
             out, cache = out if args.stats else (out, None)
     except ValueError as e:
         print(f"\nmosa generate: error: {e}", file=sys.stderr)

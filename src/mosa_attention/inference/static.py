@@ -31,6 +31,10 @@ from ..ops._checks import check_positive_int
 from .cache import DenseCache, KVCache, RingCache, SparseCache
 
 
+# (under torch.compile of the step: a graph break, the op runs as it is)
+_decode_heads = torch.compiler.disable(decode_heads)
+
+
 class _Dense:
     """A dense heads' cache of ``max_len`` columns."""
 
@@ -77,7 +81,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def __init__(self, model, cache: KVCache, max_len: int, headroom: int = 64, graphs: bool | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", compile: bool = False):
         if cache.length >= max_len:
             raise ValueError(f"max_len={max_len} leaves no column after the cache's {cache.length}")
         for part in cache.parts():
@@ -108,6 +112,8 @@ class StaticDecoder:
                           if dense is not None else None)})
         self.graph = None
         self.logits = None
+        # compile: the step's torch ops fused by torch.compile (the MoSA heads' op stays as it is, a graph break)
+        self._step = torch.compile(self._forward, dynamic=None) if compile else self._forward
 
     # the step, plain torch: every shape fixed, no read from the device
     def _forward(self) -> torch.Tensor:
@@ -176,7 +182,7 @@ class StaticDecoder:
         # routing, the slots' writes, attention and W_O of every head that keeps the token (ops.decode_heads: the
         # Triton backend reads only those heads' weights), the counts advanced
         cos, sin = self._cos_sin(pos, attn.rope_dims, attn.rope_base, x.dtype)  # [B, rope dims]
-        y = decode_heads(x[:, 0].contiguous(), attn.router, attn.threshold, pos, cache.count, attn.W_QKV, attn.W_O,
+        y = _decode_heads(x[:, 0].contiguous(), attn.router, attn.threshold, pos, cache.count, attn.W_QKV, attn.W_O,
                          cos, sin, cache.k, cache.v, cache.pos, cache.score, include_first=attn.include_first,
                          backend=self.backend)
         return y[:, None]
@@ -226,7 +232,7 @@ class StaticDecoder:
         self._ensure_room()
         self.tokens.copy_(tokens)
         if not self.graphs:
-            self.logits = self._forward()
+            self.logits = self._step()
         elif self.graph is None:
             self._record()
         else:
@@ -239,9 +245,9 @@ class StaticDecoder:
         """This step run eagerly (which also warms up the libraries' handles), then recorded for the next steps:
         recording runs nothing, so the state stays the eager step's; the graph reads its inputs (the tokens,
         the column, the caches) from the same memory at every replay."""
-        eager = self._forward()
+        eager = self._step()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static = self._forward()
+            static = self._step()
         static.copy_(eager)  # this step's logits, in the tensor every replay writes
         self.graph, self.logits = graph, static
