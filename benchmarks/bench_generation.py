@@ -36,6 +36,22 @@ MODELS = {  # name -> MoSAConfig overrides on the preset
 }
 
 
+def bench_model(name: str, device, dtype=torch.float32, preset: str = "tiny", sparsity: float = 32.0):
+    """The benchmark's model ``name`` (of ``MODELS``) on ``device`` in ``dtype``, in eval mode: random weights
+    (seed 0), the MoSA heads' thresholds calibrated on random tokens (k = T/sparsity kept)."""
+    cfg = MoSAConfig.from_preset(preset, sparsity=sparsity, **MODELS[name])
+    torch.manual_seed(0)
+    model = MoSALM(cfg).to(device).eval()
+    for m in model.modules():  # the full forward passes of calibration: the reference op is enough
+        if hasattr(m, "backend"):
+            m.backend = "torch"
+    if cfg.sparse_heads and cfg.attention != "local":
+        calib = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), device=device)
+        with torch.no_grad():
+            calibrate_thresholds(model, [calib])
+    return model.to(dtype)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -121,17 +137,8 @@ def main(argv=None) -> int:
     print(f"# {where}, torch {torch.__version__}, {args.dtype}, threads {torch.get_num_threads()}", flush=True)
     rows = []
     for name in args.models:
-        cfg = MoSAConfig.from_preset(args.preset, sparsity=args.sparsity, **MODELS[name])
-        torch.manual_seed(0)
-        model = MoSALM(cfg).to(device).eval()
-        for m in model.modules():  # the full forward passes of calibration: the reference op is enough
-            if hasattr(m, "backend"):
-                m.backend = "torch"
-        if cfg.sparse_heads and cfg.attention != "local":
-            calib = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), device=device)
-            with torch.no_grad():
-                calibrate_thresholds(model, [calib])
-        model = model.to(dtype)
+        model = bench_model(name, device, dtype, args.preset, args.sparsity)
+        cfg = model.config
         print(f"## {name}: heads per layer {cfg.head_counts()}, {cfg.forward_flops() / 1e9:.1f} GFLOPs forward "
               f"at T={cfg.seq_len}", flush=True)
         for batch in args.batch:

@@ -11,24 +11,16 @@ import json, sys, time, os
 import torch
 from torch.profiler import profile, ProfilerActivity
 sys.path.insert(0, "src"); sys.path.insert(0, "benchmarks")
-from bench_generation import MODELS, sync
-from mosa_attention import MoSAConfig, MoSALM
-from mosa_attention.inference import calibrate_thresholds, extend, new_cache
+from bench_generation import bench_model, sync
+from mosa_attention.inference import extend, new_cache
 
 dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
 out = sys.argv[2] if len(sys.argv) > 2 else "probe.json"
 L, steps = int(os.environ.get("PL", 1024)), 8
 rows = []
 for name in ["dense", "mosa-hybrid"]:
-    cfg = MoSAConfig.from_preset("tiny", sparsity=32.0, **MODELS[name])
-    torch.manual_seed(0)
-    model = MoSALM(cfg).to(dev).eval()
-    for m in model.modules():
-        if hasattr(m, "backend"):
-            m.backend = "torch"
-    if cfg.sparse_heads:
-        with torch.no_grad():
-            calibrate_thresholds(model, [torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), device=dev)])
+    model = bench_model(name, dev)
+    cfg = model.config
     for B in [1, 8]:
         ids = torch.randint(0, cfg.vocab_size, (B, L + 2 * steps), generator=torch.Generator().manual_seed(0)).to(dev)
         cache = new_cache(model, torch.zeros(B, dtype=torch.long, device=dev))

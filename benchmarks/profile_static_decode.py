@@ -20,9 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "src")
 sys.path.insert(0, "benchmarks")
-from bench_generation import MODELS, sync  # noqa: E402
-from mosa_attention import MoSAConfig, MoSALM  # noqa: E402
-from mosa_attention.inference import calibrate_thresholds, extend, new_cache  # noqa: E402
+from bench_generation import bench_model, sync  # noqa: E402
+from mosa_attention.inference import extend, new_cache  # noqa: E402
 from mosa_attention.inference.static import StaticDecoder  # noqa: E402
 
 dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
@@ -42,16 +41,8 @@ def decoder_for(model, ids, backend, graphs):
 
 
 for name in models:
-    cfg = MoSAConfig.from_preset("tiny", sparsity=32.0, **MODELS[name])
-    torch.manual_seed(0)
-    model = MoSALM(cfg).to(dev).eval()
-    for m in model.modules():
-        if hasattr(m, "backend"):
-            m.backend = "torch"
-    if cfg.sparse_heads:
-        with torch.no_grad():
-            calibrate_thresholds(model, [torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), device=dev)])
-    model = model.to(dtype)
+    model = bench_model(name, dev, dtype)
+    cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (B, L + timed + steps + 2), generator=torch.Generator().manual_seed(0)).to(dev)
     for backend in (backends if cfg.sparse_heads else backends[:1]):
         # the step as a graph replay
