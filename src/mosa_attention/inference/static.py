@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..layers import MoSAAttention
 from ..ops import apply_rope, rope_cos_sin
 from ..ops.decode_heads import attend_one, decode_heads, resolve_decode_backend
-from ..ops._checks import check_positive_int
+from ..ops._checks import check_bool, check_positive_int
 from .cache import DenseCache, KVCache, RingCache, SparseCache
 
 
@@ -74,8 +74,10 @@ class StaticDecoder:
     """One-token decoding steps of ``model`` from a prefilled ``cache`` (``decode.extend`` over the prompts),
     every tensor preallocated for columns up to ``max_len``; on CUDA each step is replayed as a CUDA graph
     (``graphs``). ``backend``: the MoSA heads' step (``ops.decode_heads``): "torch" computes every head,
-    "triton" only the heads that keep the token, "auto" (the default) the kernel on CUDA where triton imports. ``headroom``: MoSA slots per head beyond the fullest head's count at the start (at least
-    this many steps go by before the host reads the counts). ``step(tokens [B])`` returns the next logits
+    "triton" only the heads that keep the token, "auto" (the default) the kernels on CUDA where triton imports.
+    ``headroom``: MoSA slots per head beyond the fullest head's count at the start (at least this many steps go
+    by before the host reads the counts). ``compile``: the step's torch ops through ``torch.compile`` (compiled
+    at the first step, and again where the slots grow). ``step(tokens [B])`` returns the next logits
     [B, vocab]; the returned tensor is overwritten by the next step. The decoder takes ``cache`` over (local
     heads' rings are written in place, the rest copied): extend it no further."""
 
@@ -89,6 +91,7 @@ class StaticDecoder:
                 raise ValueError("StaticDecoder keeps every token a head keeps; a cache with a capacity (eviction) "
                                  "decodes with extend")
         check_positive_int("headroom", headroom)
+        check_bool("compile", compile)
         device = cache.pad.device
         self.backend = resolve_decode_backend(backend, cache.pad)
         if graphs and device.type != "cuda":
@@ -141,7 +144,8 @@ class StaticDecoder:
         """``rope_cos_sin`` at the step's positions [B] (padding's at 0), once per step for each setting."""
         key = (rope_dims, rope_base, dtype)
         if key not in self._tables:
-            self._tables[key] = tuple(t.contiguous() for t in rope_cos_sin(pos.clamp(min=0), rope_dims, rope_base, dtype))
+            tables = rope_cos_sin(pos.clamp(min=0), rope_dims, rope_base, dtype)
+            self._tables[key] = tuple(t.contiguous() for t in tables)
         return self._tables[key]
 
     def _dense(self, attn, cache, x, pos, window):
