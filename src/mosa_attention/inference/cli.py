@@ -172,7 +172,8 @@ def run(args) -> int:
             print(f"--- {text!r}\n{text}{tokenizer.decode(new)}")
     if args.stats:
         new = sum(len(o) - len(p) for o, p in zip(out, prompts))
-        print(f"[{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s, prefill included) on "
+        print(f"[{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s, prefill"
+              f"{' and the compile' if args.compile else ''} included) on "
               f"{next(model.parameters()).device}; KV cache {cache.nbytes() / 1024:.1f} KiB allocated, "
               f"{cache.held_bytes() / 1024:.1f} KiB held, entries {cache.entries()}]", file=sys.stderr)
     return 0
