@@ -4,8 +4,9 @@ from .decode import extend, new_cache
 from .generate import RoutingWarning, generate
 from .routing import calibrate_thresholds, routing_mode, routing_report, set_routing
 from .sampling import check_sampling, sample
+from .static import StaticDecoder
 
 __all__ = [
-    "DenseCache", "KVCache", "RingCache", "RoutingWarning", "SparseCache", "calibrate_thresholds", "check_sampling",
-    "extend", "generate", "new_cache", "routing_mode", "routing_report", "sample", "set_routing",
+    "DenseCache", "KVCache", "RingCache", "RoutingWarning", "SparseCache", "StaticDecoder", "calibrate_thresholds",
+    "check_sampling", "extend", "generate", "new_cache", "routing_mode", "routing_report", "sample", "set_routing",
 ]
