@@ -103,8 +103,9 @@ def test_compiled_steps_equal_extend():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kw", [dict(attention="mosa"), dict(attention="dense"), dict(attention="pure_mosa")],
-                         ids=["mosa", "dense", "pure_mosa"])
+@pytest.mark.parametrize("kw", [dict(attention="mosa"), dict(attention="mosa", dense_kind="local"),
+                                dict(attention="dense"), dict(attention="pure_mosa")],
+                         ids=["mosa", "mosa-local", "dense", "pure_mosa"])
 def test_compiled_cuda_graph_steps_equal_extend(kw):
     # compiled and replayed as CUDA graphs, with slots that grow (recorded, and compiled, again)
     model = model_of(**kw).cuda()
