@@ -69,8 +69,8 @@ def _triton_importable() -> bool:
 
 
 def resolve_decode_backend(backend: str, x: torch.Tensor) -> str:
-    """"torch" or "triton" for ``backend`` on ``x``'s device: "auto" takes the kernel on CUDA where triton imports
-    (on an H200 it decodes 1.2-3.6 times as many tokens/s as the reference: benchmarks/NOTES.md v28.0)."""
+    """"torch" or "triton" for ``backend`` on ``x``'s device: "auto" takes the kernels on CUDA where triton imports
+    (on an H200 the tiny MoSA models' steps take 2-7 times less time with them: benchmarks/NOTES.md v28)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
     if backend == "auto":
