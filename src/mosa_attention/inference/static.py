@@ -230,7 +230,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed tokens [B] (one new column) and return the logits [B, vocab] of the next one."""
+        """Feed tokens [B] (one new column) and return the logits [B, vocab] of the next one (no autograd)."""
         if self.length >= self.max_len:
             raise ValueError(f"the decoder was built for max_len={self.max_len} columns")
         self._ensure_room()
