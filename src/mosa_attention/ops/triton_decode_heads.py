@@ -3,7 +3,7 @@ reads the weights of the ~1/sparsity heads that keep it. The reference is ``deco
 
 Four kernels; each keeping head's work is spread over several programs, so that the few keeping heads' weights are
 read by many SMs at once (one program per head, v27.5's form, read a head's 0.5 MB of float32 weights on one SM:
-72 us per layer of the tiny preset on an H200, against 16 for these; benchmarks/NOTES.md v28.1):
+72 us per layer of the tiny preset on an H200, against ~17 for the two split kernels; benchmarks/NOTES.md v28):
 
 * ``_route``: per sequence and block of heads, the router scores, which heads keep the token, and the position and
   score written at every head's slot;
