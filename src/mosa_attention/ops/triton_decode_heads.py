@@ -5,11 +5,10 @@ Four kernels; each keeping head's work is spread over several programs, so that 
 read by many SMs at once (one program per head, v27.5's form, read a head's 0.5 MB of float32 weights on one SM:
 72 us per layer of the tiny preset on an H200, against ~17 for the two split kernels; benchmarks/NOTES.md v28):
 
-* ``_route``: per sequence and block of heads, the router scores, which heads keep the token, and the position and
-  score written at every head's slot;
-* ``_qkv_parts``: per (sequence, head) and slice of x's dims, the slice's share of q, k, v (partial products,
-  float32);
-* ``_attend_out``: per (sequence, head) and slice of the output's columns, the sum of the parts, RoPE, the slot's
+* ``_route``: per sequence and block of heads, the router scores, which heads keep the token, the position and
+  score written at every head's slot, and the list of the keeping (sequence, head) rows (``COMPACT``);
+* ``_qkv_parts``: per listed row and slice of x's dims, the slice's share of q, k, v (partial products, float32);
+* ``_attend_out``: per listed row and slice of the output's columns, the sum of the parts, RoPE, the slot's
   write (slice 0 only), attention over the head's slots and the new token, the router score, and the slice's
   columns of the W_O product;
 * ``_sum_heads``: per sequence and block of columns, the keeping heads' rows summed in head order (no atomics: the
