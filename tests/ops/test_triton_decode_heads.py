@@ -129,6 +129,13 @@ def test_bad_arguments_are_named(index, bad, match):
             decode_heads(*args, backend=backend)
 
 
+def test_strided_arguments_are_named_by_the_kernels():
+    args = case(2, 3, 32, 16, 4, 8, torch.float32, 0)
+    args[9] = args[9].transpose(2, 3).contiguous().transpose(2, 3)  # (the reference takes it as it is)
+    with pytest.raises(ValueError, match="strided k_cache"):
+        decode_heads(*args, backend="triton")
+
+
 def test_auto_backend_takes_the_kernels_on_cuda_only():
     cpu = torch.zeros(1)
     assert resolve_decode_backend("auto", cpu) == "torch"

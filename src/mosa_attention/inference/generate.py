@@ -112,7 +112,7 @@ def generate(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k
 
 
 def _generate(model, prompts, as_tensor, max_new_tokens, temperature, top_k, top_p, seed, eos_id, capacity, stream,
-              return_cache, fixed_shapes, compile=False):
+              return_cache, fixed_shapes, compile):
     longest = max(len(p) for p in prompts)
     device = model.embed.weight.device
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_pow2, on_its_device
+from .decode_heads import NAMES
 
 # (benchmarks/NOTES.md v28) COMPACT: the per-head kernels run over a list of the keeping (sequence, head) rows made by
 # _route, on PROGRAMS programs per slice, instead of one program per (sequence, head) of which ~1/sparsity work;
@@ -226,8 +227,9 @@ def decode_heads_triton(x, w_router, threshold, pos, count, w_qkv, w_o, cos, sin
     E, _, D3 = w_qkv.shape
     D, room, RD = D3 // 3, k_cache.shape[2], cos.shape[-1]
     tensors = (x, w_router, threshold, pos, count, w_qkv, w_o, cos, sin, k_cache, v_cache, pos_cache, score_cache)
-    if any(not t.is_contiguous() for t in tensors):
-        raise ValueError("decode_heads_triton needs contiguous tensors")
+    strided = [name for name, t in zip(NAMES, tensors) if not t.is_contiguous()]
+    if strided:
+        raise ValueError(f"decode_heads_triton needs contiguous tensors, got strided {', '.join(strided)}")
     DP = max(16, next_pow2(D))
     keep = torch.empty(B, E, device=x.device, dtype=torch.int8)
     scores = torch.empty(B, E, device=x.device, dtype=x.dtype)
