@@ -1401,3 +1401,44 @@ def test_random_shapes_match_reference(case):
     else:
         _compare(c["B"], c["T"], c["h"], c["E"], c["k"], c["D"], c["rope_dims"], c["dtype"], pad=c["pad"],
                  unsorted=c["unsorted"], deterministic=c["deterministic"], tol=tol)
+
+
+@pytest.mark.parametrize("dense_heads", [0, 1], ids=["pure", "hybrid"])
+def test_compiled_layer_hands_the_op_narrow_x_under_autocast(monkeypatch, dense_heads):
+    # COMPILED_NARROW_INPUT: under torch.compile and autocast over float32 x the layer casts x before the fused
+    # op (so that a compiled model folds the cast into its norm); the op then sees float16 x, and the layer's
+    # output and every gradient match the eager layer's, which hands the op the float32 x
+    import mosa_attention.layers.mosa as layer_module
+    import mosa_attention.ops.triton_mosa as tm
+    from mosa_attention.layers import MoSAAttention
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    torch.manual_seed(11)
+    layer = MoSAAttention(32, 3, 4, head_dim=16, num_dense_heads=dense_heads, backend="triton")
+    x, g = torch.randn(2, 19, 32), torch.randn(2, 19, 32)
+    seen, real = [], tm.mosa_triton
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.dtype)
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(tm, "mosa_triton", spy)
+    results = {}
+    for narrow in (True, False):
+        monkeypatch.setattr(layer_module, "COMPILED_NARROW_INPUT", narrow)
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            fn = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled else layer
+            xs = x.clone().requires_grad_()
+            del seen[:]
+            with torch.autocast("cpu", dtype=torch.float16):
+                y = fn(xs)
+            assert seen == [torch.float16 if (compiled and narrow) else torch.float32]
+            grads = torch.autograd.grad((y.float() * g).sum(), [xs, *layer.parameters()])
+            assert grads[0].dtype == torch.float32
+            results[narrow, compiled] = (y.detach().float(), *grads)
+    want = results[False, False]
+    for key in ((True, False), (False, True), (True, True)):
+        for a, b in zip(results[key], want):
+            # float16 products either way; x's gradient from the op adds in float16 when it takes float16 x
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)

@@ -89,6 +89,40 @@ def test_unused_output_gets_no_gradient():
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("unused", [None, 1], ids=["all-used", "k-unused"])
+def test_compiled_graph_calls_the_kernel_as_custom_ops(unused):
+    # under torch.compile the split + RoPE stays one node each way (mosa_attention::split_rope_fwd / _bwd), whose
+    # values and gradients equal the eager kernel's bit for bit and the plain-torch ops' to rounding
+    torch._dynamo.reset()
+    B, T, h, H, D = 2, 21, 32, 3, 16
+    x = torch.randn(B, T, h, device=DEVICE)
+    w = torch.randn(3 * H * D, h, device=DEVICE) / h ** 0.5
+    gs = [torch.randn(B, H, T, D, device=DEVICE) for _ in range(3)]
+    graphs = []
+
+    def keep(gm, inputs):  # a backend that records the traced graph and runs it as it is
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def loss(xx, backend):
+        q, k, v = project_qkv(xx, w, H, 8, 10000.0, backend=backend)
+        return sum((t * g).sum() for i, (t, g) in enumerate(zip((q, k, v), gs)) if i != unused)
+
+    results = []
+    for fn, backend in ((torch.compile(loss, backend=keep, fullgraph=True), "triton"),
+                        (torch.compile(loss, backend="aot_eager", fullgraph=True), "triton"),
+                        (loss, "triton"), (loss, "torch")):
+        xx = x.clone().requires_grad_()
+        out = fn(xx, backend)
+        results.append((out.detach(), *torch.autograd.grad(out, xx)))
+    assert "mosa_attention.split_rope_fwd" in graphs[0]
+    for got in results[1:3]:
+        for a, b in zip(results[0], got):
+            assert torch.equal(a, b)
+    for a, b in zip(results[0], results[3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("cls", [DenseAttention, LocalAttention])
 def test_layers_match_torch_backend(cls):
     torch.manual_seed(3)

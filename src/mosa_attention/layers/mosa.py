@@ -55,6 +55,13 @@ ROWS_ONLY = True
 # after their own cast, half the bytes, no cast for the router product); its gradient stays float32.
 # False: they read x (for comparison in benchmarks).
 X_READ = True
+# Under torch.compile with autocast over wider x (a model's norm hands the layer float32), the fused op takes x
+# already in the autocast dtype: the compiled graph folds that cast into the kernel that makes x (the norm),
+# and the op's share of x's gradient comes back in that dtype (a buffer half as wide, 16-bit adds), widened where
+# the compiled graph sums it with the rest of x's gradient. The dense heads keep the wide x, so their part of
+# the gradient is widened before that sum as autocast does for any product. False: the op takes the wide x
+# (it then reads a narrow copy and returns a wide gradient).
+COMPILED_NARROW_INPUT = True
 
 
 class MoSAAttention(nn.Module):
@@ -147,6 +154,14 @@ class MoSAAttention(nn.Module):
         auxiliary loss to compute, triton backend."""
         aux = self.router_aux and self.training and torch.is_grad_enabled()
         return self.routing == "topk" and not aux and fused_topk_available(x, self.backend)
+
+    def _compiled_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the autocast dtype for the fused op under torch.compile (``COMPILED_NARROW_INPUT``), else x."""
+        dev = x.device.type
+        if not (COMPILED_NARROW_INPUT and torch.compiler.is_compiling() and torch.is_autocast_enabled(dev)
+                and x.element_size() > torch.get_autocast_dtype(dev).itemsize and self._fused(x)):
+            return x
+        return x.to(torch.get_autocast_dtype(dev))
 
     def _mosa_heads(self, x: torch.Tensor, rows: torch.Tensor | None = None, x_read: torch.Tensor | None = None,
                     beside: bool = False):
@@ -258,7 +273,10 @@ class MoSAAttention(nn.Module):
         else:
             rows = self._kept_rows(x)
             qkv, x_mosa, x_read = self._share_input(x, rows, self._sharing(x, rows))
-            y, selection = self._mosa_heads(x_mosa, rows, x_read) if self.num_mosa_heads else (0, None)
+            if self.num_mosa_heads:
+                y, selection = self._mosa_heads(self._compiled_input(x_mosa), rows, x_read)
+            else:
+                y, selection = 0, None
             if self.dense is not None:
                 y = self._sum(y, self._dense_heads(x, qkv), rows)
         return (y, selection) if return_selection else y

@@ -41,12 +41,20 @@ _FLEX_MASKS: dict = {}
 _FLEX_COMPILED = None
 
 
+# Under torch.compile the dense heads' split + RoPE runs as the Triton kernel's custom ops (True) or as the torch
+# ops for the compiler to fuse (False, for comparison in benchmarks/profile_train.py).
+COMPILED_SPLIT_ROPE = True
+
+
 def _fused_split(qkv: torch.Tensor, backend: str) -> bool:
-    """Use ``triton_rope.split_rope_triton``: asked for ("triton"), or "auto" on CUDA; never while
-    torch.compile traces (it fuses the torch ops itself) or without triton."""
+    """Use ``triton_rope.split_rope_triton``: asked for ("triton"), or "auto" on CUDA (under torch.compile too,
+    as custom ops: the compiler's own fusion of the torch ops recomputed the angles per element and took ~5x
+    as long); never without triton."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
-    if backend == "torch" or (backend == "auto" and not qkv.is_cuda) or torch.compiler.is_compiling():
+    if backend == "torch" or (backend == "auto" and not qkv.is_cuda):
+        return False
+    if torch.compiler.is_compiling() and not COMPILED_SPLIT_ROPE:
         return False
     if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
