@@ -45,6 +45,8 @@ MODELS = {
 }
 DEFAULT_MODELS = ("dense", "mosa", "mosa17")
 MODES = ("eager", "compile", "graphs")
+# (not in the default list) "capture": eager attention layers, inductor elsewhere, the step as CUDA graphs
+ALL_MODES = MODES + ("capture",)
 
 
 def build(name: str, args) -> MoSALM:
@@ -68,20 +70,41 @@ def run_one(name: str, mode: str, args) -> dict:
     T, vocab = cfg.seq_len, cfg.vocab_size
     opt = build_optimizer(model, OptimConfig(lr=1e-4))  # the trainer's: AdamW, fused on a GPU
     fwd = model
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, vocab, (args.batch, T + 1), generator=g).to(dev) for _ in range(4)]
+    amp = dev.type == "cuda"
     if mode == "compile":
         fwd = torch.compile(model)
     elif mode == "graphs":
         fwd = torch.compile(model, mode="reduce-overhead")
-    g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, vocab, (args.batch, T + 1), generator=g).to(dev) for _ in range(4)]
-    amp = dev.type == "cuda"
+    elif mode == "capture":
+        # the attention layers eagerly (a hybrid's two streams, masked sums), inductor for the rest (norms, MLPs,
+        # residual adds, the loss), the whole forward and backward recorded as two CUDA graphs
+        for blk in model.blocks:
+            blk.attn.forward = torch.compiler.disable(blk.attn.forward)
+
+        class LossOf(torch.nn.Module):  # (a module, so that the graphs' backward makes the weights' gradients)
+            def __init__(self):
+                super().__init__()
+                self.inner = torch.compile(model)
+
+            def forward(self, ids, targets):
+                return self.inner(ids, targets=targets)[1]
+
+        ids0 = batches[0]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+            fwd_graphed = torch.cuda.make_graphed_callables(LossOf(), (ids0[:, :-1].contiguous(),
+                                                                       ids0[:, 1:].contiguous()))
+
+        def fwd(ids, targets, return_logits=False):
+            return None, fwd_graphed(ids.contiguous(), targets.contiguous())
 
     def step(i: int) -> torch.Tensor:
         ids = batches[i % len(batches)]
         if mode == "graphs":
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            _, loss = fwd(ids[:, :-1], targets=ids[:, 1:])
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=mode != "capture"):
+            _, loss = fwd(ids[:, :-1], targets=ids[:, 1:], return_logits=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         opt.step()
@@ -127,7 +150,7 @@ def failure(text: str, keep: int = 3000) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {sorted(MODELS)}")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(ALL_MODES)}")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--n-layer", dest="n_layer", type=int, default=None)
     ap.add_argument("--d-model", dest="d_model", type=int, default=None)
@@ -148,8 +171,8 @@ def main():
         if m not in MODELS:
             ap.error(f"--models: unknown model {m!r}; choose from {sorted(MODELS)}")
     for m in modes:
-        if m not in MODES:
-            ap.error(f"--modes: unknown mode {m!r}; choose from {list(MODES)}")
+        if m not in ALL_MODES:
+            ap.error(f"--modes: unknown mode {m!r}; choose from {list(ALL_MODES)}")
     if args.warmup < 1 or args.steps < 1:
         ap.error(f"--warmup and --steps must be >= 1, got {args.warmup} and {args.steps}")
     rows = []

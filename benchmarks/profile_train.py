@@ -69,7 +69,7 @@ def run_one(model_name: str, variant: str, args) -> dict:
         ids = batches[i % len(batches)]
         torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = fwd(ids[:, :-1], targets=ids[:, 1:])
+            _, loss = fwd(ids[:, :-1], targets=ids[:, 1:], return_logits=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         opt.step()

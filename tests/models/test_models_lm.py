@@ -55,6 +55,26 @@ def test_selections_are_returned():
     assert idx.shape == (2, E, 4) and torch.all(idx[..., 1:] > idx[..., :-1])
 
 
+def test_loss_without_logits_is_the_same_loss_and_gradient():
+    # return_logits=False: what the trainer's step asks for (under torch.compile the logits would otherwise be an
+    # output of the graph, kept alive and handed a gradient of zeros); same loss, same gradients
+    torch.manual_seed(1)
+    model = MoSALM(tiny(attention="mosa"))
+    ids = torch.randint(0, 50, (2, 17))
+    results = []
+    for fn, keep in ((model, True), (model, False), (torch.compile(model, backend="aot_eager"), False)):
+        logits, loss = fn(ids[:, :-1], ids[:, 1:], return_logits=keep)
+        assert (logits is None) is not keep
+        results.append((loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="return_logits=False needs targets"):
+        model(ids, return_logits=False)
+    with pytest.raises(TypeError, match="return_logits must be a bool"):
+        model(ids[:, :-1], ids[:, 1:], return_logits="no")
+
+
 @pytest.mark.parametrize("ids,match", [
     (torch.tensor([[1, 2, 50]]), "vocab_size=50"),
     (torch.tensor([[1, -1]]), "vocab_size"),

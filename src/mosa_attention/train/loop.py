@@ -225,7 +225,7 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
                         torch.compiler.cudagraph_mark_step_begin()
                     try:
                         with autocast(device, amp):
-                            _, loss = forward(x, y)
+                            _, loss = forward(x, y, return_logits=False)
                         (loss / t.grad_accum).backward()
                     except Exception as err:
                         if step < start + 3 and t.compile == "auto" and compile_mode:  # compiling, recording
