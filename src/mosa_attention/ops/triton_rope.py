@@ -186,11 +186,12 @@ def _(dq, dk, dv, rope_dims, rope_base):
 
 def _split_rope_setup(ctx, inputs, output):
     ctx.rope = (inputs[2], inputs[3])
-    ctx.like = output[0]  # (shape, dtype and device only: a missing gradient is zeros like it)
+    ctx.like = (output[0].shape, output[0].dtype, output[0].device)  # a missing gradient is zeros of this
 
 
 def _split_rope_backward(ctx, dq, dk, dv):
-    grads = [torch.zeros_like(ctx.like) if g is None else g for g in (dq, dk, dv)]
+    shape, dtype, device = ctx.like
+    grads = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g for g in (dq, dk, dv)]
     return _split_rope_bwd_op(*grads, *ctx.rope), None, None, None
 
 
