@@ -5,6 +5,8 @@ step ``mosa train`` takes, on random tokens (throughput does not depend on the t
 
     python benchmarks/bench_train.py --out $OUT                       # every model and mode, one process each
     python benchmarks/bench_train.py --models mosa --modes eager       # one configuration, in this process
+    python benchmarks/bench_train.py --models mosa17 --modes graphs,capture  # capture: eager attention layers
+                                      # (a hybrid's two streams) inside CUDA graphs, inductor for the rest (v29.2)
 
 Models: ``dense`` (9 dense heads), ``mosa`` (the FLOP-matched hybrid of ``configs/tiny-mosa.toml``: 4 dense heads
 and as many MoSA heads of sparsity 32 as the dense model's FLOPs allow), ``mosa17`` (the perplexity-matched
