@@ -158,6 +158,14 @@ def main():
         ap.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=None)
     args = ap.parse_args()
     args.trace_dir, args.device = args.out, "cuda"
+    for name in args.models.split(","):
+        if name not in MODELS:
+            ap.error(f"--models: unknown model {name!r}; choose from {sorted(MODELS)}")
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            ap.error(f"--variants: unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+    if not torch.cuda.is_available():
+        ap.error("profiles a CUDA training step: no CUDA device here")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     if args.one:
