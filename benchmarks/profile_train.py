@@ -93,7 +93,7 @@ def run_one(model_name: str, variant: str, args) -> dict:
             step(i)
             torch.cuda.synchronize()
             time.sleep(0.01)  # steps > 10 ms apart on the GPU's clock: the gaps below split them
-    path = os.path.join(args.trace_dir, f"trace_{model_name}_{variant}.json") if args.trace_dir else None
+    path = os.path.join(args.out, f"trace_{model_name}_{variant}.json") if args.out else None
     if path is None:
         import tempfile
         path = os.path.join(tempfile.mkdtemp(), "trace.json")
@@ -157,7 +157,7 @@ def main():
     for key in ("n_layer", "d_model", "seq_len", "vocab_size"):
         ap.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=None)
     args = ap.parse_args()
-    args.trace_dir, args.device = args.out, "cuda"
+    args.device = "cuda"  # (bench_train.build reads it)
     for name in args.models.split(","):
         if name not in MODELS:
             ap.error(f"--models: unknown model {name!r}; choose from {sorted(MODELS)}")
@@ -177,8 +177,7 @@ def main():
         for variant in args.variants.split(","):
             if model_name == "dense" and variant == "wide_input":
                 continue
-            cmd = [sys.executable, __file__, "--one", f"{model_name}:{variant}"] + [
-                a for a in sys.argv[1:]]
+            cmd = [sys.executable, __file__, "--one", f"{model_name}:{variant}"] + sys.argv[1:]
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:
