@@ -67,6 +67,11 @@ def run_one(name: str, mode: str, args) -> dict:
     if args.no_narrow:
         from mosa_attention.ops import triton_mosa
         triton_mosa.NARROW_X = triton_mosa.NARROW_WEIGHTS = False
+    # as `mosa train --compile true` does (train.loop), no hybrid op under torch.compile without CUDA graphs
+    hybrid_op = mode == "graphs" and not args.hybrid_parts
+    if not hybrid_op:
+        from mosa_attention.layers import mosa as mosa_layer
+        mosa_layer.HYBRID_OP = False
     model = build(name, args)
     cfg = model.config
     T, vocab = cfg.seq_len, cfg.vocab_size
@@ -130,7 +135,8 @@ def run_one(name: str, mode: str, args) -> dict:
         last = step(args.warmup + i)
     sync()
     dt = time.perf_counter() - t0
-    row = {"model": name, "mode": mode, "narrow": not args.no_narrow, "heads": cfg.head_counts(),
+    row = {"model": name, "mode": mode, "narrow": not args.no_narrow, "hybrid_op": hybrid_op,
+           "heads": cfg.head_counts(),
            "params_M": model.num_params() / 1e6, "forward_GFLOPs_per_seq": cfg.forward_flops() / 1e9,
            "batch": args.batch, "T": T, "steps": args.steps, "warmup_steps": args.warmup,
            "warmup_s": warm_s, "ms_per_step": dt / args.steps * 1e3,
@@ -166,6 +172,9 @@ def main():
     ap.add_argument("--no-narrow", dest="no_narrow", action="store_true",
                     help="the MoSA op without its compute-dtype copies of x and the weights under autocast "
                          "(triton_mosa.NARROW_X, NARROW_WEIGHTS off; for comparison)")
+    ap.add_argument("--hybrid-parts", dest="hybrid_parts", action="store_true",
+                    help="with CUDA graphs (mode graphs) a hybrid's MoSA and dense heads as separate ops of the compiled "
+                         "graph, one after the other (layers.mosa.HYBRID_OP off; for comparison)")
     ap.add_argument("--out", default=None, help="folder for train.json")
     args = ap.parse_args()
     models, modes = args.models.split(","), args.modes.split(",")
@@ -188,7 +197,7 @@ def main():
                     a for key in ("preset", "n_layer", "d_model", "seq_len", "vocab_size", "batch", "warmup",
                                   "steps", "device") if getattr(args, key) is not None
                     for a in (f"--{key.replace('_', '-')}", str(getattr(args, key)))] + (
-                    ["--no-narrow"] if args.no_narrow else [])
+                    ["--no-narrow"] if args.no_narrow else []) + (["--hybrid-parts"] if args.hybrid_parts else [])
                 try:
                     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
@@ -206,7 +215,9 @@ def main():
             print(f"{r['model']:8} {r['mode']:8} failed: {r['error'].strip().splitlines()[-1][:100]}")
         else:
             peak, res = ("-" if r.get(k) is None else f"{r[k]:.0f}" for k in ("peak_MiB", "reserved_MiB"))
-            mode = r["mode"] + ("" if r.get("narrow", True) else ",nn")  # (nn: --no-narrow)
+            # (nn: --no-narrow; parts: --hybrid-parts)
+            parts = r["mode"] == "graphs" and not r.get("hybrid_op", True)
+            mode = r["mode"] + ("" if r.get("narrow", True) else ",nn") + (",parts" if parts else "")
             print(f"{r['model']:8} {mode:8} {r['ms_per_step']:9.2f} {r['tokens_per_s']:10,.0f} {peak:>9} {res:>9} "
                   f"{r['first_loss']:10.4f} {r['warmup_s']:9.1f}")
     save(args, rows)

@@ -3,7 +3,8 @@ over float32 parameters, AdamW, clipping; the tiny preset by default), compiled 
 (``torch.compile(mode="reduce-overhead")``, the trainer's default on a GPU), profiled over a few steps. Prints per
 step the time of each kind of kernel (our Triton kernels, inductor's, GEMMs, attention libraries, the
 optimizer's, the rest), the GPU's span and its idle time inside it, and the longest kernels; ``--variants`` times
-switches of the layers against each other (each model and variant in a process of its own).
+switches of the layers against each other (each model and variant in a process of its own); ``--compile-mode
+default`` profiles inductor without CUDA graphs, ``--host`` the host's operators too.
 
     python benchmarks/profile_train.py --models dense,mosa17 --out $OUT/profile
     python benchmarks/profile_train.py --models mosa17,pure17 --variants default,wide_input
@@ -31,7 +32,13 @@ VARIANTS = {
     "wide_input": ("mosa_attention.layers.mosa", "COMPILED_NARROW_INPUT", False),
     # the dense heads' split + RoPE as torch ops for inductor to fuse (before the custom ops of v29)
     "torch_rope": ("mosa_attention.ops.attention", "COMPILED_SPLIT_ROPE", False),
+    # a hybrid's MoSA and dense heads as separate ops of the compiled graph, one after the other (before v30)
+    "parts": ("mosa_attention.layers.mosa", "HYBRID_OP", False),
+    # the hybrid op with both parts on the current stream (its masked sums without the second stream)
+    "one_stream": ("mosa_attention.ops.triton_hybrid", "PARALLEL", False),
 }
+# the variants that change nothing in a model without MoSA heads, or without dense heads beside them
+NOT_FOR = {"dense": ("wide_input", "parts", "one_stream"), "pure17": ("parts", "one_stream")}
 
 
 def kind(name: str) -> str:
@@ -61,7 +68,7 @@ def run_one(model_name: str, variant: str, args) -> dict:
     model = build(model_name, args)
     T, vocab = model.config.seq_len, model.config.vocab_size
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
-    fwd = torch.compile(model, mode="reduce-overhead")
+    fwd = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, vocab, (args.batch, T + 1), generator=g).to(dev) for _ in range(4)]
 
@@ -88,7 +95,7 @@ def run_one(model_name: str, variant: str, args) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
     n = args.profiled
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
+    with profile(activities=[ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.host else [])) as p:
         for i in range(n):
             step(i)
             torch.cuda.synchronize()
@@ -124,7 +131,11 @@ def run_one(model_name: str, variant: str, args) -> dict:
         last_end = max(last_end, t)
     if last_end is not None:
         span += last_end - start
-    return {"model": model_name, "variant": variant, "ms_per_step": ms, "first_loss": first,
+    host = [] if not args.host else [  # the host's operators by their own time (not their callees')
+        (e.key[:80], e.self_cpu_time_total / n / 1e3, e.count // n)
+        for e in sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]]
+    return {"model": model_name, "variant": variant, "compile_mode": args.compile_mode, "host_top": host,
+            "ms_per_step": ms, "first_loss": first,
             "heads": model.config.head_counts(), "gpu_span_ms": span / n / 1e3,
             "gpu_idle_ms": (span - busy_union) / n / 1e3, "kernels_per_step": len(kernels) / n,
             "ms_by_kind": {k: v / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
@@ -139,6 +150,10 @@ def show(r: dict) -> None:
         print(f"   {k:<16} {v:7.3f} ms")
     for name, t, c in r["top"]:
         print(f"   {t:7.3f} ms  x{c:<4} {name}")
+    if r.get("host_top"):
+        print("   host, own time per step:")
+        for name, t, c in r["host_top"]:
+            print(f"   {t:7.3f} ms  x{c:<4} {name}")
     sys.stdout.flush()
 
 
@@ -152,6 +167,9 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="timed steps (wall clock, no profiler)")
     ap.add_argument("--profiled", type=int, default=3, help="profiled steps, synchronised apart")
     ap.add_argument("--timeout", type=float, default=200)
+    ap.add_argument("--compile-mode", dest="compile_mode", default="reduce-overhead",
+                    choices=["reduce-overhead", "default"], help="torch.compile's mode (default: inductor, no graphs)")
+    ap.add_argument("--host", action="store_true", help="profile the host too: its operators' own time per step")
     ap.add_argument("--out", default=None, help="folder for profile_train.json and the traces")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     for key in ("n_layer", "d_model", "seq_len", "vocab_size"):
@@ -175,7 +193,7 @@ def main():
     rows = []
     for model_name in args.models.split(","):
         for variant in args.variants.split(","):
-            if model_name == "dense" and variant == "wide_input":
+            if variant in NOT_FOR.get(model_name, ()):
                 continue
             cmd = [sys.executable, __file__, "--one", f"{model_name}:{variant}"] + sys.argv[1:]
             try:

@@ -1423,6 +1423,7 @@ def test_compiled_layer_hands_the_op_narrow_x_under_autocast(monkeypatch, dense_
         return real(x, *args, **kwargs)
 
     monkeypatch.setattr(tm, "mosa_triton", spy)
+    monkeypatch.setattr(layer_module, "HYBRID_OP", False)  # the hybrid's parts as separate ops (the op: test_triton_hybrid)
     results = {}
     for narrow in (True, False):
         monkeypatch.setattr(layer_module, "COMPILED_NARROW_INPUT", narrow)

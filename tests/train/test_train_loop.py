@@ -263,3 +263,25 @@ def test_own_grads_moves_each_gradient_out_of_the_memory_it_was_handed_in():
     for n, p in model.named_parameters():
         if n in before:
             assert p.grad.data_ptr() != before[n][1] and torch.equal(p.grad, before[n][0])
+
+
+@pytest.mark.parametrize("asked", ["true", "false"])
+def test_plain_compile_keeps_a_hybrids_heads_as_separate_ops(asked, tiny_overrides, tmp_path, monkeypatch):
+    # without CUDA graphs a compiled step is bound by the host, where the hybrid op's own launches cost more than they
+    # save (benchmarks/NOTES.md v30): a run under plain torch.compile turns layers.mosa.HYBRID_OP off while it trains
+    # and hands the switch back as it was; an eager run leaves it alone (torch.compile: a stand-in that records it)
+    from mosa_attention.layers import mosa as mosa_layer
+    from mosa_attention.train import loop
+    seen = []
+
+    def compile_spy(model, mode=None):
+        seen.append(mosa_layer.HYBRID_OP)
+        return model
+
+    monkeypatch.setattr(loop.torch, "compile", compile_spy)
+    monkeypatch.setattr(mosa_layer, "HYBRID_OP", None)
+    cfg = build_config(None, tiny_overrides + [f"train.compile={asked}", "train.steps=2",
+                                               f"train.out_dir={str(tmp_path / 'r')!r}"])
+    train(cfg, log=lambda *a: None)
+    assert seen == ([False] if asked == "true" else [])
+    assert mosa_layer.HYBRID_OP is None

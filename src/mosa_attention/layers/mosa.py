@@ -9,7 +9,7 @@ from torch import nn
 from ..ops import add_at_rows, linear_sharing_input, num_selected, rope_dims_for, select_topk, sparse_attention
 from ..ops import attention as attention_ops
 from ..ops._host import side_stream
-from ..ops.mosa import fused_topk_available, mosa_topk_fused
+from ..ops.mosa import fused_topk_available, hybrid_fused, hybrid_fused_available, mosa_topk_fused
 from ..ops.rope import check_rope_base
 from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
 from ._checks import check_bool, check_input, check_optional_bool, check_positive_int
@@ -62,6 +62,11 @@ X_READ = True
 # the gradient is widened before that sum as autocast does for any product. False: the op takes the wide x
 # (it then reads a narrow copy and returns a wide gradient).
 COMPILED_NARROW_INPUT = True
+# Under torch.compile a hybrid of MoSA and dense heads on the fused op runs as one custom op each way, with its
+# two parts on two streams and the masked sums inside (``ops.hybrid_fused``): the compiled graph itself has one
+# stream, so the two parts ran one after the other (benchmarks/NOTES.md v29.2, v30). None: under torch.compile;
+# True: also eagerly (tests, benchmarks); False: never (the parts as separate ops, for comparison).
+HYBRID_OP = None
 
 
 class MoSAAttention(nn.Module):
@@ -184,18 +189,38 @@ class MoSAAttention(nn.Module):
         window = self.window(x.shape[1]) if self.dense_kind == "local" else None
         return self.dense(x, window=window, qkv=qkv)
 
-    def _kept_rows(self, x: torch.Tensor):
-        """A cleared [B, T] mask to mark the tokens the MoSA heads keep, where the hybrid's sums take only
-        those rows (``MASKED_SUMS``: a hybrid on the fused op), else None."""
-        if not (MASKED_SUMS is not False and self.num_mosa_heads and self.dense is not None and self._fused(x)
-                and not torch.compiler.is_compiling()):
-            return None
+    def _masked(self, x: torch.Tensor) -> bool:
+        """Whether the hybrid's sums take only the rows the MoSA heads keep (``MASKED_SUMS``: a hybrid on the
+        fused op)."""
+        if not (MASKED_SUMS is not False and self.num_mosa_heads and self.dense is not None and self._fused(x)):
+            return False
         if MASKED_SUMS is None:
             T = x.shape[1]
             kept = 1.0 - (1.0 - self.num_selected(T) / T) ** self.num_mosa_heads
-            if kept > MASKED_MAX_KEPT:
-                return None
+            return kept <= MASKED_MAX_KEPT
+        return True
+
+    def _kept_rows(self, x: torch.Tensor):
+        """A cleared [B, T] mask to mark the tokens the MoSA heads keep, where the hybrid's sums take only
+        those rows (``_masked``; not under torch.compile), else None."""
+        if torch.compiler.is_compiling() or not self._masked(x):
+            return None
         return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+
+    def _hybrid_op(self, x: torch.Tensor) -> bool:
+        """Whether the MoSA and dense heads run as one op (``HYBRID_OP``): a hybrid with dense (not local) heads
+        on the fused MoSA op, where the op's attention kernels run."""
+        if HYBRID_OP is False or not (HYBRID_OP or torch.compiler.is_compiling()):
+            return False
+        return (self.num_mosa_heads > 0 and self.dense is not None and self.dense_kind == "dense" and self._fused(x)
+                and self.dense.backend != "torch" and hybrid_fused_available(x, self.W_QKV, self.backend))
+
+    def _hybrid(self, x: torch.Tensor):
+        """(y, selection) of both parts through ``ops.hybrid_fused``."""
+        return hybrid_fused(x, self.router, self.W_QKV, self.W_O, self.dense.W_QKV.weight, self.dense.W_O.weight,
+                            self.num_dense_heads, self.num_selected(x.shape[1]), include_first=self.include_first,
+                            rope_dims=self.rope_dims, rope_base=self.rope_base, deterministic=self.deterministic,
+                            masked=self._masked(x), rows_only=ROWS_ONLY)
 
     def _sharing(self, x: torch.Tensor, rows: torch.Tensor | None):
         """(whether the MoSA heads read x through the dense heads' product, the autocast-dtype copy of x that
@@ -246,6 +271,9 @@ class MoSAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, return_selection: bool = False):
         check_input(x, self.d_model, self.W_QKV.dtype)
+        if self._hybrid_op(x):
+            y, selection = self._hybrid(x)
+            return (y, selection) if return_selection else y
         side = self._side_stream(x)
         if side is not None:
             main = torch.cuda.current_stream(x.device)

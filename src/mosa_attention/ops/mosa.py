@@ -146,6 +146,29 @@ def mosa_topk_fused(x, w_router, w_qkv, w_o, k: int, *, include_first: bool = Fa
     return y, (kept, idx)
 
 
+def hybrid_fused_available(x: torch.Tensor, w_qkv: torch.Tensor, backend: str) -> bool:
+    """Whether ``hybrid_fused`` runs here: ``mosa_topk_fused`` does, and the dense heads' attention kernels take
+    the compute dtype (``triton_hybrid.hybrid_available``)."""
+    if not fused_topk_available(x, backend):
+        return False
+    from .triton_hybrid import hybrid_available  # noqa: WPS433 (optional dependency)
+    return hybrid_available(x, w_qkv)
+
+
+def hybrid_fused(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int, k: int, *, include_first: bool = False,
+                 rope_dims: int, rope_base: float = 10000.0, deterministic: bool | None = None, masked: bool = False,
+                 rows_only: bool = True):
+    """``mosa_topk_fused``'s MoSA heads plus ``n_dense`` causal dense heads (``attention.causal_attention``'s
+    weights), summed, as one op each way with the two parts on two CUDA streams inside
+    (``triton_hybrid.hybrid_triton``). Returns (y, (kept scores, positions)). Check ``hybrid_fused_available``
+    first."""
+    from .triton_hybrid import hybrid_triton  # noqa: WPS433 (optional dependency)
+    y, kept, idx = hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense, k,
+                                 include_first=include_first, rope_dims=rope_dims, rope_base=rope_base,
+                                 deterministic=deterministic, masked=masked, rows_only=rows_only)
+    return y, (kept, idx)
+
+
 def mosa(
     x: torch.Tensor,
     w_router: torch.Tensor,

@@ -16,6 +16,7 @@ import torch
 from ..data.batches import check_length, train_batch
 from ..data.prepare import prepare
 from ..eval.perplexity import autocast, evaluate
+from ..layers import mosa as mosa_layer
 from ..models import MoSALM
 from . import checkpoint as ckpt_io
 from . import distributed as D
@@ -69,6 +70,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
     info = D.init(t.device)
     say = log if info.is_main else (lambda *a, **k: None)
     was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    hybrid_op = mosa_layer.HYBRID_OP  # (_train may change it for this run)
     try:
         with _inductor_deterministic(t.deterministic):
             if t.deterministic:
@@ -76,6 +78,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
             return _train(cfg, resume, info, say)
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        mosa_layer.HYBRID_OP = hybrid_op
         D.shutdown()
 
 
@@ -158,8 +161,12 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
     if later:
         say(f"warning: resuming from step {start} while {run_dir} holds later checkpoints ({', '.join(later)}): "
             f"they are replaced as training passes their steps, and metrics.jsonl is cut back to step {start}")
-    forward = torch.compile(wrapped, mode=None if compile_mode is True else compile_mode) if compile_mode else wrapped
     graphs = compile_mode in GRAPH_COMPILE_MODES and device.type == "cuda"
+    if compile_mode and not graphs and mosa_layer.HYBRID_OP is None:
+        # a hybrid's heads as one op pay where CUDA graphs replay the step; without them a compiled step is bound by
+        # the host, which the op's own launches load more than inductor's code (benchmarks/NOTES.md v30)
+        mosa_layer.HYBRID_OP = False
+    forward = torch.compile(wrapped, mode=None if compile_mode is True else compile_mode) if compile_mode else wrapped
 
     n_params = model.num_params()
     say("config:\n" + _indent(to_toml({**cfg.to_dict(), "model (resolved)": model_cfg.to_dict()})))

@@ -1,0 +1,280 @@
+"""A hybrid layer's MoSA heads and dense heads as one op, with the two parts on two CUDA streams inside it.
+
+Eagerly a hybrid (``layers.MoSAAttention`` with dense heads) runs its MoSA heads on a second stream beside the
+dense heads, and sums the two parts only at the tokens some MoSA head kept. Under ``torch.compile`` the compiled
+graph has one stream and no such sums: the fused MoSA op and the dense heads' kernels ran one after the other,
+~0.1 ms per layer of the tiny perplexity-matched model on an H200 (benchmarks/NOTES.md v29.2). ``hybrid_triton``
+makes both parts one pair of ``torch.library`` custom ops (``mosa_attention::hybrid_fwd`` / ``hybrid_bwd``),
+each of which forks and joins the streams inside, so that a compiled step, and the CUDA graphs recorded from it,
+run the eager layer's schedule.
+
+The dense heads, written out each way: the QKV product (cuBLAS), split + RoPE (``triton_rope``'s kernel), causal
+attention through the ATen kernel that SDPA would pick and that keeps the log-sum-exp for the backward (cuDNN's,
+else FlashAttention's; on CPU, for tests under Triton's interpreter, the CPU flash kernel), the W_O product. Their
+backward is the same in reverse: W_O's products, the attention kernel's backward, split + RoPE backward, the QKV
+products. The MoSA heads are ``triton_mosa``'s routed op (router, top-k and the sparse-attention kernels, with
+the router's gradient folded in). x's gradient of the two parts is summed beside the dense heads' weight
+gradient product, at the kept rows only where the caller asks (``masked``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._host import on_its_device, side_stream
+from ._host import interpreting as _interpreting
+from .combine import add_at_rows_
+from .triton_mosa import (_bwd_impl, _compute_dtype, _needs_grad, _read, _routed_fwd_impl, _rows_for,
+                          _segments_like, _weight_copies)
+from .triton_rope import _grads as _rope_grads
+from .triton_rope import _run as _split_rope
+
+# The streams inside the op: True runs the MoSA heads on a second stream (not in distributed runs, as in the eager
+# layer); False runs both parts on the current stream (for comparison in benchmarks).
+PARALLEL = True
+
+_CUDNN = int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION.value)
+_KINDS: dict = {}
+
+
+def _attention_kind(q: torch.Tensor) -> str:
+    """Which ATen attention kernel the dense heads take: "cudnn" where SDPA would pick cuDNN's, else "flash"
+    (FlashAttention's), and "cpu" (the CPU flash kernel) on CPU; the choice is made once per shape."""
+    if not q.is_cuda:
+        return "cpu"
+    key = (q.device, q.dtype, tuple(q.shape), q.stride())
+    if key not in _KINDS:
+        try:
+            choice = torch._fused_sdp_choice(q, q, q, is_causal=True)
+        except (AttributeError, RuntimeError, TypeError):  # not in this torch: FlashAttention, always there
+            choice = None
+        _KINDS[key] = "cudnn" if choice == _CUDNN else "flash"
+    return _KINDS[key]
+
+
+def _attend(q, k, v):
+    """(o [B, H, T, D], log-sum-exp [B, H, T] float32) of causal attention."""
+    B, H, T, _ = q.shape
+    kind = _attention_kind(q)
+    if kind == "cudnn":
+        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)[:2]
+    elif kind == "flash":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)[:2]
+    else:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    return o, lse.reshape(B, H, T).contiguous()
+
+
+def _attend_backward(do, q, k, v, o, lse):
+    """(dq, dk, dv) of ``_attend`` (same kernel family as the forward took)."""
+    kind = _attention_kind(q)
+    T = q.shape[2]
+    if kind == "cudnn":
+        seed = torch.empty((), dtype=torch.int64, device=q.device)  # no dropout: unread
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            do, q, k, v, o, lse.unsqueeze(-1), seed, seed, None, None, None, T, T, 0.0, True)
+    if kind == "flash":  # (no sequence offsets: equal lengths; the dropout's seed and offset unread without it)
+        seed = torch.empty(0, dtype=torch.int64, device=q.device)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, o, lse, None, None, T, T, 0.0, True, seed, seed)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, o, lse, 0.0, True)
+
+
+def _dense_fwd(x, wq, wo, H: int, rope_dims: int, rope_base: float):
+    """(y, q k v [3, B, T, H, D] after RoPE, o [B, T, H, D], lse [B, H, T]) of the dense heads."""
+    B, T, h = x.shape
+    D = wq.shape[0] // (3 * H)
+    qkv = F.linear(x, wq)
+    rot = torch.empty(3, B, T, H, D, device=x.device, dtype=x.dtype)  # token-major: SDPA's kernels keep it
+    _split_rope((qkv, qkv, qkv), tuple(rot), B, T, H, D, rope_dims, rope_base, False)
+    o, lse = _attend(*(t.transpose(1, 2) for t in rot))
+    o = o.transpose(1, 2).contiguous()  # (a view where the kernel kept the token-major layout)
+    return F.linear(o.view(B, T, H * D), wo), rot, o, lse
+
+
+def _dense_bwd(dy, x, wq, wo, rot, o, lse, rope_dims: int, rope_base: float):
+    """(product for x's gradient, then a function that launches w_qkv's gradient product, w_o's gradient)."""
+    _, B, T, H, D = rot.shape
+    dy2 = dy.view(B * T, -1)
+    dwo = dy2.t().mm(o.view(B * T, H * D))
+    do = dy2.mm(wo).view(B, T, H, D).transpose(1, 2)
+    dq, dk, dv = _attend_backward(do, *(t.transpose(1, 2) for t in rot), o.transpose(1, 2), lse)
+    dqkv = torch.empty(B * T, 3 * H * D, device=x.device, dtype=x.dtype)
+    _split_rope(_rope_grads(dq, dk, dv, B, T, H, D, x.device, x.dtype), (dqkv,) * 3, B, T, H, D, rope_dims,
+                rope_base, True)
+    dx = dqkv.mm(wq).view(B, T, -1)
+    return dx, (lambda: dqkv.t().mm(x.view(B * T, -1))), dwo
+
+
+def _side(dev):
+    """The MoSA heads' stream, or None (not CUDA, ``PARALLEL`` off, or a distributed run: see the layer)."""
+    if not (PARALLEL and dev.type == "cuda"):
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None
+    return side_stream(dev, "mosa heads")
+
+
+def _hybrid_fwd_impl(x, w_router, wq_m, wo_m, wq_d, wo_d, n_dense: int, k: int, include_first: bool, rope_dims: int,
+                     rope_base: float, deterministic: bool, masked: bool, rows_only: bool):
+    cdt = x.dtype
+    B, T, _ = x.shape
+    rows = torch.zeros(B, T, device=x.device, dtype=torch.bool) if masked else x.new_empty(0, dtype=torch.bool)
+    with torch.autocast(x.device.type, enabled=False):
+        side = _side(x.device)
+        mosa_args = (x, w_router, wq_m, wo_m, k, include_first, rope_dims, rope_base, deterministic, cdt,
+                     rows if masked else None, rows_only)
+        if side is None:
+            mosa = _routed_fwd_impl(*mosa_args)
+            dense = _dense_fwd(x, wq_d, wo_d, n_dense, rope_dims, rope_base)
+        else:  # the MoSA heads launched first (layers.mosa.MOSA_HEADS_FIRST), on the side stream
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                mosa = _routed_fwd_impl(*mosa_args)
+            dense = _dense_fwd(x, wq_d, wo_d, n_dense, rope_dims, rope_base)
+            main.wait_stream(side)
+            for t in mosa:  # made on the side stream, read or freed on this one
+                t.record_stream(main)
+        y_m, kept, idx, *saved = mosa
+        y, rot, o, lse = dense
+        y = add_at_rows_(y, y_m, rows) if masked else y.add_(y_m)
+    return (y, kept, idx, rows, *saved, rot, o, lse)
+
+
+def _hybrid_bwd_impl(dy, x, kept, idx, rows, wq_m, wo_m, qkv_m, o_m, lse_m, perm, starts, w_router, wq_d, wo_d, rot,
+                     o, lse, rope_dims: int, rope_base: float, rows_only: bool, wq_dtype, wo_dtype):
+    dy = dy.to(x.dtype).contiguous()
+    masked = rows.numel() > 0
+    with torch.autocast(x.device.type, enabled=False):
+        side = _side(x.device)
+        mosa_args = (dy, x, kept, idx, wq_m, wo_m, qkv_m, o_m, lse_m, perm, starts, rope_dims, rope_base)
+        mosa_kw = dict(w_router=w_router, rows_only=rows_only, dx_dtype=x.dtype, beside=side is not None,
+                       w_dtypes=(wq_dtype, wo_dtype))
+        if side is None:
+            dx_m, dwr, dwq_m, dwo_m = _bwd_impl(*mosa_args, **mosa_kw)
+            dx, dw_qkv, dwo = _dense_bwd(dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base)
+            dwq = dw_qkv()
+            dx = add_at_rows_(dx, dx_m, rows) if masked else dx.add_(dx_m)
+        else:
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                dx_m, dwr, dwq_m, dwo_m = _bwd_impl(*mosa_args, **mosa_kw)
+            dx, dw_qkv, dwo = _dense_bwd(dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base)
+            after_dx = main.record_event()
+            dwq = dw_qkv()  # w_qkv's gradient on this stream, beside the sum of x's two gradients on the side one
+            side.wait_event(after_dx)
+            with torch.cuda.stream(side):
+                dx = add_at_rows_(dx, dx_m, rows) if masked else dx.add_(dx_m)
+            main.wait_stream(side)
+            dx.record_stream(side)
+            for t in (dx_m, dwr, dwq_m, dwo_m):
+                t.record_stream(main)
+    return dx, dwr, dwq_m, dwo_m, dwq, dwo
+
+
+@torch.library.custom_op("mosa_attention::hybrid_fwd", mutates_args=())
+def _hybrid_fwd_op(x: torch.Tensor, w_router: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
+                   w_qkv_dense: torch.Tensor, w_o_dense: torch.Tensor, n_dense: int, k: int, include_first: bool,
+                   rope_dims: int, rope_base: float, deterministic: bool, masked: bool, rows_only: bool,
+                   wq_read: Optional[torch.Tensor] = None, wo_read: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _hybrid_fwd_impl(x, w_router, _read(w_qkv, wq_read), _read(w_o, wo_read), w_qkv_dense, w_o_dense,
+                            n_dense, k, include_first, rope_dims, rope_base, deterministic, masked, rows_only)
+
+
+@_hybrid_fwd_op.register_fake
+def _(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense, k, include_first, rope_dims, rope_base,
+      deterministic, masked, rows_only, wq_read=None, wo_read=None):
+    B, T, h = x.shape
+    E, D, R = w_qkv.shape[0], w_qkv.shape[2] // 3, B * k
+    Dd = w_qkv_dense.shape[0] // (3 * n_dense)
+    idx = x.new_empty(B, E, k, dtype=torch.int64)
+    return (x.new_empty(B, T, h), x.new_empty(B, E, k, dtype=torch.float32), idx,
+            x.new_empty((B, T) if masked else (0,), dtype=torch.bool),
+            x.new_empty(3, E, R, D), x.new_empty(E, R, D), x.new_empty(E, R, dtype=torch.float32),
+            *_segments_like(idx, B, T, E, R, deterministic),
+            x.new_empty(3, B, T, n_dense, Dd), x.new_empty(B, T, n_dense, Dd),
+            x.new_empty(B, n_dense, T, dtype=torch.float32))
+
+
+@torch.library.custom_op("mosa_attention::hybrid_bwd", mutates_args=())
+def _hybrid_bwd_op(dy: torch.Tensor, x: torch.Tensor, kept: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor,
+                   w_qkv: torch.Tensor, w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                   perm: torch.Tensor, starts: torch.Tensor, w_router: torch.Tensor, w_qkv_dense: torch.Tensor,
+                   w_o_dense: torch.Tensor, rot: torch.Tensor, o_dense: torch.Tensor, lse_dense: torch.Tensor,
+                   rope_dims: int, rope_base: float, rows_only: bool, wq_dtype: torch.dtype, wo_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _hybrid_bwd_impl(dy, x, kept, idx, rows, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, w_qkv_dense,
+                            w_o_dense, rot, o_dense, lse_dense, rope_dims, rope_base, rows_only, wq_dtype, wo_dtype)
+
+
+@_hybrid_bwd_op.register_fake
+def _(dy, x, kept, idx, rows, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, w_qkv_dense, w_o_dense, rot, o_dense,
+      lse_dense, rope_dims, rope_base, rows_only, wq_dtype, wo_dtype):
+    return (torch.empty_like(x), torch.empty_like(w_router), torch.empty_like(w_qkv, dtype=wq_dtype),
+            torch.empty_like(w_o, dtype=wo_dtype), torch.empty_like(w_qkv_dense), torch.empty_like(w_o_dense))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, _, _, _, rope_dims, rope_base, _, _, rows_only, wq_read,
+     wo_read) = inputs
+    _, kept, idx, rows, qkv, o, lse, perm, starts, rot, o_dense, lse_dense = output
+    ctx.save_for_backward(x, kept, idx, rows, _read(w_qkv, wq_read), _read(w_o, wo_read), qkv, o, lse, perm, starts,
+                          w_router, w_qkv_dense, w_o_dense, rot, o_dense, lse_dense)
+    ctx.args = (rope_dims, rope_base, rows_only, w_qkv.dtype, w_o.dtype)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, dy, *_):
+    dx, dwr, dwq, dwo, dwq_d, dwo_d = _hybrid_bwd_op(dy, *ctx.saved_tensors, *ctx.args)
+    return (dx, dwr, dwq, dwo, dwq_d, dwo_d) + (None,) * 10
+
+
+_hybrid_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def hybrid_available(x: torch.Tensor, w_qkv: torch.Tensor) -> bool:
+    """Whether ``hybrid_triton`` runs on this input: CUDA with a 16-bit compute dtype (the attention kernels'),
+    or CPU under Triton's interpreter (tests)."""
+    if x.device.type == "cuda":
+        cdt = _compute_dtype(x, w_qkv)[0]
+        return cdt in (torch.float16, torch.bfloat16)
+    return _interpreting() and x.device.type == "cpu"
+
+
+@on_its_device
+def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int, k: int, *, include_first: bool,
+                  rope_dims: int, rope_base: float = 10000.0, deterministic: bool | None = None, masked: bool = False,
+                  rows_only: bool = True):
+    """A hybrid's MoSA heads (``triton_mosa.mosa_triton``'s arguments) plus ``n_dense`` causal dense heads
+    (``attention.causal_attention``'s ``w_qkv_dense [3 * D * n_dense, h]`` and ``w_o_dense [h, D * n_dense]``,
+    RoPE on the first ``rope_dims`` dims of each head as the MoSA heads): returns (y = both parts' sum [B, T, h],
+    kept scores [B, E, k], positions [B, E, k]), the same values as the eager layer's two parts. Differentiable
+    in x and the five weights; one custom op each way, with the two parts on two CUDA streams inside.
+    ``masked``: the two parts are summed at the tokens some MoSA head kept only (their y and x's gradient are
+    zero elsewhere; ``layers.mosa.MASKED_SUMS``), with the MoSA heads' buffers cleared at those rows only
+    (``rows_only``). Under autocast x and the dense weights are cast to the autocast dtype here (in the
+    compiled graph), the MoSA weights read as ``mosa_triton`` reads them. Check ``hybrid_available`` first."""
+    cdt, (w_router, w_qkv, w_o), _ = _compute_dtype(x, w_router, w_qkv, w_o)
+    B, T, h = x.shape
+    E = w_qkv.shape[0]
+    if not 1 <= k <= T:
+        raise ValueError(f"k must be in [1, T={T}], got k={k}")
+    if n_dense < 1 or w_qkv_dense.shape[0] % (3 * n_dense) or tuple(w_qkv_dense.shape[1:]) != (h,) \
+            or tuple(w_o_dense.shape) != (h, w_qkv_dense.shape[0] // 3):
+        raise ValueError(f"w_qkv_dense must be [3 * D * n_dense, h={h}] and w_o_dense [h, D * n_dense] with "
+                         f"n_dense={n_dense}, got {tuple(w_qkv_dense.shape)} and {tuple(w_o_dense.shape)}")
+    det = _rows_for(deterministic, x.device, h, (cdt, cdt), E * B * k, B * T)
+    x = x.to(cdt).contiguous()
+    grad = _needs_grad(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense)
+    y, kept, idx = _hybrid_fwd_op(x, w_router.contiguous(), w_qkv.contiguous(), w_o.contiguous(),
+                                  w_qkv_dense.to(cdt).contiguous(), w_o_dense.to(cdt).contiguous(), int(n_dense),
+                                  int(k), bool(include_first), int(rope_dims), float(rope_base), det, bool(masked),
+                                  bool(masked and rows_only and not det),
+                                  *_weight_copies(w_qkv, w_o, cdt, B * k, grad))[:3]
+    return y, kept, idx

@@ -1,0 +1,207 @@
+"""The hybrid's MoSA and dense heads as one op (``ops.triton_hybrid``) against the layer's separate parts and the
+float64 plain-torch reference: output and every gradient (x, the router, both parts' weights), eagerly and under
+torch.compile, with and without the masked sums, top-k's awkward shapes (k = 2, k = T, batch 1, T not a multiple of
+a block), include_first and deterministic scatters; on CPU through Triton's interpreter, and on a GPU also in
+bfloat16 and under compiled CUDA graphs."""
+import copy
+
+import pytest
+import torch
+from triton_env import DEVICE, DTYPES, require
+
+pytest.importorskip("triton")
+import mosa_attention.layers.mosa as layer_module  # noqa: E402
+from mosa_attention.layers import MoSAAttention  # noqa: E402
+from mosa_attention.ops import triton_hybrid  # noqa: E402
+from mosa_attention.ops import triton_mosa  # noqa: E402
+
+require(triton_mosa._qkv_fwd)
+
+# (B, T, MoSA heads, sparsity, include_first, deterministic): masked sums where the heads keep at most half the
+# tokens (the first, third and fifth), k = T in the fourth
+CASES = [(2, 64, 3, 16, False, None), (1, 37, 5, 4, True, None), (2, 20, 2, 10, False, None), (2, 19, 2, 1, False, None),
+         (2, 48, 3, 12, True, True)]
+# the op runs where the dense heads' attention kernels take the compute dtype: 16-bit on a GPU
+OP_DTYPES = DTYPES if DEVICE == "cpu" else (torch.float16, torch.bfloat16)
+ODT = OP_DTYPES[0]
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _run(layer, x, g, compiled=False, hybrid_op=None, monkeypatch=None):
+    """(y, x's gradient, every parameter's gradient) of ``layer`` on x, the loss sum(y * g)."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(layer_module, "HYBRID_OP", hybrid_op)
+    torch._dynamo.reset()
+    fn = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled else layer
+    xs = x.clone().requires_grad_()
+    y = fn(xs)
+    grads = torch.autograd.grad((y.float() * g).sum(), [xs, *layer.parameters()])
+    return [y.detach(), *grads]
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = triton_hybrid._hybrid_fwd_impl
+
+    def spy(*args):
+        calls.append(args[-2])  # masked
+        return real(*args)
+
+    monkeypatch.setattr(triton_hybrid, "_hybrid_fwd_impl", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}-T{c[1]}-E{c[2]}-s{c[3]}" + ("-first" if c[4] else "")
+                                             + ("-det" if c[5] else "") for c in CASES])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_hybrid_op_matches_the_layers_parts_and_the_reference(monkeypatch, dtype, case, compiled):
+    B, T, E, sparsity, first, det = case
+    torch.manual_seed(T + E)
+    layer = MoSAAttention(32, E, sparsity, head_dim=16, num_dense_heads=2, include_first=first, backend="triton",
+                          deterministic=det).to(DEVICE, dtype)
+    x = torch.randn(B, T, 32, device=DEVICE, dtype=dtype)
+    g = torch.randn(B, T, 32, device=DEVICE)
+    calls = _spy(monkeypatch)
+    got = _run(layer, x, g, compiled, True, monkeypatch)
+    assert calls == [layer._masked(x)]  # the one op ran, with the layer's masked-sum choice
+    parts = _run(layer, x, g, False, False, monkeypatch)
+    assert len(calls) == 1
+    # the same kernels as the layer's separate parts: equal up to the atomics' order and the last sum's rounding
+    for a, b in zip(got, parts):
+        assert _rel(a, b) < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    ref_layer = copy.deepcopy(layer).double()
+    ref_layer.backend = ref_layer.dense.backend = "torch"
+    want = _run(ref_layer, x.double(), g.double())
+    for a, b in zip(got, want):
+        assert _rel(a, b) < GRAD_TOL[dtype]
+
+
+def test_hybrid_op_forced_masked_sums_on_a_shape_that_keeps_most_tokens(monkeypatch):
+    # MASKED_SUMS = True on a shape whose heads keep most tokens: the op takes the masked sums (rows-only buffers,
+    # their other rows never written) and still gives every value and gradient
+    monkeypatch.setattr(layer_module, "MASKED_SUMS", True)
+    torch.manual_seed(3)
+    layer = MoSAAttention(32, 5, 2, head_dim=16, num_dense_heads=1, backend="triton").to(DEVICE, ODT)
+    x, g = torch.randn(2, 24, 32, device=DEVICE, dtype=ODT), torch.randn(2, 24, 32, device=DEVICE)
+    calls = _spy(monkeypatch)
+    got = _run(layer, x, g, True, True, monkeypatch)
+    assert calls == [True]
+    want = _run(layer, x, g, False, False, monkeypatch)
+    for a, b in zip(got, want):
+        assert _rel(a, b) < (1e-5 if ODT == torch.float32 else 2e-3)
+
+
+def test_hybrid_op_returns_the_selection(monkeypatch):
+    torch.manual_seed(5)
+    monkeypatch.setattr(layer_module, "HYBRID_OP", True)
+    layer = MoSAAttention(32, 3, 8, head_dim=16, num_dense_heads=2, backend="triton").to(DEVICE, ODT)
+    x = torch.randn(2, 40, 32, device=DEVICE, dtype=ODT)
+    calls = _spy(monkeypatch)
+    y, (scores, pos) = layer(x, return_selection=True)
+    assert len(calls) == 1
+    monkeypatch.setattr(layer_module, "HYBRID_OP", False)
+    y2, (scores2, pos2) = layer(x, return_selection=True)
+    assert torch.equal(pos, pos2) and torch.equal(scores, scores2)
+    assert _rel(y, y2) < (1e-5 if ODT == torch.float32 else 2e-3)
+
+
+def test_hybrid_op_under_autocast_casts_x_and_keeps_gradient_dtypes(monkeypatch):
+    # under autocast over float32 the op takes x and the dense weights in the autocast dtype (the compiled graph
+    # holds the casts): the same values as the layer's parts, every gradient in its parameter's dtype
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    torch.manual_seed(7)
+    layer = MoSAAttention(32, 3, 16, head_dim=16, num_dense_heads=2, backend="triton")
+    x, g = torch.randn(2, 64, 32), torch.randn(2, 64, 32)
+    results = {}
+    for op in (True, False):
+        with torch.autocast("cpu", dtype=torch.float16):
+            results[op] = _run(layer, x, g, op, op, monkeypatch)
+    for a, b in zip(results[True], results[False]):
+        assert a.dtype == b.dtype
+        assert _rel(a, b) < 2e-3
+    assert all(r.dtype == torch.float32 for r in results[True][1:])
+
+
+def test_hybrid_op_is_left_to_the_parts_where_it_does_not_apply(monkeypatch):
+    monkeypatch.setattr(layer_module, "HYBRID_OP", True)
+    x = torch.randn(1, 16, 32, device=DEVICE, dtype=ODT)
+    local = MoSAAttention(32, 2, 4, head_dim=16, num_dense_heads=1, dense_kind="local", backend="triton")
+    pure = MoSAAttention(32, 2, 4, head_dim=16, backend="triton")
+    reference = MoSAAttention(32, 2, 4, head_dim=16, num_dense_heads=1, backend="torch")
+    aux = MoSAAttention(32, 2, 4, head_dim=16, num_dense_heads=1, backend="triton", router_aux=True)
+    for layer in (local, pure, reference, aux):
+        assert not layer.to(DEVICE, ODT)._hybrid_op(x)
+    hybrid = MoSAAttention(32, 2, 4, head_dim=16, num_dense_heads=1, backend="triton").to(DEVICE, ODT)
+    assert hybrid._hybrid_op(x)
+    if DEVICE != "cpu":  # float32 on a GPU: no attention kernel of the op takes it
+        assert not hybrid.float()._hybrid_op(x.float())
+    monkeypatch.setattr(layer_module, "HYBRID_OP", None)
+    assert not hybrid._hybrid_op(x)  # only under torch.compile by default
+    monkeypatch.setattr(layer_module, "HYBRID_OP", False)
+    assert not hybrid._hybrid_op(x)
+
+
+def test_hybrid_triton_names_bad_dense_weights():
+    x = torch.randn(1, 16, 32, device=DEVICE)
+    wr, wq, wo = torch.randn(2, 32), torch.randn(2, 32, 48), torch.randn(2, 16, 32)
+    wr, wq, wo = (t.to(DEVICE) for t in (wr, wq, wo))
+    with pytest.raises(ValueError, match="w_o_dense"):
+        triton_hybrid.hybrid_triton(x, wr, wq, wo, torch.randn(48, 32, device=DEVICE), torch.randn(32, 32, device=DEVICE),
+                                    1, 4, include_first=False, rope_dims=8)
+    with pytest.raises(ValueError, match="k must be"):
+        triton_hybrid.hybrid_triton(x, wr, wq, wo, torch.randn(48, 32, device=DEVICE), torch.randn(32, 16, device=DEVICE),
+                                    1, 17, include_first=False, rope_dims=8)
+
+
+@pytest.mark.parametrize("kind", ["cudnn", "flash"])
+def test_hybrid_op_on_either_attention_kernel(monkeypatch, kind):
+    # the dense heads' attention through cuDNN's kernels or FlashAttention's, whichever SDPA would pick: both give
+    # the layer's values and gradients
+    if DEVICE == "cpu":
+        pytest.skip("the GPU's attention kernels")
+    monkeypatch.setattr(triton_hybrid, "_attention_kind", lambda q: kind)
+    torch.manual_seed(9)
+    layer = MoSAAttention(128, 6, 8, head_dim=64, num_dense_heads=3, backend="triton").to(DEVICE, torch.bfloat16)
+    x = torch.randn(2, 256, 128, device=DEVICE, dtype=torch.bfloat16)
+    g = torch.randn(2, 256, 128, device=DEVICE)
+    calls = _spy(monkeypatch)
+    got = _run(layer, x, g, False, True, monkeypatch)
+    assert len(calls) == 1
+    want = _run(layer, x, g, False, False, monkeypatch)
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hybrid_op_under_compiled_cuda_graphs_matches_eager(monkeypatch, dtype):
+    # torch.compile(mode="reduce-overhead"): the op's two streams inside the recorded CUDA graphs; every step, fresh
+    # inputs, gives the eager layer's output and gradients (which runs its own two streams)
+    if DEVICE == "cpu":
+        pytest.skip("CUDA graphs")
+    calls = _spy(monkeypatch)
+    for heads, sparsity in ((17, 32), (40, 8)):  # masked sums, then not
+        torch.manual_seed(heads)
+        eager = MoSAAttention(128, heads, sparsity, head_dim=64, num_dense_heads=4, backend="triton").to(DEVICE, dtype)
+        compiled_layer = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_layer, mode="reduce-overhead")
+        for step in range(4):
+            x = torch.randn(4, 512, 128, device=DEVICE, dtype=dtype)
+            dy = torch.randn_like(x)
+            results = []
+            for layer, fn in ((eager, eager), (compiled_layer, compiled)):
+                if fn is compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                layer.zero_grad(set_to_none=True)
+                xl = x.clone().requires_grad_()
+                y = fn(xl)
+                y.backward(dy)
+                results.append([y.detach().clone(), xl.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+            for a, b in zip(*results):
+                assert _rel(b, a) < (1e-2 if dtype == torch.bfloat16 else 2e-3), (heads, step)
+        assert calls and calls[-1] == (heads == 17)  # the compiled layer ran the op, masked where few are kept
