@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from triton_env import DEVICE, DTYPES, require
+from triton_env import DEVICE, DTYPES, eager_and_graphed_steps, require
 
 pytest.importorskip("triton")
 import mosa_attention.layers.mosa as layer_module  # noqa: E402
@@ -188,20 +188,7 @@ def test_hybrid_op_under_compiled_cuda_graphs_matches_eager(monkeypatch, dtype):
     for heads, sparsity in ((17, 32), (40, 8)):  # masked sums, then not
         torch.manual_seed(heads)
         eager = MoSAAttention(128, heads, sparsity, head_dim=64, num_dense_heads=4, backend="triton").to(DEVICE, dtype)
-        compiled_layer = copy.deepcopy(eager)
-        compiled = torch.compile(compiled_layer, mode="reduce-overhead")
-        for step in range(4):
-            x = torch.randn(4, 512, 128, device=DEVICE, dtype=dtype)
-            dy = torch.randn_like(x)
-            results = []
-            for layer, fn in ((eager, eager), (compiled_layer, compiled)):
-                if fn is compiled:
-                    torch.compiler.cudagraph_mark_step_begin()
-                layer.zero_grad(set_to_none=True)
-                xl = x.clone().requires_grad_()
-                y = fn(xl)
-                y.backward(dy)
-                results.append([y.detach().clone(), xl.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
-            for a, b in zip(*results):
-                assert _rel(b, a) < (1e-2 if dtype == torch.bfloat16 else 2e-3), (heads, step)
+        for step, (want, got) in enumerate(eager_and_graphed_steps(eager, (4, 512, 128), dtype)):
+            for a, b in zip(got, want):
+                assert _rel(a, b) < (1e-2 if dtype == torch.bfloat16 else 2e-3), (heads, step)
         assert calls and calls[-1] == (heads == 17)  # the compiled layer ran the op, masked where few are kept

@@ -6,7 +6,7 @@ positions, head dims 32 and 64, several blocks per sequence.
 """
 import pytest
 import torch
-from triton_env import DEVICE, DTYPES, TOL, require
+from triton_env import DEVICE, DTYPES, TOL, eager_and_graphed_steps, require
 
 pytest.importorskip("triton")
 from mosa_attention.ops.mosa import sparse_attention_reference  # noqa: E402
@@ -1254,7 +1254,6 @@ def test_layer_under_compiled_cuda_graphs_matches_eager(monkeypatch):
     # torch.compile(mode="reduce-overhead") records the layer's forward and backward as CUDA graphs (cudagraph
     # trees), where WGRAD_SIDE_STREAM's default forks the weight gradients onto their own stream: every step, fresh
     # inputs, gives the eager layer's output and gradients (x's and every weight's)
-    import copy
     from mosa_attention.layers import MoSAAttention
     if DEVICE == "cpu":
         pytest.skip("CUDA graphs")
@@ -1263,22 +1262,8 @@ def test_layer_under_compiled_cuda_graphs_matches_eager(monkeypatch):
     monkeypatch.setattr(triton_mosa, "Fork", lambda *a: (forks.append(a), make(*a))[1])
     torch.manual_seed(0)
     eager = MoSAAttention(64, 3, 4, head_dim=32, backend="triton").to(DEVICE, torch.float16)  # k = 64: R = 256
-    compiled_layer = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_layer, mode="reduce-overhead")
-    for step in range(4):
-        x = torch.randn(4, 256, 64, device=DEVICE, dtype=torch.float16)
-        dy = torch.randn_like(x)
-        results = []
-        for layer, fn in ((eager, eager), (compiled_layer, compiled)):
-            if fn is compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            layer.zero_grad(set_to_none=True)
-            xl = x.clone().requires_grad_()
-            y = fn(xl)
-            y.backward(dy)
-            # (clones: the graphs' outputs and gradients live in their memory pool, rewritten by the next replay)
-            results.append([y.detach().clone(), xl.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
-        for a, b in zip(*results):
+    for step, (want, got) in enumerate(eager_and_graphed_steps(eager, (4, 256, 64), torch.float16)):
+        for a, b in zip(want, got):
             assert _rel(b, a.double()) < 2e-3, step
     assert forks  # the recorded backward took the fork
 

@@ -23,3 +23,26 @@ def require(kernel) -> None:
         pytest.skip("triton was imported without the interpreter and there is no GPU", allow_module_level=True)
     if not torch.cuda.is_available() and type(kernel).__name__ != "InterpretedFunction":
         pytest.skip("the kernels were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+
+def eager_and_graphed_steps(eager, shape, dtype, steps: int = 4):
+    """For each of ``steps`` steps on fresh random x of ``shape`` and a fresh output gradient: (eager results,
+    graphed results), each [y, x's gradient, every parameter's gradient], of the module ``eager`` and of a copy of
+    it under ``torch.compile(mode="reduce-overhead")`` (cudagraph trees record its forward and backward). A GPU only."""
+    import copy
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, mode="reduce-overhead")
+    for _ in range(steps):
+        x = torch.randn(*shape, device=DEVICE, dtype=dtype)
+        dy = torch.randn_like(x)
+        results = []
+        for layer, fn in ((eager, eager), (compiled_layer, compiled)):
+            if fn is compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            layer.zero_grad(set_to_none=True)
+            xl = x.clone().requires_grad_()
+            y = fn(xl)
+            y.backward(dy)
+            # (clones: the graphs' outputs and gradients live in their memory pool, rewritten by the next replay)
+            results.append([y.detach().clone(), xl.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+        yield results
