@@ -154,9 +154,15 @@ def test_hybrid_triton_names_bad_dense_weights():
     with pytest.raises(ValueError, match="w_o_dense"):
         triton_hybrid.hybrid_triton(x, wr, wq, wo, torch.randn(48, 32, device=DEVICE), torch.randn(32, 32, device=DEVICE),
                                     1, 4, include_first=False, rope_dims=8)
+    wqd, wod = torch.randn(48, 32, device=DEVICE), torch.randn(32, 16, device=DEVICE)
     with pytest.raises(ValueError, match="k must be"):
-        triton_hybrid.hybrid_triton(x, wr, wq, wo, torch.randn(48, 32, device=DEVICE), torch.randn(32, 16, device=DEVICE),
-                                    1, 17, include_first=False, rope_dims=8)
+        triton_hybrid.hybrid_triton(x, wr, wq, wo, wqd, wod, 1, 17, include_first=False, rope_dims=8)
+    with pytest.raises(ValueError, match="w_o_dense must be on x's device .* dtype"):
+        triton_hybrid.hybrid_triton(x, wr, wq, wo, wqd, wod.double(), 1, 4, include_first=False, rope_dims=8)
+    with pytest.raises(ValueError, match="w_router must be"):
+        triton_hybrid.hybrid_triton(x, wr[:1], wq, wo, wqd, wod, 1, 4, include_first=False, rope_dims=8)
+    with pytest.raises(ValueError, match="rope_dims"):
+        triton_hybrid.hybrid_triton(x, wr, wq, wo, wqd, wod, 1, 4, include_first=False, rope_dims=18)
 
 
 @pytest.mark.parametrize("kind", ["cudnn", "flash"])

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from ._host import on_its_device, side_stream
 from ._host import interpreting as _interpreting
 from .combine import add_at_rows_
-from .triton_mosa import (_bwd_impl, _compute_dtype, _needs_grad, _read, _routed_fwd_impl, _rows_for,
-                          _segments_like, _weight_copies)
+from .triton_mosa import (_bwd_impl, _check_routed, _compute_dtype, _needs_grad, _read, _routed_fwd_impl,
+                          _rows_for, _segments_like, _weight_copies)
 from .triton_rope import _grads as _rope_grads
 from .triton_rope import _run as _split_rope
 
@@ -260,15 +260,20 @@ def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int,
     zero elsewhere; ``layers.mosa.MASKED_SUMS``), with the MoSA heads' buffers cleared at those rows only
     (``rows_only``). Under autocast x and the dense weights are cast to the autocast dtype here (in the
     compiled graph), the MoSA weights read as ``mosa_triton`` reads them. Check ``hybrid_available`` first."""
-    cdt, (w_router, w_qkv, w_o), _ = _compute_dtype(x, w_router, w_qkv, w_o)
+    cdt, (w_router, w_qkv, w_o) = _check_routed(x, w_router, w_qkv, w_o, k, rope_dims)
     B, T, h = x.shape
     E = w_qkv.shape[0]
-    if not 1 <= k <= T:
-        raise ValueError(f"k must be in [1, T={T}], got k={k}")
-    if n_dense < 1 or w_qkv_dense.shape[0] % (3 * n_dense) or tuple(w_qkv_dense.shape[1:]) != (h,) \
-            or tuple(w_o_dense.shape) != (h, w_qkv_dense.shape[0] // 3):
+    if n_dense < 1 or w_qkv_dense.dim() != 2 or w_qkv_dense.shape[0] % (3 * n_dense) \
+            or tuple(w_qkv_dense.shape[1:]) != (h,) or tuple(w_o_dense.shape) != (h, w_qkv_dense.shape[0] // 3):
         raise ValueError(f"w_qkv_dense must be [3 * D * n_dense, h={h}] and w_o_dense [h, D * n_dense] with "
                          f"n_dense={n_dense}, got {tuple(w_qkv_dense.shape)} and {tuple(w_o_dense.shape)}")
+    D = w_qkv_dense.shape[0] // (3 * n_dense)
+    if rope_dims > D:
+        raise ValueError(f"rope_dims must be at most the dense heads' head dim {D}, got rope_dims={rope_dims}")
+    for name, w in (("w_qkv_dense", w_qkv_dense), ("w_o_dense", w_o_dense)):
+        if w.device != x.device or w.dtype != w_qkv.dtype:
+            raise ValueError(f"{name} must be on x's device {x.device} in w_qkv's dtype {w_qkv.dtype}, got "
+                             f"{w.device}, {w.dtype}")
     det = _rows_for(deterministic, x.device, h, (cdt, cdt), E * B * k, B * T)
     x = x.to(cdt).contiguous()
     grad = _needs_grad(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense)

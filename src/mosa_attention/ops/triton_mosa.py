@@ -1690,6 +1690,26 @@ def _routed_backward(ctx, dy, *_):
 _routed_fwd_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
 
 
+def _check_routed(x, w_router, w_qkv, w_o, k: int, rope_dims: int):
+    """(compute dtype, (w_router, w_qkv, w_o) as the kernels take them) of the routed op's arguments, each bad one
+    named in a ValueError."""
+    cdt, (w_router, w_qkv, w_o), mixed = _compute_dtype(x, w_router, w_qkv, w_o)
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
+    B, T, h = x.shape if x.dim() == 3 else (0, 0, 0)
+    E = w_qkv.shape[0]
+    if tuple(w_router.shape) != (E, h) or w_router.dtype != w_qkv.dtype or w_router.device != x.device:
+        raise ValueError(f"w_router must be [E={E}, h={h}] with w_qkv's dtype {w_qkv.dtype} on {x.device}, got "
+                         f"w_router.shape={tuple(w_router.shape)}, dtype={w_router.dtype}, device={w_router.device}")
+    if not 1 <= k <= T:
+        raise ValueError(f"k must be in [1, T={T}], got k={k}")
+    # shape stand-ins for the shared checks (views of one element: nothing is filled or launched)
+    idx_like = torch.empty((), dtype=torch.int64, device=x.device).expand(B, E, k)
+    sc_like = torch.empty((), dtype=w_qkv.dtype, device=x.device).expand(B, E, k)
+    _check(x, sc_like, idx_like, w_qkv, w_o, int(rope_dims), mixed)
+    return cdt, (w_router, w_qkv, w_o)
+
+
 @on_its_device
 def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float = 10000.0,
                 deterministic: bool | None = None, mark_rows: torch.Tensor | None = None, rows_only: bool = False,
@@ -1710,20 +1730,9 @@ def mosa_triton(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims:
     product; gradients stay x's, in x's dtype. Ignored under torch.compile. ``beside``: other kernels run
     beside this op's on another stream (a hybrid's dense heads), so the backward takes the kernel forms that
     share the GPU better (``_bwd_impl``); a matter of speed only, ignored under torch.compile."""
-    cdt, (w_router, w_qkv, w_o), mixed = _compute_dtype(x, w_router, w_qkv, w_o)
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x.dtype must be one of {_DTYPES}, got x.dtype={x.dtype}")
-    B, T, h = x.shape if x.dim() == 3 else (0, 0, 0)
+    cdt, (w_router, w_qkv, w_o) = _check_routed(x, w_router, w_qkv, w_o, k, rope_dims)
+    B, T, h = x.shape
     E = w_qkv.shape[0]
-    if tuple(w_router.shape) != (E, h) or w_router.dtype != w_qkv.dtype or w_router.device != x.device:
-        raise ValueError(f"w_router must be [E={E}, h={h}] with w_qkv's dtype {w_qkv.dtype} on {x.device}, got "
-                         f"w_router.shape={tuple(w_router.shape)}, dtype={w_router.dtype}, device={w_router.device}")
-    if not 1 <= k <= T:
-        raise ValueError(f"k must be in [1, T={T}], got k={k}")
-    # shape stand-ins for the shared checks (views of one element: nothing is filled or launched)
-    idx_like = torch.empty((), dtype=torch.int64, device=x.device).expand(B, E, k)
-    sc_like = torch.empty((), dtype=w_qkv.dtype, device=x.device).expand(B, E, k)
-    _check(x, sc_like, idx_like, w_qkv, w_o, int(rope_dims), mixed)
     x, w_router, w_qkv, w_o = (t.contiguous() for t in (x, w_router, w_qkv, w_o))
     args = (x, w_router, w_qkv, w_o, int(k), bool(include_first), int(rope_dims), float(rope_base),
             _rows_for(deterministic, x.device, h, (cdt, x.dtype), E * B * k, B * T), cdt)
