@@ -147,6 +147,13 @@ def test_hybrid_op_is_left_to_the_parts_where_it_does_not_apply(monkeypatch):
     assert not hybrid._hybrid_op(x)
 
 
+def test_the_op_needs_attention_kernels_for_its_dense_heads():
+    # FlashAttention's kernels (and cuDNN's): Ampere or later, head dims that are multiples of 8 up to 256
+    assert triton_hybrid.attention_kernels_take((9, 0), 64) and triton_hybrid.attention_kernels_take((8, 0), 256)
+    assert not triton_hybrid.attention_kernels_take((7, 5), 64)  # a T4
+    assert not triton_hybrid.attention_kernels_take((9, 0), 12) and not triton_hybrid.attention_kernels_take((9, 0), 512)
+
+
 def test_hybrid_triton_names_bad_dense_weights():
     x = torch.randn(1, 16, 32, device=DEVICE)
     wr, wq, wo = torch.randn(2, 32), torch.randn(2, 32, 48), torch.randn(2, 16, 32)

@@ -213,7 +213,8 @@ class MoSAAttention(nn.Module):
         if HYBRID_OP is False or not (HYBRID_OP or torch.compiler.is_compiling()):
             return False
         return (self.num_mosa_heads > 0 and self.dense is not None and self.dense_kind == "dense" and self._fused(x)
-                and self.dense.backend != "torch" and hybrid_fused_available(x, self.W_QKV, self.backend))
+                and self.dense.backend != "torch"
+                and hybrid_fused_available(x, self.W_QKV, self.dense.head_dim, self.backend))
 
     def _hybrid(self, x: torch.Tensor):
         """(y, selection) of both parts through ``ops.hybrid_fused``."""

@@ -146,13 +146,13 @@ def mosa_topk_fused(x, w_router, w_qkv, w_o, k: int, *, include_first: bool = Fa
     return y, (kept, idx)
 
 
-def hybrid_fused_available(x: torch.Tensor, w_qkv: torch.Tensor, backend: str) -> bool:
-    """Whether ``hybrid_fused`` runs here: ``mosa_topk_fused`` does, and the dense heads' attention kernels take
-    the compute dtype (``triton_hybrid.hybrid_available``)."""
+def hybrid_fused_available(x: torch.Tensor, w_qkv: torch.Tensor, head_dim: int, backend: str) -> bool:
+    """Whether ``hybrid_fused`` runs here with dense heads of ``head_dim``: ``mosa_topk_fused`` does, and the dense
+    heads' attention kernels take the compute dtype and the heads (``triton_hybrid.hybrid_available``)."""
     if not fused_topk_available(x, backend):
         return False
     from .triton_hybrid import hybrid_available  # noqa: WPS433 (optional dependency)
-    return hybrid_available(x, w_qkv)
+    return hybrid_available(x, w_qkv, head_dim)
 
 
 def hybrid_fused(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int, k: int, *, include_first: bool = False,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ._host import on_its_device, side_stream
 from ._host import interpreting as _interpreting
 from .combine import add_at_rows_
-from .triton_mosa import (_bwd_impl, _check_routed, _compute_dtype, _needs_grad, _read, _routed_fwd_impl,
+from .triton_mosa import (_bwd_impl, _capability, _check_routed, _compute_dtype, _needs_grad, _read, _routed_fwd_impl,
                           _rows_for, _segments_like, _weight_copies)
 from .triton_rope import _grads as _rope_grads
 from .triton_rope import _run as _split_rope
@@ -238,12 +238,19 @@ def _backward(ctx, dy, *_):
 _hybrid_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def hybrid_available(x: torch.Tensor, w_qkv: torch.Tensor) -> bool:
-    """Whether ``hybrid_triton`` runs on this input: CUDA with a 16-bit compute dtype (the attention kernels'),
-    or CPU under Triton's interpreter (tests)."""
+def attention_kernels_take(capability: tuple[int, int], head_dim: int) -> bool:
+    """Whether the GPU's attention kernels the op calls take these heads: FlashAttention's (always there where
+    cuDNN's are) need compute capability 8.0 or later and a head dim that is a multiple of 8 up to 256."""
+    return tuple(capability) >= (8, 0) and head_dim % 8 == 0 and 8 <= head_dim <= 256
+
+
+def hybrid_available(x: torch.Tensor, w_qkv: torch.Tensor, head_dim: int) -> bool:
+    """Whether ``hybrid_triton`` runs on this input with dense heads of ``head_dim``: CUDA with a 16-bit compute
+    dtype and heads the attention kernels take (``attention_kernels_take``), or CPU under Triton's interpreter
+    (tests)."""
     if x.device.type == "cuda":
         cdt = _compute_dtype(x, w_qkv)[0]
-        return cdt in (torch.float16, torch.bfloat16)
+        return cdt in (torch.float16, torch.bfloat16) and attention_kernels_take(_capability(x.device), head_dim)
     return _interpreting() and x.device.type == "cpu"
 
 
