@@ -95,7 +95,8 @@ def _dense_fwd(x, wq, wo, H: int, rope_dims: int, rope_base: float):
 
 
 def _dense_bwd(dy, x, wq, wo, rot, o, lse, rope_dims: int, rope_base: float):
-    """(product for x's gradient, then a function that launches w_qkv's gradient product, w_o's gradient)."""
+    """(the dense heads' share of x's gradient, a function that launches w_qkv's gradient product when called, w_o's
+    gradient): the caller places w_qkv's product (beside the sum of x's two gradients)."""
     _, B, T, H, D = rot.shape
     dy2 = dy.view(B * T, -1)
     dwo = dy2.t().mm(o.view(B * T, H * D))
