@@ -44,6 +44,22 @@ def test_deterministic_gpu_runs_repeat_bit_for_bit(attention, compile_mode, tiny
     assert len(a) == 4 and a == b, (a, b)
 
 
+@pytest.mark.parametrize("attention", ["routing", "mosa+local"])
+def test_compiled_runs_of_two_lengths_in_one_process(attention, tiny_overrides, tmp_path):
+    # dynamo makes a dimension symbolic once a function has seen two sizes of it in the process (automatic dynamic
+    # shapes), and inductor failed to build the routing model's dynamic graph (torch 2.11: CantSplit); the trainer
+    # compiles with static shapes, so the second length recompiles; and the mosa+local model's run at the first
+    # length repeats bit for bit after the others (its local heads' mask is made in the compiled graph, never
+    # read from the cache that the eager evaluation fills)
+    kind = attention_overrides(attention)
+    base = on_gpu(tiny_overrides, *WIDER, *kind, "train.deterministic=true")
+    for i, T in enumerate((64, 128, 64)):
+        train(build_config(None, base + [f"model.seq_len={T}", f"train.out_dir={str(tmp_path / str(i))!r}"]),
+              log=quiet)
+    first, other, again = (losses(tmp_path / str(i)) for i in range(3))
+    assert len(first) == len(other) == 4 and first == again, (first, again)
+
+
 @pytest.mark.parametrize("compile_mode", ["false", None])
 def test_deterministic_gpu_run_resumes_bit_for_bit(compile_mode, tiny_overrides, tmp_path):
     base = on_gpu(tiny_overrides, *WIDER, "train.deterministic=true",

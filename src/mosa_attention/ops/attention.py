@@ -221,19 +221,22 @@ def sliding_window_block_mask(T: int, window: int, device, block: int = FLEX_BLO
     ~window / block + 1 key blocks it touches, in an [n, n] index table) with no [T, T] evaluation: the key
     blocks wholly inside the window of every query of a query block are "full" (no mask evaluated there),
     the others partial. The tables are made by a few [n, n] tensor ops on ``device`` (no host loops, no host
-    tensors). Cached per (T, window, device, block) when made eagerly; a compiled model (torch.compile, also
-    with ``fullgraph``) reads a mask cached before it was traced, else makes the mask inside its own graph
-    on every call (a few tiny kernels) and caches nothing: tensors made in a compiled graph and kept beyond
-    it would belong to its CUDA graphs' memory pool under ``mode="reduce-overhead"`` and be overwritten by
-    the next replay."""
+    tensors). Cached per (T, window, device, block) when made eagerly. A compiled model (torch.compile, also
+    with ``fullgraph``) makes the mask inside its own graph on every call (a few tiny kernels) and neither
+    reads nor fills the cache: tensors made in a compiled graph and kept beyond it would belong to its CUDA
+    graphs' memory pool under ``mode="reduce-overhead"`` and be overwritten by the next replay; and a graph
+    that took a cached mask as a constant computed the heads' output to other roundings than one that made
+    it (H200, FlexAttention of torch 2.11: losses 4e-5 apart from the first step), so the same deterministic
+    run gave other bits after anything in the process had called the heads eagerly (benchmarks/NOTES.md v31)."""
+    if torch.compiler.is_compiling():
+        return _make_sliding_window_block_mask(T, window, device, block)
     key = (T, window, str(device), block)
     mask = _FLEX_MASKS.get(key)
     if mask is None:
         mask = _make_sliding_window_block_mask(T, window, device, block)
-        if not torch.compiler.is_compiling():
-            if len(_FLEX_MASKS) >= 32:  # (many lengths, e.g. prompts in generation: keep the newest)
-                _FLEX_MASKS.pop(next(iter(_FLEX_MASKS)))
-            _FLEX_MASKS[key] = mask
+        if len(_FLEX_MASKS) >= 32:  # (many lengths, e.g. prompts in generation: keep the newest)
+            _FLEX_MASKS.pop(next(iter(_FLEX_MASKS)))
+        _FLEX_MASKS[key] = mask
     return mask
 
 

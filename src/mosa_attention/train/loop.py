@@ -166,7 +166,12 @@ def _train(cfg: TrainConfig, resume, info: D.DistInfo, say) -> dict:
         # a hybrid's heads as one op pay where CUDA graphs replay the step; without them a compiled step is bound by
         # the host, which the op's own launches load more than inductor's code (benchmarks/NOTES.md v30)
         mosa_layer.HYBRID_OP = False
-    forward = torch.compile(wrapped, mode=None if compile_mode is True else compile_mode) if compile_mode else wrapped
+    # static shapes: a training step's shapes are fixed, and dynamo's automatic dynamic shapes would otherwise make a
+    # dimension symbolic once the model's forward has seen two sizes of it anywhere in the process (two runs of
+    # other lengths in one process, as a sweep or the tests do), a graph inductor failed to build for the routing
+    # model on torch 2.11 ("CantSplit"; benchmarks/NOTES.md v31); a new shape recompiles instead
+    forward = (torch.compile(wrapped, mode=None if compile_mode is True else compile_mode, dynamic=False)
+               if compile_mode else wrapped)
 
     n_params = model.num_params()
     say("config:\n" + _indent(to_toml({**cfg.to_dict(), "model (resolved)": model_cfg.to_dict()})))
