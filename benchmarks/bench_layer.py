@@ -308,6 +308,32 @@ def profile():
             print(p.key_averages().table(sort_by="device_time_total", row_limit=22, max_name_column_width=60))
 
 
+def replay_timeline(replay, label: str, path: str) -> None:
+    """Profile 3 calls of ``replay`` (a CUDA graph's), write the Chrome trace to ``path`` and print, for the last
+    call, each kernel's start and end (us from its first kernel) and stream, and the busy time per stream."""
+    p = profiled(replay, 5, 3, sync_each=True)
+    p.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")),
+                     key=lambda e: e["ts"])
+    if not kernels:
+        print(f"== timeline {label}: the trace holds no kernels")
+        return
+    # the last of the three replays (each launches the same kernels; both streams' kernels interleave, so
+    # a gap between starts does not mark a replay's end)
+    last = kernels[-(len(kernels) // 3):]
+    t0 = last[0]["ts"]
+    end = max(e["ts"] + e["dur"] for e in last)
+    print(f"== timeline {label}, one graph replay: {end - t0:.1f} us, {len(last)} kernels")
+    busy: dict = {}
+    for e in last:
+        stream = e.get("args", {}).get("stream", "?")
+        busy[stream] = busy.get(stream, 0.0) + e["dur"]
+        print(f"  {e['ts'] - t0:8.1f} {e['ts'] - t0 + e['dur']:8.1f}  s{stream:<4} {e['name'][:90]}")
+    print("  busy us per stream:", {k: round(v, 1) for k, v in busy.items()}, flush=True)
+
+
 def timeline(folder):
     """Kernel timeline of graph-replayed f+b steps (what runs beside what, and where the GPU idles): the
     hybrids t2 / t3, the t2 hybrid's 4 dense heads alone and the dense 9-head layer, 3 replays each. Writes
@@ -327,28 +353,8 @@ def timeline(folder):
         if replay is None:
             print(f"== timeline {label}: capture failed")
             continue
-        p = profiled(replay, 5, 3, sync_each=True)
-        path = os.path.join(folder, "trace_" + label.replace(" ", "_") + ".json")
-        p.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-        kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")),
-                         key=lambda e: e["ts"])
-        if not kernels:
-            print(f"== timeline {label}: the trace holds no kernels")
-            continue
-        # the last of the three replays (each launches the same kernels; both streams' kernels interleave, so
-        # a gap between starts does not mark a replay's end)
-        last = kernels[-(len(kernels) // 3):]
-        t0 = last[0]["ts"]
-        end = max(e["ts"] + e["dur"] for e in last)
-        print(f"== timeline {label} ({MODE}), one graph replay: {end - t0:.1f} us, {len(last)} kernels")
-        busy: dict = {}
-        for e in last:
-            stream = e.get("args", {}).get("stream", "?")
-            busy[stream] = busy.get(stream, 0.0) + e["dur"]
-            print(f"  {e['ts'] - t0:8.1f} {e['ts'] - t0 + e['dur']:8.1f}  s{stream:<4} {e['name'][:90]}")
-        print("  busy us per stream:", {k: round(v, 1) for k, v in busy.items()}, flush=True)
+        replay_timeline(replay, f"{label} ({MODE})",
+                        os.path.join(folder, "trace_" + label.replace(" ", "_") + ".json"))
 
 
 def host_profile():

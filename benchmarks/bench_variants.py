@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from mosa_attention.bench.layer import alternating_rounds, capture_graph, make_step  # noqa: E402
 from mosa_attention.layers import DenseAttention, MoSAAttention  # noqa: E402
 from mosa_attention.layers import mosa as layer_mosa  # noqa: E402
-from mosa_attention.ops import triton_mosa  # noqa: E402
+from mosa_attention.ops import triton_hybrid, triton_mosa  # noqa: E402
 
 # h, MoSA heads, sparsity, dense heads in the layer, T, B, dense heads of the comparison layer (0: none)
 # (t3m: t3's MoSA heads alone; rho4, rho8: t1's heads at sparsities 4 and 8, k = 256 and 128)
@@ -35,8 +35,9 @@ CASES = {"t1": (512, 17, 32, 0, 1024, 16, 9), "t2": (512, 17, 32, 4, 1024, 16, 9
          "t3": (512, 505, 64, 4, 1024, 16, 9), "t3m": (512, 505, 64, 0, 1024, 16, 9),
          "t4": (1024, 60, 1024, 0, 65536, 1, 0), "T16384": (1024, 60, 256, 0, 16384, 1, 0),
          "rho4": (512, 17, 4, 0, 1024, 16, 9), "rho8": (512, 17, 8, 0, 1024, 16, 9)}
-# where a variant's switches live: "flags" the kernels' (ops.triton_mosa), "layer_flags" the layer's (layers.mosa)
-SWITCHES = {"flags": triton_mosa, "layer_flags": layer_mosa}
+# where a variant's switches live: "flags" the kernels' (ops.triton_mosa), "layer_flags" the layer's (layers.mosa),
+# "hybrid_flags" the one-op hybrid's (ops.triton_hybrid)
+SWITCHES = {"flags": triton_mosa, "layer_flags": layer_mosa, "hybrid_flags": triton_hybrid}
 VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value}, "tiles": {kernel: launch overrides}}
     # (call 2 of v21 ran these with the attention backward inside _out_bwd as the default everywhere; since then
     # the default puts it there only where the op runs alone, and takes 32-row _out_bwd blocks there)
@@ -81,6 +82,11 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     "narrow_x_only": {"flags": {"NARROW_WEIGHTS": False}},
     "narrow_weights_only": {"flags": {"NARROW_X": False}},
     "narrow_weights_all": {"flags": {"NARROW_WEIGHTS": True}},
+    # (v32) the hybrid as one op (ops.triton_hybrid, as under torch.compile) in the captured step; and with both
+    # parts on one stream. (v32 also timed launch orders inside the op: the dense QKV product before the MoSA heads,
+    # the dense heads' backward stages launched before the MoSA heads' x and w_qkv gradients: all within 1 us.)
+    "op": {"layer_flags": {"HYBRID_OP": True}},
+    "op_one_stream": {"layer_flags": {"HYBRID_OP": True}, "hybrid_flags": {"PARALLEL": False}},
     "blk32_dwqkv_w4_fwd_bm32": {"tiles": {"_attn_bwd_seqs": {"BLK": 32}, "_dwqkv": {"num_warps": 4},
                                           "_attn_fwd": {"BM": 32, "BN": 32}}},
 }
@@ -139,6 +145,8 @@ def main():
                     help="time eager steps (the host's launches included) instead of CUDA-graph replays")
     ap.add_argument("--autocast", action="store_true",
                     help="float32 x and parameters, each step under bf16 autocast (default: all bf16)")
+    ap.add_argument("--timeline", default="", metavar="VARIANTS",
+                    help="comma-separated variants whose replay's kernel timeline to print (and trace into --out)")
     ap.add_argument("--out", default=None, help="folder for variants.json")
     args = ap.parse_args()
     names = args.variants.split(",")
@@ -177,6 +185,13 @@ def main():
                   f"{errs['x']:.1e}, worst {worst} {errs[worst]:.1e}", flush=True)
             if not errs[worst] < 2e-2:
                 raise SystemExit(f"{case} {name}: the replay's gradient of {worst} is off ({errs[worst]:.2e})")
+        for name in filter(None, args.timeline.split(",")):
+            from bench_layer import replay_timeline  # (this folder: the same listing as bench_layer.py --timeline)
+            if name not in replays:
+                ap.error(f"--timeline: {name!r} is not among the variants timed")
+            os.makedirs(args.out or ".", exist_ok=True)
+            replay_timeline(replays[name], f"{case} {name}",
+                            os.path.join(args.out or ".", f"trace_{case}_{name.replace(' ', '_')}.json"))
         base = f"dense {nd_cmp}" if nd_cmp else None
         results[case] = alternating_rounds(replays, args.rounds, args.iters, cuda=True, base=base, label=f"{case} ")
         print(f"== {case}: median over {args.rounds} rounds of {args.iters} {'eager steps' if args.eager else 'replays'}"

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton_env import DEVICE, DTYPES, eager_and_graphed_steps, require
 
 pytest.importorskip("triton")
@@ -108,6 +109,36 @@ def test_hybrid_op_returns_the_selection(monkeypatch):
     y2, (scores2, pos2) = layer(x, return_selection=True)
     assert torch.equal(pos, pos2) and torch.equal(scores, scores2)
     assert _rel(y, y2) < (1e-5 if ODT == torch.float32 else 2e-3)
+
+
+class _OpLog(TorchDispatchMode):
+    """The ATen and custom ops that run while it is active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_hybrid_op_backward_makes_no_zero_gradients_for_its_saved_outputs(monkeypatch):
+    # the op's forward returns y and eleven tensors kept for the backward (selection, q k v, statistics): autograd
+    # must not fill a zero gradient for each before calling the backward (nine fill kernels, ~22 us of a t2 step on
+    # an H200, benchmarks/NOTES.md v32); the op's backward gets dy alone
+    torch.manual_seed(11)
+    monkeypatch.setattr(layer_module, "HYBRID_OP", True)
+    layer = MoSAAttention(32, 3, 8, head_dim=16, num_dense_heads=2, backend="triton").to(DEVICE, ODT)
+    x = torch.randn(2, 40, 32, device=DEVICE, dtype=ODT, requires_grad=True)
+    y = layer(x)
+    log = _OpLog()
+    with log:
+        y.float().sum().backward()
+    assert "mosa_attention.hybrid_bwd.default" in log.names
+    before = log.names[:log.names.index("mosa_attention.hybrid_bwd.default")]
+    assert not [n for n in before if "zero" in n or "fill" in n or "full" in n], before
+    assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
 
 
 def test_hybrid_op_under_autocast_casts_x_and_keeps_gradient_dtypes(monkeypatch):

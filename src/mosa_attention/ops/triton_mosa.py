@@ -1533,9 +1533,12 @@ def _setup_context(ctx, inputs, output):
     ctx.rope = (rope_dims, rope_base)
     ctx.w_dtypes = (w_qkv.dtype, w_o.dtype)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved outputs (see triton_hybrid)
 
 
 def _backward(ctx, dy, *_):
+    if dy is None:  # y took no part in the loss
+        return (None,) * 11
     dx, dsc, dwqkv, dwo = _bwd_op(dy, *ctx.saved_tensors, *ctx.rope, *ctx.w_dtypes)
     return dx, dsc, None, dwqkv, dwo, None, None, None, None, None, None
 
@@ -1680,9 +1683,12 @@ def _routed_setup_context(ctx, inputs, output):
     ctx.rope = (rope_dims, rope_base)
     ctx.dtypes = (x.dtype, w_qkv.dtype, w_o.dtype)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved outputs (see triton_hybrid)
 
 
 def _routed_backward(ctx, dy, *_):
+    if dy is None:  # y took no part in the loss
+        return (None,) * 13
     dx, dwr, dwqkv, dwo = _routed_bwd_op(dy, *ctx.saved_tensors, *ctx.rope, *ctx.dtypes)
     return dx, dwr, dwqkv, dwo, None, None, None, None, None, None, None, None, None
 
