@@ -87,6 +87,13 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     # the dense heads' backward stages launched before the MoSA heads' x and w_qkv gradients: all within 1 us.)
     "op": {"layer_flags": {"HYBRID_OP": True}},
     "op_one_stream": {"layer_flags": {"HYBRID_OP": True}, "hybrid_flags": {"PARALLEL": False}},
+    # (v32) the op with the MoSA heads' y of their own and the masked sum (PROJECT_AFTER_DENSE off); the layer's
+    # separate parts (HYBRID_OP off: before v32 the default in captured steps); project_into's launch: 32 rows per
+    # program, or all h columns per program
+    "op_sum": {"layer_flags": {"HYBRID_OP": True}, "hybrid_flags": {"PROJECT_AFTER_DENSE": False}},
+    "parts": {"layer_flags": {"HYBRID_OP": False}},
+    "proj_bm32": {"flags": {"PROJECT_BM": 32}},
+    "proj_whole_rows": {"flags": {"PROJECT_SPLIT_H": False}},
     "blk32_dwqkv_w4_fwd_bm32": {"tiles": {"_attn_bwd_seqs": {"BLK": 32}, "_dwqkv": {"num_warps": 4},
                                           "_attn_fwd": {"BM": 32, "BN": 32}}},
 }

@@ -205,3 +205,17 @@ def test_triton_heads_step_equals_torch_heads_step(kw):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"step {t}")
     with pytest.raises(ValueError, match="backend must be one of"):
         StaticDecoder(model, new_cache(model, pad), max_len=L + 1, backend="cuda")
+
+
+def test_compiled_decoders_of_other_batch_sizes_in_one_process():
+    # torch.compile marks a size dynamic once it has seen two of it in a process (as the trainer's steps did,
+    # benchmarks/NOTES.md v31.2): decoders of batch 2, 3, then 2 again, whose MoSA slots grow, each still gives
+    # extend's logits
+    model = model_of(attention="mosa")
+    torch.manual_seed(4)
+    for batch in (2, 3, 2):
+        seqs = [torch.randint(0, 50, (14,)) for _ in range(batch)]
+        ref, got, decoder, _ = two_ways(model, seqs, [5, 3, 4][:batch], headroom=1, compile=True)
+        assert decoder.room >= 4  # it grew, and compiled again
+        for t, (r, g) in enumerate(zip(ref, got)):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4, msg=f"batch {batch}, step {t}")

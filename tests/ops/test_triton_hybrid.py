@@ -236,3 +236,40 @@ def test_hybrid_op_under_compiled_cuda_graphs_matches_eager(monkeypatch, dtype):
             for a, b in zip(got, want):
                 assert _rel(a, b) < (1e-2 if dtype == torch.bfloat16 else 2e-3), (heads, step)
         assert calls and calls[-1] == (heads == 17)  # the compiled layer ran the op, masked where few are kept
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
+def test_a_captured_hybrid_layer_takes_the_op_unless_autocast_widens_x(monkeypatch, autocast):
+    # HYBRID_OP None: eager steps run the layer's parts; a CUDA-graph capture of the same eager layer runs the one
+    # op (its MoSA heads adding into the dense heads' y), except under autocast over wider x; the replay gives the
+    # eager step's output and gradients
+    if DEVICE == "cpu":
+        pytest.skip("CUDA graphs")
+    from mosa_attention.bench.layer import make_step
+    calls = _spy(monkeypatch)
+    torch.manual_seed(13)
+    dt = torch.float32 if autocast else torch.bfloat16
+    layer = MoSAAttention(128, 17, 32, head_dim=64, num_dense_heads=4, backend="triton").to(DEVICE, dt)
+    x = torch.randn(4, 512, 128, device=DEVICE, dtype=dt, requires_grad=True)
+    dy = torch.randn(4, 512, 128, device=DEVICE, dtype=dt)
+    plain = make_step(layer, x, dy)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            return plain()
+    want = [step().detach().clone(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    side = torch.cuda.Stream()  # warm-up off the default stream, as captures need
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    assert calls == []
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    assert calls == ([] if autocast else [True])  # the captured step only
+    graph.replay()
+    torch.cuda.synchronize()
+    got = [y, x.grad, *(p.grad for p in layer.parameters())]
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-2

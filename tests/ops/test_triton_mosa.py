@@ -1428,3 +1428,45 @@ def test_compiled_layer_hands_the_op_narrow_x_under_autocast(monkeypatch, dense_
         for a, b in zip(results[key], want):
             # float16 products either way; x's gradient from the op adds in float16 when it takes float16 x
             torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 40, 48, 3, 9, 16), (1, 19, 32, 2, 19, 32), (2, 33, 32, 4, 2, 16)],
+                         ids=["T40-k9", "B1-k=T", "k2"])
+@pytest.mark.parametrize("launch", [(None, True), (16, True), (None, False)], ids=["split", "bm16", "whole-rows"])
+def test_projection_after_the_attention_adds_into_a_given_y(monkeypatch, dtype, shape, launch):
+    # _fwd_impl(project=False) makes the attention alone (o, lse; no y), project_into then adds the heads' rows
+    # into a y made elsewhere (a hybrid's dense heads' y): y_other + the fused forward's y, padding slots dropped,
+    # whatever its launch (rows per program, a program per column block or per row)
+    monkeypatch.setattr(triton_mosa, "PROJECT_BM", launch[0])
+    monkeypatch.setattr(triton_mosa, "PROJECT_SPLIT_H", launch[1])
+    B, T, h, E, k, D = shape
+    torch.manual_seed(T + k)
+    x, scores, idx, w_qkv, w_o = _inputs(B, T, h, E, k, D, dtype, pad=1 if k > 2 else 0)
+    overlap = E * B * k / (B * T)
+    assert not triton_mosa.projects_in_place(x.device, h, dtype, overlap, True)  # (deterministic: never)
+    if not triton_mosa.projects_in_place(x.device, h, dtype, overlap, False):
+        # bfloat16 with more than one row per token on a GPU: the scaled float16 buffer, no projection after
+        assert dtype == torch.bfloat16 and overlap > triton_mosa.NARROW_MAX_OVERLAP
+        with pytest.raises(ValueError, match="project=False"):
+            triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, D // 2, 10000.0, False, dtype, project=False)
+        return
+    fused = triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, D // 2, 10000.0, False, dtype)
+    alone = triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, D // 2, 10000.0, False, dtype, project=False)
+    assert alone[0] is None
+    for a, b in zip(alone[1:4], fused[1:4]):  # q k v, o, lse: the same kernels' values
+        assert torch.equal(a, b)
+    other = torch.randn(B, T, h, device=DEVICE, dtype=dtype)
+    got = triton_mosa.project_into(other.clone(), alone[2], idx, scores, w_o)
+    want = other.double() + fused[0].double()
+    assert _rel(got, want) < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    # and against the plain-torch reference
+    ref = sparse_attention_reference(*(t.double() if t.is_floating_point() else t for t in (x, scores, idx, w_qkv,
+                                                                                             w_o)), rope_dims=D // 2)
+    assert _rel(got, other.double() + ref) < {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+
+
+def test_projection_after_needs_atomics_in_place():
+    x, scores, idx, w_qkv, w_o = _inputs(1, 16, 32, 2, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="project=False"):
+        triton_mosa._fwd_impl(x, scores, idx, w_qkv, w_o, 8, 10000.0, True, torch.float32, project=False)

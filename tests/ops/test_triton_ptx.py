@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
                   lse_ptr="*fp32", out_ptr=f"*{odt}", T="i32", h="i32", E="i32", R="i32", K="i32", qk_scale="fp32",
                   stats_ptr="*i32"),
              dict(D=64, DP=64, BM=64, BN=32, BH=64, BS=128, PREC="tf32", ATOMIC=True, VEC=vec,
-                  SCALED=odt == "fp16"), 4),
+                  SCALED=odt == "fp16", ATTN=True, PROJ=True, SPLIT_H=False), 4),
             ("dx", tm._qkv_bwd_dx,
              dict(dqkv_ptr=f"*{cdt}", idx_ptr="*i64", w_ptr=f"*{cdt}", dx_ptr=f"*{odt}", T="i32", h="i32",
                   E="i32", R="i32", K="i32", dl_ptr="*fp32", wr_ptr=f"*{cdt}"),
@@ -79,6 +79,10 @@ ALL_KERNELS = textwrap.dedent("""
             (tm._qkv_fwd, dict(base, ROPE=32, BM=64, BK=32, FUSED=False, ZERO=1, STATS=True, COUNT=True)),
             (tm._attn_fwd, dict(base, BM=64, BN=32, BH=64, BS=128)),
             (tm._attn_fwd, dict(base, BM=64, BN=32, BH=64, BS=128, ATOMIC=True, **Y_SCATTER)),
+            # the attention alone, then the projection alone adding into a hybrid's y in place (project_into)
+            (tm._attn_fwd, dict(base, BM=64, BN=32, BH=64, BS=128, ATOMIC=True, PROJ=False)),
+            (tm._attn_fwd, dict(base, BM=64, BN=32, BH=128, BS=128, ATOMIC=True, ATTN=False, SPLIT_H=True,
+                                VEC=8 if ARCH >= 90 else 0)),
             (tm._unscale, dict(D=64, BLOCK=4096)),
             (tm._segment_sum, dict(BT=16, BH=512)),
             (tm._out_bwd, dict(base, BM=64, BH=64, DLOGIT=True, ZERO=1, DENSE_DL=True)),
@@ -166,4 +170,4 @@ def test_every_kernel_compiles(arch):
     run = subprocess.run([sys.executable, "-c", ALL_KERNELS, str(arch)], env=dict(os.environ, TRITON_INTERPRET="0"),
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 41, run.stdout
+    assert run.stdout.count("compiled") == 43, run.stdout

@@ -64,8 +64,12 @@ X_READ = True
 COMPILED_NARROW_INPUT = True
 # Under torch.compile a hybrid of MoSA and dense heads on the fused op runs as one custom op each way, with its
 # two parts on two streams and the masked sums inside (``ops.hybrid_fused``): the compiled graph itself has one
-# stream, so the two parts ran one after the other (benchmarks/NOTES.md v29.2, v30). None: under torch.compile;
-# True: also eagerly (tests, benchmarks); False: never (the parts as separate ops, for comparison).
+# stream, so the two parts ran one after the other (benchmarks/NOTES.md v29.2, v30). The op also adds the MoSA
+# heads' rows into the dense heads' y after their W_O product, where its atomics add in place (v32: t2 on an H200,
+# bf16 graphs, 0.339 -> 0.333 ms; t3 0.973 -> 0.965). None: under torch.compile, and while a CUDA graph is being
+# captured (where the host's time is not replayed: eagerly the op's extra host work is not worth it) unless autocast
+# widens x (there the parts' shared narrow copy of x did as well: t2 0.393 against 0.395 ms); True: also eagerly
+# (tests, benchmarks); False: never (the parts as separate ops, for comparison).
 HYBRID_OP = None
 
 
@@ -208,13 +212,21 @@ class MoSAAttention(nn.Module):
         return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
 
     def _hybrid_op(self, x: torch.Tensor) -> bool:
-        """Whether the MoSA and dense heads run as one op (``HYBRID_OP``): a hybrid with dense (not local) heads
-        on the fused MoSA op, where the op's attention kernels run."""
-        if HYBRID_OP is False or not (HYBRID_OP or torch.compiler.is_compiling()):
+        """Whether the MoSA and dense heads run as one op (``HYBRID_OP``: by default under torch.compile and in
+        CUDA-graph captures): a hybrid with dense (not local) heads on the fused MoSA op, where the op's attention
+        kernels run."""
+        if HYBRID_OP is False or not (HYBRID_OP or torch.compiler.is_compiling() or self._captured(x)):
             return False
         return (self.num_mosa_heads > 0 and self.dense is not None and self.dense_kind == "dense" and self._fused(x)
                 and self.dense.backend != "torch"
                 and hybrid_fused_available(x, self.W_QKV, self.dense.head_dim, self.backend))
+
+    @staticmethod
+    def _captured(x: torch.Tensor) -> bool:
+        """Whether x's stream is capturing a CUDA graph and autocast does not widen x (``HYBRID_OP``)."""
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False
+        return not (torch.is_autocast_enabled("cuda") and x.element_size() > torch.get_autocast_dtype("cuda").itemsize)
 
     def _hybrid(self, x: torch.Tensor):
         """(y, selection) of both parts through ``ops.hybrid_fused``."""

@@ -27,13 +27,17 @@ from ._host import on_its_device, side_stream
 from ._host import interpreting as _interpreting
 from .combine import add_at_rows_
 from .triton_mosa import (_bwd_impl, _capability, _check_routed, _compute_dtype, _needs_grad, _read, _routed_fwd_impl,
-                          _rows_for, _segments_like, _weight_copies)
+                          _rows_for, _segments_like, _weight_copies, project_into, projects_in_place)
 from .triton_rope import _grads as _rope_grads
 from .triton_rope import _run as _split_rope
 
 # The streams inside the op: True runs the MoSA heads on a second stream (not in distributed runs, as in the eager
 # layer); False runs both parts on the current stream (for comparison in benchmarks).
 PARALLEL = True
+# True: where the MoSA heads' atomics add in place (``triton_mosa.projects_in_place``), their output projection
+# and scatter add into the dense heads' y, launched after the dense W_O product, instead of into a y of their own
+# that a masked sum then adds (benchmarks/NOTES.md v32); False: the MoSA heads make their own y.
+PROJECT_AFTER_DENSE = True
 
 _CUDNN = int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION.value)
 _KINDS: dict = {}
@@ -121,12 +125,13 @@ def _side(dev):
 def _hybrid_fwd_impl(x, w_router, wq_m, wo_m, wq_d, wo_d, n_dense: int, k: int, include_first: bool, rope_dims: int,
                      rope_base: float, deterministic: bool, masked: bool, rows_only: bool):
     cdt = x.dtype
-    B, T, _ = x.shape
+    B, T, h = x.shape
     rows = torch.zeros(B, T, device=x.device, dtype=torch.bool) if masked else x.new_empty(0, dtype=torch.bool)
+    after = PROJECT_AFTER_DENSE and projects_in_place(x.device, h, cdt, wq_m.shape[0] * k / T, deterministic)
     with torch.autocast(x.device.type, enabled=False):
         side = _side(x.device)
         mosa_args = (x, w_router, wq_m, wo_m, k, include_first, rope_dims, rope_base, deterministic, cdt,
-                     rows if masked else None, rows_only)
+                     rows if masked else None, rows_only, not after)
         if side is None:
             mosa = _routed_fwd_impl(*mosa_args)
             dense = _dense_fwd(x, wq_d, wo_d, n_dense, rope_dims, rope_base)
@@ -137,11 +142,15 @@ def _hybrid_fwd_impl(x, w_router, wq_m, wo_m, wq_d, wo_d, n_dense: int, k: int, 
                 mosa = _routed_fwd_impl(*mosa_args)
             dense = _dense_fwd(x, wq_d, wo_d, n_dense, rope_dims, rope_base)
             main.wait_stream(side)
-            for t in mosa:  # made on the side stream, read or freed on this one
-                t.record_stream(main)
+            for t in mosa:  # made on the side stream, read or freed on this one (y None where projected after)
+                if t is not None:
+                    t.record_stream(main)
         y_m, kept, idx, *saved = mosa
         y, rot, o, lse = dense
-        y = add_at_rows_(y, y_m, rows) if masked else y.add_(y_m)
+        if after:  # the MoSA heads' rows added into the dense heads' y
+            y = project_into(y, saved[1], idx, kept, wo_m)
+        else:
+            y = add_at_rows_(y, y_m, rows) if masked else y.add_(y_m)
     return (y, kept, idx, rows, *saved, rot, o, lse)
 
 

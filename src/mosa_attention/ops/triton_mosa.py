@@ -418,10 +418,14 @@ def _fwd_stats(stats_ptr, sc_ptr, wo_ptr, rm, b, sel, pos, T, h, E, pid, e, part
 def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E, R, K, qk_scale, stats_ptr,
               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
               BS: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr = False, VEC: tl.constexpr = 0,
-              SCALED: tl.constexpr = False):
+              SCALED: tl.constexpr = False, ATTN: tl.constexpr = True, PROJ: tl.constexpr = True,
+              SPLIT_H: tl.constexpr = False):
     """Causal attention of one block of query rows, then its rows of y = (o * score) @ w_o[e]: stored as
     per-kept-token rows for the deterministic scatter, or (ATOMIC) added straight into out[b, pos]
-    (padding slots dropped); SCALED: times ``_half_scale``'s s (out is the scaled float16 buffer)."""
+    (padding slots dropped); SCALED: times ``_half_scale``'s s (out is the scaled float16 buffer).
+    ATTN = False: the rows' o read from o_ptr instead (the projection alone, ``project_into``); PROJ = False:
+    the attention alone (o and lse stored, out untouched). SPLIT_H: each program makes one BH-column block of
+    its rows (grid axis 2), not all h columns."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     DT: tl.constexpr = qkv_ptr.dtype.element_ty
@@ -430,34 +434,55 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
     rm, bq, sel, posq = _row_info(idx_ptr, rows, e, E, K, R)
     cols = tl.arange(0, DP)
     cm = cols < D
-    q_ptr = qkv_ptr + (e * R).to(tl.int64) * D
-    k_ptr = qkv_ptr + ((E + e) * R).to(tl.int64) * D
-    v_ptr = qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D
-    q = tl.load(q_ptr + rows[:, None] * D + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
-    start, end = _key_range(idx_ptr, e, E, K, R, T, r0, BM, BS)
-    m_i = tl.full([BM], -1.0e30, tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, DP], tl.float32)
-    for n0 in range(start, end, BN):
-        kr = n0 + tl.arange(0, BN)
-        km = kr < end
-        bk = kr // K
-        posk = tl.load(idx_ptr + (bk * E + e) * K + kr % K, mask=km, other=0)
-        kt = tl.load(k_ptr + kr[None, :] * D + cols[:, None], mask=km[None, :] & cm[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        s = tl.where(_visible(rm, km, bq, bk, posq, posk), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + kr[:, None] * D + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PREC)
-        m_i = m_new
-    l_i = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_i[:, None]
-    tl.store(o_ptr + (e * R + rows).to(tl.int64)[:, None] * D + cols[None, :], o.to(DT),
-             mask=rm[:, None] & cm[None, :])
-    tl.store(lse_ptr + e * R + rows, m_i + tl.log2(l_i), mask=rm)
+    if ATTN:
+        q_ptr = qkv_ptr + (e * R).to(tl.int64) * D
+        k_ptr = qkv_ptr + ((E + e) * R).to(tl.int64) * D
+        v_ptr = qkv_ptr + ((2 * E + e) * R).to(tl.int64) * D
+        q = tl.load(q_ptr + rows[:, None] * D + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+        start, end = _key_range(idx_ptr, e, E, K, R, T, r0, BM, BS)
+        m_i = tl.full([BM], -1.0e30, tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, DP], tl.float32)
+        for n0 in range(start, end, BN):
+            kr = n0 + tl.arange(0, BN)
+            km = kr < end
+            bk = kr // K
+            posk = tl.load(idx_ptr + (bk * E + e) * K + kr % K, mask=km, other=0)
+            kt = tl.load(k_ptr + kr[None, :] * D + cols[:, None], mask=km[None, :] & cm[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            s = tl.where(_visible(rm, km, bq, bk, posq, posk), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + kr[:, None] * D + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PREC)
+            m_i = m_new
+        l_i = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_i[:, None]
+        tl.store(o_ptr + (e * R + rows).to(tl.int64)[:, None] * D + cols[None, :], o.to(DT),
+                 mask=rm[:, None] & cm[None, :])
+        tl.store(lse_ptr + e * R + rows, m_i + tl.log2(l_i), mask=rm)
+    else:
+        o = tl.load(o_ptr + (e * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+    if PROJ:
+        if SPLIT_H:
+            n_lo = tl.program_id(2) * BH
+            n_hi = n_lo + BH
+        else:
+            n_lo = 0
+            n_hi = h
+        _project_rows(o, rows, rm, bq, sel, posq, e, sc_ptr, wo_ptr, out_ptr, T, h, R, stats_ptr, cols, cm, n_lo,
+                      n_hi, D, BH, PREC, ATOMIC, VEC, SCALED, DT)
+
+
+@triton.jit
+def _project_rows(o, rows, rm, bq, sel, posq, e, sc_ptr, wo_ptr, out_ptr, T, h, R, stats_ptr, cols, cm, n_lo, n_hi,
+                  D: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr, VEC: tl.constexpr,
+                  SCALED: tl.constexpr, DT: tl.constexpr):
+    """``_attn_fwd``'s rows of y = (o * score) @ w_o[e], columns n_lo to n_hi (at most h), stored or added (see
+    there)."""
     # score scaling + output projection + scatter-add; padding slots (pos == T) are dropped
     sc = tl.load(sc_ptr + sel, mask=rm, other=0.0).to(tl.float32)
     os = (o.to(DT).to(tl.float32) * sc[:, None]).to(DT)
@@ -471,7 +496,7 @@ def _attn_fwd(qkv_ptr, idx_ptr, sc_ptr, wo_ptr, o_ptr, lse_ptr, out_ptr, T, h, E
     s = 1.0
     if SCALED:
         s, inv_unused = _half_scale(stats_ptr, D)
-    for n0 in range(0, h, BH):
+    for n0 in range(n_lo, n_hi, BH):
         nn = n0 + tl.arange(0, BH)
         nm = nn < h
         w = tl.load(wbase + cols[:, None] * h + nn[None, :], mask=cm[:, None] & nm[None, :], other=0.0).to(DT)
@@ -1245,14 +1270,16 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
 
 
 def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype,
-              mark=None, rows_only: bool = False, distinct: bool = False):
+              mark=None, rows_only: bool = False, distinct: bool = False, project: bool = True):
     """(y, qkv, o, lse, perm, starts). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
     through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself, a
     float32 buffer or the scaled float16 one; perm, starts empty, which tells the backward to do the same). ``mark``: a [B, T] bool
     tensor in which ``_qkv_fwd`` sets the kept tokens. ``rows_only`` (atomics only): y is written at the kept
     tokens' rows only, its other rows are left undefined (the atomic buffer is cleared at those rows only).
     ``distinct``: no head keeps a token twice in one sequence (top-k's positions), so no token gets more than
-    E rows (else the scaled scatter's bound counts them)."""
+    E rows (else the scaled scatter's bound counts them). ``project=False`` (atomics that add in place only,
+    ``projects_in_place``): the attention alone, y None; the caller adds the heads' rows into a y of its own
+    later (``project_into``)."""
     # cdt is the compute dtype (the autocast dtype, else the weights'); x and the weights may be wider
     # (float32 under autocast): their tiles are cast as they are loaded, so no 16-bit copy of the sequence or
     # of the weights is made, and the weight gradients come out in the weights' dtype
@@ -1265,10 +1292,14 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     lse = torch.empty(E, R, device=dev, dtype=torch.float32)
     fused = c["DP"] <= 64 and cdt != torch.float32
     adt, vec = _atomic_plan(dev, h, cdt, E * R / (B * T))
+    if not project and (deterministic or adt != cdt):
+        raise ValueError("project=False needs atomics that add in place (projects_in_place)")
     scaled = not deterministic and adt == torch.float16 and cdt != torch.float16
     # the scaled scatter's stats (and, where positions may repeat, a count per token)
     stats = torch.zeros(_N_STATS + (0 if distinct else B * T), device=dev, dtype=torch.int32) if scaled else idx
-    if deterministic:
+    if not project:
+        out = qkv  # (unread)
+    elif deterministic:
         out = torch.empty(E * R, h, device=dev, dtype=cdt)
     else:  # cleared by _qkv_fwd
         out = _atomic_buffer((B, T, h), adt, dev)
@@ -1277,17 +1308,49 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
              idx if mark is None else mark.view(torch.uint8), scores, w_o, stats),
             dict(BM=c["QKV_BM"], BK=c["BK"]),
             D=D, DP=c["DP"], ROPE=rope_dims, PREC=c["PREC"], FUSED=fused,
-            ZERO=0 if deterministic else 2 if rows_only else 1, MARK=mark is not None, STATS=scaled,
+            ZERO=0 if deterministic or not project else 2 if rows_only else 1, MARK=mark is not None, STATS=scaled,
             COUNT=not distinct, num_warps=8 if fused else 4, num_stages=c["QKV_STAGES"])
     _launch(_attn_fwd, lambda t: (cdiv(R, t["BM"]), E),
             (qkv, idx, scores, w_o, o, lse, out, T, h, E, R, K, math.log2(math.e) / math.sqrt(D), stats),
             dict(BM=c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"], PREC=c["PREC"],
-            ATOMIC=not deterministic, VEC=vec, SCALED=scaled, num_warps=4)
+            ATOMIC=not deterministic, VEC=vec, SCALED=scaled, PROJ=project, num_warps=4)
+    if not project:
+        return (None, qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
     if not deterministic:
         y = _unscaled(out, cdt, stats, D) if scaled else out.to(cdt)
         return (y, qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
     perm, starts = _segments(idx, T)
     return _scatter(out, perm, starts, B, T, h, cdt, c), qkv, o, lse, perm, starts
+
+
+def projects_in_place(dev, h: int, dtype: torch.dtype, overlap: float, deterministic: bool) -> bool:
+    """Whether the heads' rows of y can be added into a y of ``dtype`` made elsewhere (``project_into``): atomics
+    whose plan adds into the result itself (``_atomic_plan``), at ``overlap`` kept rows per token."""
+    return not deterministic and _atomic_plan(dev, h, dtype, overlap)[0] == dtype
+
+
+# ``project_into``'s launch (benchmarks/NOTES.md v32): rows per program (None: the attention's block) and one
+# program per block of BH columns (its programs then run one product and one atomic tile each: on an H200 the
+# kernel sits on a hybrid's critical path right after the dense heads' W_O product)
+PROJECT_BM = None
+PROJECT_SPLIT_H = True
+
+
+def project_into(y, o, idx, scores, w_o):
+    """y[b, idx[b, e, j]] += (o[e, b * K + j] * scores[b, e, j]) @ w_o[e] for every kept row (padding slots
+    dropped), by atomics into y itself [B, T, h] (``projects_in_place``): the output projection and scatter of
+    ``_fwd_impl(..., project=False)``'s attention, launched where the caller's y is ready. Returns y."""
+    B, T, h = y.shape
+    E, R, D = o.shape
+    K = idx.shape[2]
+    c = _cfg(D, o.dtype)
+    vec = _atomic_plan(y.device, h, y.dtype, E * R / (B * T))[1]
+    split = bool(PROJECT_SPLIT_H)
+    _launch(_attn_fwd, lambda t: (cdiv(R, t["BM"]), E, cdiv(h, t["BH"]) if split else 1),
+            (o, idx, scores, w_o, o, scores, y, T, h, E, R, K, 1.0, idx),
+            dict(BM=PROJECT_BM or c["BM"], BN=c["ATT_BN"], BH=c["BH"]), D=D, DP=c["DP"], BS=c["BS"],
+            PREC=c["PREC"], ATOMIC=True, VEC=vec, SCALED=False, ATTN=False, SPLIT_H=split, num_warps=4)
+    return y
 
 
 def _unscaled(buf, dtype, stats, D: int):
@@ -1603,13 +1666,15 @@ class _EagerRouted(torch.autograd.Function):
 
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
-                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False):
+                     deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False,
+                     project: bool = True):
     """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward. ``mark_rows``:
-    a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``: see
-    ``_fwd_impl``."""
+    a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``,
+    ``project``: see ``_fwd_impl``."""
     idx, kept = _route(x, w_router, k, include_first, cdt)
     y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt,
-                                             mark_rows, rows_only and not deterministic, distinct=True)
+                                             mark_rows, rows_only and not deterministic, distinct=True,
+                                             project=project)
     return y, kept, idx, qkv, o, lse, perm, starts
 
 
