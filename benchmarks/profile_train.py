@@ -36,9 +36,12 @@ VARIANTS = {
     "parts": ("mosa_attention.layers.mosa", "HYBRID_OP", False),
     # the hybrid op with both parts on the current stream (its masked sums without the second stream)
     "one_stream": ("mosa_attention.ops.triton_hybrid", "PARALLEL", False),
+    # the hybrid op's MoSA heads with a y of their own and the masked sum (before v32's projection after)
+    "masked_sum": ("mosa_attention.ops.triton_hybrid", "PROJECT_AFTER_DENSE", False),
 }
 # the variants that change nothing in a model without MoSA heads, or without dense heads beside them
-NOT_FOR = {"dense": ("wide_input", "parts", "one_stream"), "pure17": ("parts", "one_stream")}
+NOT_FOR = {"dense": ("wide_input", "parts", "one_stream", "masked_sum"),
+           "pure17": ("parts", "one_stream", "masked_sum")}
 
 
 def kind(name: str) -> str:

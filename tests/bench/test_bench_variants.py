@@ -47,7 +47,7 @@ def test_every_variant_names_real_switches_and_kernels():
     mod = _module()
     kernels = {name for name in dir(triton_mosa) if name.startswith("_") and hasattr(getattr(triton_mosa, name), "fn")}
     for name, variant in mod.VARIANTS.items():
-        assert set(variant) <= {"flags", "layer_flags", "tiles"}, name
+        assert set(variant) <= set(mod.SWITCHES) | {"tiles"}, name
         for key, module in mod.SWITCHES.items():
             for flag in variant.get(key, {}):
                 assert hasattr(module, flag), (name, flag)
@@ -64,6 +64,21 @@ def test_layer_switches_hold_during_the_capture_only(monkeypatch):
     step = object()
     assert mod.capture(step, mod.VARIANTS["dense_first"]) is step
     assert seen == [not before] and layer_mosa.MOSA_HEADS_FIRST is before
+
+
+def test_hybrid_op_switches_hold_during_the_capture_only(monkeypatch):
+    from mosa_attention.layers import mosa as layer_mosa
+    from mosa_attention.ops import triton_hybrid
+    mod = _module()
+    assert set(mod.SWITCHES) == {"flags", "layer_flags", "hybrid_flags"}
+    seen = []
+    monkeypatch.setattr(mod, "capture_graph", lambda step: (
+        seen.append((layer_mosa.HYBRID_OP, triton_hybrid.PROJECT_AFTER_DENSE)), (step, None))[1])
+    before = (layer_mosa.HYBRID_OP, triton_hybrid.PROJECT_AFTER_DENSE)
+    step = object()
+    assert mod.capture(step, mod.VARIANTS["op_sum"]) is step
+    assert seen == [(True, False)]
+    assert (layer_mosa.HYBRID_OP, triton_hybrid.PROJECT_AFTER_DENSE) == before
 
 
 def test_eager_steps_run_under_their_variants_settings():
