@@ -92,6 +92,9 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     # program, or all h columns per program
     "op_sum": {"layer_flags": {"HYBRID_OP": True}, "hybrid_flags": {"PROJECT_AFTER_DENSE": False}},
     "parts": {"layer_flags": {"HYBRID_OP": False}},
+    # (v32.4) the op converting the MoSA heads' scatter buffers (t3: y's scaled float16, x gradient's float32)
+    # before summing them, instead of adding them in one pass (SUM_UNFINISHED off)
+    "op_convert": {"hybrid_flags": {"SUM_UNFINISHED": False}},
     "proj_bm32": {"flags": {"PROJECT_BM": 32}},
     "proj_whole_rows": {"flags": {"PROJECT_SPLIT_H": False}},
     "blk32_dwqkv_w4_fwd_bm32": {"tiles": {"_attn_bwd_seqs": {"BLK": 32}, "_dwqkv": {"num_warps": 4},

@@ -273,3 +273,40 @@ def test_a_captured_hybrid_layer_takes_the_op_unless_autocast_widens_x(monkeypat
     got = [y, x.grad, *(p.grad for p in layer.parameters())]
     for a, b in zip(got, want):
         assert _rel(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("buffer", ["float32", "scaled_float16"])
+def test_hybrid_op_adds_unfinished_buffers_into_the_dense_heads_results(monkeypatch, buffer):
+    # where the MoSA heads' scatters add into a buffer other than the result (a float32 one, or y's scaled float16
+    # one) and the sums are not masked, the op adds that buffer into the dense heads' y and x's gradient in one pass
+    # (SUM_UNFINISHED): the values of the convert-then-sum form and of the float64 reference
+    if DEVICE != "cpu":
+        pytest.skip("forced buffers under the interpreter (the card's own plan runs in the GPU tests)")
+    dtype = torch.float16 if buffer == "float32" else torch.float32
+    if buffer == "float32":
+        monkeypatch.setattr(triton_mosa, "NARROW_ATOMICS", False)  # float16 results add into float32 buffers
+    else:
+        monkeypatch.setattr(triton_mosa, "SCALED_HALF_ATOMICS", True)  # a float32 y adds into the scaled buffer
+    monkeypatch.setattr(layer_module, "MASKED_SUMS", False)
+    added = []
+    real = triton_hybrid.add_unfinished
+    monkeypatch.setattr(triton_hybrid, "add_unfinished",
+                        lambda dst, part: (added.append((part.buf.dtype, part.stats is not None)), real(dst, part))[1])
+    torch.manual_seed(17)
+    layer = MoSAAttention(32, 4, 4, head_dim=16, num_dense_heads=2, backend="triton").to(DEVICE, dtype)
+    x, g = torch.randn(2, 24, 32, device=DEVICE, dtype=dtype), torch.randn(2, 24, 32, device=DEVICE)
+    got = _run(layer, x, g, False, True, monkeypatch)
+    if buffer == "float32":  # y's and x's gradient's float32 buffers
+        assert added == [(torch.float32, False), (torch.float32, False)]
+    else:  # y's scaled buffer (x's gradient keeps float32, which is x's own dtype here: added in place)
+        assert added == [(torch.float16, True)]
+    monkeypatch.setattr(triton_hybrid, "SUM_UNFINISHED", False)
+    converted = _run(layer, x, g, False, True, monkeypatch)
+    assert len(added) == (2 if buffer == "float32" else 1)
+    for a, b in zip(got, converted):  # one rounding fewer: equal to the 16-bit result's precision
+        assert _rel(a, b) < (2e-3 if dtype == torch.float16 else 1e-5)
+    ref_layer = copy.deepcopy(layer).double()
+    ref_layer.backend = ref_layer.dense.backend = "torch"
+    want = _run(ref_layer, x.double(), g.double())
+    for a, b in zip(got, want):
+        assert _rel(a, b) < GRAD_TOL[dtype]

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from ._host import on_its_device, side_stream
 from ._host import interpreting as _interpreting
 from .combine import add_at_rows_
-from .triton_mosa import (_bwd_impl, _capability, _check_routed, _compute_dtype, _needs_grad, _read, _routed_fwd_impl,
-                          _rows_for, _segments_like, _weight_copies, project_into, projects_in_place)
+from .triton_mosa import (Unfinished, _bwd_impl, _capability, _check_routed, _compute_dtype, _needs_grad, _read,
+                          _routed_fwd_impl, _rows_for, _segments_like, _weight_copies, add_unfinished, project_into,
+                          projects_in_place)
 from .triton_rope import _grads as _rope_grads
 from .triton_rope import _run as _split_rope
 
@@ -38,6 +39,10 @@ PARALLEL = True
 # and scatter add into the dense heads' y, launched after the dense W_O product, instead of into a y of their own
 # that a masked sum then adds (benchmarks/NOTES.md v32); False: the MoSA heads make their own y.
 PROJECT_AFTER_DENSE = True
+# True: where the MoSA heads' scatters add into a buffer other than the result (y's scaled float16 one, x
+# gradient's float32 one: t3) and the sums are not masked, that buffer is added into the dense heads' result in one
+# pass, not converted first and summed after (benchmarks/NOTES.md v32.4); False: converted, then summed.
+SUM_UNFINISHED = True
 
 _CUDNN = int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION.value)
 _KINDS: dict = {}
@@ -128,10 +133,11 @@ def _hybrid_fwd_impl(x, w_router, wq_m, wo_m, wq_d, wo_d, n_dense: int, k: int, 
     B, T, h = x.shape
     rows = torch.zeros(B, T, device=x.device, dtype=torch.bool) if masked else x.new_empty(0, dtype=torch.bool)
     after = PROJECT_AFTER_DENSE and projects_in_place(x.device, h, cdt, wq_m.shape[0] * k / T, deterministic)
+    late = SUM_UNFINISHED and not (after or masked or deterministic)  # the MoSA y handed over unfinished
     with torch.autocast(x.device.type, enabled=False):
         side = _side(x.device)
         mosa_args = (x, w_router, wq_m, wo_m, k, include_first, rope_dims, rope_base, deterministic, cdt,
-                     rows if masked else None, rows_only, not after)
+                     rows if masked else None, rows_only, not after, not late)
         if side is None:
             mosa = _routed_fwd_impl(*mosa_args)
             dense = _dense_fwd(x, wq_d, wo_d, n_dense, rope_dims, rope_base)
@@ -142,16 +148,32 @@ def _hybrid_fwd_impl(x, w_router, wq_m, wo_m, wq_d, wo_d, n_dense: int, k: int, 
                 mosa = _routed_fwd_impl(*mosa_args)
             dense = _dense_fwd(x, wq_d, wo_d, n_dense, rope_dims, rope_base)
             main.wait_stream(side)
-            for t in mosa:  # made on the side stream, read or freed on this one (y None where projected after)
-                if t is not None:
-                    t.record_stream(main)
+            for t in _tensors(mosa):  # made on the side stream, read or freed on this one
+                t.record_stream(main)
         y_m, kept, idx, *saved = mosa
         y, rot, o, lse = dense
         if after:  # the MoSA heads' rows added into the dense heads' y
             y = project_into(y, saved[1], idx, kept, wo_m)
         else:
-            y = add_at_rows_(y, y_m, rows) if masked else y.add_(y_m)
+            y = _sum(y, y_m, rows, masked)
     return (y, kept, idx, rows, *saved, rot, o, lse)
+
+
+def _tensors(parts):
+    """The tensors among ``parts`` (an ``Unfinished``'s buffers; None skipped)."""
+    for t in parts:
+        if isinstance(t, Unfinished):
+            yield from t.tensors()
+        elif t is not None:
+            yield t
+
+
+def _sum(dst, part, rows, masked: bool):
+    """dst + part (the MoSA heads' y or x's gradient, possibly ``Unfinished``) in dst's memory, at the kept rows
+    only where ``masked``."""
+    if isinstance(part, Unfinished):
+        return add_unfinished(dst, part)
+    return add_at_rows_(dst, part, rows) if masked else dst.add_(part)
 
 
 def _hybrid_bwd_impl(dy, x, kept, idx, rows, wq_m, wo_m, qkv_m, o_m, lse_m, perm, starts, w_router, wq_d, wo_d, rot,
@@ -162,12 +184,12 @@ def _hybrid_bwd_impl(dy, x, kept, idx, rows, wq_m, wo_m, qkv_m, o_m, lse_m, perm
         side = _side(x.device)
         mosa_args = (dy, x, kept, idx, wq_m, wo_m, qkv_m, o_m, lse_m, perm, starts, rope_dims, rope_base)
         mosa_kw = dict(w_router=w_router, rows_only=rows_only, dx_dtype=x.dtype, beside=side is not None,
-                       w_dtypes=(wq_dtype, wo_dtype))
+                       w_dtypes=(wq_dtype, wo_dtype), finish=not (SUM_UNFINISHED and not masked))
         if side is None:
             dx_m, dwr, dwq_m, dwo_m = _bwd_impl(*mosa_args, **mosa_kw)
             dx, dw_qkv, dwo = _dense_bwd(dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base)
             dwq = dw_qkv()
-            dx = add_at_rows_(dx, dx_m, rows) if masked else dx.add_(dx_m)
+            dx = _sum(dx, dx_m, rows, masked)
         else:
             main = torch.cuda.current_stream(x.device)
             side.wait_stream(main)
@@ -178,10 +200,10 @@ def _hybrid_bwd_impl(dy, x, kept, idx, rows, wq_m, wo_m, qkv_m, o_m, lse_m, perm
             dwq = dw_qkv()  # w_qkv's gradient on this stream, beside the sum of x's two gradients on the side one
             side.wait_event(after_dx)
             with torch.cuda.stream(side):
-                dx = add_at_rows_(dx, dx_m, rows) if masked else dx.add_(dx_m)
+                dx = _sum(dx, dx_m, rows, masked)
             main.wait_stream(side)
             dx.record_stream(side)
-            for t in (dx_m, dwr, dwq_m, dwo_m):
+            for t in _tensors((dx_m, dwr, dwq_m, dwo_m)):
                 t.record_stream(main)
     return dx, dwr, dwq_m, dwo_m, dwq, dwo
 

@@ -55,7 +55,7 @@ input (shapes, devices, dtype mixes, head dim > 128, odd rope_dims) raises Value
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -210,12 +210,14 @@ def _half_scale(stats_ptr, D: tl.constexpr):
 
 
 @triton.jit
-def _unscale(src_ptr, dst_ptr, n, stats_ptr, D: tl.constexpr, BLOCK: tl.constexpr):
-    """dst = src / s: the scaled float16 scatter's buffer to y's dtype."""
+def _unscale(src_ptr, dst_ptr, n, stats_ptr, D: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr = False):
+    """dst = src / s: the scaled float16 scatter's buffer to y's dtype; ADD: dst += src / s (rounded once)."""
     s_unused, inv = _half_scale(stats_ptr, D)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     v = tl.load(src_ptr + offs, mask=m, other=0.0).to(tl.float32) * inv
+    if ADD:
+        v += tl.load(dst_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=m)
 
 
@@ -1270,7 +1272,8 @@ def _scatter(rows, perm, starts, B, T, h, dtype, c):
 
 
 def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, deterministic: bool, cdt: torch.dtype,
-              mark=None, rows_only: bool = False, distinct: bool = False, project: bool = True):
+              mark=None, rows_only: bool = False, distinct: bool = False, project: bool = True,
+              finish: bool = True):
     """(y, qkv, o, lse, perm, starts). Deterministic: per-kept-token rows of y, summed by ``_segment_sum``
     through the destination sort (perm, starts); else added with atomics (``_atomic_plan``: into y itself, a
     float32 buffer or the scaled float16 one; perm, starts empty, which tells the backward to do the same). ``mark``: a [B, T] bool
@@ -1279,7 +1282,9 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     ``distinct``: no head keeps a token twice in one sequence (top-k's positions), so no token gets more than
     E rows (else the scaled scatter's bound counts them). ``project=False`` (atomics that add in place only,
     ``projects_in_place``): the attention alone, y None; the caller adds the heads' rows into a y of its own
-    later (``project_into``)."""
+    later (``project_into``). ``finish=False``: where the atomics add into a buffer other than y (float32, or the
+    scaled float16 one), y is that buffer as an ``Unfinished``, which the caller adds into a y of its own in one
+    pass (``add_unfinished``) instead of a conversion pass here and a sum there."""
     # cdt is the compute dtype (the autocast dtype, else the weights'); x and the weights may be wider
     # (float32 under autocast): their tiles are cast as they are loaded, so no 16-bit copy of the sequence or
     # of the weights is made, and the weight gradients come out in the weights' dtype
@@ -1319,7 +1324,10 @@ def _fwd_impl(x, scores, idx, w_qkv, w_o, rope_dims: int, rope_base: float, dete
     if not project:
         return (None, qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
     if not deterministic:
-        y = _unscaled(out, cdt, stats, D) if scaled else out.to(cdt)
+        if not finish and adt != cdt:
+            y = Unfinished(out, stats if scaled else None, D)
+        else:
+            y = _unscaled(out, cdt, stats, D) if scaled else out.to(cdt)
         return (y, qkv, o, lse, *_segments_like(idx, B, T, E, R, False))
     perm, starts = _segments(idx, T)
     return _scatter(out, perm, starts, B, T, h, cdt, c), qkv, o, lse, perm, starts
@@ -1356,6 +1364,27 @@ def project_into(y, o, idx, scores, w_o):
     return y
 
 
+class Unfinished(NamedTuple):
+    """A result still in its scatter's buffer (``_fwd_impl(..., finish=False)``, ``_bwd_impl``'s x gradient
+    likewise): ``buf`` float32, or the scaled float16 one with ``stats`` its scale's statistics (else None); ``D``
+    the head dim the scale was bounded with."""
+    buf: torch.Tensor
+    stats: Optional[torch.Tensor]
+    D: int
+
+    def tensors(self):
+        return (self.buf,) if self.stats is None else (self.buf, self.stats)
+
+
+def add_unfinished(dst: torch.Tensor, part: Unfinished) -> torch.Tensor:
+    """dst += the result ``part`` holds, in one pass (read both, write dst, one rounding); returns dst."""
+    if part.stats is None:
+        return dst.add_(part.buf)
+    n = dst.numel()
+    _unscale[(cdiv(n, 4096),)](part.buf, dst, n, part.stats, D=part.D, BLOCK=4096, ADD=True, num_warps=8)
+    return dst
+
+
 def _unscaled(buf, dtype, stats, D: int):
     """The scaled float16 scatter's buffer divided by its scale, in ``dtype`` (``_unscale``)."""
     out = torch.empty(buf.shape, device=buf.device, dtype=dtype)
@@ -1365,13 +1394,16 @@ def _unscaled(buf, dtype, stats, D: int):
 
 
 def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
-              w_router=None, rows_only: bool = False, dx_dtype=None, beside: bool = False, w_dtypes=None):
+              w_router=None, rows_only: bool = False, dx_dtype=None, beside: bool = False, w_dtypes=None,
+              finish: bool = True):
     """Gradients for x, scores, w_qkv, w_o; with ``w_router`` (the fused router: scores are sigmoid(x w_r^T)
     at the kept tokens) the second is w_router's gradient and x's includes the router's share.
     ``rows_only`` (atomics only): x's gradient is written at the kept tokens' rows only (see ``_fwd_impl``).
     ``dx_dtype``: the dtype of x's gradient where x is a narrower copy of the op's input (default x's);
     ``w_dtypes``: likewise (w_qkv's, w_o's) for their gradients (``_narrow_weights``).
-    ``beside``: other kernels run beside these on another stream (``_out_bwd_block``)."""
+    ``beside``: other kernels run beside these on another stream (``_out_bwd_block``). ``finish=False``: x's
+    gradient, where its atomics add into a float32 buffer, is that buffer (no cast pass: the caller adds it into
+    a gradient of its own, ``add_unfinished``)."""
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     cdt = qkv.dtype  # the forward's compute dtype
     c = _cfg(D, cdt)
@@ -1493,7 +1525,10 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
             ATOMIC=not deterministic, VEC=vec,
             num_warps=4 if deterministic else c["DX_ATOMIC_WARPS"])
     # in x's dtype: no cast pass in autograd
-    dx = _scatter(rows, perm, starts, B, T, h, gdt, c) if deterministic else rows.to(gdt)
+    if deterministic:
+        dx = _scatter(rows, perm, starts, B, T, h, gdt, c)
+    else:
+        dx = Unfinished(rows, None, D) if not finish and rows.dtype != gdt else rows.to(gdt)
     if fork is None:
         wgrad_qkv()
     else:  # the fork's work done before the gradients (and the tensors it reads) are handed back
@@ -1670,14 +1705,14 @@ class _EagerRouted(torch.autograd.Function):
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
                      deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False,
-                     project: bool = True):
+                     project: bool = True, finish: bool = True):
     """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward. ``mark_rows``:
     a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``,
-    ``project``: see ``_fwd_impl``."""
+    ``project``, ``finish``: see ``_fwd_impl``."""
     idx, kept = _route(x, w_router, k, include_first, cdt)
     y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt,
                                              mark_rows, rows_only and not deterministic, distinct=True,
-                                             project=project)
+                                             project=project, finish=finish)
     return y, kept, idx, qkv, o, lse, perm, starts
 
 
