@@ -14,7 +14,10 @@ else FlashAttention's; on CPU, for tests under Triton's interpreter, the CPU fla
 backward is the same in reverse: W_O's products, the attention kernel's backward, split + RoPE backward, the QKV
 products. The MoSA heads are ``triton_mosa``'s routed op (router, top-k and the sparse-attention kernels, with
 the router's gradient folded in). x's gradient of the two parts is summed beside the dense heads' weight
-gradient product, at the kept rows only where the caller asks (``masked``).
+gradient product, at the kept rows only where the caller asks (``masked``). The two parts' y are not summed where
+the MoSA heads' atomics add in place: their output projection adds into the dense heads' y after its W_O product
+(``PROJECT_AFTER_DENSE``); where those atomics add into a buffer of their own, it is added into the dense heads'
+result in one pass (``SUM_UNFINISHED``).
 """
 from __future__ import annotations
 
