@@ -66,10 +66,10 @@ COMPILED_NARROW_INPUT = True
 # two parts on two streams and the masked sums inside (``ops.hybrid_fused``): the compiled graph itself has one
 # stream, so the two parts ran one after the other (benchmarks/NOTES.md v29.2, v30). The op also adds the MoSA
 # heads' rows into the dense heads' y after their W_O product, where its atomics add in place (v32: t2 on an H200,
-# bf16 graphs, 0.339 -> 0.333 ms; t3 0.973 -> 0.965). None: under torch.compile, and while a CUDA graph is being
-# captured (where the host's time is not replayed: eagerly the op's extra host work is not worth it) unless autocast
-# widens x (there the parts' shared narrow copy of x did as well: t2 0.393 against 0.395 ms); True: also eagerly
-# (tests, benchmarks); False: never (the parts as separate ops, for comparison).
+# bf16 graphs, 0.339 -> 0.333 ms; t3 0.971 -> 0.952 with v32.4's one-pass sums). None: under torch.compile, and
+# while a CUDA graph is being captured (where the host's time is not replayed: eagerly the op's extra host work is
+# not worth it) unless autocast widens x (there the parts were as fast: t2 0.393 ms against the op's 0.395); True:
+# also eagerly (tests, benchmarks); False: never (the parts as separate ops, for comparison).
 HYBRID_OP = None
 
 
