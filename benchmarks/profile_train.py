@@ -38,10 +38,12 @@ VARIANTS = {
     "one_stream": ("mosa_attention.ops.triton_hybrid", "PARALLEL", False),
     # the hybrid op's MoSA heads with a y of their own and the masked sum (before v32's projection after)
     "masked_sum": ("mosa_attention.ops.triton_hybrid", "PROJECT_AFTER_DENSE", False),
+    # the hybrid op's MoSA scatter buffers converted first, then added to the dense heads' results (before v32.4)
+    "convert_sums": ("mosa_attention.ops.triton_hybrid", "SUM_UNFINISHED", False),
 }
 # the variants that change nothing in a model without MoSA heads, or without dense heads beside them
-NOT_FOR = {"dense": ("wide_input", "parts", "one_stream", "masked_sum"),
-           "pure17": ("parts", "one_stream", "masked_sum")}
+NOT_FOR = {"dense": ("wide_input", "parts", "one_stream", "masked_sum", "convert_sums"),
+           "pure17": ("parts", "one_stream", "masked_sum", "convert_sums")}
 
 
 def kind(name: str) -> str:
