@@ -95,6 +95,10 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     # (v32.4) the op converting the MoSA heads' scatter buffers (t3: y's scaled float16, x gradient's float32)
     # before summing them, instead of adding them in one pass (SUM_UNFINISHED off)
     "op_convert": {"hybrid_flags": {"SUM_UNFINISHED": False}},
+    # (v33, with --autocast) the op taking x and the dense weights cast by the caller (WIDE_INPUT off; gradients
+    # widened after it), and the layer's parts in captures under autocast (CAPTURED_WIDE off: before v33)
+    "op_cast_input": {"layer_flags": {"HYBRID_OP": True}, "hybrid_flags": {"WIDE_INPUT": False}},
+    "captured_parts": {"layer_flags": {"CAPTURED_WIDE": False}},
     "proj_bm32": {"flags": {"PROJECT_BM": 32}},
     "proj_whole_rows": {"flags": {"PROJECT_SPLIT_H": False}},
     "blk32_dwqkv_w4_fwd_bm32": {"tiles": {"_attn_bwd_seqs": {"BLK": 32}, "_dwqkv": {"num_warps": 4},

@@ -159,6 +159,45 @@ def test_hybrid_op_under_autocast_casts_x_and_keeps_gradient_dtypes(monkeypatch)
     assert all(r.dtype == torch.float32 for r in results[True][1:])
 
 
+@pytest.mark.parametrize("wide", [True, False], ids=["wide", "cast"])
+@pytest.mark.parametrize("case", [(3, 16), (6, 2)], ids=["masked", "whole"])
+def test_eager_hybrid_op_under_autocast_takes_x_wide(monkeypatch, wide, case):
+    # outside compiled graphs the op takes float32 x and dense weights with their copies (WIDE_INPUT) and makes their
+    # gradients in float32 itself; with and without the masked sums (the second case keeps most tokens), the same
+    # values as the layer's parts and as the caller's casts, every gradient float32
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    E, sparsity = case
+    monkeypatch.setattr(triton_hybrid, "WIDE_INPUT", wide)
+    torch.manual_seed(13 + E)
+    layer = MoSAAttention(32, E, sparsity, head_dim=16, num_dense_heads=2, backend="triton")
+    x, g = torch.randn(2, 48, 32), torch.randn(2, 48, 32)
+    seen = []
+    real = triton_hybrid._hybrid_fwd_op
+
+    def spy(x, *args):
+        seen.append((x.dtype, args[-3] is None, args[-2] is None))  # x, and whether x / w_qkv_dense had no copy
+        return real(x, *args)
+
+    monkeypatch.setattr(triton_hybrid, "_hybrid_fwd_op", spy)
+    results = {}
+    for op in (True, False):
+        with torch.autocast("cpu", dtype=torch.float16):
+            results[op] = _run(layer, x, g, False, op, monkeypatch)
+    want_masked = layer._masked(x)
+    assert want_masked == (E == 3)
+    assert seen == [(torch.float32, False, False) if wide else (torch.float16, True, True)]
+    for a, b in zip(results[True], results[False]):
+        assert a.dtype == b.dtype
+        assert _rel(a, b) < 2e-3
+    assert results[True][0].dtype == torch.float16
+    assert all(r.dtype == torch.float32 for r in results[True][1:])
+    ref_layer = copy.deepcopy(layer).double()
+    ref_layer.backend = ref_layer.dense.backend = "torch"
+    for a, b in zip(results[True], _run(ref_layer, x.double(), g.double())):
+        assert _rel(a, b) < GRAD_TOL[torch.float16]
+
+
 def test_hybrid_op_is_left_to_the_parts_where_it_does_not_apply(monkeypatch):
     monkeypatch.setattr(layer_module, "HYBRID_OP", True)
     x = torch.randn(1, 16, 32, device=DEVICE, dtype=ODT)
@@ -238,14 +277,17 @@ def test_hybrid_op_under_compiled_cuda_graphs_matches_eager(monkeypatch, dtype):
         assert calls and calls[-1] == (heads == 17)  # the compiled layer ran the op, masked where few are kept
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
-def test_a_captured_hybrid_layer_takes_the_op_unless_autocast_widens_x(monkeypatch, autocast):
+@pytest.mark.parametrize("autocast,wide", [(False, True), (True, True), (True, False)],
+                         ids=["bf16", "autocast", "autocast-parts"])
+def test_a_captured_hybrid_layer_takes_the_op(monkeypatch, autocast, wide):
     # HYBRID_OP None: eager steps run the layer's parts; a CUDA-graph capture of the same eager layer runs the one
-    # op (its MoSA heads adding into the dense heads' y), except under autocast over wider x; the replay gives the
-    # eager step's output and gradients
+    # op (its MoSA heads adding into the dense heads' y), under autocast over wider x too (the op taking x and the
+    # dense weights wide) unless CAPTURED_WIDE is off; the replay gives the eager step's output and gradients, in
+    # the same dtypes
     if DEVICE == "cpu":
         pytest.skip("CUDA graphs")
     from mosa_attention.bench.layer import make_step
+    monkeypatch.setattr(layer_module, "CAPTURED_WIDE", wide)
     calls = _spy(monkeypatch)
     torch.manual_seed(13)
     dt = torch.float32 if autocast else torch.bfloat16
@@ -267,11 +309,12 @@ def test_a_captured_hybrid_layer_takes_the_op_unless_autocast_widens_x(monkeypat
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = step()
-    assert calls == ([] if autocast else [True])  # the captured step only
+    assert calls == ([True] if wide else [])  # the captured step only
     graph.replay()
     torch.cuda.synchronize()
     got = [y, x.grad, *(p.grad for p in layer.parameters())]
     for a, b in zip(got, want):
+        assert a.dtype == b.dtype
         assert _rel(a, b) < 1e-2
 
 

@@ -71,6 +71,9 @@ COMPILED_NARROW_INPUT = True
 # not worth it) unless autocast widens x (there the parts were as fast: t2 0.393 ms against the op's 0.395); True:
 # also eagerly (tests, benchmarks); False: never (the parts as separate ops, for comparison).
 HYBRID_OP = None
+# Whether such captures take the op under autocast over wider x too, where the op takes x and the dense weights wide
+# with their compute-dtype copies (``ops.triton_hybrid.WIDE_INPUT``; benchmarks/NOTES.md v33). False: the parts there.
+CAPTURED_WIDE = True
 
 
 class MoSAAttention(nn.Module):
@@ -223,10 +226,12 @@ class MoSAAttention(nn.Module):
 
     @staticmethod
     def _captured(x: torch.Tensor) -> bool:
-        """Whether x's stream is capturing a CUDA graph and autocast does not widen x (``HYBRID_OP``)."""
+        """Whether x's stream is capturing a CUDA graph, where autocast widens x only with ``CAPTURED_WIDE``
+        (``HYBRID_OP``)."""
         if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return False
-        return not (torch.is_autocast_enabled("cuda") and x.element_size() > torch.get_autocast_dtype("cuda").itemsize)
+        return CAPTURED_WIDE or not (torch.is_autocast_enabled("cuda")
+                                     and x.element_size() > torch.get_autocast_dtype("cuda").itemsize)
 
     def _hybrid(self, x: torch.Tensor):
         """(y, selection) of both parts through ``ops.hybrid_fused``."""

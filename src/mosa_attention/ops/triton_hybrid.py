@@ -17,7 +17,9 @@ the router's gradient folded in). x's gradient of the two parts is summed beside
 gradient product, at the kept rows only where the caller asks (``masked``). The two parts' y are not summed where
 the MoSA heads' atomics add in place: their output projection adds into the dense heads' y after its W_O product
 (``PROJECT_AFTER_DENSE``); where those atomics add into a buffer of their own, it is added into the dense heads'
-result in one pass (``SUM_UNFINISHED``).
+result in one pass (``SUM_UNFINISHED``). Under autocast over wider x and weights, outside compiled graphs, the op
+takes them with their compute-dtype copies and makes their gradients in their own dtypes in the products' epilogues
+(``WIDE_INPUT``).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._host import on_its_device, side_stream
+from .attention import _mm
 from ._host import interpreting as _interpreting
 from .combine import add_at_rows_
 from .triton_mosa import (Unfinished, _bwd_impl, _capability, _check_routed, _compute_dtype, _needs_grad, _read,
@@ -46,6 +49,15 @@ PROJECT_AFTER_DENSE = True
 # gradient's float32 one: t3) and the sums are not masked, that buffer is added into the dense heads' result in one
 # pass, not converted first and summed after (benchmarks/NOTES.md v32.4); False: converted, then summed.
 SUM_UNFINISHED = True
+# True: where autocast narrows x and the dense weights (float32 under bf16 autocast) and the op is not inside a
+# compiled graph (a CUDA-graph capture of eager steps, or eager), the op takes x and the dense weights as they are,
+# with their compute-dtype copies made outside it (read by its kernels and kept for the backward, as the routed op
+# takes x_read), and its backward makes x's gradient and the dense weights' in their own dtypes in the epilogues of
+# the dense heads' products (cuBLAS's wider output) into which the MoSA heads' share is then added: no cast pass of
+# x's [B, T, h] gradient and no weight-gradient casts after the op (benchmarks/NOTES.md v33). False: the caller's
+# casts, whose backward widens the gradients (as inside compiled graphs, where the casts fuse into the kernels
+# around the op).
+WIDE_INPUT = True
 
 _CUDNN = int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION.value)
 _KINDS: dict = {}
@@ -106,19 +118,22 @@ def _dense_fwd(x, wq, wo, H: int, rope_dims: int, rope_base: float):
     return F.linear(o.view(B, T, H * D), wo), rot, o, lse
 
 
-def _dense_bwd(dy, x, wq, wo, rot, o, lse, rope_dims: int, rope_base: float):
+def _dense_bwd(dy, x, wq, wo, rot, o, lse, rope_dims: int, rope_base: float, dtypes=None):
     """(the dense heads' share of x's gradient, a function that launches w_qkv's gradient product when called, w_o's
-    gradient): the caller places w_qkv's product (beside the sum of x's two gradients)."""
+    gradient): the caller places w_qkv's product (beside the sum of x's two gradients). ``dtypes``: (x's, w_qkv's,
+    w_o's) gradient dtypes where x and the weights are narrower copies (``WIDE_INPUT``), made in the products'
+    epilogues; default the copies' own."""
     _, B, T, H, D = rot.shape
+    gx, gq, go = dtypes or (x.dtype, wq.dtype, wo.dtype)
     dy2 = dy.view(B * T, -1)
-    dwo = dy2.t().mm(o.view(B * T, H * D))
+    dwo = _mm(dy2.t(), o.view(B * T, H * D), go)
     do = dy2.mm(wo).view(B, T, H, D).transpose(1, 2)
     dq, dk, dv = _attend_backward(do, *(t.transpose(1, 2) for t in rot), o.transpose(1, 2), lse)
     dqkv = torch.empty(B * T, 3 * H * D, device=x.device, dtype=x.dtype)
     _split_rope(_rope_grads(dq, dk, dv, B, T, H, D, x.device, x.dtype), (dqkv,) * 3, B, T, H, D, rope_dims,
                 rope_base, True)
-    dx = dqkv.mm(wq).view(B, T, -1)
-    return dx, (lambda: dqkv.t().mm(x.view(B * T, -1))), dwo
+    dx = _mm(dqkv, wq, gx).view(B, T, -1)
+    return dx, (lambda: _mm(dqkv.t(), x.view(B * T, -1), gq)), dwo
 
 
 def _side(dev):
@@ -180,17 +195,23 @@ def _sum(dst, part, rows, masked: bool):
 
 
 def _hybrid_bwd_impl(dy, x, kept, idx, rows, wq_m, wo_m, qkv_m, o_m, lse_m, perm, starts, w_router, wq_d, wo_d, rot,
-                     o, lse, rope_dims: int, rope_base: float, rows_only: bool, wq_dtype, wo_dtype):
+                     o, lse, rope_dims: int, rope_base: float, rows_only: bool, wq_dtype, wo_dtype, dense_dtypes=None):
+    """The op's gradients; x, wq_d and wo_d are what the forward read (copies under ``WIDE_INPUT``), ``dense_dtypes``
+    (x's, wq_d's, wo_d's) the dtypes of the gradients to make (default theirs)."""
     dy = dy.to(x.dtype).contiguous()
     masked = rows.numel() > 0
+    dense_dtypes = dense_dtypes or (x.dtype, wq_d.dtype, wo_d.dtype)
     with torch.autocast(x.device.type, enabled=False):
         side = _side(x.device)
         mosa_args = (dy, x, kept, idx, wq_m, wo_m, qkv_m, o_m, lse_m, perm, starts, rope_dims, rope_base)
-        mosa_kw = dict(w_router=w_router, rows_only=rows_only, dx_dtype=x.dtype, beside=side is not None,
-                       w_dtypes=(wq_dtype, wo_dtype), finish=not (SUM_UNFINISHED and not masked))
+        # the MoSA heads' share of x's gradient: at the kept rows in the copy's dtype (their atomics add in place
+        # there, and the masked sum adds those rows into the wider gradient), else in the gradient's own dtype (a
+        # float32 buffer, added as it is where SUM_UNFINISHED)
+        mosa_kw = dict(w_router=w_router, rows_only=rows_only, dx_dtype=x.dtype if masked else dense_dtypes[0],
+                       beside=side is not None, w_dtypes=(wq_dtype, wo_dtype), finish=not (SUM_UNFINISHED and not masked))
         if side is None:
             dx_m, dwr, dwq_m, dwo_m = _bwd_impl(*mosa_args, **mosa_kw)
-            dx, dw_qkv, dwo = _dense_bwd(dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base)
+            dx, dw_qkv, dwo = _dense_bwd(dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base, dense_dtypes)
             dwq = dw_qkv()
             dx = _sum(dx, dx_m, rows, masked)
         else:
@@ -198,7 +219,7 @@ def _hybrid_bwd_impl(dy, x, kept, idx, rows, wq_m, wo_m, qkv_m, o_m, lse_m, perm
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 dx_m, dwr, dwq_m, dwo_m = _bwd_impl(*mosa_args, **mosa_kw)
-            dx, dw_qkv, dwo = _dense_bwd(dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base)
+            dx, dw_qkv, dwo = _dense_bwd(dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base, dense_dtypes)
             after_dx = main.record_event()
             dwq = dw_qkv()  # w_qkv's gradient on this stream, beside the sum of x's two gradients on the side one
             side.wait_event(after_dx)
@@ -215,16 +236,20 @@ def _hybrid_bwd_impl(dy, x, kept, idx, rows, wq_m, wo_m, qkv_m, o_m, lse_m, perm
 def _hybrid_fwd_op(x: torch.Tensor, w_router: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
                    w_qkv_dense: torch.Tensor, w_o_dense: torch.Tensor, n_dense: int, k: int, include_first: bool,
                    rope_dims: int, rope_base: float, deterministic: bool, masked: bool, rows_only: bool,
-                   wq_read: Optional[torch.Tensor] = None, wo_read: Optional[torch.Tensor] = None
+                   wq_read: Optional[torch.Tensor] = None, wo_read: Optional[torch.Tensor] = None,
+                   x_read: Optional[torch.Tensor] = None, wqd_read: Optional[torch.Tensor] = None,
+                   wod_read: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _hybrid_fwd_impl(x, w_router, _read(w_qkv, wq_read), _read(w_o, wo_read), w_qkv_dense, w_o_dense,
-                            n_dense, k, include_first, rope_dims, rope_base, deterministic, masked, rows_only)
+    return _hybrid_fwd_impl(_read(x, x_read), w_router, _read(w_qkv, wq_read), _read(w_o, wo_read),
+                            _read(w_qkv_dense, wqd_read), _read(w_o_dense, wod_read), n_dense, k, include_first,
+                            rope_dims, rope_base, deterministic, masked, rows_only)
 
 
 @_hybrid_fwd_op.register_fake
 def _(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense, k, include_first, rope_dims, rope_base,
-      deterministic, masked, rows_only, wq_read=None, wo_read=None):
+      deterministic, masked, rows_only, wq_read=None, wo_read=None, x_read=None, wqd_read=None, wod_read=None):
+    x = _read(x, x_read)
     B, T, h = x.shape
     E, D, R = w_qkv.shape[0], w_qkv.shape[2] // 3, B * k
     Dd = w_qkv_dense.shape[0] // (3 * n_dense)
@@ -242,26 +267,31 @@ def _hybrid_bwd_op(dy: torch.Tensor, x: torch.Tensor, kept: torch.Tensor, idx: t
                    w_qkv: torch.Tensor, w_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                    perm: torch.Tensor, starts: torch.Tensor, w_router: torch.Tensor, w_qkv_dense: torch.Tensor,
                    w_o_dense: torch.Tensor, rot: torch.Tensor, o_dense: torch.Tensor, lse_dense: torch.Tensor,
-                   rope_dims: int, rope_base: float, rows_only: bool, wq_dtype: torch.dtype, wo_dtype: torch.dtype
+                   rope_dims: int, rope_base: float, rows_only: bool, wq_dtype: torch.dtype, wo_dtype: torch.dtype,
+                   x_dtype: torch.dtype, wqd_dtype: torch.dtype, wod_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _hybrid_bwd_impl(dy, x, kept, idx, rows, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, w_qkv_dense,
-                            w_o_dense, rot, o_dense, lse_dense, rope_dims, rope_base, rows_only, wq_dtype, wo_dtype)
+                            w_o_dense, rot, o_dense, lse_dense, rope_dims, rope_base, rows_only, wq_dtype, wo_dtype,
+                            (x_dtype, wqd_dtype, wod_dtype))
 
 
 @_hybrid_bwd_op.register_fake
 def _(dy, x, kept, idx, rows, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, w_qkv_dense, w_o_dense, rot, o_dense,
-      lse_dense, rope_dims, rope_base, rows_only, wq_dtype, wo_dtype):
-    return (torch.empty_like(x), torch.empty_like(w_router), torch.empty_like(w_qkv, dtype=wq_dtype),
-            torch.empty_like(w_o, dtype=wo_dtype), torch.empty_like(w_qkv_dense), torch.empty_like(w_o_dense))
+      lse_dense, rope_dims, rope_base, rows_only, wq_dtype, wo_dtype, x_dtype, wqd_dtype, wod_dtype):
+    return (torch.empty_like(x, dtype=x_dtype), torch.empty_like(w_router), torch.empty_like(w_qkv, dtype=wq_dtype),
+            torch.empty_like(w_o, dtype=wo_dtype), torch.empty_like(w_qkv_dense, dtype=wqd_dtype),
+            torch.empty_like(w_o_dense, dtype=wod_dtype))
 
 
 def _setup_context(ctx, inputs, output):
     (x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, _, _, _, rope_dims, rope_base, _, _, rows_only, wq_read,
-     wo_read) = inputs
+     wo_read, x_read, wqd_read, wod_read) = inputs
     _, kept, idx, rows, qkv, o, lse, perm, starts, rot, o_dense, lse_dense = output
-    ctx.save_for_backward(x, kept, idx, rows, _read(w_qkv, wq_read), _read(w_o, wo_read), qkv, o, lse, perm, starts,
-                          w_router, w_qkv_dense, w_o_dense, rot, o_dense, lse_dense)
-    ctx.args = (rope_dims, rope_base, rows_only, w_qkv.dtype, w_o.dtype)
+    ctx.save_for_backward(_read(x, x_read), kept, idx, rows, _read(w_qkv, wq_read), _read(w_o, wo_read), qkv, o, lse,
+                          perm, starts, w_router, _read(w_qkv_dense, wqd_read), _read(w_o_dense, wod_read), rot,
+                          o_dense, lse_dense)
+    ctx.args = (rope_dims, rope_base, rows_only, w_qkv.dtype, w_o.dtype, x.dtype, w_qkv_dense.dtype,
+                w_o_dense.dtype)
     ctx.mark_non_differentiable(*output[1:])
     # Without this, autograd hands the backward a zero-filled gradient for each of the outputs kept for it: nine
     # fills, ~22 us of a 0.37 ms t2 step on an H200 where the op runs eagerly (benchmarks/NOTES.md v32; a compiled
@@ -271,9 +301,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, *_):
     if dy is None:  # y took no part in the loss
-        return (None,) * 16
+        return (None,) * 19
     dx, dwr, dwq, dwo, dwq_d, dwo_d = _hybrid_bwd_op(dy, *ctx.saved_tensors, *ctx.args)
-    return (dx, dwr, dwq, dwo, dwq_d, dwo_d) + (None,) * 10
+    return (dx, dwr, dwq, dwo, dwq_d, dwo_d) + (None,) * 13
 
 
 _hybrid_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -307,7 +337,8 @@ def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int,
     ``masked``: the two parts are summed at the tokens some MoSA head kept only (their y and x's gradient are
     zero elsewhere; ``layers.mosa.MASKED_SUMS``), with the MoSA heads' buffers cleared at those rows only
     (``rows_only``). Under autocast x and the dense weights are cast to the autocast dtype here (in the
-    compiled graph), the MoSA weights read as ``mosa_triton`` reads them. Check ``hybrid_available`` first."""
+    compiled graph; outside one, ``WIDE_INPUT``: the op takes them with their copies and makes their gradients in
+    their own dtypes), the MoSA weights read as ``mosa_triton`` reads them. Check ``hybrid_available`` first."""
     cdt, (w_router, w_qkv, w_o) = _check_routed(x, w_router, w_qkv, w_o, k, rope_dims)
     B, T, h = x.shape
     E = w_qkv.shape[0]
@@ -323,11 +354,17 @@ def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int,
             raise ValueError(f"{name} must be on x's device {x.device} in w_qkv's dtype {w_qkv.dtype}, got "
                              f"{w.device}, {w.dtype}")
     det = _rows_for(deterministic, x.device, h, (cdt, cdt), E * B * k, B * T)
-    x = x.to(cdt).contiguous()
     grad = _needs_grad(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense)
-    y, kept, idx = _hybrid_fwd_op(x, w_router.contiguous(), w_qkv.contiguous(), w_o.contiguous(),
-                                  w_qkv_dense.to(cdt).contiguous(), w_o_dense.to(cdt).contiguous(), int(n_dense),
-                                  int(k), bool(include_first), int(rope_dims), float(rope_base), det, bool(masked),
-                                  bool(masked and rows_only and not det),
-                                  *_weight_copies(w_qkv, w_o, cdt, B * k, grad))[:3]
+    # x and the dense weights as the op takes them, with their compute-dtype copies where it takes them wide
+    # (WIDE_INPUT), else cast here (inside a compiled graph the casts fuse into the kernels around the op)
+    wide = WIDE_INPUT and not torch.compiler.is_compiling()
+    dense = []
+    for t in (x, w_qkv_dense, w_o_dense):
+        t = t.contiguous()
+        dense += [t, t.detach().to(cdt)] if wide and t.dtype != cdt else [t.to(cdt), None]
+    (x, x_read), (wqd, wqd_read), (wod, wod_read) = dense[0:2], dense[2:4], dense[4:6]
+    y, kept, idx = _hybrid_fwd_op(x, w_router.contiguous(), w_qkv.contiguous(), w_o.contiguous(), wqd, wod,
+                                  int(n_dense), int(k), bool(include_first), int(rope_dims), float(rope_base), det,
+                                  bool(masked), bool(masked and rows_only and not det),
+                                  *_weight_copies(w_qkv, w_o, cdt, B * k, grad), x_read, wqd_read, wod_read)[:3]
     return y, kept, idx
