@@ -357,7 +357,16 @@ def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int,
     grad = _needs_grad(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense)
     # x and the dense weights as the op takes them, with their compute-dtype copies where it takes them wide
     # (WIDE_INPUT), else cast here (inside a compiled graph the casts fuse into the kernels around the op)
-    wide = WIDE_INPUT and not torch.compiler.is_compiling()
+    wide = WIDE_INPUT and not torch.compiler.is_compiling() and x.dtype != cdt
+    # where the op takes x wide, the MoSA weights' copies are made on the MoSA heads' stream (which reads them),
+    # beside x's cast and the dense weights' on this one
+    side = _side(x.device) if wide else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            copies = _weight_copies(w_qkv, w_o, cdt, B * k, grad)
+    else:
+        copies = _weight_copies(w_qkv, w_o, cdt, B * k, grad)
     dense = []
     for t in (x, w_qkv_dense, w_o_dense):
         t = t.contiguous()
@@ -365,6 +374,6 @@ def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int,
     (x, x_read), (wqd, wqd_read), (wod, wod_read) = dense[0:2], dense[2:4], dense[4:6]
     y, kept, idx = _hybrid_fwd_op(x, w_router.contiguous(), w_qkv.contiguous(), w_o.contiguous(), wqd, wod,
                                   int(n_dense), int(k), bool(include_first), int(rope_dims), float(rope_base), det,
-                                  bool(masked), bool(masked and rows_only and not det),
-                                  *_weight_copies(w_qkv, w_o, cdt, B * k, grad), x_read, wqd_read, wod_read)[:3]
+                                  bool(masked), bool(masked and rows_only and not det), *copies, x_read, wqd_read,
+                                  wod_read)[:3]
     return y, kept, idx
