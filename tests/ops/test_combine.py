@@ -81,3 +81,23 @@ def test_add_at_rows_refuses_a_leaf_that_requires_grad():
     d = torch.randn(2, 5, 4, requires_grad=True)
     with pytest.raises(ValueError, match="dst is a leaf that requires grad"):
         add_at_rows(d, torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("count", [1, 3, 5])
+def test_cast_many_gives_each_tensor_cast_in_one_launch(count, monkeypatch):
+    # sizes around the kernel's block (4096) and an empty tensor: every element of every tensor cast, none moved
+    from mosa_attention.ops import triton_combine
+    from mosa_attention.ops.combine import cast_many
+    launches = []
+    real = triton_combine._launch_casts
+    monkeypatch.setattr(triton_combine, "_launch_casts", lambda *a: launches.append(a[3]) or real(*a))
+    torch.manual_seed(count)
+    shapes = [(3, 7), (4097,), (0, 5), (2, 4096), (1,)][:count]
+    src = [torch.randn(s, device=DEVICE) * 1e3 for s in shapes]
+    for dtype in (torch.float16, torch.bfloat16 if DEVICE != "cpu" else torch.float16):
+        launches.clear()
+        out = cast_many(src, dtype)
+        assert len(launches) == 1 and launches[0] == sum(-(-t.numel() // 4096) for t in src)
+        for o, t in zip(out, src):
+            assert o.dtype == dtype and o.shape == t.shape and o.is_contiguous()
+            assert torch.equal(o, t.to(dtype))

@@ -1,4 +1,4 @@
-"""Summing a hybrid's heads where only some rows of one part can be nonzero.
+"""Summing a hybrid's heads where only some rows of one part can be nonzero; casting several tensors at once.
 
 The fused MoSA op's output, and its heads' share of x's gradient, are zero at every token no MoSA head
 kept. ``add_at_rows_(dst, src, rows)`` adds ``src`` into ``dst`` at the rows ``rows`` marks only, so a
@@ -62,3 +62,15 @@ def add_at_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> tor
         raise ValueError("dst is a leaf that requires grad, which add_at_rows cannot change in place; "
                          "pass a computed tensor (e.g. a layer's output) or dst.clone()")
     return _AddAtRows.apply(dst, src, rows)
+
+
+def cast_many(tensors, dtype: torch.dtype) -> list:
+    """Contiguous copies of ``tensors`` (of one device) in ``dtype``: in one Triton launch on CUDA (or under Triton's
+    interpreter) for up to five contiguous ones (a hybrid's x and weights under autocast: one pass instead of a
+    launch each, benchmarks/NOTES.md v33), else one ``.to`` each."""
+    tensors = list(tensors)
+    if tensors and (tensors[0].is_cuda or interpreting()) and len(tensors) <= 5 \
+            and all(t.is_contiguous() and t.device == tensors[0].device and t.is_floating_point() for t in tensors):
+        from .triton_combine import cast_many_triton  # noqa: WPS433 (optional dependency)
+        return cast_many_triton(tensors, dtype)
+    return [t.to(dtype, memory_format=torch.contiguous_format) for t in tensors]

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from ._host import on_its_device, side_stream
 from .attention import _mm
 from ._host import interpreting as _interpreting
-from .combine import add_at_rows_
+from .combine import add_at_rows_, cast_many
 from .triton_mosa import (Unfinished, _bwd_impl, _capability, _check_routed, _compute_dtype, _needs_grad, _read,
-                          _routed_fwd_impl, _rows_for, _segments_like, _weight_copies, add_unfinished, project_into,
-                          projects_in_place)
+                          _routed_fwd_impl, _rows_for, _segments_like, _weight_copies, add_unfinished, narrows_weights,
+                          project_into, projects_in_place)
 from .triton_rope import _grads as _rope_grads
 from .triton_rope import _run as _split_rope
 
@@ -355,23 +355,20 @@ def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int,
                              f"{w.device}, {w.dtype}")
     det = _rows_for(deterministic, x.device, h, (cdt, cdt), E * B * k, B * T)
     grad = _needs_grad(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense)
-    # x and the dense weights as the op takes them, with their compute-dtype copies where it takes them wide
-    # (WIDE_INPUT), else cast here (inside a compiled graph the casts fuse into the kernels around the op)
-    wide = WIDE_INPUT and not torch.compiler.is_compiling() and x.dtype != cdt
-    # where the op takes x wide, the MoSA weights' copies are made on the MoSA heads' stream (which reads them),
-    # beside x's cast and the dense weights' on this one
-    side = _side(x.device) if wide else None
-    if side is not None:
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            copies = _weight_copies(w_qkv, w_o, cdt, B * k, grad)
+    # x and the dense weights as the op takes them: as they are, with their compute-dtype copies made here in one
+    # launch with the MoSA weights' (WIDE_INPUT), else cast here (inside a compiled graph the casts fuse into the
+    # kernels around the op)
+    if WIDE_INPUT and not torch.compiler.is_compiling():
+        wider = [t for t in (x, w_qkv_dense, w_o_dense) if t.dtype != cdt]
+        mosa_w = [w_qkv, w_o] if grad and narrows_weights(B * k) and w_qkv.dtype != cdt else []
+        made = dict(zip(map(id, wider + mosa_w), cast_many([t.detach().contiguous() for t in wider + mosa_w], cdt)))
+        (x, x_read), (wqd, wqd_read), (wod, wod_read) = ((t.contiguous(), made.get(id(t)))
+                                                         for t in (x, w_qkv_dense, w_o_dense))
+        copies = (made[id(w_qkv)], made[id(w_o)]) if mosa_w else _weight_copies(w_qkv, w_o, cdt, B * k, grad)
     else:
+        x, wqd, wod = (t.to(cdt).contiguous() for t in (x, w_qkv_dense, w_o_dense))
+        x_read = wqd_read = wod_read = None
         copies = _weight_copies(w_qkv, w_o, cdt, B * k, grad)
-    dense = []
-    for t in (x, w_qkv_dense, w_o_dense):
-        t = t.contiguous()
-        dense += [t, t.detach().to(cdt)] if wide and t.dtype != cdt else [t.to(cdt), None]
-    (x, x_read), (wqd, wqd_read), (wod, wod_read) = dense[0:2], dense[2:4], dense[4:6]
     y, kept, idx = _hybrid_fwd_op(x, w_router.contiguous(), w_qkv.contiguous(), w_o.contiguous(), wqd, wod,
                                   int(n_dense), int(k), bool(include_first), int(rope_dims), float(rope_base), det,
                                   bool(masked), bool(masked and rows_only and not det), *copies, x_read, wqd_read,

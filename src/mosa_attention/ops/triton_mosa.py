@@ -1569,10 +1569,12 @@ def _narrow_weights(w_qkv, w_o, cdt, rows: int):
     """(w_qkv, w_o) in the compute dtype ``cdt`` where NARROW_WEIGHTS says so, else as they are."""
     if w_qkv.dtype == cdt and w_o.dtype == cdt:
         return w_qkv, w_o
-    on = NARROW_WEIGHTS
-    if on is None:
-        on = rows >= NARROW_WEIGHTS_MIN_ROWS
-    return (w_qkv.to(cdt), w_o.to(cdt)) if on else (w_qkv, w_o)
+    return (w_qkv.to(cdt), w_o.to(cdt)) if narrows_weights(rows) else (w_qkv, w_o)
+
+
+def narrows_weights(rows: int) -> bool:
+    """Whether the op reads compute-dtype copies of wider weights for heads of ``rows`` rows (``NARROW_WEIGHTS``)."""
+    return rows >= NARROW_WEIGHTS_MIN_ROWS if NARROW_WEIGHTS is None else bool(NARROW_WEIGHTS)
 
 
 def _weight_copies(w_qkv, w_o, cdt, rows: int, grad: bool):
