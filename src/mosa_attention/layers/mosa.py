@@ -68,11 +68,13 @@ COMPILED_NARROW_INPUT = True
 # heads' rows into the dense heads' y after their W_O product, where its atomics add in place (v32: t2 on an H200,
 # bf16 graphs, 0.339 -> 0.333 ms; t3 0.971 -> 0.952 with v32.4's one-pass sums). None: under torch.compile, and
 # while a CUDA graph is being captured (where the host's time is not replayed: eagerly the op's extra host work is
-# not worth it) unless autocast widens x (there the parts were as fast: t2 0.393 ms against the op's 0.395); True:
-# also eagerly (tests, benchmarks); False: never (the parts as separate ops, for comparison).
+# not worth it); True: also eagerly (tests, benchmarks); False: never (the parts as separate ops, for comparison).
 HYBRID_OP = None
-# Whether such captures take the op under autocast over wider x too, where the op takes x and the dense weights wide
-# with their compute-dtype copies (``ops.triton_hybrid.WIDE_INPUT``; benchmarks/NOTES.md v33). False: the parts there.
+# Whether such captures take the op under autocast over wider x too. There the op takes x and the weights as they
+# are, with their compute-dtype copies made in one launch, and makes their gradients in their own dtypes
+# (``ops.triton_hybrid.WIDE_INPUT``): H200, bf16 autocast over float32, graphs, t2 0.394 -> 0.365 ms (0.640 -> 0.592x
+# of the dense layer), t3 1.138 -> 1.110 (benchmarks/NOTES.md v33). False: the parts there (before v33; the op
+# taking the caller's casts was no faster than the parts, t2 0.397 ms).
 CAPTURED_WIDE = True
 
 
