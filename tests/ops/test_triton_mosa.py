@@ -509,6 +509,34 @@ def test_narrow_copies_under_autocast_change_no_bit(monkeypatch, routed, compile
         assert saved[0][0] == torch.float32 and saved[1][0] == (torch.float16 if routed else torch.float32)
 
 
+def test_eager_routed_op_makes_its_copies_in_one_launch(monkeypatch):
+    # under autocast over float32 the eager routed op casts x, w_qkv, w_o and the router weight (for its product) in
+    # one cast_many launch (CAST_TOGETHER): the same bits as one cast each, the gradients float32
+    from mosa_attention.ops import combine
+    from mosa_attention.ops.triton_mosa import mosa_triton
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    monkeypatch.setattr(triton_mosa, "NARROW_WEIGHTS", True)
+    torch.manual_seed(6)
+    x, _, _, w_qkv, w_o = _inputs(2, 40, 32, 3, 9, 32, torch.float32)
+    w_router, dy = torch.randn(3, 32), torch.randn(2, 40, 32)
+    calls = []
+    real = combine.cast_many
+    monkeypatch.setattr(combine, "cast_many", lambda ts, dt: calls.append([t.shape for t in ts]) or real(ts, dt))
+    out = []
+    for together in (True, False):
+        monkeypatch.setattr(triton_mosa, "CAST_TOGETHER", together)
+        leaves = [t.clone().requires_grad_() for t in (x, w_router, w_qkv, w_o)]
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = mosa_triton(*leaves, 9, False, 16)[0]
+        y.float().backward(dy)
+        out.append([y.detach()] + [t.grad for t in leaves])
+        assert all(t.grad.dtype == torch.float32 for t in leaves)
+    assert calls == [[x.shape, w_qkv.shape, w_o.shape, w_router.shape]]
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_narrow_copies_keep_each_weights_gradient_dtype(monkeypatch, compiled):
     # under autocast the weights may differ in dtype (w_qkv float32, w_o bfloat16 here): with their copies each

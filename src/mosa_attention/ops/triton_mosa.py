@@ -1558,6 +1558,17 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
 NARROW_X = True
 NARROW_WEIGHTS = None
 NARROW_WEIGHTS_MIN_ROWS = 256
+# True: the eager op's copies (x's, the weights', the router weight's) in one launch (``combine.cast_many``; benchmarks/
+# NOTES.md v33); False: one cast each.
+CAST_TOGETHER = True
+
+
+def _cast(tensors, cdt):
+    """Copies of ``tensors`` in ``cdt``: one launch where ``CAST_TOGETHER``, else one ``.to`` each."""
+    if CAST_TOGETHER:
+        from .combine import cast_many
+        return cast_many([t.contiguous() for t in tensors], cdt)
+    return [t.to(cdt) for t in tensors]
 
 
 def _needs_grad(*tensors) -> bool:
@@ -1685,12 +1696,19 @@ class _EagerRouted(torch.autograd.Function):
         # what the kernels read (the same values after their cast): x_read, else x or its copy in the compute
         # dtype, which the router product makes anyway (NARROW_X)
         xr = x if x_read is None else x_read
-        if narrow and xr.dtype != cdt and NARROW_X:
-            xr = x.to(cdt)
         ctx.w_dtypes = (w_qkv.dtype, w_o.dtype)
+        wr = w_router
         if narrow:
-            w_qkv, w_o = _narrow_weights(w_qkv, w_o, cdt=cdt, rows=x.shape[0] * k)
-        y, kept, idx, *saved = _routed_fwd_impl(xr, w_router, w_qkv, w_o, k, include_first, rope_dims, rope_base,
+            # the copies in one launch where CAST_TOGETHER (x's, the weights', and the router weight's for its
+            # product; the backward keeps the router weight itself), else each cast on its own
+            wide = [t for t in ([x] if xr.dtype != cdt and NARROW_X else [])
+                    + ([w_qkv, w_o] if narrows_weights(x.shape[0] * k) else []) if t.dtype != cdt]
+            if CAST_TOGETHER and wide and w_router.dtype != cdt:
+                wide.append(w_router)
+            made = dict(zip(map(id, wide), _cast(wide, cdt)))
+            xr = made.get(id(x), xr)
+            w_qkv, w_o, wr = (made.get(id(t), t) for t in (w_qkv, w_o, w_router))
+        y, kept, idx, *saved = _routed_fwd_impl(xr, wr, w_qkv, w_o, k, include_first, rope_dims, rope_base,
                                                 deterministic, cdt, mark_rows, rows_only)
         ctx.save_for_backward(xr, kept, idx, w_qkv, w_o, *saved, w_router)
         ctx.rope = (rope_dims, rope_base)
