@@ -143,6 +143,14 @@ ALL_KERNELS = textwrap.dedent("""
                        options=dict(num_warps=4, num_stages=2))
     assert k.asm["cubin"]
     print("compiled _add_at_rows")
+    slots = {}
+    for i in range(5):
+        slots.update({f"s{i}": "*fp32", f"d{i}": "*bf16", f"n{i}": "i32"})
+    sig = dict(slots, e0="i32", e1="i32", e2="i32", e3="i32", BLOCK="constexpr")
+    k = triton.compile(ASTSource(tc._cast_many, sig, dict(BLOCK=4096)), target=TARGET,
+                       options=dict(num_warps=8, num_stages=2))
+    assert k.asm["cubin"]
+    print("compiled _cast_many")
     # the decoding step's MoSA heads (ops.triton_decode_heads), float32 and bfloat16 weights and caches
     from mosa_attention.ops import triton_decode_heads as dh
     for dt in ("*fp32", "*bf16"):
@@ -172,4 +180,4 @@ def test_every_kernel_compiles(arch):
     run = subprocess.run([sys.executable, "-c", ALL_KERNELS, str(arch)], env=dict(os.environ, TRITON_INTERPRET="0"),
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 45, run.stdout
+    assert run.stdout.count("compiled") == 46, run.stdout

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ._host import on_its_device, side_stream
-from .attention import _mm
 from ._host import interpreting as _interpreting
+from .attention import _mm
 from .combine import add_at_rows_, cast_many
 from .triton_mosa import (Unfinished, _bwd_impl, _capability, _check_routed, _compute_dtype, _needs_grad, _read,
                           _routed_fwd_impl, _rows_for, _segments_like, _weight_copies, add_unfinished, narrows_weights,
