@@ -99,7 +99,8 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     # widened after it), and the layer's parts in captures under autocast (CAPTURED_WIDE off: before v33)
     "op_cast_input": {"layer_flags": {"HYBRID_OP": True}, "hybrid_flags": {"WIDE_INPUT": False}},
     "captured_parts": {"layer_flags": {"CAPTURED_WIDE": False}},
-    # (v33, with --autocast) the eager routed op's copies (x, w_qkv, w_o, the router weight) one cast each
+    # (v33, with --autocast) the eager routed op's copies (x, w_qkv, w_o, the router weight), and the wide hybrid
+    # op's, one cast each
     "cast_apart": {"flags": {"CAST_TOGETHER": False}},
     "proj_bm32": {"flags": {"PROJECT_BM": 32}},
     "proj_whole_rows": {"flags": {"PROJECT_SPLIT_H": False}},

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from ._host import on_its_device, side_stream
 from ._host import interpreting as _interpreting
 from .attention import _mm
-from .combine import add_at_rows_, cast_many
-from .triton_mosa import (Unfinished, _bwd_impl, _capability, _check_routed, _compute_dtype, _needs_grad, _read,
-                          _routed_fwd_impl, _rows_for, _segments_like, _weight_copies, add_unfinished, narrows_weights,
-                          project_into, projects_in_place)
+from .combine import add_at_rows_
+from .triton_mosa import (Unfinished, _bwd_impl, _capability, _check_routed, _compute_dtype, _copies, _needs_grad,
+                          _read, _routed_fwd_impl, _rows_for, _segments_like, _weight_copies, add_unfinished,
+                          narrows_weights, project_into, projects_in_place)
 from .triton_rope import _grads as _rope_grads
 from .triton_rope import _run as _split_rope
 
@@ -357,13 +357,13 @@ def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int,
                              f"{w.device}, {w.dtype}")
     det = _rows_for(deterministic, x.device, h, (cdt, cdt), E * B * k, B * T)
     grad = _needs_grad(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense)
-    # x and the dense weights as the op takes them: as they are, with their compute-dtype copies made here in one
-    # launch with the MoSA weights' (WIDE_INPUT), else cast here (inside a compiled graph the casts fuse into the
-    # kernels around the op)
+    # x and the dense weights as the op takes them: as they are, with their compute-dtype copies made here with the
+    # MoSA weights' (WIDE_INPUT; in one launch, triton_mosa.CAST_TOGETHER), else cast here (inside a compiled graph
+    # the casts fuse into the kernels around the op)
     if WIDE_INPUT and not torch.compiler.is_compiling():
         wider = [t for t in (x, w_qkv_dense, w_o_dense) if t.dtype != cdt]
         mosa_w = [w_qkv, w_o] if grad and narrows_weights(B * k) and w_qkv.dtype != cdt else []
-        made = dict(zip(map(id, wider + mosa_w), cast_many([t.detach().contiguous() for t in wider + mosa_w], cdt)))
+        made = _copies(wider + mosa_w, cdt)
         (x, x_read), (wqd, wqd_read), (wod, wod_read) = ((t.contiguous(), made.get(id(t)))
                                                          for t in (x, w_qkv_dense, w_o_dense))
         copies = (made[id(w_qkv)], made[id(w_o)]) if mosa_w else _weight_copies(w_qkv, w_o, cdt, B * k, grad)

@@ -1558,18 +1558,22 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
 NARROW_X = True
 NARROW_WEIGHTS = None
 NARROW_WEIGHTS_MIN_ROWS = 256
-# True: the eager op's copies (x's, the weights', the router weight's for its product) in one launch
-# (``combine.cast_many``): t1 under autocast on an H200, graphs, ~8 us faster in each of 9 rounds (0.128 against
+# True: the eager op's copies (x's, the weights', the router weight's for its product), and the wide hybrid op's
+# (``triton_hybrid.WIDE_INPUT``), in one launch (``combine.cast_many``): t1 under autocast on an H200, graphs, ~8 us faster in each of 9 rounds (0.128 against
 # 0.136 ms in the faster rounds; benchmarks/NOTES.md v33.4); False: one cast each.
 CAST_TOGETHER = True
 
 
-def _cast(tensors, cdt):
-    """Copies of ``tensors`` in ``cdt``: one launch where ``CAST_TOGETHER``, else one ``.to`` each."""
+def _copies(tensors, cdt) -> dict:
+    """{id(t): t's contiguous copy in ``cdt``} (no autograd history) for ``tensors``: in one launch where
+    ``CAST_TOGETHER`` (``combine.cast_many``), else one ``.to`` each."""
+    srcs = [t.detach().contiguous() for t in tensors]
     if CAST_TOGETHER:
         from .combine import cast_many
-        return cast_many([t.contiguous() for t in tensors], cdt)
-    return [t.to(cdt) for t in tensors]
+        made = cast_many(srcs, cdt)
+    else:
+        made = [t.to(cdt) for t in srcs]
+    return dict(zip(map(id, tensors), made))
 
 
 def _needs_grad(*tensors) -> bool:
@@ -1706,7 +1710,7 @@ class _EagerRouted(torch.autograd.Function):
                     + ([w_qkv, w_o] if narrows_weights(x.shape[0] * k) else []) if t.dtype != cdt]
             if CAST_TOGETHER and wide and w_router.dtype != cdt:
                 wide.append(w_router)
-            made = dict(zip(map(id, wide), _cast(wide, cdt)))
+            made = _copies(wide, cdt)
             xr = made.get(id(x), xr)
             w_qkv, w_o, wr = (made.get(id(t), t) for t in (w_qkv, w_o, w_router))
         y, kept, idx, *saved = _routed_fwd_impl(xr, wr, w_qkv, w_o, k, include_first, rope_dims, rope_base,
