@@ -210,7 +210,8 @@ def _hybrid_bwd_impl(dy, x, kept, idx, rows, wq_m, wo_m, qkv_m, o_m, lse_m, perm
         # there, and the masked sum adds those rows into the wider gradient), else in the gradient's own dtype (a
         # float32 buffer, added as it is where SUM_UNFINISHED)
         mosa_kw = dict(w_router=w_router, rows_only=rows_only, dx_dtype=x.dtype if masked else dense_dtypes[0],
-                       beside=side is not None, w_dtypes=(wq_dtype, wo_dtype), finish=not (SUM_UNFINISHED and not masked))
+                       beside=side is not None, w_dtypes=(wq_dtype, wo_dtype),
+                       finish=not (SUM_UNFINISHED and not masked))
         if side is None:
             dx_m, dwr, dwq_m, dwo_m = _bwd_impl(*mosa_args, **mosa_kw)
             dx, dw_qkv, dwo = _dense_bwd(dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base, dense_dtypes)
@@ -361,12 +362,9 @@ def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int,
     # MoSA weights' (WIDE_INPUT; in one launch, triton_mosa.CAST_TOGETHER), else cast here (inside a compiled graph
     # the casts fuse into the kernels around the op)
     if WIDE_INPUT and not torch.compiler.is_compiling():
-        wider = [t for t in (x, w_qkv_dense, w_o_dense) if t.dtype != cdt]
-        mosa_w = [w_qkv, w_o] if grad and narrows_weights(B * k) and w_qkv.dtype != cdt else []
-        made = _copies(wider + mosa_w, cdt)
-        (x, x_read), (wqd, wqd_read), (wod, wod_read) = ((t.contiguous(), made.get(id(t)))
-                                                         for t in (x, w_qkv_dense, w_o_dense))
-        copies = (made[id(w_qkv)], made[id(w_o)]) if mosa_w else _weight_copies(w_qkv, w_o, cdt, B * k, grad)
+        mosa_w = (w_qkv, w_o) if grad and narrows_weights(B * k) else (None, None)
+        x_read, wqd_read, wod_read, *copies = _copies([x, w_qkv_dense, w_o_dense, *mosa_w], cdt)
+        x, wqd, wod = (t.contiguous() for t in (x, w_qkv_dense, w_o_dense))
     else:
         x, wqd, wod = (t.to(cdt).contiguous() for t in (x, w_qkv_dense, w_o_dense))
         x_read = wqd_read = wod_read = None

@@ -1559,21 +1559,23 @@ NARROW_X = True
 NARROW_WEIGHTS = None
 NARROW_WEIGHTS_MIN_ROWS = 256
 # True: the eager op's copies (x's, the weights', the router weight's for its product), and the wide hybrid op's
-# (``triton_hybrid.WIDE_INPUT``), in one launch (``combine.cast_many``): t1 under autocast on an H200, graphs, ~8 us faster in each of 9 rounds (0.128 against
-# 0.136 ms in the faster rounds; benchmarks/NOTES.md v33.4); False: one cast each.
+# (``triton_hybrid.WIDE_INPUT``), in one launch (``combine.cast_many``): t1 under autocast on an H200, graphs, ~8 us
+# faster in each of 9 rounds (0.128 against 0.136 ms in the faster rounds; benchmarks/NOTES.md v33.4); False: one
+# cast each.
 CAST_TOGETHER = True
 
 
-def _copies(tensors, cdt) -> dict:
-    """{id(t): t's contiguous copy in ``cdt``} (no autograd history) for ``tensors``: in one launch where
-    ``CAST_TOGETHER`` (``combine.cast_many``), else one ``.to`` each."""
-    srcs = [t.detach().contiguous() for t in tensors]
+def _copies(tensors, cdt) -> list:
+    """For each of ``tensors`` (None allowed): its contiguous copy in ``cdt``, without autograd history, where it
+    is a tensor of another dtype, else None; the copies made in one launch where ``CAST_TOGETHER``
+    (``combine.cast_many``), else one ``.to`` each."""
+    wide = [t.detach().contiguous() for t in tensors if t is not None and t.dtype != cdt]
     if CAST_TOGETHER:
         from .combine import cast_many
-        made = cast_many(srcs, cdt)
+        made = iter(cast_many(wide, cdt))
     else:
-        made = [t.to(cdt) for t in srcs]
-    return dict(zip(map(id, tensors), made))
+        made = iter([t.to(cdt) for t in wide])
+    return [next(made) if t is not None and t.dtype != cdt else None for t in tensors]
 
 
 def _needs_grad(*tensors) -> bool:
@@ -1704,15 +1706,13 @@ class _EagerRouted(torch.autograd.Function):
         ctx.w_dtypes = (w_qkv.dtype, w_o.dtype)
         wr = w_router
         if narrow:
-            # the copies in one launch where CAST_TOGETHER (x's, the weights', and the router weight's for its
-            # product; the backward keeps the router weight itself), else each cast on its own
-            wide = [t for t in ([x] if xr.dtype != cdt and NARROW_X else [])
-                    + ([w_qkv, w_o] if narrows_weights(x.shape[0] * k) else []) if t.dtype != cdt]
-            if CAST_TOGETHER and wide and w_router.dtype != cdt:
-                wide.append(w_router)
-            made = _copies(wide, cdt)
-            xr = made.get(id(x), xr)
-            w_qkv, w_o, wr = (made.get(id(t), t) for t in (w_qkv, w_o, w_router))
+            # the copies in one launch where CAST_TOGETHER (x's, the weights', and with them the router weight's
+            # for its product; the backward keeps the router weight itself), else each cast on its own
+            ws = narrows_weights(x.shape[0] * k)
+            wanted = [x if xr.dtype != cdt and NARROW_X else None, w_qkv if ws else None, w_o if ws else None]
+            with_router = CAST_TOGETHER and any(t is not None and t.dtype != cdt for t in wanted)
+            cx, cq, co, cr = _copies(wanted + [w_router if with_router else None], cdt)
+            xr, w_qkv, w_o, wr = _read(xr, cx), _read(w_qkv, cq), _read(w_o, co), _read(w_router, cr)
         y, kept, idx, *saved = _routed_fwd_impl(xr, wr, w_qkv, w_o, k, include_first, rope_dims, rope_base,
                                                 deterministic, cdt, mark_rows, rows_only)
         ctx.save_for_backward(xr, kept, idx, w_qkv, w_o, *saved, w_router)
