@@ -163,6 +163,31 @@ def test_torch_compile_smoke():
     torch.testing.assert_close(g_compiled, g_eager)
 
 
+def test_layers_of_other_sparsities_compile_in_one_process():
+    # a float attribute that differs between two instances of a class turns symbolic under torch.compile (automatic
+    # dynamic shapes): each layer's k comes from its sparsity's integer ratio, so every one of these layers still
+    # compiles into one graph with its own k
+    from mosa_attention.ops import num_selected
+    for sparsity in (8, 4, 2.5):
+        torch.manual_seed(0)
+        layer = MoSAAttention(16, 2, sparsity, head_dim=8, num_dense_heads=1)
+        x = torch.randn(2, 16, 16)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), layer(x))
+        assert layer.select(x)[1].shape[-1] == num_selected(16, sparsity) == max(int(16 // sparsity), 2)
+
+
+def test_num_selected_takes_the_sparsity_or_its_ratio():
+    from mosa_attention.ops import num_selected
+    from mosa_attention.ops.routing import sparsity_ratio
+    for sparsity in (1, 1.5, 2, 2.5, 3, 4.75, 7, 32, 64, 1e6, 1.1):
+        for T in (1, 2, 3, 17, 100, 1024, 4097):
+            want = min(max(int(T // sparsity), 2), T)
+            assert num_selected(T, sparsity) == num_selected(T, sparsity_ratio(sparsity)) == want, (sparsity, T)
+    with pytest.raises(ValueError, match="sparsity=0.5"):
+        sparsity_ratio(0.5)
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda l: l(torch.randn(4, 8)), "x must have shape"),
     (lambda l: l(torch.randn(1, 4, 7)), "d_model=8"),

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops import apply_rope, num_selected, rope_cos_sin, rope_dims_for, sparse_attention, strided_positions
 from ..ops.rope import check_rope_base
-from ..ops.routing import check_sparsity
+from ..ops.routing import check_sparsity, sparsity_ratio
 from ._checks import check_input, check_optional_bool, check_positive_int
 
 
@@ -63,6 +63,7 @@ class RoutingAttention(nn.Module):
         self.num_heads = check_positive_int("num_heads", num_heads)
         self.head_dim = check_positive_int("head_dim", head_dim)
         self.sparsity = check_sparsity(sparsity)
+        self._sparsity_ratio = sparsity_ratio(sparsity)  # k from ints (see ops.routing.sparsity_ratio)
         self.rope_dims = rope_dims_for(head_dim, rope_fraction)
         self.rope_base = check_rope_base(rope_base)
         if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
@@ -80,7 +81,7 @@ class RoutingAttention(nn.Module):
         check_input(x, self.d_model, self.W_QV.dtype)
         B, T, h = x.shape
         E, C, D = self.num_heads, self.n_clusters, self.head_dim
-        k = num_selected(T, self.sparsity)
+        k = num_selected(T, self._sparsity_ratio)
         q, v = torch.einsum("bth,ehd->betd", x, self.W_QV).split(D, dim=-1)  # [B, E, T, D]
         qn = F.normalize(q.float(), dim=-1)
         sim = torch.einsum("betd,ecd->bect", qn, self.centroids.float())  # [B, E, C, T]
