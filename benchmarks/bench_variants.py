@@ -109,12 +109,6 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     # (v34, with --autocast) x's float32 gradient summed in a pass after both parts (before v34) instead of in the
     # dense dx product's epilogue; and both v34 changes off
     "add_apart": {"hybrid_flags": {"ADD_IN_PRODUCT": False}},
-    # (v34) the copies beside routing in a launch of few programs that loop over larger blocks, leaving SMs to the
-    # routing and the dense heads' kernels
-    "beside_p66_b32k": {"hybrid_flags": {"COPY_BESIDE_PROGRAMS": 66, "COPY_BESIDE_BLOCK": 32768}},
-    "beside_p132_b16k": {"hybrid_flags": {"COPY_BESIDE_PROGRAMS": 132, "COPY_BESIDE_BLOCK": 16384}},
-    "beside_p264_b8k": {"hybrid_flags": {"COPY_BESIDE_PROGRAMS": 264, "COPY_BESIDE_BLOCK": 8192}},
-    "beside_p528_b4k": {"hybrid_flags": {"COPY_BESIDE_PROGRAMS": 528, "COPY_BESIDE_BLOCK": 4096}},
     "v33": {"hybrid_flags": {"COPY_BESIDE_ROUTING": False, "ADD_IN_PRODUCT": False}},
     "proj_bm32": {"flags": {"PROJECT_BM": 32}},
     "proj_whole_rows": {"flags": {"PROJECT_SPLIT_H": False}},

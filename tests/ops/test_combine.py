@@ -91,8 +91,6 @@ def test_cast_many_gives_each_tensor_cast_in_one_launch(count, monkeypatch):
     launches = []
     real = triton_combine._launch_casts
     monkeypatch.setattr(triton_combine, "_launch_casts", lambda *a: launches.append(a[3]) or real(*a))
-    with pytest.raises(ValueError, match="programs=0"):
-        cast_many([torch.ones(3, device=DEVICE)], torch.float16, programs=0)
     torch.manual_seed(count)
     shapes = [(3, 7), (4097,), (0, 5), (2, 4096), (1,)][:count]
     src = [torch.randn(s, device=DEVICE) * 1e3 for s in shapes]
@@ -102,11 +100,4 @@ def test_cast_many_gives_each_tensor_cast_in_one_launch(count, monkeypatch):
         assert len(launches) == 1 and launches[0] == sum(-(-t.numel() // 4096) for t in src)
         for o, t in zip(out, src):
             assert o.dtype == dtype and o.shape == t.shape and o.is_contiguous()
-            assert torch.equal(o, t.to(dtype))
-        # fewer programs than blocks, each looping over blocks (small ones here): the same copies, in one launch
-        launches.clear()
-        blocks = sum(-(-t.numel() // 512) for t in src)
-        out = cast_many(src, dtype, block=512, programs=3)
-        assert len(launches) == 1 and launches[0] == blocks
-        for o, t in zip(out, src):
             assert torch.equal(o, t.to(dtype))

@@ -146,7 +146,7 @@ ALL_KERNELS = textwrap.dedent("""
     slots = {}
     for i in range(5):
         slots.update({f"s{i}": "*fp32", f"d{i}": "*bf16", f"n{i}": "i32"})
-    sig = dict(slots, e0="i32", e1="i32", e2="i32", e3="i32", total="i32", BLOCK="constexpr")
+    sig = dict(slots, e0="i32", e1="i32", e2="i32", e3="i32", BLOCK="constexpr")
     k = triton.compile(ASTSource(tc._cast_many, sig, dict(BLOCK=4096)), target=TARGET,
                        options=dict(num_warps=8, num_stages=2))
     assert k.asm["cubin"]

@@ -64,14 +64,13 @@ def add_at_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> tor
     return _AddAtRows.apply(dst, src, rows)
 
 
-def cast_many(tensors, dtype: torch.dtype, **launch) -> list:
+def cast_many(tensors, dtype: torch.dtype) -> list:
     """Contiguous copies of ``tensors`` (of one device) in ``dtype``: in one Triton launch on CUDA (or under Triton's
     interpreter) for up to five contiguous ones (a hybrid's x and weights under autocast: one pass instead of a
-    launch each, benchmarks/NOTES.md v33), else one ``.to`` each. ``launch``: ``block``, ``programs`` of
-    ``triton_combine.cast_many_triton``."""
+    launch each, benchmarks/NOTES.md v33), else one ``.to`` each."""
     tensors = list(tensors)
     if tensors and (tensors[0].is_cuda or interpreting()) and len(tensors) <= 5 \
             and all(t.is_contiguous() and t.device == tensors[0].device and t.is_floating_point() for t in tensors):
         from .triton_combine import cast_many_triton  # noqa: WPS433 (optional dependency)
-        return cast_many_triton(tensors, dtype, **launch)
+        return cast_many_triton(tensors, dtype)
     return [t.to(dtype, memory_format=torch.contiguous_format) for t in tensors]

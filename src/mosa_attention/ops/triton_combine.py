@@ -42,37 +42,32 @@ _CAST_SLOTS = 5
 
 @triton.jit
 def _cast_block(src_ptr, dst_ptr, n, block, BLOCK: tl.constexpr):
-    offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=m).to(dst_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _cast_many(s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3, s4, d4, n4, e0, e1, e2, e3, total,
+def _cast_many(s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3, s4, d4, n4, e0, e1, e2, e3,
                BLOCK: tl.constexpr):
-    """Tensor i's blocks are [e(i-1), e(i)) (e(-1) = 0; the last tensor's end is ``total``); each program takes the
-    blocks pid, pid + programs, ... (one each where the grid has one program per block)."""
-    for blk in range(tl.program_id(0), total, tl.num_programs(0)):
-        if blk < e0:
-            _cast_block(s0, d0, n0, blk, BLOCK)
-        elif blk < e1:
-            _cast_block(s1, d1, n1, blk - e0, BLOCK)
-        elif blk < e2:
-            _cast_block(s2, d2, n2, blk - e1, BLOCK)
-        elif blk < e3:
-            _cast_block(s3, d3, n3, blk - e2, BLOCK)
-        else:
-            _cast_block(s4, d4, n4, blk - e3, BLOCK)
+    """Tensor i's blocks are programs [e(i-1), e(i)) (e(-1) = 0; the last tensor's end is the grid's)."""
+    pid = tl.program_id(0)
+    if pid < e0:
+        _cast_block(s0, d0, n0, pid, BLOCK)
+    elif pid < e1:
+        _cast_block(s1, d1, n1, pid - e0, BLOCK)
+    elif pid < e2:
+        _cast_block(s2, d2, n2, pid - e1, BLOCK)
+    elif pid < e3:
+        _cast_block(s3, d3, n3, pid - e2, BLOCK)
+    else:
+        _cast_block(s4, d4, n4, pid - e3, BLOCK)
 
 
-def cast_many_triton(tensors, dtype: torch.dtype, block: int = 4096, programs: int | None = None) -> list:
-    """Contiguous copies of up to five contiguous tensors of one device in ``dtype``, in one launch of one program
-    per ``block`` elements, or of at most ``programs`` programs that loop over the blocks (a copy that leaves SMs to
-    kernels beside it)."""
+def cast_many_triton(tensors, dtype: torch.dtype, block: int = 4096) -> list:
+    """Contiguous copies of up to five contiguous tensors of one device in ``dtype``, in one launch."""
     if not 1 <= len(tensors) <= _CAST_SLOTS:
         raise ValueError(f"tensors must hold 1 to {_CAST_SLOTS} tensors, got {len(tensors)}")
-    if programs is not None and programs < 1:
-        raise ValueError(f"programs must be a positive int or None, got programs={programs!r}")
     outs = [torch.empty(t.shape, device=t.device, dtype=dtype) for t in tensors]
     args, ends, total = [], [], 0
     for i in range(_CAST_SLOTS):
@@ -84,10 +79,10 @@ def cast_many_triton(tensors, dtype: torch.dtype, block: int = 4096, programs: i
             args += [tensors[0], outs[0], 0]
         ends.append(total)
     if total:
-        _launch_casts(tensors[0], args, ends[:-1], total, block, min(total, programs or total))
+        _launch_casts(tensors[0], args, ends[:-1], total, block)
     return outs
 
 
 @on_its_device
-def _launch_casts(first, args, ends, total: int, block: int, grid: int):
-    _cast_many[(grid,)](*args, *ends, total, BLOCK=block, num_warps=8)
+def _launch_casts(first, args, ends, total: int, block: int):
+    _cast_many[(total,)](*args, *ends, BLOCK=block, num_warps=8)

@@ -68,11 +68,6 @@ WIDE_INPUT = True
 # where the MoSA weights take at least ``COPY_BESIDE_MIN_BYTES`` (t3, not t2's 9 MB).
 COPY_BESIDE_ROUTING = None
 COPY_BESIDE_MIN_BYTES = 32 << 20
-# The launch of those copies beside routing (``triton_combine.cast_many_triton``): elements per block, and at most
-# this many programs looping over the blocks (None: one program per block, which holds every SM until its last
-# blocks start)
-COPY_BESIDE_BLOCK = 4096
-COPY_BESIDE_PROGRAMS = None
 # True: where the MoSA heads' share of x's gradient comes in the gradient's own dtype (float32 under autocast, with
 # ``WIDE_INPUT``; the atomics' float32 buffer as it is) and the sums are not masked, the dense heads' dx product adds
 # it in its epilogue (cuBLAS's addmm, after the MoSA heads' dx kernel) instead of a [B, T, h] pass of its own after
@@ -204,7 +199,7 @@ def _hybrid_fwd_impl(x, w_router, wq_m, wo_m, wq_d, wo_d, n_dense: int, k: int, 
                 made_on.append(side_stream(x.device, "mosa weight copies"))
                 made_on[0].wait_stream(main)
                 with torch.cuda.stream(made_on[0]):
-                    copies[:] = _copies([wq_m, wo_m], cdt, block=COPY_BESIDE_BLOCK, programs=COPY_BESIDE_PROGRAMS)
+                    copies[:] = _copies([wq_m, wo_m], cdt)
             with torch.cuda.stream(side):
                 mosa = _routed_fwd_impl(*mosa_args)
             dense = _dense_fwd(x, wq_d, wo_d, n_dense, rope_dims, rope_base)

@@ -1568,14 +1568,14 @@ NARROW_WEIGHTS_MIN_ROWS = 256
 CAST_TOGETHER = True
 
 
-def _copies(tensors, cdt, **launch) -> list:
+def _copies(tensors, cdt) -> list:
     """For each of ``tensors`` (None allowed): its contiguous copy in ``cdt``, without autograd history, where it
     is a tensor of another dtype, else None; the copies made in one launch where ``CAST_TOGETHER``
-    (``combine.cast_many``, with ``launch`` its launch settings), else one ``.to`` each."""
+    (``combine.cast_many``), else one ``.to`` each."""
     wide = [t.detach().contiguous() for t in tensors if t is not None and t.dtype != cdt]
     if CAST_TOGETHER:
         from .combine import cast_many
-        made = iter(cast_many(wide, cdt, **launch))
+        made = iter(cast_many(wide, cdt))
     else:
         made = iter([t.to(cdt) for t in wide])
     return [next(made) if t is not None and t.dtype != cdt else None for t in tensors]
