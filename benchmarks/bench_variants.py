@@ -102,14 +102,6 @@ VARIANTS = {  # name: {"flags": {switch: value}, "layer_flags": {switch: value},
     # (v33, with --autocast) the eager routed op's copies (x, w_qkv, w_o, the router weight), and the wide hybrid
     # op's, one cast each
     "cast_apart": {"flags": {"CAST_TOGETHER": False}},
-    # (v34, with --autocast) the wide hybrid op's MoSA weight copies in the launch before the fork (before v34), and
-    # made inside the op beside routing at any size (default: where they are at least 32 MiB, t3)
-    "copies_before": {"hybrid_flags": {"COPY_BESIDE_ROUTING": False}},
-    "copies_beside": {"hybrid_flags": {"COPY_BESIDE_ROUTING": True}},
-    # (v34, with --autocast) x's float32 gradient summed in a pass after both parts (before v34) instead of in the
-    # dense dx product's epilogue; and both v34 changes off
-    "add_apart": {"hybrid_flags": {"ADD_IN_PRODUCT": False}},
-    "v33": {"hybrid_flags": {"COPY_BESIDE_ROUTING": False, "ADD_IN_PRODUCT": False}},
     "proj_bm32": {"flags": {"PROJECT_BM": 32}},
     "proj_whole_rows": {"flags": {"PROJECT_SPLIT_H": False}},
     "blk32_dwqkv_w4_fwd_bm32": {"tiles": {"_attn_bwd_seqs": {"BLK": 32}, "_dwqkv": {"num_warps": 4},

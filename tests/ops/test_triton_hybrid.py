@@ -49,7 +49,7 @@ def _spy(monkeypatch):
     real = triton_hybrid._hybrid_fwd_impl
 
     def spy(*args):
-        calls.append(args[12])  # masked
+        calls.append(args[-2])  # masked
         return real(*args)
 
     monkeypatch.setattr(triton_hybrid, "_hybrid_fwd_impl", spy)
@@ -159,20 +159,16 @@ def test_hybrid_op_under_autocast_casts_x_and_keeps_gradient_dtypes(monkeypatch)
     assert all(r.dtype == torch.float32 for r in results[True][1:])
 
 
-@pytest.mark.parametrize("wide,beside", [(True, False), (False, False), (True, True)],
-                         ids=["wide", "cast", "wide-copies-beside"])
+@pytest.mark.parametrize("wide", [True, False], ids=["wide", "cast"])
 @pytest.mark.parametrize("case", [(3, 16), (6, 2)], ids=["masked", "whole"])
-def test_eager_hybrid_op_under_autocast_takes_x_wide(monkeypatch, wide, beside, case):
+def test_eager_hybrid_op_under_autocast_takes_x_wide(monkeypatch, wide, case):
     # outside compiled graphs the op takes float32 x and dense weights with their copies (WIDE_INPUT) and makes their
     # gradients in float32 itself; with and without the masked sums (the second case keeps most tokens), the same
-    # values as the layer's parts and as the caller's casts, every gradient float32; "beside": the op makes the MoSA
-    # weights' copies itself (COPY_BESIDE_ROUTING, after x's and the dense weights' launch) and keeps them for its
-    # backward
+    # values as the layer's parts and as the caller's casts, every gradient float32
     if DEVICE != "cpu":
         pytest.skip("CPU autocast")
     E, sparsity = case
     monkeypatch.setattr(triton_hybrid, "WIDE_INPUT", wide)
-    monkeypatch.setattr(triton_hybrid, "COPY_BESIDE_ROUTING", beside)
     monkeypatch.setattr(triton_mosa, "NARROW_WEIGHTS", True)  # the MoSA weights' copies too (on few rows here)
     from mosa_attention.ops import combine
     casts = []
@@ -181,17 +177,12 @@ def test_eager_hybrid_op_under_autocast_takes_x_wide(monkeypatch, wide, beside, 
     torch.manual_seed(13 + E)
     layer = MoSAAttention(32, E, sparsity, head_dim=16, num_dense_heads=2, backend="triton")
     x, g = torch.randn(2, 48, 32), torch.randn(2, 48, 32)
-    seen, saved, in_product = [], [], []
-    real_addmm = triton_hybrid._addmm
-    monkeypatch.setattr(triton_hybrid, "_addmm", lambda c, a, b: in_product.append(c.dtype) or real_addmm(c, a, b))
+    seen = []
     real = triton_hybrid._hybrid_fwd_op
 
-    def spy(x, *args, **kw):
-        # x, whether x / w_qkv_dense had no copy, whether w_qkv had none, whether the op makes the MoSA weights' copies
-        seen.append((x.dtype, args[-3] is None, args[-2] is None, args[-5] is None, kw.get("copy_weights")))
-        out = real(x, *args, **kw)
-        saved.append(out[-2:])
-        return out
+    def spy(x, *args):
+        seen.append((x.dtype, args[-3] is None, args[-2] is None))  # x, and whether x / w_qkv_dense had no copy
+        return real(x, *args)
 
     monkeypatch.setattr(triton_hybrid, "_hybrid_fwd_op", spy)
     results = {}
@@ -200,17 +191,10 @@ def test_eager_hybrid_op_under_autocast_takes_x_wide(monkeypatch, wide, beside, 
             results[op] = _run(layer, x, g, False, op, monkeypatch)
     want_masked = layer._masked(x)
     assert want_masked == (E == 3)
-    assert seen == [(torch.float32, False, False, beside, beside) if wide else (torch.float16, True, True, False, False)]
-    # the op: x, both dense weights and both MoSA weights in one launch (beside: the MoSA weights' in one of their own,
-    # inside the op); the parts: the routed op's launch for the MoSA weights and the router weight (x's copy comes from
-    # the dense heads' product)
-    assert casts == ([3, 2, 3] if beside else [5, 3] if wide else [3])
-    # what the op hands out for its backward: the MoSA weights' copies where it made them, else empty stand-ins
-    want = [(layer.W_QKV.shape, torch.float16), (layer.W_O.shape, torch.float16)] if beside else [((0,), torch.float16)] * 2
-    assert [(t.shape, t.dtype) for t in saved[0]] == want
-    # x's float32 gradient: the MoSA heads' share added in the dense dx product's epilogue where the sums are not
-    # masked (ADD_IN_PRODUCT)
-    assert in_product == ([torch.float32] if wide and not want_masked else [])
+    assert seen == [(torch.float32, False, False) if wide else (torch.float16, True, True)]
+    # the op: x, both dense weights and both MoSA weights in one launch; the parts: the routed op's launch for the MoSA
+    # weights and the router weight (x's copy comes from the dense heads' product)
+    assert casts == ([5, 3] if wide else [3])
     for a, b in zip(results[True], results[False]):
         assert a.dtype == b.dtype
         assert _rel(a, b) < 2e-3
@@ -301,25 +285,21 @@ def test_hybrid_op_under_compiled_cuda_graphs_matches_eager(monkeypatch, dtype):
         assert calls and calls[-1] == (heads == 17)  # the compiled layer ran the op, masked where few are kept
 
 
-@pytest.mark.parametrize("autocast,wide,heads", [(False, True, 17), (True, True, 17), (True, False, 17), (True, True, 40)],
-                         ids=["bf16", "autocast", "autocast-parts", "autocast-whole-copies-beside"])
-def test_a_captured_hybrid_layer_takes_the_op(monkeypatch, autocast, wide, heads):
+@pytest.mark.parametrize("autocast,wide", [(False, True), (True, True), (True, False)],
+                         ids=["bf16", "autocast", "autocast-parts"])
+def test_a_captured_hybrid_layer_takes_the_op(monkeypatch, autocast, wide):
     # HYBRID_OP None: eager steps run the layer's parts; a CUDA-graph capture of the same eager layer runs the one
     # op (its MoSA heads adding into the dense heads' y), under autocast over wider x too (the op taking x and the
     # dense weights wide) unless CAPTURED_WIDE is off; the replay gives the eager step's output and gradients, in
-    # the same dtypes. 40 heads at sparsity 8 keep 5 rows per token: sums not masked, x's float32 gradient added in
-    # the dense product's epilogue (ADD_IN_PRODUCT), and there the MoSA weights' copies made beside routing, on a
-    # third stream (COPY_BESIDE_ROUTING forced)
+    # the same dtypes
     if DEVICE == "cpu":
         pytest.skip("CUDA graphs")
     from mosa_attention.bench.layer import make_step
     monkeypatch.setattr(layer_module, "CAPTURED_WIDE", wide)
-    monkeypatch.setattr(triton_hybrid, "COPY_BESIDE_ROUTING", heads == 40)
     calls = _spy(monkeypatch)
     torch.manual_seed(13)
     dt = torch.float32 if autocast else torch.bfloat16
-    layer = MoSAAttention(128, heads, 32 if heads == 17 else 8, head_dim=64, num_dense_heads=4,
-                          backend="triton").to(DEVICE, dt)
+    layer = MoSAAttention(128, 17, 32, head_dim=64, num_dense_heads=4, backend="triton").to(DEVICE, dt)
     x = torch.randn(4, 512, 128, device=DEVICE, dtype=dt, requires_grad=True)
     dy = torch.randn(4, 512, 128, device=DEVICE, dtype=dt)
     plain = make_step(layer, x, dy)
@@ -337,7 +317,7 @@ def test_a_captured_hybrid_layer_takes_the_op(monkeypatch, autocast, wide, heads
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = step()
-    assert calls == ([heads == 17] if wide else [])  # the captured step only, masked where few are kept
+    assert calls == ([True] if wide else [])  # the captured step only
     graph.replay()
     torch.cuda.synchronize()
     got = [y, x.grad, *(p.grad for p in layer.parameters())]

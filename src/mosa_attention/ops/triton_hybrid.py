@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ._host import on_its_device, side_stream
 from ._host import interpreting as _interpreting
-from .attention import _addmm, _mm
+from .attention import _mm
 from .combine import add_at_rows_
 from .triton_mosa import (Unfinished, _bwd_impl, _capability, _check_routed, _compute_dtype, _copies, _needs_grad,
                           _read, _routed_fwd_impl, _rows_for, _segments_like, _weight_copies, add_unfinished,
@@ -60,19 +60,6 @@ SUM_UNFINISHED = True
 # False: the caller's casts, whose backward widens the gradients (as inside compiled graphs, where the casts fuse
 # into the kernels around the op).
 WIDE_INPUT = True
-# Where the op reads compute-dtype copies of wider MoSA weights (``WIDE_INPUT`` under autocast, where
-# ``triton_mosa.narrows_weights``): True makes them inside the op on a stream of their own, beside the router's product
-# and top-k on the MoSA heads' stream and beside the dense heads' forward, and the MoSA heads' first product waits for
-# them after routing; False makes them with x's copy in the one launch before the fork, which every kernel of both
-# parts waits for (t3's 505 heads: 363 MB of float32 weights read and their halves written, ~100 us); None: beside
-# where the MoSA weights take at least ``COPY_BESIDE_MIN_BYTES`` (t3, not t2's 9 MB).
-COPY_BESIDE_ROUTING = None
-COPY_BESIDE_MIN_BYTES = 32 << 20
-# True: where the MoSA heads' share of x's gradient comes in the gradient's own dtype (float32 under autocast, with
-# ``WIDE_INPUT``; the atomics' float32 buffer as it is) and the sums are not masked, the dense heads' dx product adds
-# it in its epilogue (cuBLAS's addmm, after the MoSA heads' dx kernel) instead of a [B, T, h] pass of its own after
-# both; False: the pass.
-ADD_IN_PRODUCT = True
 
 _CUDNN = int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION.value)
 _KINDS: dict = {}
@@ -133,12 +120,11 @@ def _dense_fwd(x, wq, wo, H: int, rope_dims: int, rope_base: float):
     return F.linear(o.view(B, T, H * D), wo), rot, o, lse
 
 
-def _dense_bwd(dy, x, wq, wo, rot, o, lse, rope_dims: int, rope_base: float, dtypes=None, dx_into=None):
+def _dense_bwd(dy, x, wq, wo, rot, o, lse, rope_dims: int, rope_base: float, dtypes=None):
     """(the dense heads' share of x's gradient, a function that launches w_qkv's gradient product when called, w_o's
     gradient): the caller places w_qkv's product (beside the sum of x's two gradients). ``dtypes``: (x's, w_qkv's,
     w_o's) gradient dtypes where x and the weights are narrower copies (``WIDE_INPUT``), made in the products'
-    epilogues; default the copies' own. ``dx_into``: (a gradient of x's in its dtype, a function that makes this
-    stream wait for it): x's gradient is then that plus the dense heads' share, added in the product's epilogue."""
+    epilogues; default the copies' own."""
     _, B, T, H, D = rot.shape
     gx, gq, go = dtypes or (x.dtype, wq.dtype, wo.dtype)
     dy2 = dy.view(B * T, -1)
@@ -148,12 +134,7 @@ def _dense_bwd(dy, x, wq, wo, rot, o, lse, rope_dims: int, rope_base: float, dty
     dqkv = torch.empty(B * T, 3 * H * D, device=x.device, dtype=x.dtype)
     _split_rope(_rope_grads(dq, dk, dv, B, T, H, D, x.device, x.dtype), (dqkv,) * 3, B, T, H, D, rope_dims,
                 rope_base, True)
-    if dx_into is None:
-        dx = _mm(dqkv, wq, gx).view(B, T, -1)
-    else:
-        other, wait = dx_into
-        wait()
-        dx = _addmm(other.view(B * T, -1), dqkv, wq).view(B, T, -1)
+    dx = _mm(dqkv, wq, gx).view(B, T, -1)
     return dx, (lambda: _mm(dqkv.t(), x.view(B * T, -1), gq)), dwo
 
 
@@ -167,55 +148,35 @@ def _side(dev):
 
 
 def _hybrid_fwd_impl(x, w_router, wq_m, wo_m, wq_d, wo_d, n_dense: int, k: int, include_first: bool, rope_dims: int,
-                     rope_base: float, deterministic: bool, masked: bool, rows_only: bool, copy_weights: bool = False):
-    """The op's outputs; ``copy_weights``: wq_m and wo_m are wider than x, and the MoSA heads read their copies in x's
-    dtype, made here (``COPY_BESIDE_ROUTING``) and handed out last for the backward (else two empty stand-ins)."""
+                     rope_base: float, deterministic: bool, masked: bool, rows_only: bool):
     cdt = x.dtype
     B, T, h = x.shape
     rows = torch.zeros(B, T, device=x.device, dtype=torch.bool) if masked else x.new_empty(0, dtype=torch.bool)
     after = PROJECT_AFTER_DENSE and projects_in_place(x.device, h, cdt, wq_m.shape[0] * k / T, deterministic)
     late = SUM_UNFINISHED and not (after or masked or deterministic)  # the MoSA y handed over unfinished
-    copies = [x.new_empty(0), x.new_empty(0)]
-    made_on = []  # the stream the copies are made on, where it is not the MoSA heads'
-
-    def weights():  # what the MoSA heads' kernels read, asked for after routing
-        if made_on:
-            torch.cuda.current_stream(x.device).wait_stream(made_on[0])
-        return tuple(copies) if copy_weights else (wq_m, wo_m)
-
     with torch.autocast(x.device.type, enabled=False):
         side = _side(x.device)
         mosa_args = (x, w_router, wq_m, wo_m, k, include_first, rope_dims, rope_base, deterministic, cdt,
-                     rows if masked else None, rows_only, not after, not late, weights)
+                     rows if masked else None, rows_only, not after, not late)
         if side is None:
-            if copy_weights:
-                copies[:] = _copies([wq_m, wo_m], cdt)
             mosa = _routed_fwd_impl(*mosa_args)
             dense = _dense_fwd(x, wq_d, wo_d, n_dense, rope_dims, rope_base)
         else:  # the MoSA heads launched first (layers.mosa.MOSA_HEADS_FIRST), on the side stream
             main = torch.cuda.current_stream(x.device)
             side.wait_stream(main)
-            if copy_weights:  # on a third stream, beside routing
-                made_on.append(side_stream(x.device, "mosa weight copies"))
-                made_on[0].wait_stream(main)
-                with torch.cuda.stream(made_on[0]):
-                    copies[:] = _copies([wq_m, wo_m], cdt)
             with torch.cuda.stream(side):
                 mosa = _routed_fwd_impl(*mosa_args)
             dense = _dense_fwd(x, wq_d, wo_d, n_dense, rope_dims, rope_base)
             main.wait_stream(side)
             for t in _tensors(mosa):  # made on the side stream, read or freed on this one
                 t.record_stream(main)
-            for t in copies if made_on else ():  # made on the third, read on the other two
-                t.record_stream(side)
-                t.record_stream(main)
         y_m, kept, idx, *saved = mosa
         y, rot, o, lse = dense
         if after:  # the MoSA heads' rows added into the dense heads' y
-            y = project_into(y, saved[1], idx, kept, copies[1] if copy_weights else wo_m)
+            y = project_into(y, saved[1], idx, kept, wo_m)
         else:
             y = _sum(y, y_m, rows, masked)
-    return (y, kept, idx, rows, *saved, rot, o, lse, *copies)
+    return (y, kept, idx, rows, *saved, rot, o, lse)
 
 
 def _tensors(parts):
@@ -251,37 +212,24 @@ def _hybrid_bwd_impl(dy, x, kept, idx, rows, wq_m, wo_m, qkv_m, o_m, lse_m, perm
         mosa_kw = dict(w_router=w_router, rows_only=rows_only, dx_dtype=x.dtype if masked else dense_dtypes[0],
                        beside=side is not None, w_dtypes=(wq_dtype, wo_dtype),
                        finish=not (SUM_UNFINISHED and not masked))
-        dense_args = (dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base, dense_dtypes)
-        # the MoSA heads' share of x's gradient added in the dense dx product's epilogue, where it comes as a tensor of
-        # the gradient's own dtype (ADD_IN_PRODUCT); else summed after both
-        in_product = ADD_IN_PRODUCT and not masked and dense_dtypes[0] == torch.float32
         if side is None:
             dx_m, dwr, dwq_m, dwo_m = _bwd_impl(*mosa_args, **mosa_kw)
-            in_product = in_product and isinstance(dx_m, torch.Tensor) and dx_m.dtype == dense_dtypes[0]
-            dx, dw_qkv, dwo = _dense_bwd(*dense_args, dx_into=(dx_m, lambda: None) if in_product else None)
+            dx, dw_qkv, dwo = _dense_bwd(dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base, dense_dtypes)
             dwq = dw_qkv()
-            if not in_product:
-                dx = _sum(dx, dx_m, rows, masked)
+            dx = _sum(dx, dx_m, rows, masked)
         else:
             main = torch.cuda.current_stream(x.device)
             side.wait_stream(main)
-            dx_made = []  # the side stream's event after x's gradient kernel
             with torch.cuda.stream(side):
-                dx_m, dwr, dwq_m, dwo_m = _bwd_impl(*mosa_args, **mosa_kw,
-                                                    after_dx=lambda: dx_made.append(side.record_event()))
-            in_product = in_product and isinstance(dx_m, torch.Tensor) and dx_m.dtype == dense_dtypes[0]
-            dx, dw_qkv, dwo = _dense_bwd(*dense_args, dx_into=(dx_m, lambda: main.wait_event(dx_made[0]))
-                                         if in_product else None)
-            if in_product:
-                dwq = dw_qkv()
-            else:
-                after_dx = main.record_event()
-                dwq = dw_qkv()  # w_qkv's gradient on this stream, beside the sum of x's two gradients on the side one
-                side.wait_event(after_dx)
-                with torch.cuda.stream(side):
-                    dx = _sum(dx, dx_m, rows, masked)
-                dx.record_stream(side)
+                dx_m, dwr, dwq_m, dwo_m = _bwd_impl(*mosa_args, **mosa_kw)
+            dx, dw_qkv, dwo = _dense_bwd(dy, x, wq_d, wo_d, rot, o, lse, rope_dims, rope_base, dense_dtypes)
+            after_dx = main.record_event()
+            dwq = dw_qkv()  # w_qkv's gradient on this stream, beside the sum of x's two gradients on the side one
+            side.wait_event(after_dx)
+            with torch.cuda.stream(side):
+                dx = _sum(dx, dx_m, rows, masked)
             main.wait_stream(side)
+            dx.record_stream(side)
             for t in _tensors((dx_m, dwr, dwq_m, dwo_m)):
                 t.record_stream(main)
     return dx, dwr, dwq_m, dwo_m, dwq, dwo
@@ -293,19 +241,17 @@ def _hybrid_fwd_op(x: torch.Tensor, w_router: torch.Tensor, w_qkv: torch.Tensor,
                    rope_dims: int, rope_base: float, deterministic: bool, masked: bool, rows_only: bool,
                    wq_read: Optional[torch.Tensor] = None, wo_read: Optional[torch.Tensor] = None,
                    x_read: Optional[torch.Tensor] = None, wqd_read: Optional[torch.Tensor] = None,
-                   wod_read: Optional[torch.Tensor] = None, copy_weights: bool = False
+                   wod_read: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor, torch.Tensor]:
+                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _hybrid_fwd_impl(_read(x, x_read), w_router, _read(w_qkv, wq_read), _read(w_o, wo_read),
                             _read(w_qkv_dense, wqd_read), _read(w_o_dense, wod_read), n_dense, k, include_first,
-                            rope_dims, rope_base, deterministic, masked, rows_only, copy_weights)
+                            rope_dims, rope_base, deterministic, masked, rows_only)
 
 
 @_hybrid_fwd_op.register_fake
 def _(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense, k, include_first, rope_dims, rope_base,
-      deterministic, masked, rows_only, wq_read=None, wo_read=None, x_read=None, wqd_read=None, wod_read=None,
-      copy_weights=False):
+      deterministic, masked, rows_only, wq_read=None, wo_read=None, x_read=None, wqd_read=None, wod_read=None):
     x = _read(x, x_read)
     B, T, h = x.shape
     E, D, R = w_qkv.shape[0], w_qkv.shape[2] // 3, B * k
@@ -316,8 +262,7 @@ def _(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense, k, include_first
             x.new_empty(3, E, R, D), x.new_empty(E, R, D), x.new_empty(E, R, dtype=torch.float32),
             *_segments_like(idx, B, T, E, R, deterministic),
             x.new_empty(3, B, T, n_dense, Dd), x.new_empty(B, T, n_dense, Dd),
-            x.new_empty(B, n_dense, T, dtype=torch.float32),
-            *((x.new_empty(w_qkv.shape), x.new_empty(w_o.shape)) if copy_weights else (x.new_empty(0),) * 2))
+            x.new_empty(B, n_dense, T, dtype=torch.float32))
 
 
 @torch.library.custom_op("mosa_attention::hybrid_bwd", mutates_args=())
@@ -343,10 +288,8 @@ def _(dy, x, kept, idx, rows, w_qkv, w_o, qkv, o, lse, perm, starts, w_router, w
 
 def _setup_context(ctx, inputs, output):
     (x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, _, _, _, rope_dims, rope_base, _, _, rows_only, wq_read,
-     wo_read, x_read, wqd_read, wod_read, copy_weights) = inputs
-    _, kept, idx, rows, qkv, o, lse, perm, starts, rot, o_dense, lse_dense, wq_copy, wo_copy = output
-    if copy_weights:  # (the op made them)
-        wq_read, wo_read = wq_copy, wo_copy
+     wo_read, x_read, wqd_read, wod_read) = inputs
+    _, kept, idx, rows, qkv, o, lse, perm, starts, rot, o_dense, lse_dense = output
     ctx.save_for_backward(_read(x, x_read), kept, idx, rows, _read(w_qkv, wq_read), _read(w_o, wo_read), qkv, o, lse,
                           perm, starts, w_router, _read(w_qkv_dense, wqd_read), _read(w_o_dense, wod_read), rot,
                           o_dense, lse_dense)
@@ -361,19 +304,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, *_):
     if dy is None:  # y took no part in the loss
-        return (None,) * 20
+        return (None,) * 19
     dx, dwr, dwq, dwo, dwq_d, dwo_d = _hybrid_bwd_op(dy, *ctx.saved_tensors, *ctx.args)
-    return (dx, dwr, dwq, dwo, dwq_d, dwo_d) + (None,) * 14
+    return (dx, dwr, dwq, dwo, dwq_d, dwo_d) + (None,) * 13
 
 
 _hybrid_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _copies_beside(w_qkv, w_o) -> bool:
-    """Whether the op makes the MoSA weights' copies beside routing (``COPY_BESIDE_ROUTING``)."""
-    if COPY_BESIDE_ROUTING is not None:
-        return bool(COPY_BESIDE_ROUTING)
-    return (w_qkv.numel() + w_o.numel()) * w_qkv.element_size() >= COPY_BESIDE_MIN_BYTES
 
 
 def attention_kernels_take(capability: tuple[int, int], head_dim: int) -> bool:
@@ -425,13 +361,8 @@ def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int,
     # x and the dense weights as the op takes them: as they are, with their compute-dtype copies made here with the
     # MoSA weights' (WIDE_INPUT; in one launch, triton_mosa.CAST_TOGETHER), else cast here (inside a compiled graph
     # the casts fuse into the kernels around the op)
-    copy_weights = False
     if WIDE_INPUT and not torch.compiler.is_compiling():
         mosa_w = (w_qkv, w_o) if grad and narrows_weights(B * k) else (None, None)
-        # the MoSA weights' copies inside the op, beside routing, where they are large (COPY_BESIDE_ROUTING)
-        copy_weights = mosa_w[0] is not None and w_qkv.dtype != cdt and _copies_beside(w_qkv, w_o)
-        if copy_weights:
-            mosa_w = (None, None)
         x_read, wqd_read, wod_read, *copies = _copies([x, w_qkv_dense, w_o_dense, *mosa_w], cdt)
         x, wqd, wod = (t.contiguous() for t in (x, w_qkv_dense, w_o_dense))
     else:
@@ -441,5 +372,5 @@ def hybrid_triton(x, w_router, w_qkv, w_o, w_qkv_dense, w_o_dense, n_dense: int,
     y, kept, idx = _hybrid_fwd_op(x, w_router.contiguous(), w_qkv.contiguous(), w_o.contiguous(), wqd, wod,
                                   int(n_dense), int(k), bool(include_first), int(rope_dims), float(rope_base), det,
                                   bool(masked), bool(masked and rows_only and not det), *copies, x_read, wqd_read,
-                                  wod_read, copy_weights=copy_weights)[:3]
+                                  wod_read)[:3]
     return y, kept, idx

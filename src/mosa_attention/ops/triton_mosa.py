@@ -1401,7 +1401,7 @@ def _unscaled(buf, dtype, stats, D: int):
 
 def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_dims: int, rope_base: float,
               w_router=None, rows_only: bool = False, dx_dtype=None, beside: bool = False, w_dtypes=None,
-              finish: bool = True, after_dx=None):
+              finish: bool = True):
     """Gradients for x, scores, w_qkv, w_o; with ``w_router`` (the fused router: scores are sigmoid(x w_r^T)
     at the kept tokens) the second is w_router's gradient and x's includes the router's share.
     ``rows_only`` (atomics only): x's gradient is written at the kept tokens' rows only (see ``_fwd_impl``).
@@ -1409,8 +1409,7 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
     ``w_dtypes``: likewise (w_qkv's, w_o's) for their gradients (``_narrow_weights``).
     ``beside``: other kernels run beside these on another stream (``_out_bwd_block``). ``finish=False``: x's
     gradient, where its atomics add into a float32 buffer, is that buffer (no cast pass: the caller adds it into
-    a gradient of its own, ``add_unfinished``). ``after_dx``: a function called once x's gradient is launched (before
-    w_qkv's where that follows on this stream)."""
+    a gradient of its own, ``add_unfinished``)."""
     B, T, h, E, K, D, R = _dims(x, idx, w_qkv)
     cdt = qkv.dtype  # the forward's compute dtype
     c = _cfg(D, cdt)
@@ -1536,8 +1535,6 @@ def _bwd_impl(dy, x, scores, idx, w_qkv, w_o, qkv, o, lse, perm, starts, rope_di
         dx = _scatter(rows, perm, starts, B, T, h, gdt, c)
     else:
         dx = Unfinished(rows, None, D) if not finish and rows.dtype != gdt else rows.to(gdt)
-    if after_dx is not None:
-        after_dx()
     if fork is None:
         wgrad_qkv()
     else:  # the fork's work done before the gradients (and the tensors it reads) are handed back
@@ -1739,14 +1736,11 @@ class _EagerRouted(torch.autograd.Function):
 
 def _routed_fwd_impl(x, w_router, w_qkv, w_o, k: int, include_first: bool, rope_dims: int, rope_base: float,
                      deterministic: bool, cdt: torch.dtype, mark_rows=None, rows_only: bool = False,
-                     project: bool = True, finish: bool = True, weights=None):
+                     project: bool = True, finish: bool = True):
     """(y, kept, idx, qkv, o, lse, perm, starts): routing, then the sparse-attention forward. ``mark_rows``:
     a [B, T] bool tensor in which the kept tokens are set to True (by ``_qkv_fwd``); ``rows_only``,
-    ``project``, ``finish``: see ``_fwd_impl``; ``weights``: a function called after routing that gives the
-    (w_qkv, w_o) to read instead (copies made beside routing, ``triton_hybrid.COPY_BESIDE_ROUTING``)."""
+    ``project``, ``finish``: see ``_fwd_impl``."""
     idx, kept = _route(x, w_router, k, include_first, cdt)
-    if weights is not None:
-        w_qkv, w_o = weights()
     y, qkv, o, lse, perm, starts = _fwd_impl(x, kept, idx, w_qkv, w_o, rope_dims, rope_base, deterministic, cdt,
                                              mark_rows, rows_only and not deterministic, distinct=True,
                                              project=project, finish=finish)
