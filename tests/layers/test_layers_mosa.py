@@ -163,29 +163,26 @@ def test_torch_compile_smoke():
     torch.testing.assert_close(g_compiled, g_eager)
 
 
-def test_layers_of_other_sparsities_compile_in_one_process():
+@pytest.mark.parametrize("kind", ["mosa", "dense", "fixed", "routing"])
+def test_layers_of_other_hyperparameters_compile_in_one_process(kind):
     # a float attribute that differs between two instances of a class turns symbolic under torch.compile (automatic
-    # dynamic shapes): each layer's k comes from its sparsity's integer ratio, so every one of these layers still
-    # compiles into one graph with its own k
+    # dynamic shapes): the layers keep sparsity and RoPE's base as exact int ratios (layers._checks.exact_float), so
+    # each of these layers still compiles into one graph with its own k and base, and reads back the floats it got
+    from mosa_attention.layers import DenseAttention, FixedSparseAttention, RoutingAttention
     from mosa_attention.ops import num_selected
-    for sparsity in (8, 4, 2.5):
+    make = {"mosa": lambda s, b: MoSAAttention(16, 2, s, head_dim=8, num_dense_heads=1, rope_base=b),
+            "dense": lambda s, b: DenseAttention(16, 2, head_dim=8, rope_base=b),
+            "fixed": lambda s, b: FixedSparseAttention(16, 2, s, head_dim=8, rope_base=b),
+            "routing": lambda s, b: RoutingAttention(16, 2, s, head_dim=8, rope_base=b, seq_len=16).eval()}[kind]
+    for sparsity, base in ((8, 10000.0), (4, 500.0), (2.5, 123.25), (3, 1e6 / 3)):
         torch.manual_seed(0)
-        layer = MoSAAttention(16, 2, sparsity, head_dim=8, num_dense_heads=1)
+        layer = make(sparsity, base)
         x = torch.randn(2, 16, 16)
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), layer(x))
-        assert layer.select(x)[1].shape[-1] == num_selected(16, sparsity) == max(int(16 // sparsity), 2)
-
-
-def test_num_selected_takes_the_sparsity_or_its_ratio():
-    from mosa_attention.ops import num_selected
-    from mosa_attention.ops.routing import sparsity_ratio
-    for sparsity in (1, 1.5, 2, 2.5, 3, 4.75, 7, 32, 64, 1e6, 1.1):
-        for T in (1, 2, 3, 17, 100, 1024, 4097):
-            want = min(max(int(T // sparsity), 2), T)
-            assert num_selected(T, sparsity) == num_selected(T, sparsity_ratio(sparsity)) == want, (sparsity, T)
-    with pytest.raises(ValueError, match="sparsity=0.5"):
-        sparsity_ratio(0.5)
+        assert layer.rope_base == base and (kind == "dense" or layer.sparsity == sparsity)
+        if kind == "mosa":
+            assert layer.select(x)[1].shape[-1] == num_selected(16, sparsity) == max(int(16 // sparsity), 2)
 
 
 @pytest.mark.parametrize("bad,match", [

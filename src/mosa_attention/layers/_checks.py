@@ -21,3 +21,20 @@ def check_input(x, d_model: int, dtype: torch.dtype | None = None) -> None:
     if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"x.dtype={x.dtype} must match the layer's parameters ({dtype}) outside autocast; "
                         f"cast one of them (e.g. layer.to({dtype}) or x.to({dtype})), or run under torch.autocast")
+
+
+def exact_float(name: str, doc: str = "") -> property:
+    """A float hyperparameter that a module's forward reads (sparsity, RoPE's base), kept as the exact ratio of two
+    ints and read back as the same float. Under torch.compile a float attribute that differs between two instances
+    of one module class turns into a symbolic float from the second instance on (automatic dynamic shapes), which
+    the ops' checks and k's arithmetic cannot take inside one graph (a graph break; an error with fullgraph); int
+    attributes of a module stay constants."""
+    slot = f"_{name}_ratio"
+
+    def get(self) -> float:
+        num, den = getattr(self, slot)
+        return num / den
+
+    def put(self, value) -> None:
+        setattr(self, slot, float(value).as_integer_ratio())
+    return property(get, put, doc=doc or f"{name} (kept as an exact ratio of ints: see ``exact_float``)")

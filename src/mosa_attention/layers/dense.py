@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ops import causal_attention, rope_dims_for
 from ..ops.rope import check_rope_base
-from ._checks import check_input, check_positive_int
+from ._checks import check_input, check_positive_int, exact_float
 
 
 class DenseAttention(nn.Module):
@@ -20,6 +20,8 @@ class DenseAttention(nn.Module):
     The parameter layout matches the official MoSA release's dense heads: ``W_QKV`` grouped per head as
     ``[q | k | v]``.
     """
+
+    rope_base = exact_float("rope_base")
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int = 64, rope_fraction: float = 0.5,
                  rope_base: float = 10000.0, window: int | None = None, backend: str = "auto"):

@@ -11,8 +11,8 @@ from ..ops import attention as attention_ops
 from ..ops._host import side_stream
 from ..ops.mosa import fused_topk_available, hybrid_fused, hybrid_fused_available, mosa_topk_fused
 from ..ops.rope import check_rope_base
-from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold, sparsity_ratio
-from ._checks import check_bool, check_input, check_optional_bool, check_positive_int
+from ..ops.routing import check_sparsity, router_aux_loss, router_logits, select_threshold
+from ._checks import check_bool, check_input, check_optional_bool, check_positive_int, exact_float
 from .dense import DenseAttention
 
 DENSE_KINDS = ("dense", "local")
@@ -102,6 +102,9 @@ class MoSAAttention(nn.Module):
     On CUDA a hybrid runs its MoSA heads on a second stream beside the dense heads (``PARALLEL_HEADS``).
     """
 
+    sparsity = exact_float("sparsity")
+    rope_base = exact_float("rope_base")
+
     def __init__(self, d_model: int, num_mosa_heads: int, sparsity: float, head_dim: int = 64,
                  num_dense_heads: int = 0, dense_kind: str = "dense", include_first: bool = False,
                  rope_fraction: float = 0.5, rope_base: float = 10000.0, routing: str = "topk",
@@ -114,7 +117,6 @@ class MoSAAttention(nn.Module):
         if num_mosa_heads + num_dense_heads == 0:
             raise ValueError("MoSAAttention needs at least one head, got num_mosa_heads=0 and num_dense_heads=0")
         self.sparsity = check_sparsity(sparsity)
-        self._sparsity_ratio = sparsity_ratio(sparsity)  # k from ints (see sparsity_ratio)
         self.head_dim = check_positive_int("head_dim", head_dim)
         if dense_kind not in DENSE_KINDS:
             raise ValueError(f"dense_kind must be one of {DENSE_KINDS}, got dense_kind={dense_kind!r}")
@@ -147,7 +149,7 @@ class MoSAAttention(nn.Module):
             nn.init.uniform_(w, -bound, bound)
 
     def num_selected(self, seq_len: int) -> int:
-        return num_selected(seq_len, self._sparsity_ratio)
+        return num_selected(seq_len, self.sparsity)
 
     def window(self, seq_len: int) -> int:
         """The local heads' window: ``local_window``, else k at ``seq_len``."""

@@ -9,8 +9,8 @@ from torch import nn
 
 from ..ops import apply_rope, num_selected, rope_cos_sin, rope_dims_for, sparse_attention, strided_positions
 from ..ops.rope import check_rope_base
-from ..ops.routing import check_sparsity, sparsity_ratio
-from ._checks import check_input, check_optional_bool, check_positive_int
+from ..ops.routing import check_sparsity
+from ._checks import check_input, check_optional_bool, check_positive_int, exact_float
 
 
 class FixedSparseAttention(nn.Module):
@@ -19,6 +19,9 @@ class FixedSparseAttention(nn.Module):
     MoSA with the router replaced by a fixed pattern: same parameters per head (W_QKV [E, h, 3D], W_O [E, D, h]).
     ``deterministic``: as in ``MoSAAttention``.
     """
+
+    sparsity = exact_float("sparsity")
+    rope_base = exact_float("rope_base")
 
     def __init__(self, d_model: int, num_heads: int, sparsity: float, head_dim: int = 64, rope_fraction: float = 0.5,
                  rope_base: float = 10000.0, backend: str = "auto", deterministic: bool | None = None):
@@ -56,6 +59,9 @@ class RoutingAttention(nn.Module):
     follow the mean of the normalised queries nearest to them (exponential moving average, no gradient).
     """
 
+    sparsity = exact_float("sparsity")
+    rope_base = exact_float("rope_base")
+
     def __init__(self, d_model: int, num_heads: int, sparsity: float, head_dim: int = 64, rope_fraction: float = 0.5,
                  rope_base: float = 10000.0, seq_len: int = 1024, ema_decay: float = 0.999):
         super().__init__()
@@ -63,7 +69,6 @@ class RoutingAttention(nn.Module):
         self.num_heads = check_positive_int("num_heads", num_heads)
         self.head_dim = check_positive_int("head_dim", head_dim)
         self.sparsity = check_sparsity(sparsity)
-        self._sparsity_ratio = sparsity_ratio(sparsity)  # k from ints (see ops.routing.sparsity_ratio)
         self.rope_dims = rope_dims_for(head_dim, rope_fraction)
         self.rope_base = check_rope_base(rope_base)
         if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
@@ -81,7 +86,7 @@ class RoutingAttention(nn.Module):
         check_input(x, self.d_model, self.W_QV.dtype)
         B, T, h = x.shape
         E, C, D = self.num_heads, self.n_clusters, self.head_dim
-        k = num_selected(T, self._sparsity_ratio)
+        k = num_selected(T, self.sparsity)
         q, v = torch.einsum("bth,ehd->betd", x, self.W_QV).split(D, dim=-1)  # [B, E, T, D]
         qn = F.normalize(q.float(), dim=-1)
         sim = torch.einsum("betd,ecd->bect", qn, self.centroids.float())  # [B, E, C, T]

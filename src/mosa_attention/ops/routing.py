@@ -8,20 +8,10 @@ import torch
 from ._checks import check_bool, check_positive_int
 
 
-def num_selected(seq_len: int, sparsity) -> int:
-    """k = min(max(T // sparsity, 2), T), the paper's number of tokens each head keeps; ``sparsity`` a number or its
-    ``sparsity_ratio``."""
+def num_selected(seq_len: int, sparsity: float) -> int:
+    """k = min(max(T // sparsity, 2), T), the paper's number of tokens each head keeps."""
     check_positive_int("seq_len", seq_len)
-    num, den = sparsity if isinstance(sparsity, tuple) else sparsity_ratio(sparsity)
-    return min(max(seq_len * den // num, 2), seq_len)
-
-
-def sparsity_ratio(sparsity) -> tuple[int, int]:
-    """The checked sparsity as the exact ratio (num, den) of two ints, for a module to keep: under torch.compile a
-    float attribute that differs between two instances of one module class turns into a symbolic float on the
-    second (automatic dynamic shapes), which the checks and k's arithmetic cannot take in one graph, while int
-    attributes of a module stay constants."""
-    return check_sparsity(sparsity).as_integer_ratio()
+    return min(max(int(seq_len // check_sparsity(sparsity)), 2), seq_len)
 
 
 def check_sparsity(sparsity) -> float:
