@@ -73,6 +73,26 @@ def _scatter_rows(src_ptr, at_ptr, out_ptr, N, h, BM: tl.constexpr, BH: tl.const
     _add_tile(out_ptr, dst, n0, v, live, h, VEC)
 
 
+@triton.jit
+def _atomics_only(at_ptr, out_ptr, N, h, BM: tl.constexpr, BH: tl.constexpr, VEC: tl.constexpr):
+    """The additions of one scatter without its rows: for one tile of BM kept rows and BH columns, values made in
+    registers (no load but the destinations) added into out[at[i]] by our atomic tile. Grid as ``_scatter_rows``."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    live = rows < N
+    n0 = tl.program_id(1) * BH
+    nn = n0 + tl.arange(0, BH)
+    dst = tl.load(at_ptr + rows, mask=live, other=0).to(tl.int64) * h
+    v = ((rows % 7)[:, None] + (nn % 5)[None, :]).to(tl.float32) * 0.125
+    _add_tile(out_ptr, dst, n0, v, live, h, VEC)
+
+
+def add_atomics(at, out, vec, BM=64, BH=128):
+    """The atomic additions of a scatter of len(at) rows into out [B*T, h] alone (``_atomics_only``): what a kernel
+    that makes the rows and adds them cannot do faster than, at the card's atomic throughput."""
+    N, h = at.numel(), out.shape[-1]
+    _atomics_only[(triton.cdiv(N, BM), triton.cdiv(h, BH))](at, out, N, h, BM=BM, BH=BH, VEC=vec, num_warps=4)
+
+
 def add_rows(src, at, out, vec, BM=64, BH=128):
     """A kernel that only adds precomputed rows [N, h] into out[at[i]] (the scatter without its product)."""
     N, h = src.shape
@@ -111,17 +131,33 @@ def operands(B, T, h, E, rho, seed, D=64):
     return o
 
 
-def products(d):
+def products(d, scatters: str = ""):
     """(fwd, bwd): the six grouped products of a MoSA step as cuBLAS batched GEMMs on ``operands`` d: the
-    forward's two (QKV, W_O), the backward's four (dO, dW_O, x's rows, dW_QKV)."""
+    forward's two (QKV, W_O), the backward's four (dO, dW_O, x's rows, dW_QKV). ``scatters``: "after", the
+    atomic additions of y's scatter (scaled float16, eight columns per instruction, as our plan for a bf16 y with
+    several rows per token) after the W_O product and of x's gradient (float32, four columns) after the x rows'
+    product (``add_atomics``); "instead", those additions in place of the two products whose rows they add (a
+    kernel that does both takes at least the longer of the two)."""
+    if scatters:
+        BT, h = d.x.shape
+        y16 = torch.zeros(BT, h, device="cuda", dtype=torch.float16)
+        dx32 = torch.zeros(BT, h, device="cuda", dtype=torch.float32)
+    keep_products = scatters != "instead"
+
     def fwd():
         torch.bmm(d.xg, d.w_qkv)
-        torch.bmm(d.o, d.w_o)
+        if keep_products:
+            torch.bmm(d.o, d.w_o)
+        if scatters:
+            add_atomics(d.at, y16, 8)
 
     def bwd():
         torch.bmm(d.dyg, d.w_o.transpose(1, 2))
         torch.bmm(d.o.transpose(1, 2), d.dyg)
-        torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2))
+        if keep_products:
+            torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2))
+        if scatters:
+            add_atomics(d.at, dx32, 4)
         torch.bmm(d.xg.transpose(1, 2), d.dqkv)
     return fwd, bwd
 
@@ -167,6 +203,11 @@ def parts(B, T, h, E, rho, D=64):
     res["QKV backward: dx rows = dqkv @ w_qkv^T"] = graph_ms(lambda: torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2)))
     res["QKV backward: dw_qkv = x_g^T @ dqkv"] = graph_ms(lambda: torch.bmm(d.xg.transpose(1, 2), d.dqkv))
     res["router backward: dw_r = x^T @ dlogit (dense)"] = graph_ms(lambda: d.x.t() @ dlogit)
+    y16h = torch.zeros(B * T, h, device="cuda", dtype=torch.float16)
+    res["y scatter's atomics alone: values in registers -> scaled float16, 8 columns per atomic"] = graph_ms(
+        lambda: add_atomics(d.at, y16h, 8))
+    res["x gradient scatter's atomics alone: values in registers -> float32, 4 columns per atomic"] = graph_ms(
+        lambda: add_atomics(d.at, y32, 4))
     return res
 
 
@@ -181,15 +222,16 @@ def grouped_products(B, T, h, E, rho, D=64):
     return fn
 
 
-def staged_floor(B, T, h, E, rho, part_layer, x, dy, routing: bool, fwd_sum: bool):
+def staged_floor(B, T, h, E, rho, part_layer, x, dy, routing: bool, fwd_sum: bool, scatters: str = ""):
     """A step shaped like the hybrid's, with the MoSA heads reduced to what no design avoids: on a second
     stream, the router product and our top-k before the forward's two grouped products (``routing``), the
     backward's four products beside the dense heads' backward; on the caller's stream the dense heads, and
-    (``fwd_sum``) y's sum at the kept tokens (our masked add) between forward and backward. Free: attention,
-    gathers, RoPE, scatters, the scores' and router's gradients, x's gradient sum."""
+    (``fwd_sum``) y's sum at the kept tokens (our masked add) between forward and backward; ``scatters``: the two
+    scatters' atomic additions (``products``). Free: attention, gathers, RoPE, the scores' and router's gradients,
+    x's gradient sum (and the scatters, without ``scatters``)."""
     from mosa_attention.ops.combine import add_at_rows_
     d = operands(B, T, h, E, rho, seed=3)
-    fwd, bwd = products(d)
+    fwd, bwd = products(d, scatters)
     y_m = d.rnd(B, T, h)
     leaves = list(part_layer.parameters()) + [x]
     side = torch.cuda.Stream()
@@ -278,11 +320,15 @@ def hybrid_floor(B, T, h, E, rho, nd=4, dense_heads=9):
     res[f"{nd} dense heads + the six products, two streams"] = graph_ms(both)
     res[f"{nd} dense heads + the six products, one stream"] = graph_ms(serial)
     part_layer = DenseAttention(h, nd).cuda().to(torch.bfloat16)
-    for routing, fwd_sum, name in ((False, False, "products at their places"),
-                                   (True, False, "routing + products at their places"),
-                                   (True, True, "routing + products at their places + y's masked sum")):
+    for routing, fwd_sum, scatters, name in (
+            (False, False, "", "products at their places"),
+            (True, False, "", "routing + products at their places"),
+            (True, True, "", "routing + products at their places + y's masked sum"),
+            (True, True, "after", "routing + products at their places + y's masked sum + the scatters' atomics"),
+            (True, True, "instead", "routing + products at their places + y's masked sum, the scatters' atomics "
+                                    "instead of their products")):
         res[f"{nd} dense heads + {name}, two streams"] = graph_ms(
-            staged_floor(B, T, h, E, rho, part_layer, x, dy, routing, fwd_sum))
+            staged_floor(B, T, h, E, rho, part_layer, x, dy, routing, fwd_sum, scatters))
     res["routing + the two scatters alone"] = graph_ms(rest)
     res["the six products + routing + the two scatters alone"] = graph_ms(gemms_rest)
     res[f"{nd} dense heads + the six products + routing + the two scatters, two streams"] = graph_ms(
@@ -310,7 +356,12 @@ def ours(B, T, h, E, rho):
 STAGES = (("the 4 dense heads alone", "the hybrid's 4 dense heads alone"),
           ("+ the MoSA products (cuBLAS)", "4 dense heads + products at their places, two streams"),
           ("+ routing", "4 dense heads + routing + products at their places, two streams"),
-          ("+ y's masked sum", "4 dense heads + routing + products at their places + y's masked sum, two streams"))
+          ("+ y's masked sum", "4 dense heads + routing + products at their places + y's masked sum, two streams"),
+          ("+ the scatters' atomics, after their products",
+           "4 dense heads + routing + products at their places + y's masked sum + the scatters' atomics, two streams"),
+          ("the scatters' atomics instead of their products",
+           "4 dense heads + routing + products at their places + y's masked sum, the scatters' atomics instead of "
+           "their products, two streams"))
 TARGETS = {"t2": 0.6, "t3": 1.3}
 
 
@@ -333,9 +384,10 @@ def plot(json_paths, out):
         fl = run["hybrid_floor_ms"]
         dense = fl["dense layer, 9 heads"]
         ours = next(v for k, v in fl.items() if k.startswith("our hybrid layer"))
-        labels = [lab for lab, _ in STAGES] + ["our hybrid layer (everything)"]
-        ratios = [fl[key] / dense for _, key in STAGES] + [ours / dense]
-        colors = ["#9aa7b8"] * len(STAGES) + ["#d1495b"]
+        stages = [(lab, key) for lab, key in STAGES if key in fl]  # (runs before v34 have the first four)
+        labels = [lab for lab, _ in stages] + ["our hybrid layer (everything)"]
+        ratios = [fl[key] / dense for _, key in stages] + [ours / dense]
+        colors = ["#9aa7b8"] * len(stages) + ["#d1495b"]
         ys = list(range(len(labels)))[::-1]
         ax.barh(ys, ratios, color=colors)
         for y, r in zip(ys, ratios):
