@@ -208,6 +208,24 @@ def parts(B, T, h, E, rho, D=64):
         lambda: add_atomics(d.at, y16h, 8))
     res["x gradient scatter's atomics alone: values in registers -> float32, 4 columns per atomic"] = graph_ms(
         lambda: add_atomics(d.at, y32, 4))
+    # each product beside the atomics of its scatter on a second stream: whether the card overlaps the two (a kernel
+    # doing both could then take the longer of the two) or they share what bounds them (then their sum)
+    side = torch.cuda.Stream()
+
+    def together(product, atomics):
+        def fn():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                atomics()
+            product()
+            torch.cuda.current_stream().wait_stream(side)
+        return fn
+    res["W_O product beside y's atomics (two streams)"] = graph_ms(
+        together(lambda: torch.bmm(d.o, d.w_o), lambda: add_atomics(d.at, y16h, 8)))
+    res["dx rows product beside x gradient's atomics (two streams)"] = graph_ms(
+        together(lambda: torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2)), lambda: add_atomics(d.at, y32, 4)))
+    res["dx rows product then x gradient's atomics (one stream)"] = graph_ms(
+        lambda: (torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2)), add_atomics(d.at, y32, 4)))
     return res
 
 
