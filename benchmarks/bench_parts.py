@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # bench_layer.py beside this file
 from mosa_attention import MoSAAttention  # noqa: E402
 from mosa_attention.bench.layer import capture_graph, make_step, median_ms  # noqa: E402
-from mosa_attention.ops.triton_mosa import _add_tile  # noqa: E402
+from mosa_attention.ops.triton_mosa import _add_tile, _row_info  # noqa: E402
 
 CASES = {  # name: (B, T, h, E, sparsity)
     "t1": (16, 1024, 512, 17, 32),
@@ -93,6 +93,62 @@ def add_atomics(at, out, vec, BM=64, BH=128):
     _atomics_only[(triton.cdiv(N, BM), triton.cdiv(h, BH))](at, out, N, h, BM=BM, BH=BH, VEC=vec, num_warps=4)
 
 
+@triton.jit
+def _dx_probe(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, D: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
+              VEC: tl.constexpr, DOT: tl.constexpr, ADD: tl.constexpr):
+    """``_qkv_bwd_dx``'s tile (its loads, rows and grid; no router share) with parts left out: DOT, the product
+    (else a sum of the loaded tiles stands in, so that every load stays); ADD, the atomic scatter into dx (else
+    the tile is stored only where T < 0, never, so that the product stays)."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    pn = tl.program_id(2)
+    rows = pid * BM + tl.arange(0, BM)
+    rm, b, sel, pos = _row_info(idx_ptr, rows, e, E, K, R)
+    cols = tl.arange(0, D)
+    nn = pn * BH + tl.arange(0, BH)
+    nm = nn < h
+    wbase = w_ptr + e.to(tl.int64) * h * 3 * D
+    acc = tl.zeros([BM, BH], tl.float32)
+    for part in range(3):
+        d = tl.load(dqkv_ptr + ((part * E + e) * R + rows).to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=rm[:, None], other=0.0)
+        wt = tl.load(wbase + nn[None, :] * (3 * D) + part * D + cols[:, None], mask=nm[None, :], other=0.0)
+        if DOT:
+            acc = tl.dot(d, wt, acc)
+        else:
+            acc += tl.sum(d.to(tl.float32), 1)[:, None] + tl.sum(wt.to(tl.float32), 0)[None, :]
+    live = rm & (pos >= 0) & (pos < T)
+    drow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64) * h
+    if ADD:
+        _add_tile(dx_ptr, drow, pn * BH, acc, live, h, VEC)
+    elif T < 0:
+        tl.store(dx_ptr + drow[:, None] + nn[None, :], acc, mask=live[:, None] & nm[None, :])
+
+
+def dx_kernel_parts(d, B, T, h, E, D=64):
+    """{what: ms}: x's gradient kernel at its t3 launch (64 rows x 128 columns, 8 warps, float32 vector atomics),
+    ours, then with its product or its scatter left out (``_dx_probe``), against the atomics alone."""
+    from mosa_attention.ops import triton_mosa as tm
+    R, K = d.R, d.k
+    dqkv = d.rnd(3, E, R, D)
+    idx = d.pos.contiguous()
+    dx = torch.zeros(B, T, h, device="cuda", dtype=torch.float32)
+    grid = (triton.cdiv(R, 64), E, triton.cdiv(h, 128))
+
+    def ours():
+        tm._qkv_bwd_dx[grid](dqkv, idx, d.w_qkv, dx, T, h, E, R, K, dx, dx, D=D, DP=D, BM=64, BH=128, PREC="tf32",
+                             ROUTER=False, ATOMIC=True, VEC=4, num_warps=8)
+
+    def probe(dot, add):
+        return lambda: _dx_probe[grid](dqkv, idx, d.w_qkv, dx, T, h, E, R, K, D=D, BM=64, BH=128, VEC=4, DOT=dot,
+                                       ADD=add, num_warps=8)
+    return {"x gradient kernel (_qkv_bwd_dx as launched at t3: product + float32 atomics)": graph_ms(ours),
+            "  the same tile: product + atomics (_dx_probe)": graph_ms(probe(True, True)),
+            "  the same tile: loads + atomics, no product": graph_ms(probe(False, True)),
+            "  the same tile: loads + product, no atomics": graph_ms(probe(True, False)),
+            "  the same tile: loads only": graph_ms(probe(False, False))}
+
+
 def add_rows(src, at, out, vec, BM=64, BH=128):
     """A kernel that only adds precomputed rows [N, h] into out[at[i]] (the scatter without its product)."""
     N, h = src.shape
@@ -122,6 +178,7 @@ def operands(B, T, h, E, rho, seed, D=64):
                         w_o=rnd(E, D, h) * D ** -0.5, dqkv=rnd(E, R, 3 * D), o=rnd(E, R, D), dyg=rnd(E, R, h),
                         rows=rnd(E * R, h), rnd=rnd)
     pos = torch.rand(B, E, T, device="cuda", generator=g).topk(k, dim=-1).indices.sort(-1).values
+    o.pos = pos
     o.rows_at = (pos + torch.arange(B, device="cuda")[:, None, None] * T).permute(1, 0, 2).reshape(E, R)
     o.at = o.rows_at.reshape(-1).to(torch.int32).contiguous()
     o.kept = torch.zeros(B * T, dtype=torch.bool, device="cuda")
@@ -226,6 +283,7 @@ def parts(B, T, h, E, rho, D=64):
         together(lambda: torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2)), lambda: add_atomics(d.at, y32, 4)))
     res["dx rows product then x gradient's atomics (one stream)"] = graph_ms(
         lambda: (torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2)), add_atomics(d.at, y32, 4)))
+    res.update(dx_kernel_parts(d, B, T, h, E, D))
     return res
 
 
