@@ -142,7 +142,11 @@ def dx_kernel_parts(d, B, T, h, E, D=64):
     def probe(dot, add):
         return lambda: _dx_probe[grid](dqkv, idx, d.w_qkv, dx, T, h, E, R, K, D=D, BM=64, BH=128, VEC=4, DOT=dot,
                                        ADD=add, num_warps=8)
-    return {"x gradient kernel (_qkv_bwd_dx as launched at t3: product + float32 atomics)": graph_ms(ours),
+    res = {}
+    for i in range(3):  # ours and the probe's full form alternately (the first call of a pair ran 31 us slower once)
+        res[f"  round {i}: the same tile: product + atomics (_dx_probe)"] = graph_ms(probe(True, True))
+        res[f"  round {i}: x gradient kernel (_qkv_bwd_dx as launched at t3)"] = graph_ms(ours)
+    return {**res, "x gradient kernel (_qkv_bwd_dx as launched at t3: product + float32 atomics)": graph_ms(ours),
             "  the same tile: product + atomics (_dx_probe)": graph_ms(probe(True, True)),
             "  the same tile: loads + atomics, no product": graph_ms(probe(False, True)),
             "  the same tile: loads + product, no atomics": graph_ms(probe(True, False)),
