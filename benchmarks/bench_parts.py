@@ -459,7 +459,7 @@ def plot(json_paths, out):
         if not run.get("hybrid_floor_ms"):
             raise SystemExit(f"{path} has no stand-in hybrids (only t2 / t3 runs at h=512, T=1024 have them)")
         runs.append(run)
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(max(5.5 * len(runs), 9.0), 3.8), squeeze=False)
     for ax, run in zip(axes[0], runs):
         fl = run["hybrid_floor_ms"]
         dense = fl["dense layer, 9 heads"]
@@ -475,9 +475,10 @@ def plot(json_paths, out):
         target = TARGETS.get(run["case"])
         if target:
             ax.axvline(target, color="#2e86ab", ls="--", lw=1.2)
-            ax.text(target, len(labels) - 0.45, f"target {target}×", color="#2e86ab", fontsize=7, ha="center")
+            ax.text(target, len(labels) - 0.45, f" target {target}×", color="#2e86ab", fontsize=7,
+                    ha="left" if target > 1 else "right")
         ax.axvline(1.0, color="black", lw=0.8)
-        ax.text(1.0, len(labels) - 0.45, "dense", fontsize=7, ha="center")
+        ax.text(1.0, len(labels) - 0.45, "dense ", fontsize=7, ha="right" if (target or 0) > 1 else "left")
         ax.set_yticks(ys, labels, fontsize=8)
         ax.set_xlim(0, max(ratios + [target or 0, 1.0]) * 1.2)
         ax.set_ylim(-0.6, len(labels) - 0.2)
