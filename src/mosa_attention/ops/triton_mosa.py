@@ -824,8 +824,8 @@ def _qkv_bwd_dx(dqkv_ptr, idx_ptr, w_ptr, dx_ptr, T, h, E, R, K, dl_ptr, wr_ptr,
         wr = tl.load(wr_ptr + e.to(tl.int64) * h + nn, mask=nm, other=0.0).to(tl.float32)
         acc += dl[:, None] * wr[None, :]
     if ATOMIC:
-        drow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64) * h
         live = rm & (pos >= 0) & (pos < T)
+        drow = (b * T + tl.minimum(tl.maximum(pos, 0), T - 1)).to(tl.int64) * h
         _add_tile(dx_ptr, drow, pn * BH, acc, live, h, VEC)
     else:
         tl.store(dx_ptr + (e * R + rows).to(tl.int64)[:, None] * h + nn[None, :], acc.to(dx_ptr.dtype.element_ty),
