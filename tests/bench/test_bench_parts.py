@@ -18,6 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_parts.py"
 
 
+def _needs_interpreter():
+    """Skip unless the kernels run through Triton's interpreter (set before triton_mosa was first imported)."""
+    if not INTERPRET:
+        pytest.skip("an interpreter test (TRITON_INTERPRET=0 here)")
+    from mosa_attention.ops import triton_mosa
+    if type(triton_mosa._add_tile).__name__ != "InterpretedFunction":
+        pytest.skip("triton_mosa was imported before TRITON_INTERPRET=1 was set")
+
+
 def _module():
     spec = importlib.util.spec_from_file_location("bench_parts", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
@@ -27,11 +36,7 @@ def _module():
 
 @pytest.mark.parametrize("N, h, M, BM, BH", [(100, 256, 50, 64, 128), (1, 96, 3, 64, 64), (130, 40, 7, 32, 32)])
 def test_scatter_rows_adds_like_index_add(N, h, M, BM, BH):
-    if not INTERPRET:
-        pytest.skip("an interpreter test (TRITON_INTERPRET=0 here)")
-    from mosa_attention.ops import triton_mosa
-    if type(triton_mosa._add_tile).__name__ != "InterpretedFunction":
-        pytest.skip("triton_mosa was imported before TRITON_INTERPRET=1 was set")
+    _needs_interpreter()
     mod = _module()
     g = torch.Generator().manual_seed(N + h)
     src = torch.randn(N, h, generator=g)
@@ -67,11 +72,7 @@ def test_plot_refuses_a_run_without_stand_ins(tmp_path):
 
 def test_atomics_only_adds_its_register_values_at_the_rows():
     # the scatter's additions without rows: values made in registers, added where ``at`` says (repeats included)
-    if not INTERPRET:
-        pytest.skip("an interpreter test (TRITON_INTERPRET=0 here)")
-    from mosa_attention.ops import triton_mosa
-    if type(triton_mosa._add_tile).__name__ != "InterpretedFunction":
-        pytest.skip("triton_mosa was imported before TRITON_INTERPRET=1 was set")
+    _needs_interpreter()
     mod = _module()
     N, h, M = 70, 48, 9
     at = torch.randint(0, M, (N,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
@@ -85,11 +86,8 @@ def test_atomics_only_adds_its_register_values_at_the_rows():
 def test_dx_probe_whole_is_the_x_gradient_kernel():
     # the probe with its product and its scatter is _qkv_bwd_dx's tile (without the router's share): equal results,
     # so that its parts measure that kernel's
-    if not INTERPRET:
-        pytest.skip("an interpreter test (TRITON_INTERPRET=0 here)")
+    _needs_interpreter()
     from mosa_attention.ops import triton_mosa
-    if type(triton_mosa._add_tile).__name__ != "InterpretedFunction":
-        pytest.skip("triton_mosa was imported before TRITON_INTERPRET=1 was set")
     mod = _module()
     B, T, h, E, K, D = 2, 32, 48, 3, 4, 16
     R = B * K

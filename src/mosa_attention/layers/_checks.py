@@ -23,7 +23,7 @@ def check_input(x, d_model: int, dtype: torch.dtype | None = None) -> None:
                         f"cast one of them (e.g. layer.to({dtype}) or x.to({dtype})), or run under torch.autocast")
 
 
-def exact_float(name: str, doc: str = "") -> property:
+def exact_float(name: str) -> property:
     """A float hyperparameter that a module's forward reads (sparsity, RoPE's base), kept as the exact ratio of two
     ints and read back as the same float. Under torch.compile a float attribute that differs between two instances
     of one module class turns into a symbolic float from the second instance on (automatic dynamic shapes), which
@@ -37,4 +37,4 @@ def exact_float(name: str, doc: str = "") -> property:
 
     def put(self, value) -> None:
         setattr(self, slot, float(value).as_integer_ratio())
-    return property(get, put, doc=doc or f"{name} (kept as an exact ratio of ints: see ``exact_float``)")
+    return property(get, put, doc=f"{name} (kept as an exact ratio of ints: see ``exact_float``)")
