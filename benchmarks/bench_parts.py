@@ -160,6 +160,17 @@ def add_rows(src, at, out, vec, BM=64, BH=128):
                                                              num_warps=4)
 
 
+def two_streams(side, on_side, on_main):
+    """fn() running ``on_side`` on the stream ``side`` beside ``on_main`` on the current stream, joined after."""
+    def fn():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            on_side()
+        on_main()
+        torch.cuda.current_stream().wait_stream(side)
+    return fn
+
+
 def router_logits(x, w_r, B, T):
     """Logits [B, E, T] from x [B * T, h] and w_r [E, h] as the fused op makes them (``triton_mosa._route``):
     w_r x^T, whose leading dimension B * T keeps cuBLAS on its tensor-core kernels (x w_r^T has the odd
@@ -272,19 +283,10 @@ def parts(B, T, h, E, rho, D=64):
     # each product beside the atomics of its scatter on a second stream: whether the card overlaps the two (a kernel
     # doing both could then take the longer of the two) or they share what bounds them (then their sum)
     side = torch.cuda.Stream()
-
-    def together(product, atomics):
-        def fn():
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                atomics()
-            product()
-            torch.cuda.current_stream().wait_stream(side)
-        return fn
     res["W_O product beside y's atomics (two streams)"] = graph_ms(
-        together(lambda: torch.bmm(d.o, d.w_o), lambda: add_atomics(d.at, y16h, 8)))
+        two_streams(side, lambda: add_atomics(d.at, y16h, 8), lambda: torch.bmm(d.o, d.w_o)))
     res["dx rows product beside x gradient's atomics (two streams)"] = graph_ms(
-        together(lambda: torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2)), lambda: add_atomics(d.at, y32, 4)))
+        two_streams(side, lambda: add_atomics(d.at, y32, 4), lambda: torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2))))
     res["dx rows product then x gradient's atomics (one stream)"] = graph_ms(
         lambda: (torch.bmm(d.dqkv, d.w_qkv.transpose(1, 2)), add_atomics(d.at, y32, 4)))
     res.update(dx_kernel_parts(d, B, T, h, E, D))
@@ -376,13 +378,7 @@ def hybrid_floor(B, T, h, E, rho, nd=4, dense_heads=9):
     side = torch.cuda.Stream()
 
     def beside(mosa):
-        def fn():
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                mosa()
-            part()
-            torch.cuda.current_stream().wait_stream(side)
-        return fn
+        return two_streams(side, mosa, part)
 
     def gemms_rest():
         gemms()
